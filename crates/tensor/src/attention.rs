@@ -1,0 +1,100 @@
+//! Attention geometry, the paged KV-cache layout and the per-batch metadata
+//! every attention op reads.
+
+use crate::{Backend, Tensor};
+
+/// Shape of one attention layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnGeometry {
+    pub num_q_heads: usize,
+    pub num_kv_heads: usize,
+    /// From the config, not hidden/heads (Qwen3 uses 128 on real models).
+    pub head_dim: usize,
+    /// Positions per KV-cache block.
+    pub block_size: usize,
+}
+
+impl AttnGeometry {
+    /// Width of the fused QKV projection output: q heads, then k heads, then v heads.
+    pub fn qkv_width(&self) -> usize {
+        (self.num_q_heads + 2 * self.num_kv_heads) * self.head_dim
+    }
+    pub fn q_width(&self) -> usize {
+        self.num_q_heads * self.head_dim
+    }
+    pub fn kv_width(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+    /// Shape of one layer's K (or V) cache: `[blocks, block_size, kv_heads, head_dim]`.
+    pub fn cache_shape(&self, num_blocks: usize) -> [usize; 4] {
+        [
+            num_blocks,
+            self.block_size,
+            self.num_kv_heads,
+            self.head_dim,
+        ]
+    }
+}
+
+/// Host-side description of which sequence and position each token of a
+/// batch is. Tokens of one sequence may be many (prefill) or one (decode);
+/// sequences of both kinds mix freely in one batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchLayout {
+    /// Absolute position of each token in its sequence.
+    pub positions: Vec<u32>,
+    /// Index of each token's sequence into `block_tables`.
+    pub seq_of_token: Vec<u32>,
+    /// One row per sequence, `max_blocks` entries each; unused entries are 0.
+    pub block_tables: Vec<u32>,
+    pub max_blocks: usize,
+    pub block_size: usize,
+}
+
+impl BatchLayout {
+    pub fn num_tokens(&self) -> usize {
+        self.positions.len()
+    }
+    pub fn num_seqs(&self) -> usize {
+        self.block_tables
+            .len()
+            .checked_div(self.max_blocks)
+            .unwrap_or(0)
+    }
+    /// KV-cache slot (`block * block_size + offset`) each token writes.
+    pub fn slots(&self) -> Vec<u32> {
+        self.positions
+            .iter()
+            .zip(&self.seq_of_token)
+            .map(|(&p, &s)| {
+                let p = p as usize;
+                let block = self.block_tables[s as usize * self.max_blocks + p / self.block_size];
+                (block as usize * self.block_size + p % self.block_size) as u32
+            })
+            .collect()
+    }
+    /// Longest context any token of the batch attends over.
+    pub fn max_context(&self) -> usize {
+        self.positions
+            .iter()
+            .map(|&p| p as usize + 1)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// A [`BatchLayout`] uploaded to a backend: every layer of one forward pass
+/// reads the same metadata.
+pub struct BatchMeta<B: Backend> {
+    /// u32 `[tokens]`
+    pub positions: Tensor<B>,
+    /// u32 `[tokens]`
+    pub slots: Tensor<B>,
+    /// u32 `[tokens]`
+    pub seq_of_token: Tensor<B>,
+    /// u32 `[seqs, max_blocks]`
+    pub block_tables: Tensor<B>,
+    pub num_tokens: usize,
+    pub max_blocks: usize,
+    pub max_context: usize,
+}

@@ -1,0 +1,183 @@
+//! The `Backend` trait: every op the Qwen3 model and the sampler need.
+//!
+//! Each op's numerics (where bf16 rounding happens, accumulation dtype,
+//! reduction order) are specified by the CPU backend's doc comments in
+//! `qwen-kernels-cpu`; every other backend must return the same bits, except
+//! the tensor-core ops named there.
+//!
+//! Ops write into tensors the caller allocated, and take whole batches:
+//! `T` below is the number of tokens in the batch, across all sequences.
+
+use crate::{AttnGeometry, BatchLayout, BatchMeta, DType, HostSlice, HostVec, Result, Tensor};
+
+/// Per-row sampling parameters for [`Backend::sample`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleParams {
+    /// Logits are divided by this; must be > 0 (0 means greedy, handled by the caller).
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 disables.
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches top_p; 1.0 disables.
+    pub top_p: f32,
+    /// Drop tokens whose probability is below min_p × the top probability; 0 disables.
+    pub min_p: f32,
+}
+
+impl Default for SampleParams {
+    fn default() -> Self {
+        SampleParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+        }
+    }
+}
+
+/// A compute device. The model and sampler are written once against this trait.
+pub trait Backend: Sized + Send + Sync {
+    /// The device buffer behind a [`Tensor`].
+    type Storage: Send + Sync;
+
+    /// Short name for messages ("cpu", "cuda").
+    fn name(&self) -> &'static str;
+
+    // ---- memory -------------------------------------------------------
+
+    /// A zero-filled tensor.
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>;
+    /// Copies host data to a new tensor of `shape`.
+    fn upload(&self, data: HostSlice<'_>, shape: &[usize]) -> Result<Tensor<Self>>;
+    /// Overwrites a tensor's contents; dtype and length must match.
+    fn write(&self, dst: &mut Tensor<Self>, data: HostSlice<'_>) -> Result<()>;
+    /// Copies a tensor to the host.
+    fn download(&self, t: &Tensor<Self>) -> Result<HostVec>;
+    /// Waits for queued work to finish (a no-op on synchronous backends).
+    fn synchronize(&self) -> Result<()>;
+
+    /// Uploads a batch layout for one forward pass.
+    fn upload_batch(&self, layout: &BatchLayout) -> Result<BatchMeta<Self>> {
+        let t = layout.num_tokens();
+        let s = layout.num_seqs();
+        Ok(BatchMeta {
+            positions: self.upload(HostSlice::U32(&layout.positions), &[t])?,
+            slots: self.upload(HostSlice::U32(&layout.slots()), &[t])?,
+            seq_of_token: self.upload(HostSlice::U32(&layout.seq_of_token), &[t])?,
+            block_tables: self.upload(
+                HostSlice::U32(&layout.block_tables),
+                &[s, layout.max_blocks],
+            )?,
+            num_tokens: t,
+            max_blocks: layout.max_blocks,
+            max_context: layout.max_context(),
+        })
+    }
+
+    // ---- model ops ------------------------------------------------------
+
+    /// `out[t] = f32(table[ids[t]])`: table bf16 `[V, H]`, ids u32 `[T]`, out f32 `[T, H]`.
+    fn embedding(
+        &self,
+        table: &Tensor<Self>,
+        ids: &Tensor<Self>,
+        out: &mut Tensor<Self>,
+    ) -> Result<()>;
+
+    /// `out = bf16(rmsnorm(x) * w)`: x f32 `[T, H]`, w f32 `[H]`, out bf16 `[T, H]`.
+    fn rms_norm(
+        &self,
+        x: &Tensor<Self>,
+        w: &Tensor<Self>,
+        eps: f32,
+        out: &mut Tensor<Self>,
+    ) -> Result<()>;
+
+    /// `out = x · wᵀ`: x bf16 `[T, K]`, w bf16 `[N, K]`, out f32 `[T, N]`.
+    fn matmul(&self, x: &Tensor<Self>, w: &Tensor<Self>, out: &mut Tensor<Self>) -> Result<()>;
+
+    /// `acc += x · wᵀ` (the residual add fused into the projection):
+    /// x bf16 `[T, K]`, w bf16 `[N, K]`, acc f32 `[T, N]`.
+    fn matmul_add(&self, x: &Tensor<Self>, w: &Tensor<Self>, acc: &mut Tensor<Self>) -> Result<()>;
+
+    /// Fused RMSNorm + projection: `out = bf16(rmsnorm(x) * norm_w) · wᵀ`.
+    /// x f32 `[T, H]`, norm_w f32 `[H]`, w bf16 `[N, H]`, out f32 `[T, N]`.
+    fn rms_norm_matmul(
+        &self,
+        x: &Tensor<Self>,
+        norm_w: &Tensor<Self>,
+        eps: f32,
+        w: &Tensor<Self>,
+        out: &mut Tensor<Self>,
+    ) -> Result<()>;
+
+    /// Per-head q/k RMSNorm, then RoPE (rotate-half), reading q and k as
+    /// strided views of the fused QKV output; writes q (bf16 `[T, Hq*D]`)
+    /// and this batch's k and v into the KV cache at `meta.slots`.
+    ///
+    /// qkv f32 `[T, (Hq + 2 Hkv) * D]`, q_norm/k_norm f32 `[D]`,
+    /// rope f32 `[max_pos, D]` (cos in the first D/2 columns, sin in the
+    /// rest), caches bf16 `[blocks, block_size, Hkv, D]`.
+    #[allow(clippy::too_many_arguments)]
+    fn qk_norm_rope_store(
+        &self,
+        qkv: &Tensor<Self>,
+        q_norm: &Tensor<Self>,
+        k_norm: &Tensor<Self>,
+        eps: f32,
+        rope: &Tensor<Self>,
+        meta: &BatchMeta<Self>,
+        geo: AttnGeometry,
+        q_out: &mut Tensor<Self>,
+        k_cache: &mut Tensor<Self>,
+        v_cache: &mut Tensor<Self>,
+    ) -> Result<()>;
+
+    /// Causal attention of every token over its own sequence's cache,
+    /// positions `0..=positions[t]`, with GQA. q bf16 `[T, Hq*D]`,
+    /// out bf16 `[T, Hq*D]`; `scale` multiplies q·k.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Tensor<Self>,
+        k_cache: &Tensor<Self>,
+        v_cache: &Tensor<Self>,
+        meta: &BatchMeta<Self>,
+        geo: AttnGeometry,
+        scale: f32,
+        out: &mut Tensor<Self>,
+    ) -> Result<()>;
+
+    /// `out = bf16(silu(gate) * up)`: gate_up f32 `[T, 2I]` (gate then up), out bf16 `[T, I]`.
+    fn silu_mul(&self, gate_up: &Tensor<Self>, out: &mut Tensor<Self>) -> Result<()>;
+
+    /// `out[r] = src[rows[r]]`: src f32 `[T, H]`, rows u32 `[R]`, out f32 `[R, H]`.
+    fn gather_rows(
+        &self,
+        src: &Tensor<Self>,
+        rows: &Tensor<Self>,
+        out: &mut Tensor<Self>,
+    ) -> Result<()>;
+
+    // ---- sampling primitives ----------------------------------------------
+
+    /// Index of the largest logit of each row (lowest index on ties): logits f32 `[B, V]`.
+    fn argmax(&self, logits: &Tensor<Self>) -> Result<Vec<u32>>;
+
+    /// Divides positive logits by `penalty[b]` and multiplies negative ones
+    /// by it, once for each distinct token in `history[b]` (as HF does).
+    fn repetition_penalty(
+        &self,
+        logits: &mut Tensor<Self>,
+        penalty: &[f32],
+        history: &[Vec<u32>],
+    ) -> Result<()>;
+
+    /// Samples one token per row after temperature, top-k, top-p and min-p,
+    /// drawing with `uniform[b]` in `[0, 1)`.
+    fn sample(
+        &self,
+        logits: &Tensor<Self>,
+        params: &[SampleParams],
+        uniform: &[f32],
+    ) -> Result<Vec<u32>>;
+}
