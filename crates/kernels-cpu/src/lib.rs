@@ -33,7 +33,7 @@ mod storage;
 pub use activation::silu_mul;
 pub use attention::{attention, ATTN_CHUNK};
 pub use embedding::{embedding, gather_rows};
-pub use matmul::{matmul, matmul_add, rms_norm_matmul, widen};
+pub use matmul::{logits, matmul, matmul_add, rms_norm_matmul, widen};
 pub use norm::rms_norm;
 pub use rope::qk_norm_rope_store;
 pub use sampling::{argmax, argmax_row, repetition_penalty, sample};
@@ -146,6 +146,10 @@ impl Backend for CpuBackend {
 
     fn rms_norm_matmul(&self, x: &T, norm_w: &T, eps: f32, w: &T, out: &mut T) -> Result<()> {
         matmul::rms_norm_matmul(x, norm_w, eps, w, out)
+    }
+
+    fn logits(&self, x: &T, norm_w: &T, eps: f32, w: &T, out: &mut T) -> Result<()> {
+        matmul::logits(x, norm_w, eps, w, out)
     }
 
     fn qk_norm_rope_store(

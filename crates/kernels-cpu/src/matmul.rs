@@ -6,8 +6,8 @@ use half::bf16;
 use qwen_tensor::Result;
 use rayon::prelude::*;
 
-use crate::norm::rms_norm_row;
-use crate::numerics::{row_lanes_combine, ROW_LANES};
+use crate::norm::{inv_rms, rms_norm_row};
+use crate::numerics::ROW_LANES;
 use crate::storage::{bf16s, f32s, f32s_mut, shape_err, T};
 
 /// Tokens that share one pass over a weight row.
@@ -66,6 +66,43 @@ pub fn rms_norm_matmul(x: &T, norm_w: &T, eps: f32, w: &T, out: &mut T) -> Resul
     Ok(())
 }
 
+/// **Spec.** The logits projection: each row of x is RMS-normalised in f32
+/// exactly as `rms_norm` does but *not* rounded to bf16, then projected onto
+/// the bf16 rows of w: `out[t, n] = row_reduce_k(y[t, k] * f32(w[n, k]))`,
+/// each product rounded to f32, the 256-lane order of [`matmul`].
+///
+/// Why f32 here: a bf16 rounding of the final hidden state adds about 1e-3
+/// relative noise straight onto the logits that choose tokens (enough to
+/// flip near-ties), while the projection is bound by reading the bf16
+/// weights, so an f32 input costs nothing.
+/// x f32 `[T, H]`, norm_w f32 `[H]`, w bf16 `[V, H]`, out f32 `[T, V]`.
+pub fn logits(x: &T, norm_w: &T, eps: f32, w: &T, out: &mut T) -> Result<()> {
+    const OP: &str = "logits";
+    let (t, h) = qwen_tensor::expect_2d(OP, "x", x)?;
+    let (n, k) = qwen_tensor::expect_2d(OP, "w", w)?;
+    if k != h {
+        return Err(shape_err(OP, format!("x has {h} columns but w has {k}")));
+    }
+    qwen_tensor::expect_shape(OP, "norm_w", norm_w, &[h])?;
+    qwen_tensor::expect_shape(OP, "out", out, &[t, n])?;
+    let xs = f32s(OP, "x", x)?;
+    let nw = f32s(OP, "norm_w", norm_w)?;
+    let ws = bf16s(OP, "w", w)?;
+    let mut normed = vec![0.0f32; t * h];
+    normed
+        .par_chunks_mut(h)
+        .zip(xs.par_chunks(h))
+        .for_each(|(o, row)| {
+            let inv = inv_rms(row, eps);
+            for ((o, &x), &wk) in o.iter_mut().zip(row).zip(nw) {
+                *o = wk * (x * inv);
+            }
+        });
+    let out = f32s_mut(OP, "out", out)?;
+    project(&normed, t, h, ws, n, out, false);
+    Ok(())
+}
+
 /// Exact bf16 → f32 widening (the bit pattern shifted; NaN payloads kept,
 /// as CUDA's conversion does).
 #[inline(always)]
@@ -92,6 +129,7 @@ fn project(x: &[f32], t: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32],
         return;
     }
     let rows_per_task = (n / (rayon::current_num_threads() * 8)).clamp(1, 256);
+    let x = &transpose_chunks(x, k);
     // Results are produced row-major in n ([N, T]) so that each task owns a
     // contiguous block, then stored to the [T, N] output.
     let mut by_row = vec![0.0f32; n * t];
@@ -100,9 +138,10 @@ fn project(x: &[f32], t: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32],
         .enumerate()
         .for_each(|(chunk, dst)| {
             let first = chunk * rows_per_task;
+            let mut acc = [[0.0f32; ROW_LANES]; TOKEN_TILE];
             for (r, dst_row) in dst.chunks_mut(t).enumerate() {
                 let wrow = &w[(first + r) * k..(first + r + 1) * k];
-                dot_row(wrow, x, k, dst_row);
+                dot_row(wrow, x, k, dst_row, &mut acc);
             }
         });
     if t == 1 {
@@ -121,31 +160,128 @@ fn project(x: &[f32], t: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32],
     });
 }
 
-/// `dst[ti] = dot(wrow, x[ti])` for every token, in the 256-lane order.
-fn dot_row(wrow: &[bf16], x: &[f32], k: usize, dst: &mut [f32]) {
+/// Each token's row with every whole 256-chunk in the transposed lane
+/// layout of [`dot_row`]; the tail keeps its natural order.
+fn transpose_chunks(x: &[f32], k: usize) -> Vec<f32> {
+    let full = k / ROW_LANES * ROW_LANES;
+    let mut out = x.to_vec();
+    for (src, dst) in x.chunks(k).zip(out.chunks_mut(k)) {
+        for base in (0..full).step_by(ROW_LANES) {
+            let chunk: &mut [f32; ROW_LANES] = (&mut dst[base..base + ROW_LANES])
+                .try_into()
+                .expect("whole chunk");
+            transpose_into(chunk, |j| src[base + j]);
+        }
+    }
+    out
+}
+
+/// `dst[ti] = dot(wrow, x[ti])` for every token, in the 256-lane order;
+/// `x` comes from [`transpose_chunks`].
+///
+/// Lane `j = 8g + e` is stored at `e·32 + g` (a transposed layout): then the
+/// accumulation and every step of the lane butterfly are plain vector adds
+/// over contiguous memory, which the compiler vectorises.
+fn dot_row(
+    wrow: &[bf16],
+    x: &[f32],
+    k: usize,
+    dst: &mut [f32],
+    acc: &mut [[f32; ROW_LANES]; TOKEN_TILE],
+) {
     let t = dst.len();
+    let full = k / ROW_LANES * ROW_LANES;
     let mut wf = [0.0f32; ROW_LANES];
     let mut t0 = 0;
     while t0 < t {
         let tt = TOKEN_TILE.min(t - t0);
-        let mut acc = [[0.0f32; ROW_LANES]; TOKEN_TILE];
+        for a in acc.iter_mut().take(tt) {
+            a.fill(0.0);
+        }
         let mut base = 0;
-        while base < k {
-            let len = ROW_LANES.min(k - base);
-            for (f, &v) in wf[..len].iter_mut().zip(&wrow[base..base + len]) {
-                *f = widen(v);
-            }
+        while base < full {
+            transpose_into(&mut wf, |j| widen(wrow[base + j]));
             for (i, a) in acc.iter_mut().enumerate().take(tt) {
-                let xs = &x[(t0 + i) * k + base..(t0 + i) * k + base + len];
-                for ((a, &wv), &xv) in a[..len].iter_mut().zip(&wf[..len]).zip(xs) {
+                let xt = &x[(t0 + i) * k + base..(t0 + i) * k + base + ROW_LANES];
+                for ((a, &wv), &xv) in a.iter_mut().zip(&wf).zip(xt) {
                     *a += wv * xv;
                 }
             }
-            base += len;
+            base += ROW_LANES;
         }
+        // The tail of a row shorter than a whole 256-chunk: lanes past its
+        // end receive nothing (not even a +0.0).
         for (i, a) in acc.iter_mut().enumerate().take(tt) {
-            dst[t0 + i] = row_lanes_combine(a);
+            let xs = &x[(t0 + i) * k..(t0 + i + 1) * k];
+            for j in 0..k - full {
+                a[(j % 8) * 32 + j / 8] += widen(wrow[full + j]) * xs[full + j];
+            }
+            dst[t0 + i] = combine_transposed(a);
         }
         t0 += tt;
+    }
+}
+
+/// `dst[e·32 + g] = src(8g + e)`.
+#[inline(always)]
+fn transpose_into(dst: &mut [f32; ROW_LANES], src: impl Fn(usize) -> f32) {
+    for g in 0..32 {
+        for e in 0..8 {
+            dst[e * 32 + g] = src(8 * g + e);
+        }
+    }
+}
+
+/// `numerics::row_lanes_combine` on the transposed layout: offsets 4, 2, 1
+/// pair rows `e`, offsets 128..8 pair columns `g`.
+#[inline(always)]
+fn combine_transposed(a: &mut [f32; ROW_LANES]) -> f32 {
+    for half in [4usize, 2, 1] {
+        for e in 0..half {
+            for g in 0..32 {
+                a[e * 32 + g] += a[(e + half) * 32 + g];
+            }
+        }
+    }
+    for half in [16usize, 8, 4, 2, 1] {
+        for g in 0..half {
+            a[g] += a[g + half];
+        }
+    }
+    a[0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::numerics::row_reduce;
+
+    #[test]
+    fn dot_row_is_the_row_reduce_spec() {
+        // Awkward lengths cover whole chunks, tails and rows shorter than 256.
+        for k in [1usize, 7, 64, 255, 256, 300, 1000, 1024] {
+            let w: Vec<bf16> = (0..k)
+                .map(|i| bf16::from_f32(((i * 37 % 101) as f32 - 50.0) * 0.173))
+                .collect();
+            let x: Vec<f32> = (0..3 * k)
+                .map(|i| {
+                    widen(bf16::from_f32(
+                        ((i * 53 % 97) as f32 - 48.0) * (1.0 + (i % 5) as f32 * 100.0),
+                    ))
+                })
+                .collect();
+            let mut dst = [0.0f32; 3];
+            dot_row(
+                &w,
+                &transpose_chunks(&x, k),
+                k,
+                &mut dst,
+                &mut [[0.0; ROW_LANES]; TOKEN_TILE],
+            );
+            for (ti, d) in dst.iter().enumerate() {
+                let want = row_reduce(k, |j| widen(w[j]) * x[ti * k + j]);
+                assert_eq!(d.to_bits(), want.to_bits(), "k={k} token {ti}");
+            }
+        }
     }
 }

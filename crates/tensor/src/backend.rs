@@ -110,6 +110,18 @@ pub trait Backend: Sized + Send + Sync {
         out: &mut Tensor<Self>,
     ) -> Result<()>;
 
+    /// The final RMSNorm and the vocabulary projection, with the normalised
+    /// hidden state kept in f32: `out = (rmsnorm(x) * norm_w) · wᵀ`.
+    /// x f32 `[T, H]`, norm_w f32 `[H]`, w bf16 `[V, H]`, out f32 `[T, V]`.
+    fn logits(
+        &self,
+        x: &Tensor<Self>,
+        norm_w: &Tensor<Self>,
+        eps: f32,
+        w: &Tensor<Self>,
+        out: &mut Tensor<Self>,
+    ) -> Result<()>;
+
     /// Per-head q/k RMSNorm, then RoPE (rotate-half), reading q and k as
     /// strided views of the fused QKV output; writes q (bf16 `[T, Hq*D]`)
     /// and this batch's k and v into the KV cache at `meta.slots`.

@@ -1,0 +1,260 @@
+//! The Qwen3 forward pass, written once against the `Backend` trait.
+
+use std::path::Path;
+
+use qwen_tensor::{AttnGeometry, Backend, BatchLayout, DType, HostSlice, Tensor};
+
+use crate::config::Qwen3Config;
+use crate::kv_cache::{KvCache, Sequence, DEFAULT_BLOCK_SIZE};
+use crate::rope::rope_table;
+use crate::weights::{load_host_weights, HostWeights};
+use crate::{ModelError, Result};
+
+/// Which positions of a forward pass produce logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// One row per sequence: its last token (generation).
+    Last,
+    /// One row per token, in batch order (scoring, tests).
+    All,
+}
+
+struct Layer<B: Backend> {
+    input_norm: Tensor<B>,
+    post_attention_norm: Tensor<B>,
+    qkv: Tensor<B>,
+    q_norm: Tensor<B>,
+    k_norm: Tensor<B>,
+    o_proj: Tensor<B>,
+    gate_up: Tensor<B>,
+    down: Tensor<B>,
+}
+
+/// A Qwen3 model on backend `B`.
+pub struct Qwen3<B: Backend> {
+    backend: B,
+    cfg: Qwen3Config,
+    embed: Tensor<B>,
+    layers: Vec<Layer<B>>,
+    final_norm: Tensor<B>,
+    lm_head: Option<Tensor<B>>,
+    rope: Tensor<B>,
+}
+
+impl<B: Backend> Qwen3<B> {
+    /// Loads a checkpoint directory (config.json + safetensors).
+    /// `progress(done, total)` is called as layers are loaded.
+    pub fn load(backend: B, dir: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(ModelError::Io {
+                path: dir.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such model directory",
+                ),
+            });
+        }
+        let cfg = Qwen3Config::from_file(&dir.join("config.json"))?;
+        let host = load_host_weights(dir, &cfg, progress)?;
+        Self::from_host(backend, cfg, &host)
+    }
+
+    /// Uploads host weights to the backend.
+    pub fn from_host(backend: B, cfg: Qwen3Config, w: &HostWeights) -> Result<Self> {
+        let (h, v, i, d) = (
+            cfg.hidden_size,
+            cfg.vocab_size,
+            cfg.intermediate_size,
+            cfg.head_dim,
+        );
+        let (hq, hkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let bf =
+            |data: &[half::bf16], shape: &[usize]| backend.upload(HostSlice::BF16(data), shape);
+        let f = |data: &[f32], shape: &[usize]| backend.upload(HostSlice::F32(data), shape);
+        let mut layers = Vec::with_capacity(w.layers.len());
+        for l in &w.layers {
+            layers.push(Layer {
+                input_norm: f(&l.input_norm, &[h])?,
+                post_attention_norm: f(&l.post_attention_norm, &[h])?,
+                qkv: bf(&l.qkv, &[(hq + 2 * hkv) * d, h])?,
+                q_norm: f(&l.q_norm, &[d])?,
+                k_norm: f(&l.k_norm, &[d])?,
+                o_proj: bf(&l.o_proj, &[h, hq * d])?,
+                gate_up: bf(&l.gate_up, &[2 * i, h])?,
+                down: bf(&l.down, &[h, i])?,
+            });
+        }
+        let rope = rope_table(d, cfg.rope_theta, cfg.max_position_embeddings);
+        Ok(Qwen3 {
+            embed: bf(&w.embed, &[v, h])?,
+            final_norm: f(&w.final_norm, &[h])?,
+            lm_head: match &w.lm_head {
+                Some(m) => Some(bf(m, &[v, h])?),
+                None => None,
+            },
+            rope: f(&rope, &[cfg.max_position_embeddings, d])?,
+            layers,
+            cfg,
+            backend,
+        })
+    }
+
+    pub fn config(&self) -> &Qwen3Config {
+        &self.cfg
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// Attention geometry with the given cache block size.
+    pub fn geometry(&self, block_size: usize) -> AttnGeometry {
+        AttnGeometry {
+            num_q_heads: self.cfg.num_attention_heads,
+            num_kv_heads: self.cfg.num_key_value_heads,
+            head_dim: self.cfg.head_dim,
+            block_size,
+        }
+    }
+
+    /// A KV cache with room for `positions` positions in blocks of
+    /// [`DEFAULT_BLOCK_SIZE`].
+    pub fn new_cache(&self, positions: usize) -> Result<KvCache<B>> {
+        let blocks = positions.div_ceil(DEFAULT_BLOCK_SIZE).max(1);
+        KvCache::new(
+            &self.backend,
+            self.cfg.num_hidden_layers,
+            self.geometry(DEFAULT_BLOCK_SIZE),
+            blocks,
+        )
+    }
+
+    /// Runs `batch` (each sequence with its new tokens: a whole prompt, a
+    /// chunk of one, or one decode token) through the model, appending their
+    /// keys and values to `cache`. Returns f32 logits `[rows, vocab]`, rows
+    /// as chosen by `want`.
+    pub fn forward(
+        &self,
+        cache: &mut KvCache<B>,
+        batch: &mut [(&mut Sequence, &[u32])],
+        want: Logits,
+    ) -> Result<Tensor<B>> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let geo = self.geometry(cache.block_size());
+        let layout = self.plan(cache, batch)?;
+        let t = layout.num_tokens();
+        let meta = be.upload_batch(&layout)?;
+        let ids: Vec<u32> = batch
+            .iter()
+            .flat_map(|(_, toks)| toks.iter().copied())
+            .collect();
+        let ids = be.upload(HostSlice::U32(&ids), &[t])?;
+
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let mut x = be.zeros(&[t, h], DType::F32)?;
+        let mut qkv = be.zeros(&[t, geo.qkv_width()], DType::F32)?;
+        let mut q = be.zeros(&[t, geo.q_width()], DType::BF16)?;
+        let mut attn = be.zeros(&[t, geo.q_width()], DType::BF16)?;
+        let mut gate_up = be.zeros(&[t, 2 * i], DType::F32)?;
+        let mut act = be.zeros(&[t, i], DType::BF16)?;
+        let eps = cfg.rms_norm_eps;
+        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+
+        be.embedding(&self.embed, &ids, &mut x)?;
+        for (li, l) in self.layers.iter().enumerate() {
+            be.rms_norm_matmul(&x, &l.input_norm, eps, &l.qkv, &mut qkv)?;
+            be.qk_norm_rope_store(
+                &qkv,
+                &l.q_norm,
+                &l.k_norm,
+                eps,
+                &self.rope,
+                &meta,
+                geo,
+                &mut q,
+                &mut cache.k[li],
+                &mut cache.v[li],
+            )?;
+            be.attention(&q, &cache.k[li], &cache.v[li], &meta, geo, scale, &mut attn)?;
+            be.matmul_add(&attn, &l.o_proj, &mut x)?;
+            be.rms_norm_matmul(&x, &l.post_attention_norm, eps, &l.gate_up, &mut gate_up)?;
+            be.silu_mul(&gate_up, &mut act)?;
+            be.matmul_add(&act, &l.down, &mut x)?;
+        }
+        for (seq, toks) in batch.iter_mut() {
+            seq.len += toks.len();
+        }
+
+        let rows: Vec<u32> = match want {
+            Logits::All => (0..t as u32).collect(),
+            Logits::Last => {
+                let mut end = 0u32;
+                batch
+                    .iter()
+                    .map(|(_, toks)| {
+                        end += toks.len() as u32;
+                        end - 1
+                    })
+                    .collect()
+            }
+        };
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let mut logits = be.zeros(&[rows.len(), cfg.vocab_size], DType::F32)?;
+        if rows.len() == t {
+            be.logits(&x, &self.final_norm, eps, lm_head, &mut logits)?;
+        } else {
+            let rows_t = be.upload(HostSlice::U32(&rows), &[rows.len()])?;
+            let mut xr = be.zeros(&[rows.len(), h], DType::F32)?;
+            be.gather_rows(&x, &rows_t, &mut xr)?;
+            be.logits(&xr, &self.final_norm, eps, lm_head, &mut logits)?;
+        }
+        Ok(logits)
+    }
+
+    /// Checks the batch and reserves cache blocks; builds the batch layout.
+    fn plan(
+        &self,
+        cache: &mut KvCache<B>,
+        batch: &mut [(&mut Sequence, &[u32])],
+    ) -> Result<BatchLayout> {
+        if batch.is_empty() || batch.iter().any(|(_, toks)| toks.is_empty()) {
+            return Err(ModelError::Request(
+                "every sequence in a batch needs at least one token".into(),
+            ));
+        }
+        let max_pos = self.cfg.max_position_embeddings;
+        let vocab = self.cfg.vocab_size as u32;
+        for (seq, toks) in batch.iter_mut() {
+            let end = seq.len + toks.len();
+            if end > max_pos {
+                return Err(ModelError::Request(format!(
+                    "{end} positions exceed max_position_embeddings ({max_pos})"
+                )));
+            }
+            if let Some(bad) = toks.iter().find(|&&id| id >= vocab) {
+                return Err(ModelError::Request(format!(
+                    "token id {bad} is outside the vocabulary ({vocab})"
+                )));
+            }
+            cache.reserve(seq, end)?;
+        }
+        let bs = cache.block_size();
+        let max_blocks = batch.iter().map(|(s, _)| s.blocks.len()).max().unwrap_or(1);
+        let mut layout = BatchLayout {
+            max_blocks,
+            block_size: bs,
+            ..Default::default()
+        };
+        for (si, (seq, toks)) in batch.iter().enumerate() {
+            for p in seq.len..seq.len + toks.len() {
+                layout.positions.push(p as u32);
+                layout.seq_of_token.push(si as u32);
+            }
+            let mut table = seq.blocks.clone();
+            table.resize(max_blocks, 0);
+            layout.block_tables.extend(table);
+        }
+        Ok(layout)
+    }
+}
