@@ -123,13 +123,13 @@ fn norm_rope_head(x: &[f32], w: &[f32], eps: f32, cs: &[f32], out: &mut [bf16]) 
 
 pub(crate) fn check_geometry(op: &'static str, geo: AttnGeometry) -> Result<()> {
     let d = geo.head_dim;
-    if d == 0 || d % 32 != 0 {
+    if d == 0 || !d.is_multiple_of(32) {
         return Err(shape_err(
             op,
             format!("head_dim {d} must be a positive multiple of 32"),
         ));
     }
-    if geo.num_kv_heads == 0 || geo.num_q_heads % geo.num_kv_heads != 0 {
+    if geo.num_kv_heads == 0 || !geo.num_q_heads.is_multiple_of(geo.num_kv_heads) {
         return Err(shape_err(
             op,
             format!(
