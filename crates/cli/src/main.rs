@@ -6,6 +6,7 @@ mod generate;
 
 use args::{BackendChoice, GenerateArgs};
 use qwen_kernels_cpu::CpuBackend;
+use qwen_kernels_cuda::CudaBackend;
 
 fn main() {
     let argv: Vec<String> = std::env::args().skip(1).collect();
@@ -34,15 +35,20 @@ fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
     let outcome = match args.backend {
         BackendChoice::Cpu => generate::run(CpuBackend::new(), args, &dir)?,
         BackendChoice::Cuda => {
-            qwen_kernels_cuda::CudaBackend::new(0).map_err(|e| e.to_string())?;
-            unreachable!("the CUDA backend reports itself unavailable")
+            let gpu = CudaBackend::new(0).map_err(|e| format!("--backend cuda: {e}"))?;
+            eprintln!("backend: cuda ({})", gpu.device_name());
+            generate::run(gpu, args, &dir)?
         }
-        BackendChoice::Auto => {
-            if let Err(e) = qwen_kernels_cuda::CudaBackend::new(0) {
-                eprintln!("backend: cpu ({e})");
+        BackendChoice::Auto => match CudaBackend::new(0) {
+            Ok(gpu) => {
+                eprintln!("backend: cuda ({})", gpu.device_name());
+                generate::run(gpu, args, &dir)?
             }
-            generate::run(CpuBackend::new(), args, &dir)?
-        }
+            Err(e) => {
+                eprintln!("backend: cpu (no GPU: {e})");
+                generate::run(CpuBackend::new(), args, &dir)?
+            }
+        },
     };
     if args.json {
         println!("{}", generate::to_json(&outcome));

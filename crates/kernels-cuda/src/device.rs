@@ -1,0 +1,157 @@
+//! Opening a GPU, device memory behind a CUDA tensor, and typed access to it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError};
+use half::{bf16, f16};
+use qwen_tensor::{DType, Error, Result, Tensor};
+
+use crate::{compile, CudaBackend};
+
+/// A CUDA tensor's buffer.
+#[derive(Debug)]
+pub enum CudaStorage {
+    BF16(CudaSlice<bf16>),
+    F16(CudaSlice<f16>),
+    F32(CudaSlice<f32>),
+    U32(CudaSlice<u32>),
+}
+
+pub(crate) type T = Tensor<CudaBackend>;
+
+/// Every kernel module: (file name, source, kernels it defines).
+const MODULES: &[(&str, &str, &[&str])] = &[
+    (
+        "embedding",
+        include_str!("embedding.cu"),
+        &["embedding", "gather_rows"],
+    ),
+    (
+        "norm",
+        include_str!("norm.cu"),
+        &["rms_norm_bf16", "rms_norm_f32"],
+    ),
+    (
+        "matmul",
+        include_str!("matmul.cu"),
+        &["matmul_bf16", "matmul_f32x"],
+    ),
+    ("rope", include_str!("rope.cu"), &["qk_norm_rope_store"]),
+    (
+        "attention",
+        include_str!("attention.cu"),
+        &["attn_chunk", "attn_combine"],
+    ),
+    ("activation", include_str!("activation.cu"), &["silu_mul"]),
+    (
+        "sampling",
+        include_str!("sampling.cu"),
+        &["argmax_rows", "repetition_penalty"],
+    ),
+];
+
+pub(crate) struct Device {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub kernels: HashMap<&'static str, CudaFunction>,
+    pub name: String,
+}
+
+/// Maps a driver error to ours, keeping out-of-memory distinct.
+pub(crate) fn dev(e: DriverError) -> Error {
+    if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+        Error::OutOfMemory(e.to_string())
+    } else {
+        Error::Device(e.to_string())
+    }
+}
+
+/// Opens GPU `ordinal`, compiling (or loading cached) kernels.
+pub(crate) fn open(ordinal: usize) -> Result<Device> {
+    // SAFETY: only probes whether the shared libraries can be loaded.
+    let (driver, nvrtc) = unsafe {
+        (
+            cudarc::driver::sys::is_culib_present(),
+            cudarc::nvrtc::sys::is_culib_present(),
+        )
+    };
+    if !driver {
+        return Err(Error::Unsupported(
+            "no CUDA driver found (libcuda could not be loaded)".into(),
+        ));
+    }
+    if !nvrtc {
+        return Err(Error::Unsupported(
+            "CUDA driver found but NVRTC (libnvrtc) could not be loaded".into(),
+        ));
+    }
+    let count = CudaContext::device_count().map_err(dev)?;
+    if ordinal as i32 >= count {
+        return Err(Error::Unsupported(format!(
+            "no CUDA GPU {ordinal} ({count} found)"
+        )));
+    }
+    let ctx = CudaContext::new(ordinal).map_err(dev)?;
+    // SAFETY: we order all work on one stream ourselves; cudarc's per-argument
+    // event tracking only adds overhead to every launch (a known decode slowdown).
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.default_stream();
+    let (major, minor) = ctx.compute_capability().map_err(dev)?;
+    let arch = format!("sm_{major}{minor}");
+    let mut kernels = HashMap::new();
+    for (file, src, names) in MODULES {
+        let ptx = compile::compile(file, src, &arch)?;
+        let module = ctx.load_module(ptx).map_err(dev)?;
+        for &n in names.iter() {
+            kernels.insert(n, module.load_function(n).map_err(dev)?);
+        }
+    }
+    let name = ctx.name().map_err(dev)?;
+    Ok(Device {
+        ctx,
+        stream,
+        kernels,
+        name,
+    })
+}
+
+fn wrong(op: &'static str, arg: &'static str, want: DType, t: &T) -> Error {
+    Error::DType {
+        op,
+        arg,
+        expected: want,
+        got: t.dtype(),
+    }
+}
+
+macro_rules! accessor {
+    ($name:ident, $name_mut:ident, $variant:ident, $ty:ty, $dt:expr) => {
+        pub(crate) fn $name<'a>(
+            op: &'static str,
+            arg: &'static str,
+            t: &'a T,
+        ) -> Result<&'a CudaSlice<$ty>> {
+            match t.storage() {
+                CudaStorage::$variant(v) => Ok(v),
+                _ => Err(wrong(op, arg, $dt, t)),
+            }
+        }
+        #[allow(dead_code)]
+        pub(crate) fn $name_mut<'a>(
+            op: &'static str,
+            arg: &'static str,
+            t: &'a mut T,
+        ) -> Result<&'a mut CudaSlice<$ty>> {
+            let e = wrong(op, arg, $dt, t);
+            match t.storage_mut() {
+                CudaStorage::$variant(v) => Ok(v),
+                _ => Err(e),
+            }
+        }
+    };
+}
+
+accessor!(f32s, f32s_mut, F32, f32, DType::F32);
+accessor!(bf16s, bf16s_mut, BF16, bf16, DType::BF16);
+accessor!(u32s, u32s_mut, U32, u32, DType::U32);

@@ -1,0 +1,43 @@
+//! Launchers for embedding.cu.
+
+use cudarc::driver::PushKernelArg;
+use qwen_tensor::{expect_2d, expect_shape, Result};
+
+use crate::device::{bf16s, dev, f32s, f32s_mut, u32s, T};
+use crate::launch::{grid, int};
+use crate::CudaBackend;
+
+impl CudaBackend {
+    pub(crate) fn embedding_impl(&self, table: &T, ids: &T, out: &mut T) -> Result<()> {
+        const OP: &str = "embedding";
+        let (v, h) = expect_2d(OP, "table", table)?;
+        let n = ids.numel();
+        expect_shape(OP, "out", out, &[n, h])?;
+        let (vi, hi) = (int(OP, v)?, int(OP, h)?);
+        let mut b = self.dev.stream.launch_builder(self.kernel("embedding"));
+        b.arg(bf16s(OP, "table", table)?)
+            .arg(u32s(OP, "ids", ids)?)
+            .arg(f32s_mut(OP, "out", out)?)
+            .arg(&vi)
+            .arg(&hi);
+        // SAFETY: argument order and types match `embedding` in embedding.cu; shapes checked above.
+        unsafe { b.launch(grid((n as u32, 1, 1), (256, 1, 1))) }.map_err(dev)?;
+        Ok(())
+    }
+
+    pub(crate) fn gather_rows_impl(&self, src: &T, rows: &T, out: &mut T) -> Result<()> {
+        const OP: &str = "gather_rows";
+        let (_, h) = expect_2d(OP, "src", src)?;
+        let r = rows.numel();
+        expect_shape(OP, "out", out, &[r, h])?;
+        let hi = int(OP, h)?;
+        let mut b = self.dev.stream.launch_builder(self.kernel("gather_rows"));
+        b.arg(f32s(OP, "src", src)?)
+            .arg(u32s(OP, "rows", rows)?)
+            .arg(f32s_mut(OP, "out", out)?)
+            .arg(&hi);
+        // SAFETY: argument order and types match `gather_rows` in embedding.cu.
+        unsafe { b.launch(grid((r as u32, 1, 1), (256, 1, 1))) }.map_err(dev)?;
+        Ok(())
+    }
+}

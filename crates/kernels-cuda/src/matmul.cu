@@ -1,0 +1,79 @@
+// Projections with bf16 weights and f32 accumulation, one warp per
+// (weight row, tile of tokens), in the 256-lane row-reduction order
+// (twin of matmul.rs). Results depend on nothing but their own row and
+// token, so they do not change with the batch.
+
+#define TOKEN_TILE 4
+
+__device__ __forceinline__ void load8_x(const __nv_bfloat16* p, float* f, bool vec) { load8_bf16(p, f, vec); }
+__device__ __forceinline__ void load8_x(const float* p, float* f, bool vec) {
+    if (vec) {
+        float4 a = *reinterpret_cast<const float4*>(p);
+        float4 b = *reinterpret_cast<const float4*>(p + 4);
+        f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+        f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++) f[e] = p[e];
+    }
+}
+__device__ __forceinline__ float load1_x(const __nv_bfloat16* p) { return bf(*p); }
+__device__ __forceinline__ float load1_x(const float* p) { return *p; }
+
+template <typename X>
+__device__ __forceinline__ void project(const X* x, const __nv_bfloat16* w, float* out, int T, int K, int N, int add) {
+    int n = blockIdx.x * blockDim.y + threadIdx.y;
+    if (n >= N) return;
+    int t0 = blockIdx.y * TOKEN_TILE;
+    int tt = min(TOKEN_TILE, T - t0);
+    int lane = threadIdx.x;
+    bool vec = (K & 7) == 0;
+    const __nv_bfloat16* wr = w + (size_t)n * K;
+    float acc[TOKEN_TILE][8];
+#pragma unroll
+    for (int i = 0; i < TOKEN_TILE; i++)
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[i][e] = 0.0f;
+    int full = K / 256 * 256;
+    for (int base = 0; base < full; base += 256) {
+        float wf[8];
+        load8_bf16(wr + base + 8 * lane, wf, vec);
+#pragma unroll
+        for (int i = 0; i < TOKEN_TILE; i++) {
+            if (i < tt) {
+                float xf[8];
+                load8_x(x + (size_t)(t0 + i) * K + base + 8 * lane, xf, vec);
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[i][e] = acc[i][e] + wf[e] * xf[e];
+            }
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        int k = full + 8 * lane + e;
+        if (k < K) {
+            float wv = bf(wr[k]);
+#pragma unroll
+            for (int i = 0; i < TOKEN_TILE; i++)
+                if (i < tt) acc[i][e] = acc[i][e] + wv * load1_x(x + (size_t)(t0 + i) * K + k);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < TOKEN_TILE; i++) {
+        if (i < tt) {
+            float v = row_combine(acc[i]);
+            if (lane == 0) {
+                size_t o = (size_t)(t0 + i) * N + n;
+                out[o] = add ? out[o] + v : v;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void matmul_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K, int N, int add) {
+    project(x, w, out, T, K, N, add);
+}
+
+extern "C" __global__ void matmul_f32x(const float* x, const __nv_bfloat16* w, float* out, int T, int K, int N, int add) {
+    project(x, w, out, T, K, N, add);
+}

@@ -1,0 +1,39 @@
+// RMSNorm, one warp per row, in the 256-lane row-reduction order
+// (twin of norm.rs). `rms_norm_bf16` rounds once to bf16; `rms_norm_f32`
+// keeps f32 for the logits projection.
+
+template <typename Store>
+__device__ __forceinline__ void rms_norm_row(const float* x, const float* w, float eps, int T, int H, Store store) {
+    int row = blockIdx.x * blockDim.y + threadIdx.y;
+    if (row >= T) return;
+    const float* xr = x + (size_t)row * H;
+    int lane = threadIdx.x;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int full = H / 256 * 256;
+    for (int base = 0; base < full; base += 256) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            float v = xr[base + 8 * lane + e];
+            acc[e] = acc[e] + v * v;
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        int k = full + 8 * lane + e;
+        if (k < H) {
+            float v = xr[k];
+            acc[e] = acc[e] + v * v;
+        }
+    }
+    float ss = row_combine(acc);
+    float inv = 1.0f / sqrtf(ss / (float)H + eps);
+    for (int k = lane; k < H; k += 32) store((size_t)row * H + k, w[k] * (xr[k] * inv));
+}
+
+extern "C" __global__ void rms_norm_bf16(const float* x, const float* w, float eps, __nv_bfloat16* out, int T, int H) {
+    rms_norm_row(x, w, eps, T, H, [&](size_t i, float y) { out[i] = __float2bfloat16_rn(y); });
+}
+
+extern "C" __global__ void rms_norm_f32(const float* x, const float* w, float eps, float* out, int T, int H) {
+    rms_norm_row(x, w, eps, T, H, [&](size_t i, float y) { out[i] = y; });
+}

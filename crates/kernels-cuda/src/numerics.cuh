@@ -1,0 +1,77 @@
+// Shared numerics of every kernel: the twin of kernels-cpu/src/numerics.rs,
+// operation for operation. Compiled with --fmad=false, IEEE sqrt/division,
+// no flush-to-zero, so each product and sum rounds exactly as on the CPU.
+#include <cuda_bf16.h>
+
+typedef unsigned int u32;
+
+__device__ __forceinline__ float pow2i(int k) { return __int_as_float((k + 127) << 23); }
+
+// exp(x) = 2^n * e^r, n = rint(x log2 e), two-part Cody-Waite r, degree-7
+// Taylor polynomial in Horner form, 2^n applied in two exact steps.
+__device__ __forceinline__ float q_exp(float x) {
+    if (isnan(x)) return x;
+    if (x > __int_as_float(0x42b17218)) return __int_as_float(0x7f800000);
+    if (x < __int_as_float(0xc2cff1b5)) return 0.0f;
+    float n = rintf(x * __int_as_float(0x3fb8aa3b));
+    float r = (x - n * __int_as_float(0x3f318000)) - n * __int_as_float(0xb95e8083);
+    float p = __int_as_float(0x39500d01);
+    p = p * r + __int_as_float(0x3ab60b61);
+    p = p * r + __int_as_float(0x3c088889);
+    p = p * r + __int_as_float(0x3d2aaaab);
+    p = p * r + __int_as_float(0x3e2aaaab);
+    p = p * r + __int_as_float(0x3f000000);
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    int ni = (int)n;
+    int n1 = ni >> 1;
+    int n2 = ni - n1;
+    return (p * pow2i(n1)) * pow2i(n2);
+}
+
+__device__ __forceinline__ float q_silu(float x) { return x / (1.0f + q_exp(-x)); }
+
+__device__ __forceinline__ float bf(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Row reduction: thread `t` of a warp holds lanes 8t..8t+7 in acc[]; pair
+// lanes at offsets 4, 2, 1 inside the thread, then 128..8 across threads.
+__device__ __forceinline__ float row_combine(float acc[8]) {
+#pragma unroll
+    for (int e = 0; e < 4; e++) acc[e] = acc[e] + acc[e + 4];
+    acc[0] = acc[0] + acc[2];
+    acc[1] = acc[1] + acc[3];
+    acc[0] = acc[0] + acc[1];
+    float v = acc[0];
+    v = v + __shfl_xor_sync(0xffffffffu, v, 16);
+    v = v + __shfl_xor_sync(0xffffffffu, v, 8);
+    v = v + __shfl_xor_sync(0xffffffffu, v, 4);
+    v = v + __shfl_xor_sync(0xffffffffu, v, 2);
+    v = v + __shfl_xor_sync(0xffffffffu, v, 1);
+    return v;
+}
+
+// Head reduction: lane sums already formed; pair lanes 16, 8, 4, 2, 1.
+__device__ __forceinline__ float head_combine(float v) {
+    v = v + __shfl_xor_sync(0xffffffffu, v, 16);
+    v = v + __shfl_xor_sync(0xffffffffu, v, 8);
+    v = v + __shfl_xor_sync(0xffffffffu, v, 4);
+    v = v + __shfl_xor_sync(0xffffffffu, v, 2);
+    v = v + __shfl_xor_sync(0xffffffffu, v, 1);
+    return v;
+}
+
+// Eight consecutive bf16 widened to f32; one 16-byte load when aligned.
+__device__ __forceinline__ void load8_bf16(const __nv_bfloat16* p, float* f, bool vec) {
+    if (vec) {
+        uint4 u = *reinterpret_cast<const uint4*>(p);
+        u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            f[2 * i] = __uint_as_float(w[i] << 16);
+            f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 8; e++) f[e] = bf(p[e]);
+    }
+}

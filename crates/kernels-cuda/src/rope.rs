@@ -1,0 +1,102 @@
+//! Launcher for rope.cu.
+
+use cudarc::driver::PushKernelArg;
+use qwen_tensor::{expect_2d, expect_shape, AttnGeometry, BatchMeta, Result};
+
+use crate::device::{bf16s_mut, dev, f32s, u32s, T};
+use crate::launch::{grid, int, shape_err};
+use crate::CudaBackend;
+
+impl CudaBackend {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn qk_norm_rope_store_impl(
+        &self,
+        qkv: &T,
+        q_norm: &T,
+        k_norm: &T,
+        eps: f32,
+        rope: &T,
+        meta: &BatchMeta<CudaBackend>,
+        geo: AttnGeometry,
+        q_out: &mut T,
+        k_cache: &mut T,
+        v_cache: &mut T,
+    ) -> Result<()> {
+        const OP: &str = "qk_norm_rope_store";
+        let d = geo.head_dim;
+        check_geometry(OP, geo)?;
+        let tokens = meta.num_tokens;
+        expect_shape(OP, "qkv", qkv, &[tokens, geo.qkv_width()])?;
+        expect_shape(OP, "q_norm", q_norm, &[d])?;
+        expect_shape(OP, "k_norm", k_norm, &[d])?;
+        expect_shape(OP, "q_out", q_out, &[tokens, geo.q_width()])?;
+        let (_, rw) = expect_2d(OP, "rope", rope)?;
+        if rw != d {
+            return Err(shape_err(
+                OP,
+                format!("rope table width {rw} != head_dim {d}"),
+            ));
+        }
+        check_cache(OP, k_cache, geo)?;
+        check_cache(OP, v_cache, geo)?;
+        if tokens == 0 {
+            return Ok(());
+        }
+        let (hq, hkv, di) = (
+            int(OP, geo.num_q_heads)?,
+            int(OP, geo.num_kv_heads)?,
+            int(OP, d)?,
+        );
+        let heads = (geo.num_q_heads + 2 * geo.num_kv_heads) as u32;
+        let mut b = self
+            .dev
+            .stream
+            .launch_builder(self.kernel("qk_norm_rope_store"));
+        b.arg(f32s(OP, "qkv", qkv)?)
+            .arg(f32s(OP, "q_norm", q_norm)?)
+            .arg(f32s(OP, "k_norm", k_norm)?)
+            .arg(&eps)
+            .arg(f32s(OP, "rope", rope)?)
+            .arg(u32s(OP, "positions", &meta.positions)?)
+            .arg(u32s(OP, "slots", &meta.slots)?)
+            .arg(bf16s_mut(OP, "q_out", q_out)?)
+            .arg(bf16s_mut(OP, "k_cache", k_cache)?)
+            .arg(bf16s_mut(OP, "v_cache", v_cache)?)
+            .arg(&hq)
+            .arg(&hkv)
+            .arg(&di);
+        // SAFETY: argument order and types match qk_norm_rope_store in rope.cu; the
+        // batch layout's slots and positions were built from the same cache geometry.
+        unsafe { b.launch(grid((tokens as u32, heads, 1), (32, 1, 1))) }.map_err(dev)?;
+        Ok(())
+    }
+}
+
+pub(crate) fn check_geometry(op: &'static str, geo: AttnGeometry) -> Result<()> {
+    let d = geo.head_dim;
+    if d == 0 || !d.is_multiple_of(32) || d > 256 {
+        return Err(shape_err(
+            op,
+            format!("head_dim {d} must be a multiple of 32, at most 256"),
+        ));
+    }
+    if geo.num_kv_heads == 0
+        || !geo.num_q_heads.is_multiple_of(geo.num_kv_heads)
+        || geo.block_size == 0
+    {
+        return Err(shape_err(op, format!("unsupported geometry {geo:?}")));
+    }
+    Ok(())
+}
+
+pub(crate) fn check_cache(op: &'static str, cache: &T, geo: AttnGeometry) -> Result<()> {
+    match *cache.shape() {
+        [_, bs, h, d] if bs == geo.block_size && h == geo.num_kv_heads && d == geo.head_dim => {
+            Ok(())
+        }
+        _ => Err(shape_err(
+            op,
+            format!("cache shape {:?} does not match {geo:?}", cache.shape()),
+        )),
+    }
+}

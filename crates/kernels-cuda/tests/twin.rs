@@ -1,0 +1,435 @@
+//! Twin tests: every CUDA op against its CPU spec on random inputs (a fresh
+//! seed each run, printed), with outputs poisoned before each run, at real
+//! Qwen3 shapes and odd ones. Exact ops must match bit for bit. Skips, with
+//! a message, where there is no GPU.
+
+use half::bf16;
+use qwen_kernels_cpu::CpuBackend;
+use qwen_kernels_cuda::CudaBackend;
+use qwen_tensor::{
+    AttnGeometry, Backend, BatchLayout, DType, HostSlice, HostVec, SampleParams, Tensor,
+};
+
+fn gpu() -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            println!("skipping GPU twin test: {e}");
+            None
+        }
+    }
+}
+
+/// xorshift64*: reproducible from the printed seed.
+struct Rng(u64);
+impl Rng {
+    fn new(what: &str) -> Rng {
+        let seed = std::env::var("TWIN_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            })
+            | 1;
+        println!("{what}: seed {seed} (rerun with TWIN_SEED={seed})");
+        Rng(seed)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Roughly normal, scaled.
+    fn normal(&mut self, scale: f32) -> f32 {
+        let s: f32 = (0..4)
+            .map(|_| (self.next() >> 40) as f32 / (1u64 << 24) as f32)
+            .sum();
+        (s - 2.0) * 1.7 * scale
+    }
+    fn f32s(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.normal(scale)).collect()
+    }
+    fn bf16s(&mut self, n: usize, scale: f32) -> Vec<bf16> {
+        (0..n).map(|_| bf16::from_f32(self.normal(scale))).collect()
+    }
+}
+
+/// A tensor of `shape` filled with NaN (or 0xFFFFFFFF ids): an op that
+/// forgets to write an element shows up as a mismatch.
+fn poisoned<B: Backend>(b: &B, shape: &[usize], dtype: DType) -> Tensor<B> {
+    let n: usize = shape.iter().product();
+    match dtype {
+        DType::F32 => b.upload(HostSlice::F32(&vec![f32::NAN; n]), shape),
+        DType::BF16 => b.upload(HostSlice::BF16(&vec![bf16::NAN; n]), shape),
+        DType::U32 => b.upload(HostSlice::U32(&vec![u32::MAX; n]), shape),
+        DType::F16 => unreachable!(),
+    }
+    .unwrap()
+}
+
+fn same_bits(what: &str, cpu: &HostVec, gpu: &HostVec) {
+    let (c, g) = (cpu.to_bits(), gpu.to_bits());
+    assert_eq!(c.len(), g.len(), "{what}: lengths");
+    let diff: Vec<usize> = (0..c.len()).filter(|&i| c[i] != g[i]).collect();
+    if let Some(&i) = diff.first() {
+        let (cf, gf) = (cpu.to_f32(), gpu.to_f32());
+        panic!(
+            "{what}: {} of {} elements differ; first at {i}: cpu {} gpu {}",
+            diff.len(),
+            c.len(),
+            cf[i],
+            gf[i]
+        );
+    }
+}
+
+fn matmul_on<B: Backend>(
+    b: &B,
+    x: &[bf16],
+    w: &[bf16],
+    acc: &[f32],
+    t: usize,
+    k: usize,
+    n: usize,
+) -> (HostVec, HostVec) {
+    let xt = b.upload(HostSlice::BF16(x), &[t, k]).unwrap();
+    let wt = b.upload(HostSlice::BF16(w), &[n, k]).unwrap();
+    let mut out = poisoned(b, &[t, n], DType::F32);
+    b.matmul(&xt, &wt, &mut out).unwrap();
+    let mut a = b.upload(HostSlice::F32(acc), &[t, n]).unwrap();
+    b.matmul_add(&xt, &wt, &mut a).unwrap();
+    (b.download(&out).unwrap(), b.download(&a).unwrap())
+}
+
+#[test]
+fn matmul_and_matmul_add() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut r = Rng::new("matmul");
+    // (tokens, K, N): Qwen3-0.6B and 8B projections at batch 1 and 64, odd sizes.
+    for (t, k, n) in [
+        (1, 1024, 4096),
+        (64, 1024, 3072),
+        (1, 3072, 1024),
+        (1, 4096, 6144),
+        (64, 4096, 4096),
+        (256, 1024, 512),
+        (3, 1000, 77),
+        (5, 37, 9),
+        (2, 264, 130),
+    ] {
+        let x = r.bf16s(t * k, 1.0);
+        let w = r.bf16s(n * k, 0.05);
+        let acc = r.f32s(t * n, 2.0);
+        let (c1, c2) = matmul_on(&cpu, &x, &w, &acc, t, k, n);
+        let (g1, g2) = matmul_on(&g, &x, &w, &acc, t, k, n);
+        same_bits(&format!("matmul {t}x{k}x{n}"), &c1, &g1);
+        same_bits(&format!("matmul_add {t}x{k}x{n}"), &c2, &g2);
+    }
+}
+
+fn norms_on<B: Backend>(
+    b: &B,
+    x: &[f32],
+    nw: &[f32],
+    w: &[bf16],
+    t: usize,
+    h: usize,
+    n: usize,
+) -> [HostVec; 3] {
+    let xt = b.upload(HostSlice::F32(x), &[t, h]).unwrap();
+    let nwt = b.upload(HostSlice::F32(nw), &[h]).unwrap();
+    let wt = b.upload(HostSlice::BF16(w), &[n, h]).unwrap();
+    let mut normed = poisoned(b, &[t, h], DType::BF16);
+    b.rms_norm(&xt, &nwt, 1e-6, &mut normed).unwrap();
+    let mut fused = poisoned(b, &[t, n], DType::F32);
+    b.rms_norm_matmul(&xt, &nwt, 1e-6, &wt, &mut fused).unwrap();
+    let mut logits = poisoned(b, &[t, n], DType::F32);
+    b.logits(&xt, &nwt, 1e-6, &wt, &mut logits).unwrap();
+    [
+        b.download(&normed).unwrap(),
+        b.download(&fused).unwrap(),
+        b.download(&logits).unwrap(),
+    ]
+}
+
+#[test]
+fn rms_norm_fused_qkv_and_logits() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut r = Rng::new("rms_norm");
+    // (tokens, hidden, N): the fused QKV of 0.6B (1024 -> 4096) and 8B
+    // (4096 -> 6144), the vocabulary projection, odd sizes.
+    for (t, h, n) in [
+        (1, 1024, 4096),
+        (64, 4096, 6144),
+        (1, 1024, 151_936),
+        (4, 5120, 512),
+        (7, 100, 33),
+        (1, 64, 151_936),
+    ] {
+        let x = r.f32s(t * h, 3.0);
+        let nw = r.f32s(h, 1.0);
+        let w = r.bf16s(n * h, 0.05);
+        let c = norms_on(&cpu, &x, &nw, &w, t, h, n);
+        let gg = norms_on(&g, &x, &nw, &w, t, h, n);
+        for (i, name) in ["rms_norm", "rms_norm_matmul", "logits"].iter().enumerate() {
+            same_bits(&format!("{name} {t}x{h}x{n}"), &c[i], &gg[i]);
+        }
+    }
+}
+
+fn embed_on<B: Backend>(
+    b: &B,
+    table: &[bf16],
+    ids: &[u32],
+    v: usize,
+    h: usize,
+    rows: &[u32],
+) -> (HostVec, HostVec) {
+    let tab = b.upload(HostSlice::BF16(table), &[v, h]).unwrap();
+    let idt = b.upload(HostSlice::U32(ids), &[ids.len()]).unwrap();
+    let mut out = poisoned(b, &[ids.len(), h], DType::F32);
+    b.embedding(&tab, &idt, &mut out).unwrap();
+    let rt = b.upload(HostSlice::U32(rows), &[rows.len()]).unwrap();
+    let mut g = poisoned(b, &[rows.len(), h], DType::F32);
+    b.gather_rows(&out, &rt, &mut g).unwrap();
+    (b.download(&out).unwrap(), b.download(&g).unwrap())
+}
+
+#[test]
+fn embedding_gather_and_silu_mul() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut r = Rng::new("embedding");
+    let (v, h) = (151_936, 1024);
+    let table = r.bf16s(v * h, 0.3);
+    let ids: Vec<u32> = (0..37).map(|_| (r.next() % v as u64) as u32).collect();
+    let rows = vec![36, 0, 5, 5];
+    let (c1, c2) = embed_on(&cpu, &table, &ids, v, h, &rows);
+    let (g1, g2) = embed_on(&g, &table, &ids, v, h, &rows);
+    same_bits("embedding", &c1, &g1);
+    same_bits("gather_rows", &c2, &g2);
+
+    for (t, i) in [(1, 3072), (64, 12_288), (3, 77)] {
+        let gu = r.f32s(t * 2 * i, 4.0);
+        let run = |b: &dyn Fn(&[f32]) -> HostVec| b(&gu);
+        let c = run(&|gu| silu_on(&cpu, gu, t, i));
+        let gg = run(&|gu| silu_on(&g, gu, t, i));
+        same_bits(&format!("silu_mul {t}x{i}"), &c, &gg);
+    }
+}
+
+fn silu_on<B: Backend>(b: &B, gu: &[f32], t: usize, i: usize) -> HostVec {
+    let x = b.upload(HostSlice::F32(gu), &[t, 2 * i]).unwrap();
+    let mut out = poisoned(b, &[t, i], DType::BF16);
+    b.silu_mul(&x, &mut out).unwrap();
+    b.download(&out).unwrap()
+}
+
+/// A batch of sequences with the given contexts, each adding `new` tokens,
+/// over a shuffled block pool.
+fn layout(r: &mut Rng, contexts: &[(usize, usize)], bs: usize) -> (BatchLayout, usize) {
+    let max_blocks = contexts.iter().map(|&(c, _)| c.div_ceil(bs)).max().unwrap();
+    let total: usize = contexts.iter().map(|&(c, _)| c.div_ceil(bs)).sum();
+    let mut pool: Vec<u32> = (0..total as u32).collect();
+    for i in (1..pool.len()).rev() {
+        pool.swap(i, (r.next() % (i as u64 + 1)) as usize);
+    }
+    let mut l = BatchLayout {
+        max_blocks,
+        block_size: bs,
+        ..Default::default()
+    };
+    let mut next = 0;
+    for (s, &(ctx, new)) in contexts.iter().enumerate() {
+        let nb = ctx.div_ceil(bs);
+        let mut table = pool[next..next + nb].to_vec();
+        next += nb;
+        table.resize(max_blocks, 0);
+        l.block_tables.extend(table);
+        for p in ctx - new..ctx {
+            l.positions.push(p as u32);
+            l.seq_of_token.push(s as u32);
+        }
+    }
+    (l, total)
+}
+
+struct AttnCase {
+    geo: AttnGeometry,
+    layout: BatchLayout,
+    blocks: usize,
+    qkv: Vec<f32>,
+    qn: Vec<f32>,
+    kn: Vec<f32>,
+    kc: Vec<bf16>,
+    vc: Vec<bf16>,
+    rope: Vec<f32>,
+}
+
+fn attn_on<B: Backend>(b: &B, c: &AttnCase) -> [HostVec; 4] {
+    let geo = c.geo;
+    let t = c.layout.num_tokens();
+    let meta = b.upload_batch(&c.layout).unwrap();
+    let qkv = b
+        .upload(HostSlice::F32(&c.qkv), &[t, geo.qkv_width()])
+        .unwrap();
+    let qn = b.upload(HostSlice::F32(&c.qn), &[geo.head_dim]).unwrap();
+    let kn = b.upload(HostSlice::F32(&c.kn), &[geo.head_dim]).unwrap();
+    let max_pos = c.rope.len() / geo.head_dim;
+    let rope = b
+        .upload(HostSlice::F32(&c.rope), &[max_pos, geo.head_dim])
+        .unwrap();
+    let shape = geo.cache_shape(c.blocks);
+    let mut kc = b.upload(HostSlice::BF16(&c.kc), &shape).unwrap();
+    let mut vc = b.upload(HostSlice::BF16(&c.vc), &shape).unwrap();
+    let mut q = poisoned(b, &[t, geo.q_width()], DType::BF16);
+    b.qk_norm_rope_store(
+        &qkv, &qn, &kn, 1e-6, &rope, &meta, geo, &mut q, &mut kc, &mut vc,
+    )
+    .unwrap();
+    let mut out = poisoned(b, &[t, geo.q_width()], DType::BF16);
+    let scale = 1.0 / (geo.head_dim as f32).sqrt();
+    b.attention(&q, &kc, &vc, &meta, geo, scale, &mut out)
+        .unwrap();
+    [
+        b.download(&q).unwrap(),
+        b.download(&kc).unwrap(),
+        b.download(&vc).unwrap(),
+        b.download(&out).unwrap(),
+    ]
+}
+
+#[test]
+fn qk_norm_rope_and_attention() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut r = Rng::new("attention");
+    let bs = 16;
+    // (q heads, kv heads, head_dim, sequences as (context, new tokens)).
+    let cases: Vec<(usize, usize, usize, Vec<(usize, usize)>)> = vec![
+        (16, 8, 128, vec![(1, 1)]),
+        (32, 8, 128, vec![(8192, 1)]),
+        (16, 8, 128, (0..64).map(|i| (100 + 37 * i, 1)).collect()),
+        (32, 8, 128, vec![(300, 300)]),
+        (16, 8, 128, vec![(70, 70), (1000, 1), (65, 3)]),
+        (4, 2, 32, vec![(77, 77), (5, 1)]),
+        (12, 4, 64, vec![(129, 2)]),
+    ];
+    for (hq, hkv, d, ctxs) in cases {
+        let geo = AttnGeometry {
+            num_q_heads: hq,
+            num_kv_heads: hkv,
+            head_dim: d,
+            block_size: bs,
+        };
+        let (layout, blocks) = layout(&mut r, &ctxs, bs);
+        let t = layout.num_tokens();
+        let max_pos = layout.max_context();
+        let mut rope = vec![0.0f32; max_pos * d];
+        for (p, row) in rope.chunks_mut(d).enumerate() {
+            for i in 0..d / 2 {
+                let a = p as f64 * 1e6f64.powf(-(2.0 * i as f64) / d as f64);
+                row[i] = a.cos() as f32;
+                row[d / 2 + i] = a.sin() as f32;
+            }
+        }
+        let mut kn = r.f32s(d, 1.0);
+        kn[1] = 96.5; // Qwen3's huge k_norm channels
+        let case = AttnCase {
+            geo,
+            qkv: r.f32s(t * geo.qkv_width(), 2.0),
+            qn: r.f32s(d, 1.0),
+            kn,
+            kc: r.bf16s(blocks * bs * hkv * d, 1.0),
+            vc: r.bf16s(blocks * bs * hkv * d, 1.0),
+            rope,
+            layout,
+            blocks,
+        };
+        let c = attn_on(&cpu, &case);
+        let gg = attn_on(&g, &case);
+        let what = format!("{hq}/{hkv} heads, d {d}, {} seqs, {t} tokens", ctxs.len());
+        for (i, name) in ["q", "k_cache", "v_cache", "attention"].iter().enumerate() {
+            same_bits(&format!("{name}: {what}"), &c[i], &gg[i]);
+        }
+    }
+}
+
+#[test]
+fn sampling_primitives() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut r = Rng::new("sampling");
+    let (rows, v) = (8, 151_936);
+    let mut logits = r.f32s(rows * v, 3.0);
+    logits[v + 17] = 1e4; // a clear winner in row 1
+    logits[2 * v + 5] = 50.0; // a tie in row 2: lowest index wins
+    logits[2 * v + 9] = 50.0;
+    let history: Vec<Vec<u32>> = (0..rows)
+        .map(|i| {
+            (0..50)
+                .map(|j| ((i * 7919 + j * 104_729) % v) as u32)
+                .collect()
+        })
+        .collect();
+    let penalty: Vec<f32> = (0..rows).map(|i| 1.0 + 0.1 * i as f32).collect();
+    let params: Vec<SampleParams> = (0..rows)
+        .map(|i| SampleParams {
+            temperature: 0.5 + 0.2 * i as f32,
+            top_k: [0, 20, 1, 100][i % 4],
+            top_p: [1.0, 0.95, 0.5, 0.8][i % 4],
+            min_p: [0.0, 0.05][i % 2],
+        })
+        .collect();
+    let uniform: Vec<f32> = (0..rows)
+        .map(|_| (r.next() >> 40) as f32 / (1u64 << 24) as f32)
+        .collect();
+    let run = |b: &dyn Fn() -> (Vec<u32>, HostVec, Vec<u32>)| b();
+    let on = |b: &dyn BackendDyn| b.run(&logits, rows, v, &penalty, &history, &params, &uniform);
+    let c = run(&|| on(&cpu));
+    let gg = run(&|| on(&g));
+    assert_eq!(c.0, gg.0, "argmax");
+    assert_eq!(c.0[1], 17);
+    assert_eq!(c.0[2], 5);
+    same_bits("repetition_penalty", &c.1, &gg.1);
+    assert_eq!(c.2, gg.2, "sample");
+}
+
+/// Object-safe wrapper so one closure can drive either backend.
+trait BackendDyn {
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        l: &[f32],
+        rows: usize,
+        v: usize,
+        pen: &[f32],
+        hist: &[Vec<u32>],
+        p: &[SampleParams],
+        u: &[f32],
+    ) -> (Vec<u32>, HostVec, Vec<u32>);
+}
+impl<B: Backend> BackendDyn for B {
+    fn run(
+        &self,
+        l: &[f32],
+        rows: usize,
+        v: usize,
+        pen: &[f32],
+        hist: &[Vec<u32>],
+        p: &[SampleParams],
+        u: &[f32],
+    ) -> (Vec<u32>, HostVec, Vec<u32>) {
+        let mut t = self.upload(HostSlice::F32(l), &[rows, v]).unwrap();
+        let am = self.argmax(&t).unwrap();
+        self.repetition_penalty(&mut t, pen, hist).unwrap();
+        let s = self.sample(&t, p, u).unwrap();
+        (am, self.download(&t).unwrap(), s)
+    }
+}

@@ -1,0 +1,92 @@
+//! The CUDA path: every golden test of the CPU path, and bitwise equality
+//! with the CPU twin end to end. Skips, with a message, without a GPU.
+
+mod common;
+
+use common::{greedy, tiny_dir, Golden};
+use model_qwen3::{Logits, Qwen3, Sequence};
+use qwen_kernels_cpu::CpuBackend;
+use qwen_kernels_cuda::CudaBackend;
+use qwen_tensor::Backend;
+
+fn gpu_model() -> Option<Qwen3<CudaBackend>> {
+    match CudaBackend::new(0) {
+        Ok(g) => Some(
+            Qwen3::load(g, &tiny_dir(), &mut |_, _| {}).expect("tiny checkpoint loads on the GPU"),
+        ),
+        Err(e) => {
+            println!("skipping CUDA golden test: {e}");
+            None
+        }
+    }
+}
+
+fn cpu_model() -> Qwen3<CpuBackend> {
+    Qwen3::load(CpuBackend::new(), &tiny_dir(), &mut |_, _| {}).unwrap()
+}
+
+#[test]
+fn cuda_logits_of_every_prompt_match_hf() {
+    let Some(m) = gpu_model() else { return };
+    common::logits_of_every_prompt_match_hf(&m);
+}
+
+#[test]
+fn cuda_greedy_decode_matches_hf_f32() {
+    let Some(m) = gpu_model() else { return };
+    common::greedy_decode_matches_hf_f32(&m);
+}
+
+#[test]
+fn cuda_prefill_in_one_pass_equals_token_by_token() {
+    let Some(m) = gpu_model() else { return };
+    common::prefill_in_one_pass_equals_token_by_token(&m);
+}
+
+#[test]
+fn cuda_prefill_logits_equal_cpu_bitwise() {
+    let Some(gm) = gpu_model() else { return };
+    let cm = cpu_model();
+    for p in &Golden::load().prompts {
+        let run = |m: &dyn Fn(&mut Sequence) -> Vec<u32>| m(&mut Sequence::default());
+        let c = run(&|s| {
+            let mut cache = cm.new_cache(p.ids.len()).unwrap();
+            let l = cm
+                .forward(&mut cache, &mut [(s, &p.ids[..])], Logits::All)
+                .unwrap();
+            cm.backend().download(&l).unwrap().to_bits()
+        });
+        let g = run(&|s| {
+            let mut cache = gm.new_cache(p.ids.len()).unwrap();
+            let l = gm
+                .forward(&mut cache, &mut [(s, &p.ids[..])], Logits::All)
+                .unwrap();
+            gm.backend().download(&l).unwrap().to_bits()
+        });
+        let diff = c.iter().zip(&g).filter(|(a, b)| a != b).count();
+        assert_eq!(
+            diff, 0,
+            "{}: {diff} logits differ between cpu and cuda",
+            p.name
+        );
+    }
+}
+
+#[test]
+fn cuda_greedy_64_tokens_equal_cpu_with_bitwise_logits() {
+    let Some(gm) = gpu_model() else { return };
+    let cm = cpu_model();
+    for p in &Golden::load().prompts {
+        let (ct, cl) = greedy(&cm, &p.ids, 64);
+        let (gt, gl) = greedy(&gm, &p.ids, 64);
+        assert_eq!(ct, gt, "{}: tokens", p.name);
+        for (s, (a, b)) in cl.iter().zip(&gl).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "{}: decode step {s} logits differ between cpu and cuda",
+                p.name
+            );
+        }
+    }
+}
