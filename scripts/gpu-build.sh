@@ -25,6 +25,6 @@ for l in sys.stdin:
   cp "$bin" "gpu-bin/$name"
 done
 cargo build --release -p qwen-cli
-cp target/release/qwen-cli gpu-bin/
+cp "${CARGO_TARGET_DIR:-target}/release/qwen-cli" gpu-bin/
 strip gpu-bin/*
 ls -la gpu-bin
