@@ -18,6 +18,7 @@
 
 mod activation;
 mod attention;
+mod blas;
 mod compile;
 mod device;
 mod embedding;
@@ -27,6 +28,7 @@ mod norm;
 mod rope;
 mod sampling;
 
+pub use blas::TENSOR_CORE_MIN_TOKENS;
 pub use compile::cuda_include_dir;
 pub use device::CudaStorage;
 
@@ -40,6 +42,8 @@ use device::{dev, Device, T};
 /// One GPU, with its compiled kernels and a stream all work is queued on.
 pub struct CudaBackend {
     dev: Device,
+    blas: cudarc::cublas::CudaBlas,
+    exact: bool,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -59,11 +63,30 @@ impl CudaBackend {
         let opened = std::panic::catch_unwind(|| device::open(ordinal));
         std::panic::set_hook(prev);
         match opened {
-            Ok(r) => r.map(|dev| CudaBackend { dev }),
+            Ok(r) => {
+                let dev = r?;
+                let blas = blas::new_blas(dev.stream.clone())?;
+                Ok(CudaBackend {
+                    dev,
+                    blas,
+                    exact: false,
+                })
+            }
             Err(_) => Err(Error::Unsupported(
                 "the CUDA libraries could not be loaded".into(),
             )),
         }
+    }
+
+    /// `true`: every op returns exactly the CPU twin's bits, prefill GEMMs
+    /// included (no tensor cores). `false` (the default): projections of at
+    /// least [`TENSOR_CORE_MIN_TOKENS`] tokens run on the tensor cores.
+    pub fn set_exact(&mut self, exact: bool) {
+        self.exact = exact;
+    }
+
+    pub(crate) fn use_tensor_cores(&self, tokens: usize) -> bool {
+        !self.exact && tokens >= TENSOR_CORE_MIN_TOKENS
     }
 
     /// The GPU's name, e.g. "NVIDIA H100 80GB HBM3".

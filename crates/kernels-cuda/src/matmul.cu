@@ -20,12 +20,11 @@ __device__ __forceinline__ void load8_x(const float* p, float* f, bool vec) {
 __device__ __forceinline__ float load1_x(const __nv_bfloat16* p) { return bf(*p); }
 __device__ __forceinline__ float load1_x(const float* p) { return *p; }
 
+// One warp: weight row `n` against the `tt` token rows starting at `x`
+// (row stride K), writing out[t0 + i, n].
 template <typename X>
-__device__ __forceinline__ void project(const X* x, const __nv_bfloat16* w, float* out, int T, int K, int N, int add) {
-    int n = blockIdx.x * blockDim.y + threadIdx.y;
-    if (n >= N) return;
-    int t0 = blockIdx.y * TOKEN_TILE;
-    int tt = min(TOKEN_TILE, T - t0);
+__device__ __forceinline__ void project_rows(const X* x, const __nv_bfloat16* w, float* out, int t0, int tt, int K,
+                                             int N, int n, int add) {
     int lane = threadIdx.x;
     bool vec = (K & 7) == 0;
     const __nv_bfloat16* wr = w + (size_t)n * K;
@@ -42,7 +41,7 @@ __device__ __forceinline__ void project(const X* x, const __nv_bfloat16* w, floa
         for (int i = 0; i < TOKEN_TILE; i++) {
             if (i < tt) {
                 float xf[8];
-                load8_x(x + (size_t)(t0 + i) * K + base + 8 * lane, xf, vec);
+                load8_x(x + (size_t)i * K + base + 8 * lane, xf, vec);
 #pragma unroll
                 for (int e = 0; e < 8; e++) acc[i][e] = acc[i][e] + wf[e] * xf[e];
             }
@@ -55,7 +54,7 @@ __device__ __forceinline__ void project(const X* x, const __nv_bfloat16* w, floa
             float wv = bf(wr[k]);
 #pragma unroll
             for (int i = 0; i < TOKEN_TILE; i++)
-                if (i < tt) acc[i][e] = acc[i][e] + wv * load1_x(x + (size_t)(t0 + i) * K + k);
+                if (i < tt) acc[i][e] = acc[i][e] + wv * load1_x(x + (size_t)i * K + k);
         }
     }
 #pragma unroll
@@ -70,10 +69,41 @@ __device__ __forceinline__ void project(const X* x, const __nv_bfloat16* w, floa
     }
 }
 
+template <typename X>
+__device__ __forceinline__ void project(const X* x, const __nv_bfloat16* w, float* out, int T, int K, int N, int add) {
+    int n = blockIdx.x * blockDim.y + threadIdx.y;
+    if (n >= N) return;
+    int t0 = blockIdx.y * TOKEN_TILE;
+    project_rows(x + (size_t)t0 * K, w, out, t0, min(TOKEN_TILE, T - t0), K, N, n, add);
+}
+
 extern "C" __global__ void matmul_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K, int N, int add) {
     project(x, w, out, T, K, N, add);
 }
 
 extern "C" __global__ void matmul_f32x(const float* x, const __nv_bfloat16* w, float* out, int T, int K, int N, int add) {
     project(x, w, out, T, K, N, add);
+}
+
+// Fused RMSNorm + projection in one launch: the block's first warps
+// normalise its tile of token rows into shared memory (exactly as
+// rms_norm_bf16 does: f32 norm, f32 weight, one rounding to bf16), then
+// every warp projects its weight row from there. Dynamic shared memory:
+// TOKEN_TILE * K bf16.
+extern "C" __global__ void rms_norm_matmul_bf16(const float* x, const float* norm_w, float eps,
+                                                const __nv_bfloat16* w, float* out, int T, int K, int N) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+    int t0 = blockIdx.y * TOKEN_TILE;
+    int tt = min(TOKEN_TILE, T - t0);
+    int warp = threadIdx.y, lane = threadIdx.x;
+    for (int i = warp; i < tt; i += blockDim.y) {
+        const float* xr = x + (size_t)(t0 + i) * K;
+        float inv = warp_inv_rms(xr, K, eps);
+        for (int k = lane; k < K; k += 32) xs[(size_t)i * K + k] = __float2bfloat16_rn(norm_w[k] * (xr[k] * inv));
+    }
+    __syncthreads();
+    int n = blockIdx.x * blockDim.y + warp;
+    if (n >= N) return;
+    project_rows(xs, w, out, t0, tt, K, N, n, 0);
 }

@@ -10,6 +10,8 @@ use crate::CudaBackend;
 /// Weight rows per block (one warp each); tokens per warp as in matmul.cu.
 const ROWS: u32 = 4;
 const TOKEN_TILE: u32 = 4;
+/// Shared memory a block may take without opting in to more.
+const FUSED_SMEM_MAX: usize = 48 * 1024;
 
 impl CudaBackend {
     /// `out (+)= x · wᵀ`; x bf16 or f32 `[T, K]`, w bf16 `[N, K]`.
@@ -29,6 +31,10 @@ impl CudaBackend {
         expect_shape(op, "out", out, &[t, n])?;
         if t == 0 || n == 0 {
             return Ok(());
+        }
+        if x.dtype() == DType::BF16 && self.use_tensor_cores(t) {
+            let (xs, ws) = (bf16s(op, "x", x)?, bf16s(op, "w", w)?);
+            return self.gemm_bf16(xs, ws, f32s_mut(op, "out", out)?, t, k, n, add);
         }
         let (ti, ki, ni, addi) = (int(op, t)?, int(op, k)?, int(op, n)?, add as i32);
         let cfg = grid(
@@ -61,7 +67,9 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Norm into a scratch tensor of `dtype`, then project.
+    /// RMSNorm then projection: one fused launch for bf16 activations on
+    /// the exact path, else the norm into a scratch tensor of `dtype` and a
+    /// projection (the f32 logits input, tensor cores, very wide rows).
     pub(crate) fn norm_project(
         &self,
         x: &T,
@@ -71,7 +79,44 @@ impl CudaBackend {
         out: &mut T,
         dtype: DType,
     ) -> Result<()> {
-        let (t, h) = expect_2d("rms_norm_matmul", "x", x)?;
+        const OP: &str = "rms_norm_matmul";
+        let (t, h) = expect_2d(OP, "x", x)?;
+        let (n, kw) = expect_2d(OP, "w", w)?;
+        if kw != h {
+            return Err(shape_err(OP, format!("x has {h} columns but w has {kw}")));
+        }
+        expect_shape(OP, "norm_w", norm_w, &[h])?;
+        expect_shape(OP, "out", out, &[t, n])?;
+        let smem = TOKEN_TILE as usize * h * 2;
+        let fused = dtype == DType::BF16 && !self.use_tensor_cores(t) && smem <= FUSED_SMEM_MAX;
+        if fused && t > 0 && n > 0 {
+            let (ti, ki, ni) = (int(OP, t)?, int(OP, h)?, int(OP, n)?);
+            let mut cfg = grid(
+                (
+                    (n as u32).div_ceil(ROWS),
+                    (t as u32).div_ceil(TOKEN_TILE),
+                    1,
+                ),
+                (32, ROWS, 1),
+            );
+            cfg.shared_mem_bytes = smem as u32;
+            let mut b = self
+                .dev
+                .stream
+                .launch_builder(self.kernel("rms_norm_matmul_bf16"));
+            b.arg(f32s(OP, "x", x)?)
+                .arg(f32s(OP, "norm_w", norm_w)?)
+                .arg(&eps)
+                .arg(bf16s(OP, "w", w)?)
+                .arg(f32s_mut(OP, "out", out)?)
+                .arg(&ti)
+                .arg(&ki)
+                .arg(&ni);
+            // SAFETY: argument order and types match rms_norm_matmul_bf16 in
+            // matmul.cu; its dynamic shared memory holds TOKEN_TILE rows of K bf16.
+            unsafe { b.launch(cfg) }.map_err(dev)?;
+            return Ok(());
+        }
         let mut normed = self.zeros(&[t, h], dtype)?;
         self.rms_norm_impl(x, norm_w, eps, &mut normed)?;
         self.project("rms_norm_matmul", &normed, w, out, false)

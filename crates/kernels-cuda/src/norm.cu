@@ -8,25 +8,7 @@ __device__ __forceinline__ void rms_norm_row(const float* x, const float* w, flo
     if (row >= T) return;
     const float* xr = x + (size_t)row * H;
     int lane = threadIdx.x;
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int full = H / 256 * 256;
-    for (int base = 0; base < full; base += 256) {
-#pragma unroll
-        for (int e = 0; e < 8; e++) {
-            float v = xr[base + 8 * lane + e];
-            acc[e] = acc[e] + v * v;
-        }
-    }
-#pragma unroll
-    for (int e = 0; e < 8; e++) {
-        int k = full + 8 * lane + e;
-        if (k < H) {
-            float v = xr[k];
-            acc[e] = acc[e] + v * v;
-        }
-    }
-    float ss = row_combine(acc);
-    float inv = 1.0f / sqrtf(ss / (float)H + eps);
+    float inv = warp_inv_rms(xr, H, eps);
     for (int k = lane; k < H; k += 32) store((size_t)row * H + k, w[k] * (xr[k] * inv));
 }
 

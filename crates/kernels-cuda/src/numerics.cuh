@@ -75,3 +75,27 @@ __device__ __forceinline__ void load8_bf16(const __nv_bfloat16* p, float* f, boo
         for (int e = 0; e < 8; e++) f[e] = bf(p[e]);
     }
 }
+
+// 1 / sqrt(row_reduce(x^2) / H + eps) of one row, computed by one warp.
+__device__ __forceinline__ float warp_inv_rms(const float* xr, int H, float eps) {
+    int lane = threadIdx.x & 31;
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int full = H / 256 * 256;
+    for (int base = 0; base < full; base += 256) {
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            float v = xr[base + 8 * lane + e];
+            acc[e] = acc[e] + v * v;
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        int k = full + 8 * lane + e;
+        if (k < H) {
+            float v = xr[k];
+            acc[e] = acc[e] + v * v;
+        }
+    }
+    float ss = row_combine(acc);
+    return 1.0f / sqrtf(ss / (float)H + eps);
+}

@@ -56,7 +56,13 @@ impl<B: Backend> Qwen3<B> {
         }
         let cfg = Qwen3Config::from_file(&dir.join("config.json"))?;
         let host = load_host_weights(dir, &cfg, progress)?;
-        Self::from_host(backend, cfg, &host)
+        let name = backend.name();
+        Self::from_host(backend, cfg, &host).map_err(|e| match e {
+            ModelError::Backend(qwen_tensor::Error::OutOfMemory(m)) => ModelError::Request(
+                format!("the checkpoint does not fit in {name} memory (out of device memory: {m})"),
+            ),
+            e => e,
+        })
     }
 
     /// Uploads host weights to the backend.
@@ -121,12 +127,14 @@ impl<B: Backend> Qwen3<B> {
     /// [`DEFAULT_BLOCK_SIZE`].
     pub fn new_cache(&self, positions: usize) -> Result<KvCache<B>> {
         let blocks = positions.div_ceil(DEFAULT_BLOCK_SIZE).max(1);
-        KvCache::new(
-            &self.backend,
-            self.cfg.num_hidden_layers,
-            self.geometry(DEFAULT_BLOCK_SIZE),
-            blocks,
-        )
+        let layers = self.cfg.num_hidden_layers;
+        KvCache::new(&self.backend, layers, self.geometry(DEFAULT_BLOCK_SIZE), blocks).map_err(|e| match e {
+            ModelError::Backend(qwen_tensor::Error::OutOfMemory(m)) => ModelError::Request(format!(
+                "a KV cache of {positions} positions does not fit in {} memory (out of device memory: {m})",
+                self.backend.name()
+            )),
+            e => e,
+        })
     }
 
     /// Runs `batch` (each sequence with its new tokens: a whole prompt, a

@@ -9,11 +9,17 @@ use qwen_kernels_cpu::CpuBackend;
 use qwen_kernels_cuda::CudaBackend;
 use qwen_tensor::Backend;
 
-fn gpu_model() -> Option<Qwen3<CudaBackend>> {
+/// The tiny model on the GPU; `exact` turns the tensor-core GEMMs off so
+/// every op returns the CPU's bits.
+fn gpu_model(exact: bool) -> Option<Qwen3<CudaBackend>> {
     match CudaBackend::new(0) {
-        Ok(g) => Some(
-            Qwen3::load(g, &tiny_dir(), &mut |_, _| {}).expect("tiny checkpoint loads on the GPU"),
-        ),
+        Ok(mut g) => {
+            g.set_exact(exact);
+            Some(
+                Qwen3::load(g, &tiny_dir(), &mut |_, _| {})
+                    .expect("tiny checkpoint loads on the GPU"),
+            )
+        }
         Err(e) => {
             println!("skipping CUDA golden test: {e}");
             None
@@ -27,25 +33,26 @@ fn cpu_model() -> Qwen3<CpuBackend> {
 
 #[test]
 fn cuda_logits_of_every_prompt_match_hf() {
-    let Some(m) = gpu_model() else { return };
+    // Default mode: the 247-token prompt's projections run on the tensor cores.
+    let Some(m) = gpu_model(false) else { return };
     common::logits_of_every_prompt_match_hf(&m);
 }
 
 #[test]
 fn cuda_greedy_decode_matches_hf_f32() {
-    let Some(m) = gpu_model() else { return };
+    let Some(m) = gpu_model(false) else { return };
     common::greedy_decode_matches_hf_f32(&m);
 }
 
 #[test]
 fn cuda_prefill_in_one_pass_equals_token_by_token() {
-    let Some(m) = gpu_model() else { return };
+    let Some(m) = gpu_model(true) else { return };
     common::prefill_in_one_pass_equals_token_by_token(&m);
 }
 
 #[test]
 fn cuda_prefill_logits_equal_cpu_bitwise() {
-    let Some(gm) = gpu_model() else { return };
+    let Some(gm) = gpu_model(true) else { return };
     let cm = cpu_model();
     for p in &Golden::load().prompts {
         let run = |m: &dyn Fn(&mut Sequence) -> Vec<u32>| m(&mut Sequence::default());
@@ -74,7 +81,7 @@ fn cuda_prefill_logits_equal_cpu_bitwise() {
 
 #[test]
 fn cuda_greedy_64_tokens_equal_cpu_with_bitwise_logits() {
-    let Some(gm) = gpu_model() else { return };
+    let Some(gm) = gpu_model(true) else { return };
     let cm = cpu_model();
     for p in &Golden::load().prompts {
         let (ct, cl) = greedy(&cm, &p.ids, 64);
@@ -89,4 +96,17 @@ fn cuda_greedy_64_tokens_equal_cpu_with_bitwise_logits() {
             );
         }
     }
+}
+
+#[test]
+fn cuda_cache_too_large_is_a_clear_error() {
+    let Some(gm) = gpu_model(false) else { return };
+    let e = match gm.new_cache(1 << 40) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a 2^40-position cache cannot fit"),
+    };
+    assert!(
+        e.contains("out of device memory") && !e.contains('\n'),
+        "{e}"
+    );
 }
