@@ -27,6 +27,7 @@ mod matmul;
 mod norm;
 mod rope;
 mod sampling;
+mod timing;
 
 pub use blas::TENSOR_CORE_MIN_TOKENS;
 pub use compile::cuda_include_dir;

@@ -147,6 +147,25 @@ impl<B: Backend> Qwen3<B> {
         batch: &mut [(&mut Sequence, &[u32])],
         want: Logits,
     ) -> Result<Tensor<B>> {
+        self.forward_tapped(cache, batch, want, &mut |_, _| Ok(()))
+    }
+
+    /// [`forward`](Self::forward), handing every intermediate activation to
+    /// `tap` right after the op that produced it, under a stable name:
+    /// `embed`; per layer `layers.{i}.` + `qkv` (fused norm + QKV
+    /// projection), `q` (q after q-norm and RoPE), `k_cache` and `v_cache`
+    /// (the layer's whole caches after this batch's k/v were stored), `attn`
+    /// (attention output), `attn_residual` (residual after the output
+    /// projection), `gate_up`, `act` (SiLU·mul), `out` (residual after the
+    /// down projection); then `logits`. The tap may modify the tensor (fault
+    /// injection); the rest of the pass then sees the modified values.
+    pub fn forward_tapped(
+        &self,
+        cache: &mut KvCache<B>,
+        batch: &mut [(&mut Sequence, &[u32])],
+        want: Logits,
+        tap: &mut dyn FnMut(&str, &mut Tensor<B>) -> Result<()>,
+    ) -> Result<Tensor<B>> {
         let be = &self.backend;
         let cfg = &self.cfg;
         let geo = self.geometry(cache.block_size());
@@ -170,8 +189,11 @@ impl<B: Backend> Qwen3<B> {
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
 
         be.embedding(&self.embed, &ids, &mut x)?;
+        tap("embed", &mut x)?;
         for (li, l) in self.layers.iter().enumerate() {
+            let name = |op: &str| format!("layers.{li}.{op}");
             be.rms_norm_matmul(&x, &l.input_norm, eps, &l.qkv, &mut qkv)?;
+            tap(&name("qkv"), &mut qkv)?;
             be.qk_norm_rope_store(
                 &qkv,
                 &l.q_norm,
@@ -184,11 +206,19 @@ impl<B: Backend> Qwen3<B> {
                 &mut cache.k[li],
                 &mut cache.v[li],
             )?;
+            tap(&name("q"), &mut q)?;
+            tap(&name("k_cache"), &mut cache.k[li])?;
+            tap(&name("v_cache"), &mut cache.v[li])?;
             be.attention(&q, &cache.k[li], &cache.v[li], &meta, geo, scale, &mut attn)?;
+            tap(&name("attn"), &mut attn)?;
             be.matmul_add(&attn, &l.o_proj, &mut x)?;
+            tap(&name("attn_residual"), &mut x)?;
             be.rms_norm_matmul(&x, &l.post_attention_norm, eps, &l.gate_up, &mut gate_up)?;
+            tap(&name("gate_up"), &mut gate_up)?;
             be.silu_mul(&gate_up, &mut act)?;
+            tap(&name("act"), &mut act)?;
             be.matmul_add(&act, &l.down, &mut x)?;
+            tap(&name("out"), &mut x)?;
         }
         for (seq, toks) in batch.iter_mut() {
             seq.len += toks.len();
@@ -217,6 +247,7 @@ impl<B: Backend> Qwen3<B> {
             be.gather_rows(&x, &rows_t, &mut xr)?;
             be.logits(&xr, &self.final_norm, eps, lm_head, &mut logits)?;
         }
+        tap("logits", &mut logits)?;
         Ok(logits)
     }
 
