@@ -41,3 +41,313 @@ extern "C" __global__ void repetition_penalty(float* logits, int V, const u32* p
     float* x = logits + (size_t)row * V + id;
     *x = *x > 0.0f ? *x / p : *x * p;
 }
+
+// ---------------------------------------------------------------------------
+// Filtered sampling (twin of kernels-cpu `sample`), one block per row.
+//
+// Exact in any parallel order because:
+// * every filter keeps a set defined by a threshold on the rank key (z
+//   descending, then index ascending) - top-k and top-p keep a prefix - or by
+//   a per-token predicate (min-p: e >= min_p), and
+// * every sum is an integer sum of the quantised weights q (u64), so the
+//   order in which threads add them cannot change a bit.
+// "First candidate in rank order whose inclusive prefix sum of w exceeds t"
+// (top-k with w = 1, top-p's cut and the draw with w = q) is found by a
+// most-significant-digit radix descent over the rank keys: per pass, a
+// histogram of the summed weights of each 8-bit digit among the keys that
+// share the prefix fixed so far; the digit whose bucket holds t is appended.
+//
+// Tokens with z - z_max < -30 have q = 0 (exp(-30) * 2^40 < 0.1); they form
+// a suffix in rank order and can change neither a sum nor a draw, and a
+// top-k cut that reaches them keeps every other token. So the block first
+// compacts the remaining "live" tokens (key, e) into a per-row scratch
+// buffer, and every later pass reads only those.
+// ---------------------------------------------------------------------------
+
+typedef unsigned long long u64;
+
+#define SAMPLE_THREADS 1024
+#define RADIX_BITS 8
+#define RADIX (1 << RADIX_BITS)
+#define FULL_MASK 0xffffffffu
+
+// 2^40, the fixed-point scale of q.
+#define Q_SCALE 1099511627776.0f
+
+// How the first pass of a select turns the total weight into its target.
+#define T_FIXED 0  // the given target (top-k: k - 1)
+#define T_TOP_P 1  // tau = (top_p * S) truncated; target tau - 1 (0 if tau = 0)
+#define T_DRAW 2   // (u * K) truncated
+
+// The CPU's rank_key with the index packed into `nb` bits instead of 32
+// (nb = bit length of V - 1): ascending order = z descending, then index
+// ascending; -0 folds into +0 because IEEE comparison ties them.
+__device__ __forceinline__ u64 rank_key(float z, int i, int nb) {
+    if (z == 0.0f) z = 0.0f;
+    u32 b = __float_as_uint(z);
+    u32 ascending = (b >> 31) ? ~b : (b | 0x80000000u);
+    return ((u64)(~ascending) << nb) | (u64)(u32)i;
+}
+
+// Step 3's fixed-point weight: exact power-of-two scaling, truncation.
+__device__ __forceinline__ u64 quantise(float e) { return __float2ull_rz(e * Q_SCALE); }
+
+struct SelectShared {
+    u64 sum[RADIX];        // summed weight per digit
+    u32 count[RADIX];      // candidates per digit
+    u64 slot[RADIX];       // a key of that digit: the key when count == 1
+    u64 warp_total[RADIX / 32];
+    u64 t_next;            // target within the chosen digit
+    int digit;             // chosen digit, -1 if the total is <= the target
+};
+
+// Flushes one thread's run of equal digits into the histogram: runs turn
+// the many same-bucket adds of a skewed pass into few atomics.
+__device__ __forceinline__ void flush_run(SelectShared& s, u32 d, u64 w, u32 c, u64 key) {
+    if (c == 0) return;
+    atomicAdd(&s.sum[d], w);
+    atomicAdd(&s.count[d], c);
+    atomicExch(&s.slot[d], key);
+}
+
+// Among the live candidates with key <= bound and e >= min_p, weighted by
+// 1 (by_count) or q, finds the first in key order whose inclusive prefix
+// sum of weights exceeds the target (see T_*; `frac` is top_p or u, `fixed`
+// the T_FIXED target). All threads of the block must call it together;
+// returns whether such a candidate exists and its key in *out.
+__device__ bool select_key(const u64* keys, const float* es, int n, u64 kmin, u64 kmax, u64 bound,
+                           float min_p, bool by_count, int mode, float frac, u64 fixed,
+                           SelectShared& s, u64* out) {
+    const int tid = threadIdx.x;
+    // Bits above the highest one where kmin and kmax differ are shared by
+    // every live key: the descent starts below them.
+    u64 diff = kmin ^ kmax;
+    int hi = diff == 0 ? 0 : 64 - __clzll((long long)diff);
+    u64 prefix = hi >= 64 ? 0 : (kmin >> hi) << hi;
+    u64 t = fixed;
+    bool first = true;
+    bool found = false;
+    u64 key = 0;
+    const bool need_e = !by_count || min_p > 0.0f;
+    for (;;) {
+        // Digit bits [lo, hi); hi == 0 (one key left) gives a 0-bit digit.
+        int lo = hi > RADIX_BITS ? hi - RADIX_BITS : 0;
+        u32 dmask = (1u << (hi - lo)) - 1u;
+        u64 high = hi >= 64 ? 0 : prefix >> hi;
+        for (int d = tid; d < RADIX; d += blockDim.x) {
+            s.sum[d] = 0;
+            s.count[d] = 0;
+        }
+        if (tid == 0) s.digit = -1;
+        __syncthreads();
+
+        u32 run_d = 0xffffffffu, run_c = 0;
+        u64 run_w = 0, run_k = 0;
+        for (int j = tid; j < n; j += blockDim.x) {
+            u64 ck = keys[j];
+            if ((hi < 64 && (ck >> hi) != high) || ck > bound) continue;
+            u64 w = 1;
+            if (need_e) {
+                float e = es[j];
+                if (!(e >= min_p)) continue;
+                if (!by_count) w = quantise(e);
+            }
+            u32 d = (u32)(ck >> lo) & dmask;
+            if (d != run_d) {
+                flush_run(s, run_d, run_w, run_c, run_k);
+                run_d = d;
+                run_w = 0;
+                run_c = 0;
+            }
+            run_w += w;
+            run_c += 1;
+            run_k = ck;
+        }
+        flush_run(s, run_d, run_w, run_c, run_k);
+        __syncthreads();
+
+        // Inclusive scan of the 256 bucket sums: per warp, then warp totals.
+        u64 v = 0, incl = 0;
+        if (tid < RADIX) {
+            v = s.sum[tid];
+            incl = v;
+            int lane = tid & 31;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                u64 y = __shfl_up_sync(FULL_MASK, incl, o);
+                if (lane >= o) incl += y;
+            }
+            if (lane == 31) s.warp_total[tid >> 5] = incl;
+        }
+        __syncthreads();
+        if (tid < RADIX) {
+            u64 before = 0, total = 0;
+            for (int w = 0; w < RADIX / 32; w++) {
+                if (w < (tid >> 5)) before += s.warp_total[w];
+                total += s.warp_total[w];
+            }
+            incl += before;
+            u64 tt = t;
+            if (first && mode != T_FIXED) {
+                // One f64 multiplication of u64 -> f64 rounded to nearest,
+                // truncated, as the spec computes it.
+                u64 x = __double2ull_rz((double)frac * __ull2double_rn(total));
+                tt = (mode == T_TOP_P) ? (x == 0 ? 0 : x - 1) : x;
+            }
+            // Sums ascend with the digit, so exactly one bucket holds tt
+            // when total > tt.
+            u64 excl = incl - v;
+            if (excl <= tt && tt < incl) {
+                s.digit = tid;
+                s.t_next = tt - excl;
+            }
+        }
+        __syncthreads();
+        int d = s.digit;
+        bool done = true;
+        if (d >= 0) {
+            prefix |= (u64)d << lo;
+            t = s.t_next;
+            if (s.count[d] == 1) {
+                key = s.slot[d];
+                found = true;
+            } else if (lo == 0) {
+                // Every bit fixed (keys are unique, so count was 1 anyway).
+                key = prefix;
+                found = true;
+            } else {
+                done = false;
+            }
+        }
+        first = false;
+        hi = lo;
+        __syncthreads();  // everyone has read s before it is reset
+        if (done) break;
+    }
+    *out = key;
+    return found;
+}
+
+// params: 5 words per row, [temperature, k, top_p, min_p, u], f32 bits
+// except k = min(top_k, V) (V when top_k is 0). keys/es: V-element scratch
+// per row. nb: bit length of V - 1.
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+sample_rows(const float* logits, int V, int nb, const u32* params, u64* keys_all, float* es_all,
+            u32* out) {
+    __shared__ SelectShared s;
+    __shared__ float warp_max[32];
+    __shared__ u64 kmin_s, kmax_s;
+    __shared__ int live_n;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+    const float* x = logits + (size_t)blockIdx.x * V;
+    u64* keys = keys_all + (size_t)blockIdx.x * V;
+    float* es = es_all + (size_t)blockIdx.x * V;
+    const u32* p = params + 5 * (size_t)blockIdx.x;
+    const float temp = __uint_as_float(p[0]);
+    const u32 k = p[1];
+    const float top_p = __uint_as_float(p[2]);
+    const float min_p = __uint_as_float(p[3]);
+    const float u = __uint_as_float(p[4]);
+    const float neg_inf = __int_as_float(0xff800000);
+
+    // Step 1: z_max. A NaN z never compares greater, i.e. counts as -inf.
+    // The sign of a zero maximum cannot matter: it is only compared with
+    // ==, or subtracted from a non-zero z.
+    float m = neg_inf;
+    for (int i = tid; i < V; i += blockDim.x) {
+        float z = x[i] / temp;
+        if (z > m) m = z;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float y = __shfl_xor_sync(FULL_MASK, m, o);
+        if (y > m) m = y;
+    }
+    if (lane == 0) warp_max[warp] = m;
+    if (tid == 0) {
+        live_n = 0;
+        kmin_s = ~0ull;
+        kmax_s = 0;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        m = lane < nwarps ? warp_max[lane] : neg_inf;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float y = __shfl_xor_sync(FULL_MASK, m, o);
+            if (y > m) m = y;
+        }
+        if (lane == 0) warp_max[0] = m;
+    }
+    __syncthreads();
+    const float z_max = warp_max[0];
+
+    // Step 2: compact the live tokens (z - z_max >= -30, or z == z_max for
+    // the infinite cases where the difference is NaN) with their rank key
+    // and weight e. Positions come from one atomic per warp, so the order
+    // varies from run to run; nothing below depends on it.
+    u64 lmin = ~0ull, lmax = 0;
+    for (int i0 = 0; i0 < V; i0 += blockDim.x) {
+        int i = i0 + tid;
+        bool live = false;
+        u64 ck = 0;
+        float e = 0.0f;
+        if (i < V) {
+            float z = x[i] / temp;
+            if (isnan(z)) z = neg_inf;
+            live = !(z - z_max < -30.0f);
+            if (live) {
+                e = z == z_max ? 1.0f : q_exp(z - z_max);
+                ck = rank_key(z, i, nb);
+            }
+        }
+        u32 mask = __ballot_sync(FULL_MASK, live);
+        if (mask != 0) {
+            int leader = __ffs(mask) - 1;
+            int base = 0;
+            if (lane == leader) base = atomicAdd(&live_n, __popc(mask));
+            base = __shfl_sync(FULL_MASK, base, leader);
+            if (live) {
+                int pos = base + __popc(mask & ((1u << lane) - 1u));
+                keys[pos] = ck;
+                es[pos] = e;
+                lmin = ck < lmin ? ck : lmin;
+                lmax = ck > lmax ? ck : lmax;
+            }
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        u64 a = __shfl_xor_sync(FULL_MASK, lmin, o);
+        u64 b = __shfl_xor_sync(FULL_MASK, lmax, o);
+        lmin = a < lmin ? a : lmin;
+        lmax = b > lmax ? b : lmax;
+    }
+    if (lane == 0) {
+        atomicMin(&kmin_s, lmin);
+        atomicMax(&kmax_s, lmax);
+    }
+    __syncthreads();
+    const int n = live_n;
+    const u64 kmin = kmin_s, kmax = kmax_s;  // kmin: the top candidate
+
+    // Step 2's top-k: the k-th smallest key bounds the candidates. With
+    // k >= n the cut keeps every live token (and possibly some q = 0 ones).
+    u64 kcut = kmax, key;
+    if (k < (u32)n && select_key(keys, es, n, kmin, kmax, kmax, 0.0f, true, T_FIXED, 0.0f,
+                                 (u64)k - 1, s, &key))
+        kcut = key;
+    // Step 4: top-p keeps the prefix up to the first candidate whose
+    // inclusive sum reaches tau (all if none does).
+    u64 pcut = kcut;
+    if (top_p < 1.0f &&
+        select_key(keys, es, n, kmin, kmax, kcut, 0.0f, false, T_TOP_P, top_p, 0, s, &key))
+        pcut = key;
+    // Steps 5 and 6: min-p is a per-token filter applied inside the draw
+    // (e >= 0 always holds, so min_p = 0 filters nothing); the top token is
+    // the fallback.
+    u64 tok = kmin;
+    if (select_key(keys, es, n, kmin, kmax, pcut, min_p, false, T_DRAW, u, 0, s, &key)) tok = key;
+    if (tid == 0) out[blockIdx.x] = (u32)(tok & ((1ull << nb) - 1ull));
+}
