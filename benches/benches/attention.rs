@@ -1,1 +1,59 @@
-fn main() {}
+//! Benchmarks of `attention` over the paged KV cache: decode steps of 1 and
+//! 64 sequences at contexts 512 and 4096, and one 512-token prefill, for
+//! Qwen3-0.6B and 8B (GQA: 16 or 32 q heads over 8 kv heads).
+//!
+//! Bytes: q read and out written (bf16), each sequence's K and V cache read
+//! once (bf16, `context × kv_heads × head_dim` each; q heads sharing a kv
+//! head, and prefill tokens sharing a sequence, do not count it again), and
+//! the batch metadata. FLOPs: 4·head_dim per (token, q head, attended
+//! position): q·k and p·v. Caches rotate through copies, as every layer
+//! reads its own.
+
+use qwen_benches::{meta_work, paged_layout, Device, Harness, Timed, Work, MODELS};
+use qwen_tensor::DType::BF16;
+
+/// (benchmark id suffix, sequences as (context, new tokens)).
+fn cases() -> Vec<(String, Vec<(usize, usize)>)> {
+    let mut v = Vec::new();
+    for ctx in [512, 4096] {
+        for seqs in [1, 64] {
+            v.push((format!("decode/ctx{ctx}/B{seqs}"), vec![(ctx, 1); seqs]));
+        }
+    }
+    v.push(("prefill/T512".into(), vec![(512, 512)]));
+    v
+}
+
+fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
+    for m in MODELS {
+        let geo = m.geometry();
+        let scale = 1.0 / (geo.head_dim as f32).sqrt();
+        for (name, seqs) in cases() {
+            let (layout, blocks) = paged_layout(&mut dev.rng(), &seqs);
+            let t = layout.num_tokens();
+            let meta = dev.batch(&layout);
+            let shape = geo.cache_shape(blocks);
+            let k = dev.bf16_copies(&shape, 1.0);
+            let v = dev.bf16_copies(&shape, 1.0);
+            let q = dev.bf16(&[t, geo.q_width()], 1.0);
+            let mut out = dev.zeros(&[t, geo.q_width()], BF16);
+
+            let cached: usize = seqs.iter().map(|&(ctx, _)| ctx).sum();
+            let attended: usize = layout.positions.iter().map(|&p| p as usize + 1).sum();
+            let work = Work {
+                flops: (4 * geo.num_q_heads * geo.head_dim * attended) as u64,
+                ..meta_work(&layout)
+            }
+            .read(t * geo.q_width(), BF16)
+            .read(2 * cached * geo.kv_width(), BF16)
+            .write(t * geo.q_width(), BF16);
+            h.bench(dev, "attention", &format!("{}/{name}", m.name), work, |i| {
+                let c = i % k.len();
+                dev.backend
+                    .attention(&q, &k[c], &v[c], &meta, geo, scale, &mut out)
+            });
+        }
+    }
+}
+
+qwen_benches::bench_main!(run);

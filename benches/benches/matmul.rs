@@ -1,1 +1,67 @@
-fn main() {}
+//! Benchmarks of the projections: `matmul` on every weight of a Qwen3 layer
+//! and the LM head, then each one the way the model calls it —
+//! `rms_norm_matmul` (the fused RMSNorm + QKV and + gate_up), `matmul_add`
+//! (o_proj and down with the residual add) and `logits` (final norm and
+//! vocabulary projection) — for Qwen3-0.6B and 8B at 1 and 64 tokens.
+//!
+//! Bytes: x and w read once, out written once (read and written for
+//! `matmul_add`'s accumulator). FLOPs: 2·T·K·N. Weights rotate through
+//! copies spanning more than the last-level cache, as a forward pass
+//! streams every layer's weights from memory.
+
+use qwen_benches::{Device, Fused, Harness, Timed, Work, EPS, MODELS, TOKENS};
+use qwen_tensor::DType::{BF16, F32};
+
+fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
+    for m in MODELS {
+        for p in m.projections() {
+            let (k, n) = (p.k, p.n);
+            let w = dev.bf16_copies(&[n, k], 0.05);
+            let norm_w = dev.f32(&[k], 1.0);
+            for t in TOKENS {
+                let id = format!("{}/{}/T{t}", m.name, p.name);
+                let next_w = |i: usize| &w[i % w.len()];
+                let x_bf16 = dev.bf16(&[t, k], 1.0);
+                let mut out = dev.zeros(&[t, n], F32);
+
+                let work = Work::new()
+                    .read(t * k, BF16)
+                    .gemm(t, k, n)
+                    .write(t * n, F32);
+                h.bench(dev, "matmul", &id, work, |i| {
+                    dev.backend.matmul(&x_bf16, next_w(i), &mut out)
+                });
+
+                match p.fused {
+                    Fused::AddOut => {
+                        let work = work.read(t * n, F32);
+                        h.bench(dev, "matmul_add", &id, work, |i| {
+                            dev.backend.matmul_add(&x_bf16, next_w(i), &mut out)
+                        });
+                    }
+                    Fused::NormIn | Fused::Logits => {
+                        // The residual stream (f32) and the norm weight come in
+                        // instead of a bf16 activation.
+                        let x = dev.f32(&[t, k], 3.0);
+                        let work = Work::new()
+                            .read(t * k + k, F32)
+                            .gemm(t, k, n)
+                            .write(t * n, F32);
+                        if p.fused == Fused::NormIn {
+                            h.bench(dev, "rms_norm_matmul", &id, work, |i| {
+                                dev.backend
+                                    .rms_norm_matmul(&x, &norm_w, EPS, next_w(i), &mut out)
+                            });
+                        } else {
+                            h.bench(dev, "logits", &id, work, |i| {
+                                dev.backend.logits(&x, &norm_w, EPS, next_w(i), &mut out)
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+qwen_benches::bench_main!(run);

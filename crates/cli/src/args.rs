@@ -50,6 +50,16 @@ options:
   --seed N                 makes sampling reproducible (default: from the clock)
   --backend auto|cpu|cuda  where to run (default auto: CUDA when a GPU is present)
   --json                   print one JSON object instead of streaming text
+
+usage: qwen-cli bench (--model DIR | --dummy-weights SHAPE) [options]
+
+  --dummy-weights SHAPE    random weights of qwen3-0.6b, qwen3-1.7b, qwen3-4b, qwen3-8b,
+                           qwen3-14b, qwen3-32b, or a config.json path
+  --prompt-len P           prompt tokens (default 128)
+  --gen-len N              new tokens (default 256)
+  --seed N                 seed of the random weights and prompt (default 0)
+  --backend auto|cpu|cuda
+  --json                   print one JSON object
 ";
 
 /// Parses the arguments after `generate`.
@@ -90,18 +100,7 @@ pub fn parse_generate(args: &[String]) -> Result<GenerateArgs, String> {
             "--min-p" => a.min_p = Some(number(flag, &value(flag)?)?),
             "--repetition-penalty" => a.repetition_penalty = Some(number(flag, &value(flag)?)?),
             "--seed" => a.seed = Some(number(flag, &value(flag)?)?),
-            "--backend" => {
-                a.backend = match value(flag)?.as_str() {
-                    "auto" => BackendChoice::Auto,
-                    "cpu" => BackendChoice::Cpu,
-                    "cuda" => BackendChoice::Cuda,
-                    other => {
-                        return Err(format!(
-                            "unknown backend '{other}' (expected auto, cpu or cuda)"
-                        ))
-                    }
-                }
-            }
+            "--backend" => a.backend = parse_backend(&value(flag)?)?,
             other => return Err(format!("unknown option '{other}' (see qwen-cli --help)")),
         }
     }
@@ -164,5 +163,48 @@ mod tests {
             let e = parse(&bad).unwrap_err();
             assert!(!e.contains('\n') && !e.is_empty(), "{bad:?}: {e}");
         }
+    }
+}
+
+/// Parses the arguments after `bench`.
+pub fn parse_bench(args: &[String]) -> Result<(crate::bench::BenchArgs, BackendChoice), String> {
+    let mut a = crate::bench::BenchArgs {
+        model: None,
+        dummy: None,
+        prompt_len: 128,
+        gen_len: 256,
+        seed: 0,
+        json: false,
+    };
+    let mut backend = BackendChoice::Auto;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match flag.as_str() {
+            "--model" => a.model = Some(PathBuf::from(value(flag)?)),
+            "--dummy-weights" => a.dummy = Some(value(flag)?),
+            "--prompt-len" => a.prompt_len = number(flag, &value(flag)?)?,
+            "--gen-len" => a.gen_len = number(flag, &value(flag)?)?,
+            "--seed" => a.seed = number(flag, &value(flag)?)?,
+            "--json" => a.json = true,
+            "--backend" => backend = parse_backend(&value(flag)?)?,
+            other => return Err(format!("unknown option '{other}' (see qwen-cli --help)")),
+        }
+    }
+    Ok((a, backend))
+}
+
+pub fn parse_backend(v: &str) -> Result<BackendChoice, String> {
+    match v {
+        "auto" => Ok(BackendChoice::Auto),
+        "cpu" => Ok(BackendChoice::Cpu),
+        "cuda" => Ok(BackendChoice::Cuda),
+        other => Err(format!(
+            "unknown backend '{other}' (expected auto, cpu or cuda)"
+        )),
     }
 }

@@ -2,6 +2,7 @@
 //! `error: ...` line on stderr and exit code 1.
 
 mod args;
+mod bench;
 mod generate;
 
 use args::{BackendChoice, GenerateArgs};
@@ -21,6 +22,10 @@ fn dispatch(argv: &[String]) -> Result<(), String> {
         Some("generate") => {
             let args = args::parse_generate(&argv[1..])?;
             generate_cmd(&args)
+        }
+        Some("bench") => {
+            let (a, backend) = args::parse_bench(&argv[1..])?;
+            bench_cmd(&a, backend)
         }
         Some("--help" | "-h" | "help") | None => {
             print!("{}", args::USAGE);
@@ -52,6 +57,39 @@ fn generate_cmd(args: &GenerateArgs) -> Result<(), String> {
     };
     if args.json {
         println!("{}", generate::to_json(&outcome));
+    }
+    Ok(())
+}
+
+fn bench_cmd(a: &bench::BenchArgs, backend: BackendChoice) -> Result<(), String> {
+    let gpu = match backend {
+        BackendChoice::Cpu => None,
+        BackendChoice::Cuda => {
+            Some(CudaBackend::new(0).map_err(|e| format!("--backend cuda: {e}"))?)
+        }
+        BackendChoice::Auto => CudaBackend::new(0).ok(),
+    };
+    let result = match gpu {
+        Some(g) => {
+            eprintln!(
+                "backend: cuda ({}); measuring device bandwidth",
+                g.device_name()
+            );
+            let bw = g.measure_copy_bandwidth().map_err(|e| e.to_string())?;
+            let (m, shape) = bench::load(g, a)?;
+            bench::latency(&m, a, &shape, bw)?
+        }
+        None => {
+            eprintln!("backend: cpu; measuring memory bandwidth");
+            let bw = bench::host_read_bandwidth();
+            let (m, shape) = bench::load(CpuBackend::new(), a)?;
+            bench::latency(&m, a, &shape, bw)?
+        }
+    };
+    if a.json {
+        println!("{}", result.to_json());
+    } else {
+        println!("{}", result.table());
     }
     Ok(())
 }

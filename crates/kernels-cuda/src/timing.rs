@@ -63,7 +63,9 @@ impl CudaBackend {
         let mut dst = stream.alloc_zeros::<u8>(bytes).map_err(dev)?;
         // One untimed copy so first-touch costs stay out of the timing.
         stream.memcpy_dtod(&src, &mut dst).map_err(dev)?;
-        let elapsed = self.time_gpu(COPY_REPS, || stream.memcpy_dtod(&src, &mut dst).map_err(dev))?;
+        let elapsed = self.time_gpu(COPY_REPS, || {
+            stream.memcpy_dtod(&src, &mut dst).map_err(dev)
+        })?;
         Ok(2.0 * bytes as f64 * COPY_REPS as f64 / elapsed.as_secs_f64())
     }
 }

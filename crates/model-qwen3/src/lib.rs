@@ -28,6 +28,7 @@
 
 pub mod chat;
 pub mod config;
+pub mod dummy;
 pub mod error;
 pub mod generation_config;
 mod kv_cache;

@@ -1,0 +1,210 @@
+//! `qwen-cli bench`: decode latency at batch 1 against the memory-bandwidth
+//! floor, on a real checkpoint or random weights of a real shape.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use model_qwen3::config::Qwen3Config;
+use model_qwen3::dummy::{dummy_config, random_weights};
+use model_qwen3::{Logits, Qwen3, Sequence};
+use qwen_tensor::Backend;
+
+/// Options of `qwen-cli bench`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchArgs {
+    pub model: Option<PathBuf>,
+    pub dummy: Option<String>,
+    pub prompt_len: usize,
+    pub gen_len: usize,
+    pub seed: u64,
+    pub json: bool,
+}
+
+/// Latency results.
+#[derive(Debug, Clone)]
+pub struct Latency {
+    pub shape: String,
+    pub backend: String,
+    pub prompt_len: usize,
+    pub gen_len: usize,
+    pub ttft_ms: f64,
+    pub ms_per_token: f64,
+    pub decode_tok_s: f64,
+    pub bytes_per_token: f64,
+    pub bandwidth_gb_s: f64,
+    pub floor_ms: f64,
+    pub pct_of_floor: f64,
+}
+
+/// Loads the model for a benchmark: a checkpoint or random weights.
+pub fn load<B: Backend>(backend: B, a: &BenchArgs) -> Result<(Qwen3<B>, String), String> {
+    let err = |e: model_qwen3::ModelError| e.to_string();
+    let progress = &mut |done: usize, total: usize| {
+        eprint!("\rpreparing weights: layer {done}/{total}");
+        if done == total {
+            eprintln!();
+        }
+    };
+    match (&a.model, &a.dummy) {
+        (Some(dir), None) => Ok((
+            Qwen3::load(backend, dir, progress).map_err(err)?,
+            dir.display().to_string(),
+        )),
+        (None, Some(shape)) => {
+            let cfg = dummy_config(shape).map_err(err)?;
+            let w = random_weights(&cfg, a.seed, progress);
+            Ok((
+                Qwen3::from_host(backend, cfg, &w).map_err(err)?,
+                format!("{shape} (random weights)"),
+            ))
+        }
+        _ => Err("bench needs exactly one of --model DIR or --dummy-weights SHAPE".into()),
+    }
+}
+
+/// Bytes a decode step reads: every bf16 weight once (the embedding table
+/// only for one row, unless it is also the output projection), plus the
+/// KV cache of the average context.
+pub fn bytes_per_token(cfg: &Qwen3Config, avg_context: f64) -> f64 {
+    let (h, i, d) = (
+        cfg.hidden_size as f64,
+        cfg.intermediate_size as f64,
+        cfg.head_dim as f64,
+    );
+    let (hq, hkv) = (
+        cfg.num_attention_heads as f64,
+        cfg.num_key_value_heads as f64,
+    );
+    let per_layer = (hq + 2.0 * hkv) * d * h + h * hq * d + 3.0 * i * h;
+    let weights = 2.0 * (per_layer * cfg.num_hidden_layers as f64 + cfg.vocab_size as f64 * h);
+    let kv = 2.0 * 2.0 * hkv * d * cfg.num_hidden_layers as f64 * avg_context;
+    weights + kv
+}
+
+/// Batch 1: prefill `prompt_len` random tokens, then `gen_len` greedy
+/// decode steps that ignore end-of-sequence tokens.
+pub fn latency<B: Backend>(
+    model: &Qwen3<B>,
+    a: &BenchArgs,
+    shape: &str,
+    bandwidth: f64,
+) -> Result<Latency, String> {
+    let err = |e: model_qwen3::ModelError| e.to_string();
+    let cfg = model.config().clone();
+    if a.prompt_len == 0 || a.gen_len == 0 || a.prompt_len + a.gen_len > cfg.max_position_embeddings
+    {
+        return Err(format!(
+            "--prompt-len and --gen-len must be positive and together at most {}",
+            cfg.max_position_embeddings
+        ));
+    }
+    let prompt: Vec<u32> = (0..a.prompt_len as u64)
+        .map(|i| ((i.wrapping_mul(2_654_435_761) ^ a.seed) % cfg.vocab_size as u64) as u32)
+        .collect();
+    let be = model.backend();
+    let run = |gen: usize, report: bool| -> Result<(f64, f64), String> {
+        let mut cache = model.new_cache(prompt.len() + gen).map_err(err)?;
+        let mut seq = Sequence::default();
+        let t0 = Instant::now();
+        let logits = model
+            .forward(&mut cache, &mut [(&mut seq, &prompt[..])], Logits::Last)
+            .map_err(err)?;
+        let mut tok = be.argmax(&logits).map_err(|e| e.to_string())?[0];
+        let ttft = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        for step in 1..gen {
+            let logits = model
+                .forward(&mut cache, &mut [(&mut seq, &[tok])], Logits::Last)
+                .map_err(err)?;
+            tok = be.argmax(&logits).map_err(|e| e.to_string())?[0];
+            if report && step % 32 == 0 {
+                eprint!("\rdecode {step}/{gen}");
+            }
+        }
+        if report {
+            eprintln!("\rdecode {gen}/{gen}");
+        }
+        Ok((ttft, t1.elapsed().as_secs_f64()))
+    };
+    eprintln!("warming up");
+    run(8.min(a.gen_len), false)?;
+    let (ttft, decode_s) = run(a.gen_len, true)?;
+    let steps = (a.gen_len - 1).max(1) as f64;
+    let ms_per_token = decode_s * 1e3 / steps;
+    let avg_ctx = a.prompt_len as f64 + a.gen_len as f64 / 2.0;
+    let bytes = bytes_per_token(&cfg, avg_ctx);
+    let floor_ms = bytes / bandwidth * 1e3;
+    Ok(Latency {
+        shape: shape.to_string(),
+        backend: be.name().to_string(),
+        prompt_len: a.prompt_len,
+        gen_len: a.gen_len,
+        ttft_ms: ttft * 1e3,
+        ms_per_token,
+        decode_tok_s: 1e3 / ms_per_token,
+        bytes_per_token: bytes,
+        bandwidth_gb_s: bandwidth / 1e9,
+        floor_ms,
+        pct_of_floor: 100.0 * floor_ms / ms_per_token,
+    })
+}
+
+impl Latency {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "mode": "latency", "shape": self.shape, "backend": self.backend,
+            "prompt_len": self.prompt_len, "gen_len": self.gen_len,
+            "ttft_ms": self.ttft_ms, "ms_per_token": self.ms_per_token, "decode_tok_s": self.decode_tok_s,
+            "bytes_per_token": self.bytes_per_token, "bandwidth_gb_s": self.bandwidth_gb_s,
+            "floor_ms_per_token": self.floor_ms, "pct_of_bandwidth_floor": self.pct_of_floor,
+        })
+    }
+
+    /// A small table for people.
+    pub fn table(&self) -> String {
+        format!(
+            "| shape | backend | prompt | new | TTFT ms | ms/token | decode tok/s | floor ms/token | % of floor |\n\
+             |---|---|---|---|---|---|---|---|---|\n\
+             | {} | {} | {} | {} | {:.1} | {:.3} | {:.1} | {:.3} | {:.1}% |\n\
+             (floor: {:.1} MB read per token at a measured {:.0} GB/s)",
+            self.shape,
+            self.backend,
+            self.prompt_len,
+            self.gen_len,
+            self.ttft_ms,
+            self.ms_per_token,
+            self.decode_tok_s,
+            self.floor_ms,
+            self.pct_of_floor,
+            self.bytes_per_token / 1e6,
+            self.bandwidth_gb_s
+        )
+    }
+}
+
+/// Host memory read bandwidth (bytes/s): every core sums its share of a
+/// 512 MiB buffer, best of three.
+pub fn host_read_bandwidth() -> f64 {
+    let n: usize = 64 << 20; // u64s
+    let buf: Vec<u64> = (0..n as u64).collect();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let handles: Vec<_> = buf
+                .chunks(n.div_ceil(threads))
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(total);
+        best = best.max((n * 8) as f64 / t0.elapsed().as_secs_f64());
+    }
+    best
+}
