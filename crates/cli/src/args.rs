@@ -60,6 +60,36 @@ usage: qwen-cli bench (--model DIR | --dummy-weights SHAPE) [options]
   --seed N                 seed of the random weights and prompt (default 0)
   --backend auto|cpu|cuda
   --json                   print one JSON object
+
+usage: qwen-cli verify [--model DIR] --prompt TEXT [--against cpu|FILE] [--backend auto|cpu|cuda]
+                       [--steps N] [--dump DIR] [--exact]
+
+  finds the first op (layer, token position) that departs from the reference, and by how much
+  --against cpu            (default) re-run every op on the CPU twin from the tested backend's own
+                           inputs: exact ops must match bit for bit, tensor-core GEMMs stay within
+                           their bound
+  --against FILE           compare with an activation dump (a file, or a directory written by
+                           --dump) from verify --dump or scripts/hf_dump.py; --prompt may be omitted
+  --backend auto|cpu|cuda  the backend under test (default auto)
+  --steps N                greedy decode steps after the prefill (default 3)
+  --dump DIR               write every activation to DIR/activations.safetensors
+  --exact                  CUDA: no tensor cores, so every op must match the CPU twin exactly
+  exit status: 0 every op within its contract, 2 an op departs, 1 an error
+
+usage: qwen-cli logits [--model DIR] --prompt TEXT [--json] [--top-k K] [--all] [--backend B]
+
+  --json                   one JSON object: the last position's logits (else a readable list)
+  --top-k K                only the K largest logits (default 10 with --all or without --json)
+  --all                    the top-k of every position
+
+usage: qwen-cli perplexity [--model DIR] --file TEXT [--context N] [--stride S] [--backend B]
+
+  --file TEXT              the text (UTF-8)
+  --context N              tokens per chunk (default 512); as llama.cpp's perplexity, each chunk
+                           is evaluated on its own and its second half is scored
+  --stride S               sliding window instead (Hugging Face's): windows of N tokens every S
+                           tokens, each token scored once; a --context of at least the text's
+                           length scores every token with all the text before it
 ";
 
 /// Parses the arguments after `generate`.
@@ -206,5 +236,273 @@ pub fn parse_backend(v: &str) -> Result<BackendChoice, String> {
         other => Err(format!(
             "unknown backend '{other}' (expected auto, cpu or cuda)"
         )),
+    }
+}
+
+// ---- verify, logits, perplexity ----------------------------------------
+
+impl GenerateArgs {
+    /// `generate`'s defaults with `model` set: the other commands find
+    /// their checkpoint through `generate::model_dir` with it.
+    pub fn with_model(model: Option<PathBuf>) -> GenerateArgs {
+        GenerateArgs {
+            model,
+            prompt: String::new(),
+            chat: false,
+            no_think: false,
+            max_tokens: 256,
+            temperature: None,
+            top_k: None,
+            top_p: None,
+            min_p: None,
+            repetition_penalty: None,
+            seed: None,
+            backend: BackendChoice::Auto,
+            json: false,
+        }
+    }
+}
+
+/// What `verify` compares with.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgainstChoice {
+    Cpu,
+    File(PathBuf),
+}
+
+/// Options of `qwen-cli verify`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifyArgs {
+    pub model: Option<PathBuf>,
+    pub prompt: Option<String>,
+    pub against: AgainstChoice,
+    pub backend: BackendChoice,
+    pub steps: usize,
+    pub dump: Option<PathBuf>,
+    pub exact: bool,
+}
+
+/// Options of `qwen-cli logits`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogitsArgs {
+    pub model: Option<PathBuf>,
+    pub prompt: String,
+    pub json: bool,
+    pub top_k: Option<usize>,
+    pub all: bool,
+    pub backend: BackendChoice,
+}
+
+/// Options of `qwen-cli perplexity`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerplexityArgs {
+    pub model: Option<PathBuf>,
+    pub file: PathBuf,
+    pub context: usize,
+    pub stride: Option<usize>,
+    pub backend: BackendChoice,
+}
+
+/// Most decode steps `verify` runs: each step runs the model three times
+/// and prints a table, so more is a typo.
+pub const MAX_VERIFY_STEPS: usize = 64;
+
+/// Parses the arguments after `verify`.
+pub fn parse_verify(args: &[String]) -> Result<VerifyArgs, String> {
+    let mut a = VerifyArgs {
+        model: None,
+        prompt: None,
+        against: AgainstChoice::Cpu,
+        backend: BackendChoice::Auto,
+        steps: 3,
+        dump: None,
+        exact: false,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match flag.as_str() {
+            "--model" => a.model = Some(PathBuf::from(value(flag)?)),
+            "--prompt" => a.prompt = Some(value(flag)?),
+            "--against" => {
+                a.against = match value(flag)?.as_str() {
+                    "cpu" => AgainstChoice::Cpu,
+                    "" => return Err("--against needs cpu or a file".into()),
+                    f => AgainstChoice::File(PathBuf::from(f)),
+                }
+            }
+            "--backend" => a.backend = parse_backend(&value(flag)?)?,
+            "--steps" => a.steps = number(flag, &value(flag)?)?,
+            "--dump" => a.dump = Some(PathBuf::from(value(flag)?)),
+            "--exact" => a.exact = true,
+            other => return Err(format!("unknown option '{other}' (see qwen-cli --help)")),
+        }
+    }
+    if a.prompt.is_none() && a.against == AgainstChoice::Cpu {
+        return Err("--prompt is required (unless --against FILE supplies the tokens)".into());
+    }
+    if a.steps > MAX_VERIFY_STEPS {
+        return Err(format!("--steps must be at most {MAX_VERIFY_STEPS}"));
+    }
+    Ok(a)
+}
+
+/// Parses the arguments after `logits`.
+pub fn parse_logits(args: &[String]) -> Result<LogitsArgs, String> {
+    let mut a = LogitsArgs {
+        model: None,
+        prompt: String::new(),
+        json: false,
+        top_k: None,
+        all: false,
+        backend: BackendChoice::Auto,
+    };
+    let mut prompt = None;
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match flag.as_str() {
+            "--model" => a.model = Some(PathBuf::from(value(flag)?)),
+            "--prompt" => prompt = Some(value(flag)?),
+            "--json" => a.json = true,
+            "--all" => a.all = true,
+            "--top-k" => a.top_k = Some(number(flag, &value(flag)?)?),
+            "--backend" => a.backend = parse_backend(&value(flag)?)?,
+            other => return Err(format!("unknown option '{other}' (see qwen-cli --help)")),
+        }
+    }
+    a.prompt = prompt.ok_or("--prompt is required")?;
+    if a.top_k == Some(0) {
+        return Err("--top-k must be at least 1".into());
+    }
+    Ok(a)
+}
+
+/// Parses the arguments after `perplexity`.
+pub fn parse_perplexity(args: &[String]) -> Result<PerplexityArgs, String> {
+    let mut file = None;
+    let mut a = PerplexityArgs {
+        model: None,
+        file: PathBuf::new(),
+        context: 512,
+        stride: None,
+        backend: BackendChoice::Auto,
+    };
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = |name: &str| {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match flag.as_str() {
+            "--model" => a.model = Some(PathBuf::from(value(flag)?)),
+            "--file" => file = Some(PathBuf::from(value(flag)?)),
+            "--context" => a.context = number(flag, &value(flag)?)?,
+            "--stride" => a.stride = Some(number(flag, &value(flag)?)?),
+            "--backend" => a.backend = parse_backend(&value(flag)?)?,
+            other => return Err(format!("unknown option '{other}' (see qwen-cli --help)")),
+        }
+    }
+    a.file = file.ok_or("--file is required")?;
+    // A chunk of N scores its last N - N/2 - 1 predictions: 3 is the
+    // least that scores one. A sliding window of 2 scores one per window.
+    let least = if a.stride.is_some() { 2 } else { 3 };
+    if a.context < least {
+        return Err(format!("--context must be at least {least}"));
+    }
+    if let Some(s) = a.stride {
+        if s == 0 || s > a.context {
+            return Err(format!(
+                "--stride must be between 1 and --context ({})",
+                a.context
+            ));
+        }
+    }
+    Ok(a)
+}
+
+#[cfg(test)]
+mod diagnostic_tests {
+    use super::*;
+
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn diagnostic_commands_parse() {
+        let v = parse_verify(&strings(&[
+            "--prompt",
+            "hi",
+            "--steps",
+            "0",
+            "--against",
+            "d/x",
+        ]))
+        .unwrap();
+        assert_eq!(v.steps, 0);
+        assert_eq!(v.against, AgainstChoice::File("d/x".into()));
+        assert!(parse_verify(&strings(&["--against", "f"]))
+            .unwrap()
+            .prompt
+            .is_none());
+        let l = parse_logits(&strings(&[
+            "--prompt", "a", "--json", "--all", "--top-k", "3",
+        ]))
+        .unwrap();
+        assert!(l.json && l.all && l.top_k == Some(3));
+        let p = parse_perplexity(&strings(&[
+            "--file",
+            "t",
+            "--context",
+            "64",
+            "--stride",
+            "32",
+        ]))
+        .unwrap();
+        assert_eq!((p.context, p.stride), (64, Some(32)));
+        assert_eq!(
+            parse_perplexity(&strings(&["--file", "t"]))
+                .unwrap()
+                .context,
+            512
+        );
+    }
+
+    #[test]
+    fn diagnostic_mistakes_are_one_line() {
+        let cases: [(&str, &[&str]); 10] = [
+            ("verify", &[]),
+            ("verify", &["--prompt", "x", "--steps", "-1"]),
+            ("verify", &["--prompt", "x", "--steps", "1000"]),
+            ("verify", &["--prompt", "x", "--backend", "tpu"]),
+            ("logits", &["--json"]),
+            ("logits", &["--prompt", "x", "--top-k", "0"]),
+            ("perplexity", &[]),
+            ("perplexity", &["--file", "t", "--context", "abc"]),
+            ("perplexity", &["--file", "t", "--context", "1"]),
+            (
+                "perplexity",
+                &["--file", "t", "--context", "8", "--stride", "9"],
+            ),
+        ];
+        for (cmd, bad) in cases {
+            let bad = strings(bad);
+            let e = match cmd {
+                "verify" => parse_verify(&bad).unwrap_err(),
+                "logits" => parse_logits(&bad).unwrap_err(),
+                _ => parse_perplexity(&bad).unwrap_err(),
+            };
+            assert!(!e.contains('\n') && !e.is_empty(), "{cmd} {bad:?}: {e}");
+        }
     }
 }

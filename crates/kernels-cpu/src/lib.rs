@@ -67,6 +67,17 @@ fn host_to_storage(data: HostSlice<'_>) -> CpuStorage {
 
 impl Backend for CpuBackend {
     type Storage = CpuStorage;
+    /// The CPU has nothing to replay.
+    type Graph = ();
+
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<()>> {
+        f()?;
+        Ok(None)
+    }
+
+    fn replay(&self, _graph: &()) -> Result<()> {
+        Err(Error::Unsupported("the CPU backend has no graphs".into()))
+    }
 
     fn name(&self) -> &'static str {
         "cpu"

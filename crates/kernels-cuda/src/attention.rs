@@ -1,12 +1,12 @@
 //! Launchers for attention.cu: per-chunk partials, then the in-order combine.
 
 use cudarc::driver::PushKernelArg;
-use qwen_tensor::{expect_shape, AttnGeometry, Backend, BatchMeta, DType, Result};
+use qwen_tensor::{expect_shape, AttnGeometry, BatchMeta, DType, Result};
 
 use crate::device::{bf16s, bf16s_mut, dev, f32s, f32s_mut, u32s, T};
 use crate::launch::{grid, int};
 use crate::rope::{check_cache, check_geometry};
-use crate::CudaBackend;
+use crate::{CudaBackend, Scratch};
 
 /// Positions per split; must equal qwen_kernels_cpu::ATTN_CHUNK and CHUNK in attention.cu.
 const CHUNK: usize = 64;
@@ -37,41 +37,48 @@ impl CudaBackend {
         }
         let max_chunks = meta.max_context.div_ceil(CHUNK).max(1);
         let rows = tokens * geo.num_q_heads;
-        let mut part = self.zeros(&[rows * max_chunks * (d + 2)], DType::F32)?;
-        let (mb, bs) = (int(OP, meta.max_blocks)?, int(OP, geo.block_size)?);
-        let (hq, hkv, di, mc) = (
-            int(OP, geo.num_q_heads)?,
-            int(OP, geo.num_kv_heads)?,
-            int(OP, d)?,
-            int(OP, max_chunks)?,
-        );
-        let mut b = self.dev.stream.launch_builder(self.kernel("attn_chunk"));
-        b.arg(bf16s(OP, "q", q)?)
-            .arg(bf16s(OP, "k_cache", k_cache)?)
-            .arg(bf16s(OP, "v_cache", v_cache)?)
-            .arg(u32s(OP, "positions", &meta.positions)?)
-            .arg(u32s(OP, "seq_of_token", &meta.seq_of_token)?)
-            .arg(u32s(OP, "block_tables", &meta.block_tables)?)
-            .arg(&mb)
-            .arg(&bs)
-            .arg(&hq)
-            .arg(&hkv)
-            .arg(&di)
-            .arg(&scale)
-            .arg(&mc)
-            .arg(f32s_mut(OP, "partials", &mut part)?);
-        // SAFETY: argument order and types match attn_chunk in attention.cu; the
-        // partials buffer holds max_chunks entries for every (token, head).
-        unsafe { b.launch(grid((rows as u32, max_chunks as u32, 1), (128, 1, 1))) }.map_err(dev)?;
-        let mut b = self.dev.stream.launch_builder(self.kernel("attn_combine"));
-        b.arg(f32s(OP, "partials", &part)?)
-            .arg(u32s(OP, "positions", &meta.positions)?)
-            .arg(&hq)
-            .arg(&di)
-            .arg(&mc)
-            .arg(bf16s_mut(OP, "out", out)?);
-        // SAFETY: argument order and types match attn_combine in attention.cu.
-        unsafe { b.launch(grid((rows as u32, 1, 1), (128, 1, 1))) }.map_err(dev)?;
-        Ok(())
+        self.with_scratch(
+            Scratch::AttnPartials,
+            &[rows * max_chunks * (d + 2)],
+            DType::F32,
+            |part| {
+                let (mb, bs) = (int(OP, meta.max_blocks)?, int(OP, geo.block_size)?);
+                let (hq, hkv, di, mc) = (
+                    int(OP, geo.num_q_heads)?,
+                    int(OP, geo.num_kv_heads)?,
+                    int(OP, d)?,
+                    int(OP, max_chunks)?,
+                );
+                let mut b = self.dev.stream.launch_builder(self.kernel("attn_chunk"));
+                b.arg(bf16s(OP, "q", q)?)
+                    .arg(bf16s(OP, "k_cache", k_cache)?)
+                    .arg(bf16s(OP, "v_cache", v_cache)?)
+                    .arg(u32s(OP, "positions", &meta.positions)?)
+                    .arg(u32s(OP, "seq_of_token", &meta.seq_of_token)?)
+                    .arg(u32s(OP, "block_tables", &meta.block_tables)?)
+                    .arg(&mb)
+                    .arg(&bs)
+                    .arg(&hq)
+                    .arg(&hkv)
+                    .arg(&di)
+                    .arg(&scale)
+                    .arg(&mc)
+                    .arg(f32s_mut(OP, "partials", part)?);
+                // SAFETY: argument order and types match attn_chunk in attention.cu; the
+                // partials buffer holds max_chunks entries for every (token, head).
+                unsafe { b.launch(grid((rows as u32, max_chunks as u32, 1), (128, 1, 1))) }
+                    .map_err(dev)?;
+                let mut b = self.dev.stream.launch_builder(self.kernel("attn_combine"));
+                b.arg(f32s(OP, "partials", part)?)
+                    .arg(u32s(OP, "positions", &meta.positions)?)
+                    .arg(&hq)
+                    .arg(&di)
+                    .arg(&mc)
+                    .arg(bf16s_mut(OP, "out", out)?);
+                // SAFETY: argument order and types match attn_combine in attention.cu.
+                unsafe { b.launch(grid((rows as u32, 1, 1), (128, 1, 1))) }.map_err(dev)?;
+                Ok(())
+            },
+        )
     }
 }

@@ -10,7 +10,7 @@ use qwen_tensor::{DType, Error, Result, Tensor};
 use crate::{compile, CudaBackend};
 
 /// A CUDA tensor's buffer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum CudaStorage {
     BF16(CudaSlice<bf16>),
     F16(CudaSlice<f16>),
@@ -47,7 +47,7 @@ const MODULES: &[(&str, &str, &[&str])] = &[
     (
         "sampling",
         include_str!("sampling.cu"),
-        &["argmax_rows", "repetition_penalty"],
+        &["argmax_rows", "repetition_penalty", "sample_rows"],
     ),
 ];
 
@@ -96,7 +96,8 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
     // SAFETY: we order all work on one stream ourselves; cudarc's per-argument
     // event tracking only adds overhead to every launch (a known decode slowdown).
     unsafe { ctx.disable_event_tracking() };
-    let stream = ctx.default_stream();
+    // A stream of our own: the legacy default stream cannot be captured into graphs.
+    let stream = ctx.new_stream().map_err(dev)?;
     let (major, minor) = ctx.compute_capability().map_err(dev)?;
     let arch = format!("sm_{major}{minor}");
     let mut kernels = HashMap::new();

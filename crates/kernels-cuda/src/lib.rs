@@ -45,6 +45,30 @@ pub struct CudaBackend {
     dev: Device,
     blas: cudarc::cublas::CudaBlas,
     exact: bool,
+    /// Scratch tensors reused across calls (one per [`Scratch`] slot), so a
+    /// decode step allocates nothing. One stream orders every use.
+    scratch: std::sync::Mutex<Vec<Option<T>>>,
+    /// Scratch tensors that graphs point into: kept for the backend's life,
+    /// one per (slot, shape, dtype), so a replayed graph never reads freed memory.
+    pinned: std::sync::Mutex<std::collections::HashMap<(usize, Vec<usize>, DType), T>>,
+    /// Set while `capture` runs: scratch then comes from `pinned`.
+    capturing: std::sync::atomic::AtomicBool,
+}
+
+/// A captured CUDA graph.
+pub struct CudaGraphHandle(cudarc::driver::CudaGraph);
+
+// SAFETY: a CUDA graph may be used from any thread as long as calls on it
+// are serialised; the model keeps its graphs behind a mutex and replays them
+// on the backend's single stream.
+unsafe impl Send for CudaGraphHandle {}
+
+/// Slots of [`CudaBackend::with_scratch`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Scratch {
+    AttnPartials = 0,
+    NormBf16 = 1,
+    NormF32 = 2,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -71,6 +95,9 @@ impl CudaBackend {
                     dev,
                     blas,
                     exact: false,
+                    scratch: std::sync::Mutex::new((0..3).map(|_| None).collect()),
+                    pinned: Default::default(),
+                    capturing: Default::default(),
                 })
             }
             Err(_) => Err(Error::Unsupported(
@@ -84,6 +111,38 @@ impl CudaBackend {
     /// least [`TENSOR_CORE_MIN_TOKENS`] tokens run on the tensor cores.
     pub fn set_exact(&mut self, exact: bool) {
         self.exact = exact;
+    }
+
+    /// Runs `f` on the scratch tensor of `slot`, reallocated only when the
+    /// shape or dtype asked for changes; while a graph is being captured, on
+    /// a pinned one that lives as long as the backend. Its contents are
+    /// whatever the last user left.
+    pub(crate) fn with_scratch<R>(
+        &self,
+        slot: Scratch,
+        shape: &[usize],
+        dtype: DType,
+        f: impl FnOnce(&mut T) -> Result<R>,
+    ) -> Result<R> {
+        fn poisoned<E>(_: E) -> Error {
+            Error::Device("scratch lock poisoned".into())
+        }
+        if self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut pinned = self.pinned.lock().map_err(poisoned)?;
+            let key = (slot as usize, shape.to_vec(), dtype);
+            if !pinned.contains_key(&key) {
+                let t = self.zeros(shape, dtype)?;
+                pinned.insert(key.clone(), t);
+            }
+            return f(pinned.get_mut(&key).expect("inserted above"));
+        }
+        let mut slots = self.scratch.lock().map_err(poisoned)?;
+        let entry = &mut slots[slot as usize];
+        if !matches!(entry, Some(t) if t.shape() == shape && t.dtype() == dtype) {
+            *entry = None;
+            *entry = Some(self.zeros(shape, dtype)?);
+        }
+        f(entry.as_mut().expect("filled above"))
     }
 
     pub(crate) fn use_tensor_cores(&self, tokens: usize) -> bool {
@@ -109,6 +168,34 @@ macro_rules! alloc_zeros {
 
 impl Backend for CudaBackend {
     type Storage = CudaStorage;
+    type Graph = CudaGraphHandle;
+
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<CudaGraphHandle>> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        use std::sync::atomic::Ordering::Relaxed;
+        self.capturing.store(true, Relaxed);
+        // The eager run allocates every scratch tensor the ops need (pinned),
+        // so the recorded run allocates nothing.
+        let eager = f();
+        if let Err(e) = eager {
+            self.capturing.store(false, Relaxed);
+            return Err(e);
+        }
+        let s = &self.dev.stream;
+        if let Err(e) = s.begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) {
+            self.capturing.store(false, Relaxed);
+            return Err(dev(e));
+        }
+        let recorded = f();
+        let graph = s.end_capture(CUgraphInstantiate_flags(0));
+        self.capturing.store(false, Relaxed);
+        recorded?;
+        Ok(graph.map_err(dev)?.map(CudaGraphHandle))
+    }
+
+    fn replay(&self, graph: &CudaGraphHandle) -> Result<()> {
+        graph.0.launch().map_err(dev)
+    }
 
     fn name(&self) -> &'static str {
         "cuda"

@@ -4,6 +4,7 @@
 // token, so they do not change with the batch.
 
 #define TOKEN_TILE 4
+#define UNROLL 4
 
 __device__ __forceinline__ void load8_x(const __nv_bfloat16* p, float* f, bool vec) { load8_bf16(p, f, vec); }
 __device__ __forceinline__ void load8_x(const float* p, float* f, bool vec) {
@@ -34,7 +35,28 @@ __device__ __forceinline__ void project_rows(const X* x, const __nv_bfloat16* w,
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[i][e] = 0.0f;
     int full = K / 256 * 256;
-    for (int base = 0; base < full; base += 256) {
+    int base = 0;
+    // UNROLL chunks' weights are loaded before any is used, so each thread
+    // keeps several 16-byte loads in flight; they are still added to the
+    // lanes in increasing chunk order, as the spec orders them.
+    for (; base + UNROLL * 256 <= full; base += UNROLL * 256) {
+        float wf[UNROLL][8];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) load8_bf16(wr + base + u * 256 + 8 * lane, wf[u], vec);
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+#pragma unroll
+            for (int i = 0; i < TOKEN_TILE; i++) {
+                if (i < tt) {
+                    float xf[8];
+                    load8_x(x + (size_t)i * K + base + u * 256 + 8 * lane, xf, vec);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[i][e] = acc[i][e] + wf[u][e] * xf[e];
+                }
+            }
+        }
+    }
+    for (; base < full; base += 256) {
         float wf[8];
         load8_bf16(wr + base + 8 * lane, wf, vec);
 #pragma unroll

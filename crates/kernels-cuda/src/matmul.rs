@@ -1,11 +1,11 @@
 //! Launchers for matmul.cu, and the fused norm + projection ops built on it.
 
 use cudarc::driver::PushKernelArg;
-use qwen_tensor::{expect_2d, expect_shape, Backend, DType, Result};
+use qwen_tensor::{expect_2d, expect_shape, DType, Result};
 
 use crate::device::{bf16s, dev, f32s, f32s_mut, T};
 use crate::launch::{grid, int, shape_err};
-use crate::CudaBackend;
+use crate::{CudaBackend, Scratch};
 
 /// Weight rows per block (one warp each); tokens per warp as in matmul.cu.
 const ROWS: u32 = 4;
@@ -117,8 +117,14 @@ impl CudaBackend {
             unsafe { b.launch(cfg) }.map_err(dev)?;
             return Ok(());
         }
-        let mut normed = self.zeros(&[t, h], dtype)?;
-        self.rms_norm_impl(x, norm_w, eps, &mut normed)?;
-        self.project("rms_norm_matmul", &normed, w, out, false)
+        let slot = if dtype == DType::F32 {
+            Scratch::NormF32
+        } else {
+            Scratch::NormBf16
+        };
+        self.with_scratch(slot, &[t, h], dtype, |normed| {
+            self.rms_norm_impl(x, norm_w, eps, normed)?;
+            self.project("rms_norm_matmul", normed, w, out, false)
+        })
     }
 }

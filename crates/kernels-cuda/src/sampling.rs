@@ -1,14 +1,15 @@
-//! Launchers for sampling.cu, and filtered sampling.
+//! Launchers for sampling.cu: argmax, the repetition penalty and filtered
+//! sampling, each returning what its CPU twin in `qwen-kernels-cpu` returns.
 
 use cudarc::driver::PushKernelArg;
-use qwen_kernels_cpu::CpuBackend;
-use qwen_tensor::{expect_2d, Backend, HostSlice, Result, SampleParams};
+use qwen_tensor::{expect_2d, Backend, Error, HostSlice, Result, SampleParams};
 
 use crate::device::{dev, f32s, f32s_mut, u32s, u32s_mut, T};
 use crate::launch::{grid, int, shape_err};
 use crate::CudaBackend;
 
 impl CudaBackend {
+    /// Argmax per row (twin of `qwen_kernels_cpu::argmax`): one block per row.
     pub(crate) fn argmax_impl(&self, logits: &T) -> Result<Vec<u32>> {
         const OP: &str = "argmax";
         let (b_rows, v) = expect_2d(OP, "logits", logits)?;
@@ -31,6 +32,9 @@ impl CudaBackend {
         Ok(host)
     }
 
+    /// The repetition penalty (twin of `qwen_kernels_cpu::repetition_penalty`):
+    /// ids are deduplicated and range-checked on the host before any logit
+    /// changes, then one thread per (row, id) pair applies HF's rule.
     pub(crate) fn repetition_penalty_impl(
         &self,
         logits: &mut T,
@@ -81,17 +85,111 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Filtered sampling runs the CPU spec on the downloaded logits, so its
-    /// tokens equal the CPU twin's by construction (a GPU kernel is to come).
+    /// Filtered sampling on the GPU, token for token the CPU spec
+    /// (`qwen_kernels_cpu::sample`): parameters are checked here exactly as
+    /// the CPU checks them, the per-row parameters are uploaded, one block
+    /// per row runs `sample_rows` (sampling.cu says why it is exact), and
+    /// only the `B` token ids come back.
     pub(crate) fn sample_impl(
         &self,
         logits: &T,
         params: &[SampleParams],
         uniform: &[f32],
     ) -> Result<Vec<u32>> {
-        let host = self.download(logits)?;
-        let cpu = CpuBackend::new();
-        let t = cpu.upload(host.as_slice(), logits.shape())?;
-        cpu.sample(&t, params, uniform)
+        const OP: &str = "sample";
+        let (rows, v) = expect_2d(OP, "logits", logits)?;
+        let l = f32s(OP, "logits", logits)?;
+        if params.len() != rows || uniform.len() != rows {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "{rows} rows but {} params and {} uniforms",
+                    params.len(),
+                    uniform.len()
+                ),
+            ));
+        }
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        if v == 0 {
+            return Err(shape_err(
+                OP,
+                "logits have an empty vocabulary (V = 0)".into(),
+            ));
+        }
+        let vi = int(OP, v)?;
+        for (r, (p, &u)) in params.iter().zip(uniform).enumerate() {
+            check_params(r, p, u)?;
+        }
+        // Bits of a token index in the kernel's packed rank key.
+        let nb = (usize::BITS - (v - 1).leading_zeros()) as i32;
+        let packed: Vec<u32> = params
+            .iter()
+            .zip(uniform)
+            .flat_map(|(p, &u)| {
+                // top_k = 0 and top_k >= V both keep every token.
+                let k = if p.top_k > 0 { p.top_k.min(v) } else { v };
+                [
+                    p.temperature.to_bits(),
+                    k as u32,
+                    p.top_p.to_bits(),
+                    p.min_p.to_bits(),
+                    u.to_bits(),
+                ]
+            })
+            .collect();
+        let s = &self.dev.stream;
+        let packed = s.clone_htod(&packed).map_err(dev)?;
+        // SAFETY: the kernel writes every scratch element before reading it
+        // (a row reads back only the live tokens it compacted in the same
+        // launch), so uninitialised memory is never observed.
+        let (mut keys, mut es) = unsafe {
+            (
+                s.alloc::<u64>(rows * v).map_err(dev)?,
+                s.alloc::<f32>(rows * v).map_err(dev)?,
+            )
+        };
+        let mut out = s.alloc_zeros::<u32>(rows).map_err(dev)?;
+        let mut b = s.launch_builder(self.kernel("sample_rows"));
+        b.arg(l)
+            .arg(&vi)
+            .arg(&nb)
+            .arg(&packed)
+            .arg(&mut keys)
+            .arg(&mut es)
+            .arg(&mut out);
+        // SAFETY: argument order and types match sample_rows in sampling.cu;
+        // logits hold rows x V floats, params 5 words per row, each scratch
+        // buffer V elements per row, out one id per row; the kernel is
+        // compiled for 1024-thread blocks.
+        unsafe { b.launch(grid((rows as u32, 1, 1), (SAMPLE_THREADS, 1, 1))) }.map_err(dev)?;
+        s.clone_dtoh(&out).map_err(dev)
     }
+}
+
+/// Threads per `sample_rows` block (`SAMPLE_THREADS` in sampling.cu).
+const SAMPLE_THREADS: u32 = 1024;
+
+/// The CPU twin's parameter check, message for message: a temperature that
+/// is not finite and `> 0`, `top_p` outside `(0, 1]`, `min_p` outside
+/// `[0, 1]` or `u` outside `[0, 1)` is [`Error::Unsupported`].
+fn check_params(row: usize, p: &SampleParams, u: f32) -> Result<()> {
+    let bad = |what: String| Err(Error::Unsupported(format!("sample: row {row}: {what}")));
+    if !(p.temperature.is_finite() && p.temperature > 0.0) {
+        return bad(format!(
+            "temperature must be finite and > 0 (use argmax for greedy), got {}",
+            p.temperature
+        ));
+    }
+    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+        return bad(format!("top_p must be in (0, 1], got {}", p.top_p));
+    }
+    if !(0.0..=1.0).contains(&p.min_p) {
+        return bad(format!("min_p must be in [0, 1], got {}", p.min_p));
+    }
+    if !(0.0..1.0).contains(&u) {
+        return bad(format!("uniform must be in [0, 1), got {u}"));
+    }
+    Ok(())
 }

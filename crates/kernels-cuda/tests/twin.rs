@@ -57,6 +57,10 @@ impl Rng {
     fn f32s(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| self.normal(scale)).collect()
     }
+    /// Uniform in [0, 1) on the 2^-24 grid, as `sample` takes it.
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
     fn bf16s(&mut self, n: usize, scale: f32) -> Vec<bf16> {
         (0..n).map(|_| bf16::from_f32(self.normal(scale))).collect()
     }
@@ -420,6 +424,24 @@ fn qk_norm_rope_and_attention() {
     }
 }
 
+/// Argmax, then the repetition penalty, then filtered sampling of the
+/// penalised logits, on one backend.
+fn sampling_on<B: Backend>(
+    b: &B,
+    l: &[f32],
+    shape: [usize; 2],
+    pen: &[f32],
+    hist: &[Vec<u32>],
+    p: &[SampleParams],
+    u: &[f32],
+) -> (Vec<u32>, HostVec, Vec<u32>) {
+    let mut t = b.upload(HostSlice::F32(l), &shape).unwrap();
+    let am = b.argmax(&t).unwrap();
+    b.repetition_penalty(&mut t, pen, hist).unwrap();
+    let s = b.sample(&t, p, u).unwrap();
+    (am, b.download(&t).unwrap(), s)
+}
+
 #[test]
 fn sampling_primitives() {
     let Some(g) = gpu() else { return };
@@ -446,13 +468,10 @@ fn sampling_primitives() {
             min_p: [0.0, 0.05][i % 2],
         })
         .collect();
-    let uniform: Vec<f32> = (0..rows)
-        .map(|_| (r.next() >> 40) as f32 / (1u64 << 24) as f32)
-        .collect();
-    let run = |b: &dyn Fn() -> (Vec<u32>, HostVec, Vec<u32>)| b();
-    let on = |b: &dyn BackendDyn| b.run(&logits, rows, v, &penalty, &history, &params, &uniform);
-    let c = run(&|| on(&cpu));
-    let gg = run(&|| on(&g));
+    let uniform: Vec<f32> = (0..rows).map(|_| r.unit()).collect();
+    let shape = [rows, v];
+    let c = sampling_on(&cpu, &logits, shape, &penalty, &history, &params, &uniform);
+    let gg = sampling_on(&g, &logits, shape, &penalty, &history, &params, &uniform);
     assert_eq!(c.0, gg.0, "argmax");
     assert_eq!(c.0[1], 17);
     assert_eq!(c.0[2], 5);
@@ -460,35 +479,251 @@ fn sampling_primitives() {
     assert_eq!(c.2, gg.2, "sample");
 }
 
-/// Object-safe wrapper so one closure can drive either backend.
-trait BackendDyn {
-    #[allow(clippy::too_many_arguments)]
-    fn run(
-        &self,
-        l: &[f32],
-        rows: usize,
-        v: usize,
-        pen: &[f32],
-        hist: &[Vec<u32>],
-        p: &[SampleParams],
-        u: &[f32],
-    ) -> (Vec<u32>, HostVec, Vec<u32>);
+/// The largest f32 below 1, the largest uniform `sample` accepts.
+const U_MAX: f32 = 1.0 - f32::EPSILON / 2.0;
+
+/// One row of `v` logits in one of the shapes the sampler must survive.
+fn sample_row(r: &mut Rng, kind: usize, v: usize) -> Vec<f32> {
+    let mut row: Vec<f32> = match kind {
+        // Peaked: one clear favourite over noise.
+        0 => {
+            let mut row = r.f32s(v, 1.0);
+            row[(r.next() % v as u64) as usize] = 25.0;
+            row
+        }
+        // Flat: every token ties, every weight is 2^40.
+        1 => vec![1.25; v],
+        // Coarse values: many ties at every level.
+        2 => (0..v)
+            .map(|_| (r.normal(2.0) * 2.0).round() * 0.5)
+            .collect(),
+        // Wide: most tokens fall below the q = 0 cut-off.
+        3 => r.f32s(v, 30.0),
+        // Nothing finite: NaN and -inf only, so the row is uniform.
+        4 => (0..v)
+            .map(|_| {
+                if r.next().is_multiple_of(2) {
+                    f32::NAN
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect(),
+        // Typical logits, around a normal spread.
+        _ => r.f32s(v, 3.0),
+    };
+    // Sprinkle specials: -inf, a few NaN, the odd +inf (which then ties).
+    if kind >= 5 && v > 1 {
+        for x in row.iter_mut() {
+            match r.next() % 1000 {
+                0..=99 if kind == 6 => *x = f32::NEG_INFINITY,
+                100..=102 if kind >= 6 => *x = f32::NAN,
+                103 if kind == 7 => *x = f32::INFINITY,
+                _ => {}
+            }
+        }
+    }
+    row
 }
-impl<B: Backend> BackendDyn for B {
-    fn run(
-        &self,
-        l: &[f32],
-        rows: usize,
-        v: usize,
-        pen: &[f32],
-        hist: &[Vec<u32>],
-        p: &[SampleParams],
-        u: &[f32],
-    ) -> (Vec<u32>, HostVec, Vec<u32>) {
-        let mut t = self.upload(HostSlice::F32(l), &[rows, v]).unwrap();
-        let am = self.argmax(&t).unwrap();
-        self.repetition_penalty(&mut t, pen, hist).unwrap();
-        let s = self.sample(&t, p, u).unwrap();
-        (am, self.download(&t).unwrap(), s)
+
+/// Random parameters covering every filter and its disabled value.
+fn sample_params(r: &mut Rng, v: usize) -> SampleParams {
+    let pick = |r: &mut Rng, n: usize| (r.next() % n as u64) as usize;
+    SampleParams {
+        temperature: [0.3, 0.7, 1.0, 1.3, 2.0][pick(r, 5)],
+        top_k: [0, 0, 1, 2, 20, 1000, v - 1, v, v + 5][pick(r, 9)],
+        top_p: [1.0, 1.0, 0.1, 0.5, 0.8, 0.95, 0.999][pick(r, 7)],
+        min_p: [0.0, 0.0, 0.01, 0.1, 0.5][pick(r, 5)],
+    }
+}
+
+/// GPU and CPU tokens for one batch under several sets of uniforms,
+/// including 0, the largest below 1, and exact multiples of 1/8.
+fn check_sample_batch(g: &CudaBackend, r: &mut Rng, logits: &[f32], p: &[SampleParams]) -> usize {
+    let cpu = CpuBackend::new();
+    let rows = p.len();
+    let v = logits.len() / rows;
+    let ct = cpu.upload(HostSlice::F32(logits), &[rows, v]).unwrap();
+    let gt = g.upload(HostSlice::F32(logits), &[rows, v]).unwrap();
+    let mut cases = 0;
+    for set in 0..6 {
+        let u: Vec<f32> = (0..rows)
+            .map(|i| match (set + i) % 6 {
+                0 => 0.0,
+                1 => U_MAX,
+                2 => (r.next() % 8) as f32 / 8.0,
+                _ => r.unit(),
+            })
+            .collect();
+        let want = cpu.sample(&ct, p, &u).unwrap();
+        let got = g.sample(&gt, p, &u).unwrap();
+        for i in 0..rows {
+            assert_eq!(
+                got[i], want[i],
+                "V {v}, row {i}: {:?}, u {}: gpu {} cpu {}",
+                p[i], u[i], got[i], want[i]
+            );
+        }
+        cases += rows;
+    }
+    cases
+}
+
+#[test]
+fn sample_matches_cpu_on_random_rows() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng::new("sample");
+    let mut cases = 0;
+    // (rows, V): Qwen3's vocabulary at batch 64 and 256, odd sizes below
+    // and above one block's 1024 threads, a single token.
+    for (rows, v) in [
+        (64, 151_936),
+        (256, 151_936),
+        (64, 1000),
+        (32, 1025),
+        (16, 3),
+        (8, 1),
+    ] {
+        let mut logits = Vec::with_capacity(rows * v);
+        let mut params = Vec::with_capacity(rows);
+        for i in 0..rows {
+            logits.extend(sample_row(&mut r, i % 8, v));
+            params.push(sample_params(&mut r, v));
+        }
+        cases += check_sample_batch(&g, &mut r, &logits, &params);
+    }
+    println!("sample: {cases} (row, uniform) cases equal");
+}
+
+#[test]
+fn sample_matches_cpu_on_exact_boundaries() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng::new("sample boundaries");
+    let p = |top_k, top_p, min_p| SampleParams {
+        temperature: 1.0,
+        top_k,
+        top_p,
+        min_p,
+    };
+    // 256 equal weights: u = i/256 lands exactly between two tokens.
+    let flat = vec![1.5f32; 256];
+    let rows: Vec<f32> = flat.repeat(256);
+    let ps = vec![p(0, 1.0, 0.0); 256];
+    let us: Vec<f32> = (0..256).map(|i| i as f32 / 256.0).collect();
+    let gt = g.upload(HostSlice::F32(&rows), &[256, 256]).unwrap();
+    let got = g.sample(&gt, &ps, &us).unwrap();
+    assert_eq!(got, (0..256).collect::<Vec<u32>>());
+    // top_p whose tau equals a prefix sum exactly (4 x 2^40, top_p 0.5),
+    // a tail weight that only just counts (e^-27 · 2^40 ≈ 2), min_p at 1.
+    let mut logits = Vec::new();
+    let mut params = Vec::new();
+    for (row, top_p) in [
+        (vec![0.0f32; 4], 0.5),
+        (vec![0.0; 4], 0.5001),
+        (vec![0.0; 4], 0.25),
+        (vec![0.0, 0.0, -27.0, -27.0], 0.5),
+        (vec![0.0, 0.0, -200.0, f32::NAN], 0.5),
+        (vec![3.0, 3.0, 1.0, f32::INFINITY], 0.75),
+    ] {
+        for (top_k, min_p) in [(0, 0.0), (3, 0.0), (0, 1.0), (2, 1e-12)] {
+            logits.extend_from_slice(&row);
+            params.push(p(top_k, top_p, min_p));
+        }
+    }
+    let cases = check_sample_batch(&g, &mut r, &logits, &params);
+    println!("sample boundaries: {} cases equal", 256 + cases);
+}
+
+#[test]
+fn sample_rejects_bad_inputs_like_cpu() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let ok = SampleParams::default();
+    let with = |f: fn(&mut SampleParams)| {
+        let mut p = ok;
+        f(&mut p);
+        p
+    };
+    let bad: Vec<(SampleParams, f32)> = vec![
+        (with(|p| p.temperature = 0.0), 0.5),
+        (with(|p| p.temperature = -1.0), 0.5),
+        (with(|p| p.temperature = f32::NAN), 0.5),
+        (with(|p| p.temperature = f32::INFINITY), 0.5),
+        (with(|p| p.top_p = 0.0), 0.5),
+        (with(|p| p.top_p = 1.5), 0.5),
+        (with(|p| p.top_p = f32::NAN), 0.5),
+        (with(|p| p.min_p = -0.1), 0.5),
+        (with(|p| p.min_p = 1.1), 0.5),
+        (with(|p| p.min_p = f32::NAN), 0.5),
+        (ok, 1.0),
+        (ok, -0.1),
+        (ok, f32::NAN),
+    ];
+    /// Every call's outcome, errors as (kind, message).
+    fn outcomes<B: Backend>(b: &B, bad: &[(SampleParams, f32)]) -> Vec<String> {
+        let l = b
+            .upload(HostSlice::F32(&[1.0, 2.0, 3.0, 4.0]), &[2, 2])
+            .unwrap();
+        let ok = SampleParams::default();
+        let show = |r: qwen_tensor::Result<Vec<u32>>| match r {
+            Ok(v) => format!("ok {v:?}"),
+            Err(e) => format!("{e:?}"),
+        };
+        let mut out: Vec<String> = bad
+            .iter()
+            // The bad row second: row numbers appear in the message.
+            .map(|&(p, u)| show(b.sample(&l, &[ok, p], &[0.5, u])))
+            .collect();
+        out.push(show(b.sample(&l, &[ok], &[0.5, 0.5])));
+        out.push(show(b.sample(&l, &[ok, ok], &[0.5])));
+        let empty = b.zeros(&[2, 0], DType::F32).unwrap();
+        out.push(show(b.sample(&empty, &[ok, ok], &[0.5, 0.5])));
+        let ids = b.zeros(&[2, 2], DType::U32).unwrap();
+        out.push(show(b.sample(&ids, &[ok, ok], &[0.5, 0.5])));
+        let none = b.zeros(&[0, 5], DType::F32).unwrap();
+        out.push(show(b.sample(&none, &[], &[])));
+        out
+    }
+    let (c, gg) = (outcomes(&cpu, &bad), outcomes(&g, &bad));
+    for (i, (c, gg)) in c.iter().zip(&gg).enumerate() {
+        assert!(c.starts_with("Unsupported") || i >= bad.len(), "{c}");
+        assert_eq!(c, gg, "case {i}");
+    }
+    assert_eq!(c.len(), gg.len());
+}
+
+#[test]
+fn sample_time_per_row() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng::new("sample timing");
+    let v = 151_936;
+    for (rows, kind, what) in [
+        (1, 5, "typical"),
+        (64, 5, "typical"),
+        (1, 1, "flat"),
+        (64, 1, "flat"),
+    ] {
+        let logits: Vec<f32> = (0..rows)
+            .flat_map(|_| sample_row(&mut r, kind, v))
+            .collect();
+        let t = g.upload(HostSlice::F32(&logits), &[rows, v]).unwrap();
+        let p = vec![
+            SampleParams {
+                temperature: 0.7,
+                top_k: 20,
+                top_p: 0.8,
+                min_p: 0.05,
+            };
+            rows
+        ];
+        let u = vec![0.3; rows];
+        g.sample(&t, &p, &u).unwrap();
+        let reps = 20;
+        let start = std::time::Instant::now();
+        for _ in 0..reps {
+            g.sample(&t, &p, &u).unwrap();
+        }
+        let us = start.elapsed().as_secs_f64() * 1e6 / reps as f64;
+        println!("sample {what}: B {rows}, V {v}: {us:.0} µs per call");
     }
 }

@@ -13,6 +13,8 @@ pub const DEFAULT_BLOCK_SIZE: usize = 16;
 
 /// One layer's K and V caches plus the free-block list.
 pub struct KvCache<B: Backend> {
+    /// Unique per cache: decode graphs bake in the cache's tensors.
+    id: u64,
     pub(crate) k: Vec<Tensor<B>>,
     pub(crate) v: Vec<Tensor<B>>,
     block_size: usize,
@@ -57,7 +59,9 @@ impl<B: Backend> KvCache<B> {
             k.push(backend.zeros(&shape, DType::BF16)?);
             v.push(backend.zeros(&shape, DType::BF16)?);
         }
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Ok(KvCache {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             k,
             v,
             block_size: geo.block_size,
@@ -65,6 +69,11 @@ impl<B: Backend> KvCache<B> {
             // Popped from the end, so blocks are handed out in increasing order.
             free: (0..num_blocks as u32).rev().collect(),
         })
+    }
+
+    /// A number no other cache of this process has.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn block_size(&self) -> usize {

@@ -2,7 +2,12 @@
 
 use std::path::Path;
 
-use qwen_tensor::{AttnGeometry, Backend, BatchLayout, DType, HostSlice, Tensor};
+use std::collections::hash_map::Entry;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use qwen_tensor::{AttnGeometry, Backend, BatchLayout, BatchMeta, DType, HostSlice, Tensor};
 
 use crate::config::Qwen3Config;
 use crate::kv_cache::{KvCache, Sequence, DEFAULT_BLOCK_SIZE};
@@ -30,8 +35,40 @@ struct Layer<B: Backend> {
     down: Tensor<B>,
 }
 
+/// Activation buffers of one forward pass, kept between passes of the same
+/// token count so that decoding allocates nothing.
+struct Workspace<B: Backend> {
+    ids: Tensor<B>,
+    meta: BatchMeta<B>,
+    x: Tensor<B>,
+    qkv: Tensor<B>,
+    q: Tensor<B>,
+    attn: Tensor<B>,
+    gate_up: Tensor<B>,
+    act: Tensor<B>,
+}
+
+/// A recorded decode step: its graph and the buffers the graph reads and
+/// writes (inputs are written in place before each replay).
+struct DecodeGraph<B: Backend> {
+    graph: B::Graph,
+    ws: Workspace<B>,
+    logits: Tensor<B>,
+}
+
+/// (tokens, block-table width, context capacity in 64-position chunks, cache id).
+type GraphKey = (usize, usize, usize, u64);
+
+/// Decode graphs pad the context to a power-of-two number of these, so one
+/// graph serves many steps.
+const GRAPH_CONTEXT_QUANTUM: usize = 64;
+
 /// A Qwen3 model on backend `B`.
 pub struct Qwen3<B: Backend> {
+    workspace: Mutex<Option<Workspace<B>>>,
+    graphs: Mutex<HashMap<GraphKey, DecodeGraph<B>>>,
+    /// Set once the backend has said it cannot record graphs.
+    no_graphs: AtomicBool,
     backend: B,
     cfg: Qwen3Config,
     embed: Tensor<B>,
@@ -99,6 +136,9 @@ impl<B: Backend> Qwen3<B> {
                 None => None,
             },
             rope: f(&rope, &[cfg.max_position_embeddings, d])?,
+            workspace: Mutex::new(None),
+            graphs: Mutex::new(HashMap::new()),
+            no_graphs: AtomicBool::new(false),
             layers,
             cfg,
             backend,
@@ -147,7 +187,83 @@ impl<B: Backend> Qwen3<B> {
         batch: &mut [(&mut Sequence, &[u32])],
         want: Logits,
     ) -> Result<Tensor<B>> {
+        let decode = want == Logits::Last && batch.iter().all(|(_, toks)| toks.len() == 1);
+        if decode && !self.no_graphs.load(Ordering::Relaxed) {
+            return self.decode_step(cache, batch);
+        }
         self.forward_tapped(cache, batch, want, &mut |_, _| Ok(()))
+    }
+
+    /// One decode step (one token per sequence) through a recorded graph:
+    /// recorded the first time its key is seen, replayed after that. The
+    /// ops and their numerics are those of `forward_tapped`.
+    fn decode_step(
+        &self,
+        cache: &mut KvCache<B>,
+        batch: &mut [(&mut Sequence, &[u32])],
+    ) -> Result<Tensor<B>> {
+        let be = &self.backend;
+        let mut layout = self.plan(cache, batch)?;
+        let t = layout.num_tokens();
+        // Pad the block tables and the context so the graph's shapes (and
+        // so its buffers and launch sizes) stay fixed across many steps.
+        let width = layout.max_blocks.next_power_of_two();
+        let mut tables = Vec::with_capacity(layout.num_seqs() * width);
+        for row in layout.block_tables.chunks(layout.max_blocks) {
+            tables.extend_from_slice(row);
+            tables.resize(tables.len() + width - row.len(), 0);
+        }
+        layout.block_tables = tables;
+        layout.max_blocks = width;
+        let chunks = layout
+            .max_context()
+            .div_ceil(GRAPH_CONTEXT_QUANTUM)
+            .next_power_of_two();
+        let capacity = chunks * GRAPH_CONTEXT_QUANTUM;
+        let ids: Vec<u32> = batch.iter().map(|(_, toks)| toks[0]).collect();
+        let mut graphs = self
+            .graphs
+            .lock()
+            .map_err(|_| ModelError::Request("a previous decode step panicked".into()))?;
+        let key = (t, width, chunks, cache.id());
+        let logits = match graphs.entry(key) {
+            Entry::Occupied(e) => {
+                let g = e.into_mut();
+                be.update_batch(&mut g.ws.meta, &layout)?;
+                g.ws.meta.max_context = capacity;
+                be.write(&mut g.ws.ids, HostSlice::U32(&ids))?;
+                be.replay(&g.graph)?;
+                g.logits.clone()
+            }
+            Entry::Vacant(v) => {
+                let mut ws = self.workspace_for(&layout, &ids)?;
+                ws.meta.max_context = capacity;
+                let mut logits = be.zeros(&[t, self.cfg.vocab_size], DType::F32)?;
+                let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
+                let eps = self.cfg.rms_norm_eps;
+                let graph = be.capture(&mut || {
+                    self.run_layers(&mut ws, cache, &mut |_, _| Ok(()))
+                        .map_err(|e| match e {
+                            ModelError::Backend(e) => e,
+                            other => qwen_tensor::Error::Device(other.to_string()),
+                        })?;
+                    be.logits(&ws.x, &self.final_norm, eps, lm_head, &mut logits)?;
+                    Ok(())
+                })?;
+                match graph {
+                    Some(graph) => v.insert(DecodeGraph { graph, ws, logits }).logits.clone(),
+                    None => {
+                        // The backend ran the step eagerly and records nothing.
+                        self.no_graphs.store(true, Ordering::Relaxed);
+                        logits
+                    }
+                }
+            }
+        };
+        for (seq, _) in batch.iter_mut() {
+            seq.len += 1;
+        }
+        Ok(logits)
     }
 
     /// [`forward`](Self::forward), handing every intermediate activation to
@@ -168,58 +284,28 @@ impl<B: Backend> Qwen3<B> {
     ) -> Result<Tensor<B>> {
         let be = &self.backend;
         let cfg = &self.cfg;
-        let geo = self.geometry(cache.block_size());
         let layout = self.plan(cache, batch)?;
         let t = layout.num_tokens();
-        let meta = be.upload_batch(&layout)?;
         let ids: Vec<u32> = batch
             .iter()
             .flat_map(|(_, toks)| toks.iter().copied())
             .collect();
-        let ids = be.upload(HostSlice::U32(&ids), &[t])?;
-
-        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let mut x = be.zeros(&[t, h], DType::F32)?;
-        let mut qkv = be.zeros(&[t, geo.qkv_width()], DType::F32)?;
-        let mut q = be.zeros(&[t, geo.q_width()], DType::BF16)?;
-        let mut attn = be.zeros(&[t, geo.q_width()], DType::BF16)?;
-        let mut gate_up = be.zeros(&[t, 2 * i], DType::F32)?;
-        let mut act = be.zeros(&[t, i], DType::BF16)?;
-        let eps = cfg.rms_norm_eps;
-        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-
-        be.embedding(&self.embed, &ids, &mut x)?;
-        tap("embed", &mut x)?;
-        for (li, l) in self.layers.iter().enumerate() {
-            let name = |op: &str| format!("layers.{li}.{op}");
-            be.rms_norm_matmul(&x, &l.input_norm, eps, &l.qkv, &mut qkv)?;
-            tap(&name("qkv"), &mut qkv)?;
-            be.qk_norm_rope_store(
-                &qkv,
-                &l.q_norm,
-                &l.k_norm,
-                eps,
-                &self.rope,
-                &meta,
-                geo,
-                &mut q,
-                &mut cache.k[li],
-                &mut cache.v[li],
-            )?;
-            tap(&name("q"), &mut q)?;
-            tap(&name("k_cache"), &mut cache.k[li])?;
-            tap(&name("v_cache"), &mut cache.v[li])?;
-            be.attention(&q, &cache.k[li], &cache.v[li], &meta, geo, scale, &mut attn)?;
-            tap(&name("attn"), &mut attn)?;
-            be.matmul_add(&attn, &l.o_proj, &mut x)?;
-            tap(&name("attn_residual"), &mut x)?;
-            be.rms_norm_matmul(&x, &l.post_attention_norm, eps, &l.gate_up, &mut gate_up)?;
-            tap(&name("gate_up"), &mut gate_up)?;
-            be.silu_mul(&gate_up, &mut act)?;
-            tap(&name("act"), &mut act)?;
-            be.matmul_add(&act, &l.down, &mut x)?;
-            tap(&name("out"), &mut x)?;
+        let mut guard = self
+            .workspace
+            .lock()
+            .map_err(|_| ModelError::Request("a previous forward pass panicked".into()))?;
+        if guard.as_ref().is_some_and(|w| w.meta.num_tokens != t) {
+            *guard = None;
         }
+        let ws = match guard.as_mut() {
+            Some(ws) => {
+                be.update_batch(&mut ws.meta, &layout)?;
+                be.write(&mut ws.ids, HostSlice::U32(&ids))?;
+                ws
+            }
+            None => guard.insert(self.workspace_for(&layout, &ids)?),
+        };
+        self.run_layers(ws, cache, tap)?;
         for (seq, toks) in batch.iter_mut() {
             seq.len += toks.len();
         }
@@ -237,18 +323,97 @@ impl<B: Backend> Qwen3<B> {
                     .collect()
             }
         };
+        let (x, eps, h) = (&ws.x, cfg.rms_norm_eps, cfg.hidden_size);
         let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let mut logits = be.zeros(&[rows.len(), cfg.vocab_size], DType::F32)?;
         if rows.len() == t {
-            be.logits(&x, &self.final_norm, eps, lm_head, &mut logits)?;
+            be.logits(x, &self.final_norm, eps, lm_head, &mut logits)?;
         } else {
             let rows_t = be.upload(HostSlice::U32(&rows), &[rows.len()])?;
             let mut xr = be.zeros(&[rows.len(), h], DType::F32)?;
-            be.gather_rows(&x, &rows_t, &mut xr)?;
+            be.gather_rows(x, &rows_t, &mut xr)?;
             be.logits(&xr, &self.final_norm, eps, lm_head, &mut logits)?;
         }
         tap("logits", &mut logits)?;
         Ok(logits)
+    }
+
+    /// The decoder layers over the batch in `ws`, leaving the final residual
+    /// stream in `ws.x` (before the final norm).
+    fn run_layers(
+        &self,
+        ws: &mut Workspace<B>,
+        cache: &mut KvCache<B>,
+        tap: &mut dyn FnMut(&str, &mut Tensor<B>) -> Result<()>,
+    ) -> Result<()> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let geo = self.geometry(cache.block_size());
+        let Workspace {
+            ids,
+            meta,
+            x,
+            qkv,
+            q,
+            attn,
+            gate_up,
+            act,
+        } = ws;
+        let meta = &*meta;
+        let eps = cfg.rms_norm_eps;
+        let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+
+        be.embedding(&self.embed, ids, x)?;
+        tap("embed", x)?;
+        for (li, l) in self.layers.iter().enumerate() {
+            let name = |op: &str| format!("layers.{li}.{op}");
+            be.rms_norm_matmul(x, &l.input_norm, eps, &l.qkv, qkv)?;
+            tap(&name("qkv"), qkv)?;
+            be.qk_norm_rope_store(
+                qkv,
+                &l.q_norm,
+                &l.k_norm,
+                eps,
+                &self.rope,
+                meta,
+                geo,
+                q,
+                &mut cache.k[li],
+                &mut cache.v[li],
+            )?;
+            tap(&name("q"), q)?;
+            tap(&name("k_cache"), &mut cache.k[li])?;
+            tap(&name("v_cache"), &mut cache.v[li])?;
+            be.attention(q, &cache.k[li], &cache.v[li], meta, geo, scale, attn)?;
+            tap(&name("attn"), attn)?;
+            be.matmul_add(attn, &l.o_proj, x)?;
+            tap(&name("attn_residual"), x)?;
+            be.rms_norm_matmul(x, &l.post_attention_norm, eps, &l.gate_up, gate_up)?;
+            tap(&name("gate_up"), gate_up)?;
+            be.silu_mul(gate_up, act)?;
+            tap(&name("act"), act)?;
+            be.matmul_add(act, &l.down, x)?;
+            tap(&name("out"), x)?;
+        }
+        Ok(())
+    }
+
+    /// Fresh activation buffers for a batch of `layout`'s size.
+    fn workspace_for(&self, layout: &BatchLayout, ids: &[u32]) -> Result<Workspace<B>> {
+        let be = &self.backend;
+        let t = layout.num_tokens();
+        let geo = self.geometry(layout.block_size);
+        let (h, i) = (self.cfg.hidden_size, self.cfg.intermediate_size);
+        Ok(Workspace {
+            ids: be.upload(HostSlice::U32(ids), &[t])?,
+            meta: be.upload_batch(layout)?,
+            x: be.zeros(&[t, h], DType::F32)?,
+            qkv: be.zeros(&[t, geo.qkv_width()], DType::F32)?,
+            q: be.zeros(&[t, geo.q_width()], DType::BF16)?,
+            attn: be.zeros(&[t, geo.q_width()], DType::BF16)?,
+            gate_up: be.zeros(&[t, 2 * i], DType::F32)?,
+            act: be.zeros(&[t, i], DType::BF16)?,
+        })
     }
 
     /// Checks the batch and reserves cache blocks; builds the batch layout.

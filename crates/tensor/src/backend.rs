@@ -36,8 +36,10 @@ impl Default for SampleParams {
 
 /// A compute device. The model and sampler are written once against this trait.
 pub trait Backend: Sized + Send + Sync {
-    /// The device buffer behind a [`Tensor`].
-    type Storage: Send + Sync;
+    /// The device buffer behind a [`Tensor`]; cloning copies the data.
+    type Storage: Send + Sync + Clone;
+    /// A recorded sequence of ops that can be replayed (a CUDA graph).
+    type Graph: Send;
 
     /// Short name for messages ("cpu", "cuda").
     fn name(&self) -> &'static str;
@@ -55,6 +57,15 @@ pub trait Backend: Sized + Send + Sync {
     /// Waits for queued work to finish (a no-op on synchronous backends).
     fn synchronize(&self) -> Result<()>;
 
+    /// Runs `f` once, then records a second run of it into a graph without
+    /// executing it, so [`replay`](Self::replay) can repeat its ops on the
+    /// same tensors with no per-op host work. `f` must only queue ops on
+    /// this backend (no uploads, downloads or allocations on the second
+    /// run). Backends without graphs run `f` once and return `None`.
+    fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<Option<Self::Graph>>;
+    /// Replays a graph made by [`capture`](Self::capture).
+    fn replay(&self, graph: &Self::Graph) -> Result<()>;
+
     /// Uploads a batch layout for one forward pass.
     fn upload_batch(&self, layout: &BatchLayout) -> Result<BatchMeta<Self>> {
         let t = layout.num_tokens();
@@ -71,6 +82,23 @@ pub trait Backend: Sized + Send + Sync {
             max_blocks: layout.max_blocks,
             max_context: layout.max_context(),
         })
+    }
+
+    /// Refreshes `meta` for a new layout, overwriting its tensors in place
+    /// when their sizes are unchanged (a decode step allocates nothing).
+    fn update_batch(&self, meta: &mut BatchMeta<Self>, layout: &BatchLayout) -> Result<()> {
+        let t = layout.num_tokens();
+        let s = layout.num_seqs();
+        if meta.num_tokens != t || meta.block_tables.shape() != [s, layout.max_blocks] {
+            *meta = self.upload_batch(layout)?;
+            return Ok(());
+        }
+        self.write(&mut meta.positions, HostSlice::U32(&layout.positions))?;
+        self.write(&mut meta.slots, HostSlice::U32(&layout.slots()))?;
+        self.write(&mut meta.seq_of_token, HostSlice::U32(&layout.seq_of_token))?;
+        self.write(&mut meta.block_tables, HostSlice::U32(&layout.block_tables))?;
+        meta.max_context = layout.max_context();
+        Ok(())
     }
 
     // ---- model ops ------------------------------------------------------

@@ -57,6 +57,17 @@ impl<B: Backend> Tensor<B> {
     }
 }
 
+impl<B: Backend> Clone for Tensor<B> {
+    /// A copy of the data on the same device.
+    fn clone(&self) -> Self {
+        Tensor {
+            storage: self.storage.clone(),
+            shape: self.shape.clone(),
+            dtype: self.dtype,
+        }
+    }
+}
+
 impl<B: Backend> std::fmt::Debug for Tensor<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
