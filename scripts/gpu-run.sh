@@ -8,6 +8,8 @@ out=${OUT:-gpu-logs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 fail=0
+# Tests that would skip without a GPU fail instead.
+export QWEN_REQUIRE_GPU=1
 run() {
   local name=$1; shift
   echo "=== $name"

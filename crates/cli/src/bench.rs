@@ -149,6 +149,48 @@ pub fn latency<B: Backend>(
     })
 }
 
+/// Where a decode step's time goes: `steps` eager decode steps with a
+/// synchronise after every op, summed per op over the layers (host-timed, so
+/// each op also carries one launch; the graph-replayed step is faster).
+pub fn op_profile<B: Backend>(
+    model: &Qwen3<B>,
+    context: usize,
+    steps: usize,
+) -> Result<Vec<(String, f64)>, String> {
+    let err = |e: model_qwen3::ModelError| e.to_string();
+    let be = model.backend();
+    let prompt: Vec<u32> = (0..context as u32).map(|i| i % 1000).collect();
+    let mut cache = model.new_cache(context + steps + 1).map_err(err)?;
+    let mut seq = Sequence::default();
+    model
+        .forward(&mut cache, &mut [(&mut seq, &prompt[..])], Logits::Last)
+        .map_err(err)?;
+    let mut totals: Vec<(String, f64)> = Vec::new();
+    for _ in 0..steps {
+        be.synchronize().map_err(|e| e.to_string())?;
+        let mut last = Instant::now();
+        model
+            .forward_tapped(
+                &mut cache,
+                &mut [(&mut seq, &[7])],
+                Logits::Last,
+                &mut |name, _| {
+                    be.synchronize()?;
+                    let op = name.rsplit('.').next().unwrap_or(name).to_string();
+                    let dt = last.elapsed().as_secs_f64() * 1e6 / steps as f64;
+                    match totals.iter_mut().find(|(n, _)| *n == op) {
+                        Some((_, t)) => *t += dt,
+                        None => totals.push((op, dt)),
+                    }
+                    last = Instant::now();
+                    Ok(())
+                },
+            )
+            .map_err(err)?;
+    }
+    Ok(totals)
+}
+
 impl Latency {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({

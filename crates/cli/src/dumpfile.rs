@@ -101,9 +101,7 @@ impl Dump {
         let mut head = serde_json::Value::Object(header).to_string().into_bytes();
         // Pad the header with spaces so the tensor data starts 8-byte
         // aligned, as the reference writer does (readers may then map it).
-        while head.len() % 8 != 0 {
-            head.push(b' ');
-        }
+        head.resize(head.len().div_ceil(8) * 8, b' ');
         let mut out = Vec::with_capacity(8 + head.len() + data.len());
         out.extend((head.len() as u64).to_le_bytes());
         out.extend(head);

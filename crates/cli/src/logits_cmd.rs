@@ -16,8 +16,13 @@ pub const DEFAULT_TOP_K: usize = 10;
 pub fn top_k(row: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut idx: Vec<u32> = (0..row.len() as u32).collect();
     let key = |i: &u32| row[*i as usize];
-    idx.sort_by(|a, b| key(b).total_cmp(&key(a)).then(a.cmp(b)));
-    idx.truncate(k);
+    let order = |a: &u32, b: &u32| key(b).total_cmp(&key(a)).then(a.cmp(b));
+    // Select the k first, then sort only those: a vocabulary is large.
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, order);
+        idx.truncate(k);
+    }
+    idx.sort_by(order);
     idx.into_iter().map(|i| (i, row[i as usize])).collect()
 }
 

@@ -145,9 +145,13 @@ pub fn run<B: Backend>(model: &Qwen3<B>, ids: &[u32], args: &PerplexityArgs) -> 
         let mut seq = Sequence::default();
         let mut p = w.begin;
         while p < w.end {
-            let q = (p + PIECE).min(w.end);
-            // Logits of token j predict token j + 1: rows p..q are needed
-            // when some target in p+1..=q is scored.
+            // Logits of token j predict token j + 1, so rows from
+            // score_from - 1 on are scored: end a piece there, and the
+            // rows before it skip the vocabulary projection but one.
+            let mut q = (p + PIECE).min(w.end);
+            if p + 1 < w.score_from && w.score_from - 1 < q {
+                q = w.score_from - 1;
+            }
             let needed = q >= w.score_from && p + 1 < w.end;
             let want = if needed { Logits::All } else { Logits::Last };
             let logits = model

@@ -122,7 +122,8 @@ fn each_injected_fault_is_named() {
         // Element 0 is token position 0, and one element is one bf16 ulp
         // off: 1 ulp of a bf16 activation, 2^16 ulps of an f32 one.
         assert!(v.contains("token position 0 "), "{v}");
-        let bf16 = ["q", "k_cache", "v_cache", "attn", "act"].contains(&name.rsplit('.').next().unwrap());
+        let bf16 =
+            ["q", "k_cache", "v_cache", "attn", "act"].contains(&name.rsplit('.').next().unwrap());
         let ulps = if bf16 { "(1 ulp)" } else { "(65536 ulp)" };
         assert!(v.contains(ulps) && v.contains(" 1 of "), "{v}");
         assert!(v.ends_with("contract: exact"), "{v}");

@@ -129,7 +129,6 @@ fn project(x: &[f32], t: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32],
         return;
     }
     let rows_per_task = (n / (rayon::current_num_threads() * 8)).clamp(1, 256);
-    let x = &transpose_chunks(x, k);
     // Results are produced row-major in n ([N, T]) so that each task owns a
     // contiguous block, then stored to the [T, N] output.
     let mut by_row = vec![0.0f32; n * t];
@@ -160,28 +159,10 @@ fn project(x: &[f32], t: usize, k: usize, w: &[bf16], n: usize, out: &mut [f32],
     });
 }
 
-/// Each token's row with every whole 256-chunk in the transposed lane
-/// layout of [`dot_row`]; the tail keeps its natural order.
-fn transpose_chunks(x: &[f32], k: usize) -> Vec<f32> {
-    let full = k / ROW_LANES * ROW_LANES;
-    let mut out = x.to_vec();
-    for (src, dst) in x.chunks(k).zip(out.chunks_mut(k)) {
-        for base in (0..full).step_by(ROW_LANES) {
-            let chunk: &mut [f32; ROW_LANES] = (&mut dst[base..base + ROW_LANES])
-                .try_into()
-                .expect("whole chunk");
-            transpose_into(chunk, |j| src[base + j]);
-        }
-    }
-    out
-}
-
-/// `dst[ti] = dot(wrow, x[ti])` for every token, in the 256-lane order;
-/// `x` comes from [`transpose_chunks`].
-///
-/// Lane `j = 8g + e` is stored at `e·32 + g` (a transposed layout): then the
-/// accumulation and every step of the lane butterfly are plain vector adds
-/// over contiguous memory, which the compiler vectorises.
+/// `dst[ti] = dot(wrow, x[ti])` for every token, in the 256-lane order: lane
+/// `j` accumulates elements `k ≡ j (mod 256)`, so the accumulation is a
+/// plain vector loop over contiguous memory; the lanes are then combined in
+/// the spec's butterfly order.
 fn dot_row(
     wrow: &[bf16],
     x: &[f32],
@@ -189,8 +170,39 @@ fn dot_row(
     dst: &mut [f32],
     acc: &mut [[f32; ROW_LANES]; TOKEN_TILE],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU supports AVX2 (checked just above); the function
+            // is the same safe Rust code compiled with 8-wide vectors. No FMA
+            // is enabled, so every product and sum rounds as the spec says.
+            return unsafe { dot_row_avx2(wrow, x, k, dst, acc) };
+        }
+    }
+    dot_row_generic(wrow, x, k, dst, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_row_avx2(
+    wrow: &[bf16],
+    x: &[f32],
+    k: usize,
+    dst: &mut [f32],
+    acc: &mut [[f32; ROW_LANES]; TOKEN_TILE],
+) {
+    dot_row_generic(wrow, x, k, dst, acc)
+}
+
+#[inline(always)]
+fn dot_row_generic(
+    wrow: &[bf16],
+    x: &[f32],
+    k: usize,
+    dst: &mut [f32],
+    acc: &mut [[f32; ROW_LANES]; TOKEN_TILE],
+) {
     let t = dst.len();
-    let full = k / ROW_LANES * ROW_LANES;
     let mut wf = [0.0f32; ROW_LANES];
     let mut t0 = 0;
     while t0 < t {
@@ -199,53 +211,55 @@ fn dot_row(
             a.fill(0.0);
         }
         let mut base = 0;
-        while base < full {
-            transpose_into(&mut wf, |j| widen(wrow[base + j]));
+        while base < k {
+            let len = ROW_LANES.min(k - base);
+            if tt == 1 {
+                // One token (decode): widen and accumulate in one pass.
+                let xs = &x[t0 * k + base..t0 * k + base + len];
+                for ((a, &wv), &xv) in acc[0][..len]
+                    .iter_mut()
+                    .zip(&wrow[base..base + len])
+                    .zip(xs)
+                {
+                    *a += widen(wv) * xv;
+                }
+                base += len;
+                continue;
+            }
+            for (f, &v) in wf[..len].iter_mut().zip(&wrow[base..base + len]) {
+                *f = widen(v);
+            }
             for (i, a) in acc.iter_mut().enumerate().take(tt) {
-                let xt = &x[(t0 + i) * k + base..(t0 + i) * k + base + ROW_LANES];
-                for ((a, &wv), &xv) in a.iter_mut().zip(&wf).zip(xt) {
+                let xs = &x[(t0 + i) * k + base..(t0 + i) * k + base + len];
+                for ((a, &wv), &xv) in a[..len].iter_mut().zip(&wf[..len]).zip(xs) {
                     *a += wv * xv;
                 }
             }
-            base += ROW_LANES;
+            base += len;
         }
-        // The tail of a row shorter than a whole 256-chunk: lanes past its
-        // end receive nothing (not even a +0.0).
         for (i, a) in acc.iter_mut().enumerate().take(tt) {
-            let xs = &x[(t0 + i) * k..(t0 + i + 1) * k];
-            for j in 0..k - full {
-                a[(j % 8) * 32 + j / 8] += widen(wrow[full + j]) * xs[full + j];
-            }
-            dst[t0 + i] = combine_transposed(a);
+            dst[t0 + i] = combine_lanes(a);
         }
         t0 += tt;
     }
 }
 
-/// `dst[e·32 + g] = src(8g + e)`.
+/// `numerics::row_lanes_combine` written out step by step: offsets 4, 2, 1
+/// inside each group of 8 lanes, then 128..8 across the groups' first lanes.
 #[inline(always)]
-fn transpose_into(dst: &mut [f32; ROW_LANES], src: impl Fn(usize) -> f32) {
+fn combine_lanes(a: &mut [f32; ROW_LANES]) -> f32 {
     for g in 0..32 {
-        for e in 0..8 {
-            dst[e * 32 + g] = src(8 * g + e);
+        let b = 8 * g;
+        for e in 0..4 {
+            a[b + e] += a[b + e + 4];
         }
-    }
-}
-
-/// `numerics::row_lanes_combine` on the transposed layout: offsets 4, 2, 1
-/// pair rows `e`, offsets 128..8 pair columns `g`.
-#[inline(always)]
-fn combine_transposed(a: &mut [f32; ROW_LANES]) -> f32 {
-    for half in [4usize, 2, 1] {
-        for e in 0..half {
-            for g in 0..32 {
-                a[e * 32 + g] += a[(e + half) * 32 + g];
-            }
-        }
+        a[b] += a[b + 2];
+        a[b + 1] += a[b + 3];
+        a[b] += a[b + 1];
     }
     for half in [16usize, 8, 4, 2, 1] {
         for g in 0..half {
-            a[g] += a[g + half];
+            a[8 * g] += a[8 * (g + half)];
         }
     }
     a[0]
@@ -271,13 +285,7 @@ mod tests {
                 })
                 .collect();
             let mut dst = [0.0f32; 3];
-            dot_row(
-                &w,
-                &transpose_chunks(&x, k),
-                k,
-                &mut dst,
-                &mut [[0.0; ROW_LANES]; TOKEN_TILE],
-            );
+            dot_row(&w, &x, k, &mut dst, &mut [[0.0; ROW_LANES]; TOKEN_TILE]);
             for (ti, d) in dst.iter().enumerate() {
                 let want = row_reduce(k, |j| widen(w[j]) * x[ti * k + j]);
                 assert_eq!(d.to_bits(), want.to_bits(), "k={k} token {ti}");

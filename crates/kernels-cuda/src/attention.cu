@@ -3,6 +3,9 @@
 // sum and weighted values; attn_combine merges the chunks in order.
 
 #define CHUNK 64
+// Warps per block (the launcher uses 128 threads) and head_dim / 32 at most.
+#define WARPS 4
+#define MAX_PER 8
 
 extern "C" __global__ void attn_chunk(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc,
                                       const u32* pos, const u32* seq, const u32* tables, int max_blocks, int bs,
@@ -18,19 +21,33 @@ extern "C" __global__ void attn_chunk(const __nv_bfloat16* q, const __nv_bfloat1
     const u32* table = tables + (size_t)seq[t] * max_blocks;
     int kvh = h / (Hq / Hkv);
     const __nv_bfloat16* qh = q + (size_t)t * Hq * D + (size_t)h * D;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int j = threadIdx.x; j < len; j += blockDim.x) {
         int p = start + j;
         slot_of[j] = table[p / bs] * (u32)bs + (u32)(p % bs);
     }
     __syncthreads();
+    // Each warp scores positions warp, warp + 4, ...: all its key loads are
+    // issued before any shuffle, so they overlap instead of queueing.
     int per = D / 32;
-    for (int j = warp; j < len; j += warps) {
-        const __nv_bfloat16* k = kc + ((size_t)slot_of[j] * Hkv + kvh) * D;
+    float qv[MAX_PER];
+    for (int i = 0; i < per; i++) qv[i] = bf(qh[lane * per + i]);
+    float dots[CHUNK / WARPS];
+#pragma unroll
+    for (int r = 0; r < CHUNK / WARPS; r++) {
+        int j = warp + r * WARPS;
         float s = 0.0f;
-        for (int i = lane * per; i < (lane + 1) * per; i++) s = s + bf(qh[i]) * bf(k[i]);
-        s = head_combine(s);
-        if (lane == 0) sc[j] = s * scale;
+        if (j < len) {
+            const __nv_bfloat16* k = kc + ((size_t)slot_of[j] * Hkv + kvh) * D + lane * per;
+            for (int i = 0; i < per; i++) s = s + qv[i] * bf(k[i]);
+        }
+        dots[r] = s;
+    }
+#pragma unroll
+    for (int r = 0; r < CHUNK / WARPS; r++) {
+        float s = head_combine(dots[r]);
+        int j = warp + r * WARPS;
+        if (lane == 0 && j < len) sc[j] = s * scale;
     }
     __syncthreads();
     float m = __int_as_float(0xff800000);
@@ -46,8 +63,17 @@ extern "C" __global__ void attn_chunk(const __nv_bfloat16* q, const __nv_bfloat1
         out[1] = l;
     }
     for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        // Loads of 8 positions go out together; the sum stays in position order.
         float o = 0.0f;
-        for (int j = 0; j < len; j++) o = o + sc[j] * bf(vc[((size_t)slot_of[j] * Hkv + kvh) * D + i]);
+        int j = 0;
+        for (; j + 8 <= len; j += 8) {
+            float vv[8];
+#pragma unroll
+            for (int u = 0; u < 8; u++) vv[u] = bf(vc[((size_t)slot_of[j + u] * Hkv + kvh) * D + i]);
+#pragma unroll
+            for (int u = 0; u < 8; u++) o = o + sc[j + u] * vv[u];
+        }
+        for (; j < len; j++) o = o + sc[j] * bf(vc[((size_t)slot_of[j] * Hkv + kvh) * D + i]);
         out[2 + i] = o;
     }
 }

@@ -50,10 +50,13 @@ pub struct CudaBackend {
     scratch: std::sync::Mutex<Vec<Option<T>>>,
     /// Scratch tensors that graphs point into: kept for the backend's life,
     /// one per (slot, shape, dtype), so a replayed graph never reads freed memory.
-    pinned: std::sync::Mutex<std::collections::HashMap<(usize, Vec<usize>, DType), T>>,
+    pinned: std::sync::Mutex<std::collections::HashMap<PinnedKey, T>>,
     /// Set while `capture` runs: scratch then comes from `pinned`.
     capturing: std::sync::atomic::AtomicBool,
 }
+
+/// (scratch slot, shape, dtype) of a pinned scratch tensor.
+type PinnedKey = (usize, Vec<usize>, DType);
 
 /// A captured CUDA graph.
 pub struct CudaGraphHandle(cudarc::driver::CudaGraph);

@@ -5,6 +5,7 @@
 
 #define TOKEN_TILE 4
 #define UNROLL 4
+#define FUSED_ROWS_PER_WARP 4
 
 __device__ __forceinline__ void load8_x(const __nv_bfloat16* p, float* f, bool vec) { load8_bf16(p, f, vec); }
 __device__ __forceinline__ void load8_x(const float* p, float* f, bool vec) {
@@ -125,7 +126,10 @@ extern "C" __global__ void rms_norm_matmul_bf16(const float* x, const float* nor
         for (int k = lane; k < K; k += 32) xs[(size_t)i * K + k] = __float2bfloat16_rn(norm_w[k] * (xr[k] * inv));
     }
     __syncthreads();
-    int n = blockIdx.x * blockDim.y + warp;
-    if (n >= N) return;
-    project_rows(xs, w, out, t0, tt, K, N, n, 0);
+    // Each warp takes FUSED_ROWS_PER_WARP rows, so the norm above is paid
+    // once per blockDim.y * FUSED_ROWS_PER_WARP weight rows.
+    for (int r = 0; r < FUSED_ROWS_PER_WARP; r++) {
+        int n = (blockIdx.x * FUSED_ROWS_PER_WARP + r) * blockDim.y + warp;
+        if (n < N) project_rows(xs, w, out, t0, tt, K, N, n, 0);
+    }
 }

@@ -10,6 +10,10 @@ use crate::{CudaBackend, Scratch};
 /// Weight rows per block (one warp each); tokens per warp as in matmul.cu.
 const ROWS: u32 = 4;
 const TOKEN_TILE: u32 = 4;
+/// Warps per block of the fused kernel, and rows each warp takes
+/// (FUSED_ROWS_PER_WARP in matmul.cu).
+const FUSED_WARPS: u32 = 8;
+const FUSED_ROWS_PER_WARP: u32 = 4;
 /// Shared memory a block may take without opting in to more.
 const FUSED_SMEM_MAX: usize = 48 * 1024;
 
@@ -91,13 +95,14 @@ impl CudaBackend {
         let fused = dtype == DType::BF16 && !self.use_tensor_cores(t) && smem <= FUSED_SMEM_MAX;
         if fused && t > 0 && n > 0 {
             let (ti, ki, ni) = (int(OP, t)?, int(OP, h)?, int(OP, n)?);
+            let rows_per_block = FUSED_WARPS * FUSED_ROWS_PER_WARP;
             let mut cfg = grid(
                 (
-                    (n as u32).div_ceil(ROWS),
+                    (n as u32).div_ceil(rows_per_block),
                     (t as u32).div_ceil(TOKEN_TILE),
                     1,
                 ),
-                (32, ROWS, 1),
+                (32, FUSED_WARPS, 1),
             );
             cfg.shared_mem_bytes = smem as u32;
             let mut b = self

@@ -18,6 +18,11 @@ fn gpu() -> Option<CudaBackend> {
             Some(g)
         }
         Err(e) => {
+            // On the GPU machine (scripts/gpu-run.sh) a missing GPU is a failure.
+            assert!(
+                std::env::var_os("QWEN_REQUIRE_GPU").is_none(),
+                "no GPU: {e}"
+            );
             println!("skipping GPU twin test: {e}");
             None
         }
@@ -375,7 +380,8 @@ fn qk_norm_rope_and_attention() {
     let mut r = Rng::new("attention");
     let bs = 16;
     // (q heads, kv heads, head_dim, sequences as (context, new tokens)).
-    let cases: Vec<(usize, usize, usize, Vec<(usize, usize)>)> = vec![
+    type Case = (usize, usize, usize, Vec<(usize, usize)>);
+    let cases: Vec<Case> = vec![
         (16, 8, 128, vec![(1, 1)]),
         (32, 8, 128, vec![(8192, 1)]),
         (16, 8, 128, (0..64).map(|i| (100 + 37 * i, 1)).collect()),

@@ -87,7 +87,7 @@ pub fn random_weights(
     let s = |fan_in: usize| 1.0 / (fan_in as f32).sqrt();
     let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
     for l in 0..cfg.num_hidden_layers {
-        let seed = mix(seed ^ (l as u64 + 1) * 0x1000);
+        let seed = mix(seed ^ ((l as u64 + 1) * 0x1000));
         layers.push(HostLayer {
             input_norm: vec![1.0; h],
             post_attention_norm: vec![1.0; h],

@@ -21,6 +21,11 @@ fn gpu_model(exact: bool) -> Option<Qwen3<CudaBackend>> {
             )
         }
         Err(e) => {
+            // On the GPU machine (scripts/gpu-run.sh) a missing GPU is a failure.
+            assert!(
+                std::env::var_os("QWEN_REQUIRE_GPU").is_none(),
+                "no GPU: {e}"
+            );
             println!("skipping CUDA golden test: {e}");
             None
         }
