@@ -38,9 +38,14 @@ for l in sys.stdin:
     strip "gpu-bin/bench-$name"
   done <<<"$built"
   ls -la gpu-bin
+  # gpu-bin/ can outgrow what a copy of the tree may carry: also pack it.
+  tar -cJf gpu-bin.tar.xz gpu-bin
+  ls -la gpu-bin.tar.xz
 }
 
 run() {
+  # Unpack the binaries when only the archive travelled.
+  [ -d gpu-bin ] || tar -xJf gpu-bin.tar.xz
   local out=${OUT:-gpu-logs}
   mkdir -p "$out"
   # Criterion's saved baselines would otherwise land in ./target/criterion;

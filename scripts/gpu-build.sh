@@ -5,7 +5,8 @@
 # the repo root, with gpu-bin/ beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-rm -rf gpu-bin && mkdir -p gpu-bin
+# Only this script's files are replaced: scripts/gpu-bench.sh adds its own.
+mkdir -p gpu-bin && rm -f gpu-bin/twin gpu-bin/golden_cuda gpu-bin/qwen-cli
 
 # name=cargo args of one test target
 targets=(
@@ -28,3 +29,6 @@ cargo build --release -p qwen-cli
 cp "${CARGO_TARGET_DIR:-target}/release/qwen-cli" gpu-bin/
 strip gpu-bin/*
 ls -la gpu-bin
+# gpu-bin/ can outgrow what a copy of the tree may carry: also pack it.
+tar -cJf gpu-bin.tar.xz gpu-bin
+ls -la gpu-bin.tar.xz

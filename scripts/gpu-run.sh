@@ -4,6 +4,8 @@
 # the first failure. Logs go to $OUT (or ./gpu-logs) when set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Unpack the binaries when only the archive travelled.
+[ -d gpu-bin ] || tar -xJf gpu-bin.tar.xz
 out=${OUT:-gpu-logs}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true

@@ -384,6 +384,16 @@ fn step_name(k: usize) -> String {
     }
 }
 
+/// Ulp distances between values of opposite sign count every float in
+/// between and run to billions: printed compactly past a million.
+fn fmt_ulp(u: u64) -> String {
+    if u < 1_000_000 {
+        u.to_string()
+    } else {
+        format!("{:.1e}", u as f64)
+    }
+}
+
 fn fmt_num(x: f64) -> String {
     if x == 0.0 {
         "0".into()
@@ -444,15 +454,24 @@ pub fn run<B: Backend>(
                 let Some(t) = dump.tensors.get(&format!("{}.tokens", step_name(k))) else {
                     break;
                 };
+                let tokens = token_ids(t);
+                if tokens.len() != 1 {
+                    return Err(format!(
+                        "{}: {}.tokens holds {} ids; a decode step feeds one",
+                        path.display(),
+                        step_name(k),
+                        tokens.len()
+                    ));
+                }
                 plan.push(Step {
                     name: step_name(k),
-                    tokens: token_ids(t),
+                    tokens,
                 });
                 k += 1;
             }
             if k <= opts.steps {
                 eprintln!(
-                    "note: the dump holds {} decode steps; verifying those",
+                    "note: the dump holds {} decode step(s); verifying those",
                     k - 1
                 );
             }
@@ -778,7 +797,7 @@ pub fn run<B: Backend>(
                 d.step,
                 worst % d.row_width,
                 fmt_num(d.stats.max_abs),
-                d.stats.max_ulp,
+                fmt_ulp(d.stats.max_ulp),
                 fmt_num(d.stats.rel_l2),
                 d.stats.differing,
                 d.stats.n,
@@ -804,7 +823,7 @@ fn print_table(
 ) {
     let drift = refs.iter().any(|r| r.2.is_some());
     println!(
-        "{:<24} {:<14} {:>10} {:>8} {:>10} {:>15}  {:<22}{}  status",
+        "{:<24} {:<14} {:>10} {:>8} {:>10} {:>17}  {:<22}{}  status",
         "activation",
         "contract",
         "max|diff|",
@@ -822,11 +841,11 @@ fn print_table(
             None => "-".into(),
         };
         println!(
-            "{:<24} {:<14} {:>10} {:>8} {:>10} {:>15}  {:<22}{}  {}",
+            "{:<24} {:<14} {:>10} {:>8} {:>10} {:>17}  {:<22}{}  {}",
             name,
             contract.label(),
             fmt_num(s.max_abs),
-            s.max_ulp,
+            fmt_ulp(s.max_ulp),
             fmt_num(s.rel_l2),
             format!("{}/{}", s.differing, s.n),
             worst,

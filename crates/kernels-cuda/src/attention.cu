@@ -3,13 +3,19 @@
 // sum and weighted values; attn_combine merges the chunks in order.
 
 #define CHUNK 64
-// Warps per block (the launcher uses 128 threads) and head_dim / 32 at most.
+// Fewest warps per block (the launcher uses max(128, head_dim) threads).
 #define WARPS 4
-#define MAX_PER 8
 
-extern "C" __global__ void attn_chunk(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc,
-                                      const u32* pos, const u32* seq, const u32* tables, int max_blocks, int bs,
-                                      int Hq, int Hkv, int D, float scale, int max_chunks, float* part) {
+// One block per (token, q head, chunk). Latency, not bandwidth, bounds a
+// decode step's attention, so every load of the chunk's values and keys is
+// issued before the arithmetic that needs them; the sums still run in the
+// spec's order.
+template <int PER>
+__device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __nv_bfloat16* kc,
+                                                const __nv_bfloat16* vc, const u32* pos, const u32* seq,
+                                                const u32* tables, int max_blocks, int bs, int Hq, int Hkv,
+                                                float scale, int max_chunks, float* part) {
+    const int D = PER * 32;
     __shared__ float sc[CHUNK];
     __shared__ u32 slot_of[CHUNK];
     int th = blockIdx.x, c = blockIdx.y;
@@ -21,37 +27,45 @@ extern "C" __global__ void attn_chunk(const __nv_bfloat16* q, const __nv_bfloat1
     const u32* table = tables + (size_t)seq[t] * max_blocks;
     int kvh = h / (Hq / Hkv);
     const __nv_bfloat16* qh = q + (size_t)t * Hq * D + (size_t)h * D;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
     for (int j = threadIdx.x; j < len; j += blockDim.x) {
         int p = start + j;
         slot_of[j] = table[p / bs] * (u32)bs + (u32)(p % bs);
     }
     __syncthreads();
-    // Each warp scores positions warp, warp + 4, ...: all its key loads are
-    // issued before any shuffle, so they overlap instead of queueing.
-    int per = D / 32;
-    float qv[MAX_PER];
-    for (int i = 0; i < per; i++) qv[i] = bf(qh[lane * per + i]);
-    float dots[CHUNK / WARPS];
+    // Thread i owns output dimension i (the launcher gives D <= blockDim.x threads).
+    int i = threadIdx.x;
+    float vv[CHUNK];
+#pragma unroll
+    for (int j = 0; j < CHUNK; j++)
+        vv[j] = (i < D && j < len) ? bf(vc[((size_t)slot_of[j] * Hkv + kvh) * D + i]) : 0.0f;
+    float qv[PER];
+#pragma unroll
+    for (int e = 0; e < PER; e++) qv[e] = bf(qh[lane * PER + e]);
+    // Warp w scores positions w, w + warps, ... (at most CHUNK / WARPS of them).
+    float kv[CHUNK / WARPS][PER];
 #pragma unroll
     for (int r = 0; r < CHUNK / WARPS; r++) {
-        int j = warp + r * WARPS;
-        float s = 0.0f;
-        if (j < len) {
-            const __nv_bfloat16* k = kc + ((size_t)slot_of[j] * Hkv + kvh) * D + lane * per;
-            for (int i = 0; i < per; i++) s = s + qv[i] * bf(k[i]);
-        }
-        dots[r] = s;
+        int j = warp + r * warps;
+        const __nv_bfloat16* k = kc + ((size_t)slot_of[j < len ? j : 0] * Hkv + kvh) * D + lane * PER;
+#pragma unroll
+        for (int e = 0; e < PER; e++) kv[r][e] = j < len ? bf(k[e]) : 0.0f;
     }
 #pragma unroll
     for (int r = 0; r < CHUNK / WARPS; r++) {
-        float s = head_combine(dots[r]);
-        int j = warp + r * WARPS;
+        float s = 0.0f;
+#pragma unroll
+        for (int e = 0; e < PER; e++) s = s + qv[e] * kv[r][e];
+        s = head_combine(s);
+        int j = warp + r * warps;
         if (lane == 0 && j < len) sc[j] = s * scale;
     }
     __syncthreads();
+    // The max is exact in any order.
     float m = __int_as_float(0xff800000);
-    for (int j = 0; j < len; j++) m = fmaxf(m, sc[j]);
+    if (lane < len) m = sc[lane];
+    if (lane + 32 < len) m = fmaxf(m, sc[lane + 32]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     __syncthreads();
     for (int j = threadIdx.x; j < len; j += blockDim.x) sc[j] = q_exp(sc[j] - m);
     __syncthreads();
@@ -62,19 +76,23 @@ extern "C" __global__ void attn_chunk(const __nv_bfloat16* q, const __nv_bfloat1
         out[0] = m;
         out[1] = l;
     }
-    for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        // Loads of 8 positions go out together; the sum stays in position order.
+    if (i < D) {
         float o = 0.0f;
-        int j = 0;
-        for (; j + 8 <= len; j += 8) {
-            float vv[8];
 #pragma unroll
-            for (int u = 0; u < 8; u++) vv[u] = bf(vc[((size_t)slot_of[j + u] * Hkv + kvh) * D + i]);
-#pragma unroll
-            for (int u = 0; u < 8; u++) o = o + sc[j + u] * vv[u];
-        }
-        for (; j < len; j++) o = o + sc[j] * bf(vc[((size_t)slot_of[j] * Hkv + kvh) * D + i]);
+        for (int j = 0; j < CHUNK; j++)
+            if (j < len) o = o + sc[j] * vv[j];
         out[2 + i] = o;
+    }
+}
+
+extern "C" __global__ void attn_chunk(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc,
+                                      const u32* pos, const u32* seq, const u32* tables, int max_blocks, int bs,
+                                      int Hq, int Hkv, int D, float scale, int max_chunks, float* part) {
+    switch (D / 32) {
+        case 1: attn_chunk_body<1>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale, max_chunks, part); break;
+        case 2: attn_chunk_body<2>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale, max_chunks, part); break;
+        case 4: attn_chunk_body<4>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale, max_chunks, part); break;
+        case 8: attn_chunk_body<8>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale, max_chunks, part); break;
     }
 }
 

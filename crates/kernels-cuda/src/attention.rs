@@ -49,6 +49,8 @@ impl CudaBackend {
                     int(OP, d)?,
                     int(OP, max_chunks)?,
                 );
+                // One thread per output dimension, and at least the 4 warps attn_chunk assumes.
+                let threads = (d as u32).max(128);
                 let mut b = self.dev.stream.launch_builder(self.kernel("attn_chunk"));
                 b.arg(bf16s(OP, "q", q)?)
                     .arg(bf16s(OP, "k_cache", k_cache)?)
@@ -66,7 +68,7 @@ impl CudaBackend {
                     .arg(f32s_mut(OP, "partials", part)?);
                 // SAFETY: argument order and types match attn_chunk in attention.cu; the
                 // partials buffer holds max_chunks entries for every (token, head).
-                unsafe { b.launch(grid((rows as u32, max_chunks as u32, 1), (128, 1, 1))) }
+                unsafe { b.launch(grid((rows as u32, max_chunks as u32, 1), (threads, 1, 1))) }
                     .map_err(dev)?;
                 let mut b = self.dev.stream.launch_builder(self.kernel("attn_combine"));
                 b.arg(f32s(OP, "partials", part)?)

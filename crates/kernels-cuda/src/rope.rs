@@ -74,10 +74,10 @@ impl CudaBackend {
 
 pub(crate) fn check_geometry(op: &'static str, geo: AttnGeometry) -> Result<()> {
     let d = geo.head_dim;
-    if d == 0 || !d.is_multiple_of(32) || d > 256 {
+    if ![32, 64, 128, 256].contains(&d) {
         return Err(shape_err(
             op,
-            format!("head_dim {d} must be a multiple of 32, at most 256"),
+            format!("head_dim {d} is not supported on CUDA (32, 64, 128 or 256)"),
         ));
     }
     if geo.num_kv_heads == 0

@@ -54,14 +54,16 @@ extern "C" __global__ void repetition_penalty(float* logits, int V, const u32* p
 // "First candidate in rank order whose inclusive prefix sum of w exceeds t"
 // (top-k with w = 1, top-p's cut and the draw with w = q) is found by a
 // most-significant-digit radix descent over the rank keys: per pass, a
-// histogram of the summed weights of each 8-bit digit among the keys that
-// share the prefix fixed so far; the digit whose bucket holds t is appended.
+// histogram of the summed weights of each 8-bit digit among the candidates
+// that share the prefix fixed so far; the digit whose bucket holds t is
+// appended and t made relative to it.
 //
 // Tokens with z - z_max < -30 have q = 0 (exp(-30) * 2^40 < 0.1); they form
 // a suffix in rank order and can change neither a sum nor a draw, and a
 // top-k cut that reaches them keeps every other token. So the block first
 // compacts the remaining "live" tokens (key, e) into a per-row scratch
-// buffer, and every later pass reads only those.
+// buffer, and every later pass reads only those; once top-k leaves at most
+// SHARED_CAP candidates, they move to shared memory.
 // ---------------------------------------------------------------------------
 
 typedef unsigned long long u64;
@@ -69,6 +71,8 @@ typedef unsigned long long u64;
 #define SAMPLE_THREADS 1024
 #define RADIX_BITS 8
 #define RADIX (1 << RADIX_BITS)
+#define CACHE 4
+#define SHARED_CAP 2048
 #define FULL_MASK 0xffffffffu
 
 // 2^40, the fixed-point scale of q.
@@ -92,110 +96,144 @@ __device__ __forceinline__ u64 rank_key(float z, int i, int nb) {
 // Step 3's fixed-point weight: exact power-of-two scaling, truncation.
 __device__ __forceinline__ u64 quantise(float e) { return __float2ull_rz(e * Q_SCALE); }
 
-struct SelectShared {
-    u64 sum[RADIX];        // summed weight per digit
-    u32 count[RADIX];      // candidates per digit
-    u64 slot[RADIX];       // a key of that digit: the key when count == 1
+// One radix pass's histogram and the scan's verdict. Weight sums are kept
+// as two 32-bit words because 32-bit shared atomics are native while
+// 64-bit adds are compare-and-swap loops, which starve under contention.
+struct Hist {
+    u32 count[RADIX];  // candidates per digit
+    u32 lo[RADIX];     // summed weight per digit, low word
+    u32 hi[RADIX];     // ... high word (carries out of `lo` land here)
     u64 warp_total[RADIX / 32];
-    u64 t_next;            // target within the chosen digit
-    int digit;             // chosen digit, -1 if the total is <= the target
+    u64 t_next;        // target within the chosen digit
+    u64 key;           // the fetched key of a single-candidate digit
+    int digit;         // chosen digit, -1 if the total is <= the target
 };
 
-// Flushes one thread's run of equal digits into the histogram: runs turn
-// the many same-bucket adds of a skewed pass into few atomics.
-__device__ __forceinline__ void flush_run(SelectShared& s, u32 d, u64 w, u32 c, u64 key) {
+// Adds a thread's accumulated (weight, count) of one digit to the histogram.
+// The carry test is exact: each add that wraps the low word carries one.
+__device__ __forceinline__ void flush(Hist& s, bool by_count, u32 d, u64 w, u32 c) {
     if (c == 0) return;
-    atomicAdd(&s.sum[d], w);
     atomicAdd(&s.count[d], c);
-    atomicExch(&s.slot[d], key);
+    if (by_count) return;
+    u32 wl = (u32)w, wh = (u32)(w >> 32);
+    u32 old = atomicAdd(&s.lo[d], wl);
+    if (old + wl < old) wh += 1u;
+    if (wh != 0) atomicAdd(&s.hi[d], wh);
 }
 
-// Among the live candidates with key <= bound and e >= min_p, weighted by
-// 1 (by_count) or q, finds the first in key order whose inclusive prefix
-// sum of weights exceeds the target (see T_*; `frac` is top_p or u, `fixed`
-// the T_FIXED target). All threads of the block must call it together;
-// returns whether such a candidate exists and its key in *out.
-__device__ bool select_key(const u64* keys, const float* es, int n, u64 kmin, u64 kmax, u64 bound,
-                           float min_p, bool by_count, int mode, float frac, u64 fixed,
-                           SelectShared& s, u64* out) {
-    const int tid = threadIdx.x;
+// Among the candidates keys[0..n) with key <= kmax (kmin: the smallest, the
+// top token) and, unless by_count, e >= min_p, weighted by 1 (by_count) or
+// q: finds the first in key order whose inclusive prefix sum of weights
+// exceeds the target (see T_*; `frac` is top_p or u, `fixed` the T_FIXED
+// target). All threads of the block must call it together; returns whether
+// such a candidate exists and, if so, its key in *out.
+__device__ bool select_key(const u64* keys, const float* es, int n, u64 kmin, u64 kmax,
+                           float min_p, bool by_count, int mode, float frac, u64 fixed, Hist& s,
+                           u64* out) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int nwarps = blockDim.x >> 5;
+    // Each warp reads a contiguous segment, its lanes side by side: loads
+    // coalesce, and a thread's successive keys lie close in the compacted
+    // order (roughly index order), so runs of one digit are long.
+    const int seg = (n + nwarps - 1) / nwarps;
+    const int j_end = min(n, (warp + 1) * seg);
     // Bits above the highest one where kmin and kmax differ are shared by
-    // every live key: the descent starts below them.
+    // every candidate: the descent starts below them. Keys are < 2^63, so
+    // hi <= 63 and the shifts below are defined.
     u64 diff = kmin ^ kmax;
     int hi = diff == 0 ? 0 : 64 - __clzll((long long)diff);
-    u64 prefix = hi >= 64 ? 0 : (kmin >> hi) << hi;
+    u64 prefix = (kmin >> hi) << hi;
     u64 t = fixed;
     bool first = true;
-    bool found = false;
-    u64 key = 0;
-    const bool need_e = !by_count || min_p > 0.0f;
     for (;;) {
         // Digit bits [lo, hi); hi == 0 (one key left) gives a 0-bit digit.
-        int lo = hi > RADIX_BITS ? hi - RADIX_BITS : 0;
-        u32 dmask = (1u << (hi - lo)) - 1u;
-        u64 high = hi >= 64 ? 0 : prefix >> hi;
+        const int lo = hi > RADIX_BITS ? hi - RADIX_BITS : 0;
+        const u32 dmask = (1u << (hi - lo)) - 1u;
+        const u64 high = prefix >> hi;
         for (int d = tid; d < RADIX; d += blockDim.x) {
-            s.sum[d] = 0;
             s.count[d] = 0;
+            s.lo[d] = 0;
+            s.hi[d] = 0;
         }
         if (tid == 0) s.digit = -1;
         __syncthreads();
 
-        u32 run_d = 0xffffffffu, run_c = 0;
-        u64 run_w = 0, run_k = 0;
-        for (int j = tid; j < n; j += blockDim.x) {
+        // A small per-thread cache of digits absorbs the few hot buckets of
+        // a skewed pass, so most candidates cost no atomic at all.
+        u32 cd[CACHE], cc[CACHE];
+        u64 cw[CACHE];
+#pragma unroll
+        for (int e = 0; e < CACHE; e++) {
+            cd[e] = 0xffffffffu;
+            cc[e] = 0;
+            cw[e] = 0;
+        }
+        int victim = 0;
+        for (int j = warp * seg + lane; j < j_end; j += 32) {
             u64 ck = keys[j];
-            if ((hi < 64 && (ck >> hi) != high) || ck > bound) continue;
+            if ((ck >> hi) != high || ck > kmax) continue;
             u64 w = 1;
-            if (need_e) {
+            if (!by_count) {
                 float e = es[j];
                 if (!(e >= min_p)) continue;
-                if (!by_count) w = quantise(e);
+                w = quantise(e);
             }
             u32 d = (u32)(ck >> lo) & dmask;
-            if (d != run_d) {
-                flush_run(s, run_d, run_w, run_c, run_k);
-                run_d = d;
-                run_w = 0;
-                run_c = 0;
+            bool hit = false;
+#pragma unroll
+            for (int e = 0; e < CACHE; e++) {
+                if (cd[e] == d) {
+                    cc[e] += 1;
+                    cw[e] += w;
+                    hit = true;
+                }
             }
-            run_w += w;
-            run_c += 1;
-            run_k = ck;
+            if (!hit) {
+#pragma unroll
+                for (int e = 0; e < CACHE; e++) {
+                    if (e == victim) {
+                        flush(s, by_count, cd[e], cw[e], cc[e]);
+                        cd[e] = d;
+                        cc[e] = 1;
+                        cw[e] = w;
+                    }
+                }
+                victim = (victim + 1) & (CACHE - 1);
+            }
         }
-        flush_run(s, run_d, run_w, run_c, run_k);
+#pragma unroll
+        for (int e = 0; e < CACHE; e++) flush(s, by_count, cd[e], cw[e], cc[e]);
         __syncthreads();
 
         // Inclusive scan of the 256 bucket sums: per warp, then warp totals.
         u64 v = 0, incl = 0;
         if (tid < RADIX) {
-            v = s.sum[tid];
+            v = by_count ? (u64)s.count[tid] : ((u64)s.hi[tid] << 32) | s.lo[tid];
             incl = v;
-            int lane = tid & 31;
 #pragma unroll
             for (int o = 1; o < 32; o <<= 1) {
                 u64 y = __shfl_up_sync(FULL_MASK, incl, o);
                 if (lane >= o) incl += y;
             }
-            if (lane == 31) s.warp_total[tid >> 5] = incl;
+            if (lane == 31) s.warp_total[warp] = incl;
         }
         __syncthreads();
         if (tid < RADIX) {
             u64 before = 0, total = 0;
             for (int w = 0; w < RADIX / 32; w++) {
-                if (w < (tid >> 5)) before += s.warp_total[w];
+                if (w < warp) before += s.warp_total[w];
                 total += s.warp_total[w];
             }
             incl += before;
             u64 tt = t;
             if (first && mode != T_FIXED) {
-                // One f64 multiplication of u64 -> f64 rounded to nearest,
-                // truncated, as the spec computes it.
+                // u64 -> f64 rounded to nearest, one f64 multiplication,
+                // truncated: exactly as the spec computes tau and target.
                 u64 x = __double2ull_rz((double)frac * __ull2double_rn(total));
                 tt = (mode == T_TOP_P) ? (x == 0 ? 0 : x - 1) : x;
             }
-            // Sums ascend with the digit, so exactly one bucket holds tt
-            // when total > tt.
+            // Prefix sums ascend with the digit, so exactly one bucket holds
+            // tt when total > tt.
             u64 excl = incl - v;
             if (excl <= tt && tt < incl) {
                 s.digit = tid;
@@ -203,43 +241,49 @@ __device__ bool select_key(const u64* keys, const float* es, int n, u64 kmin, u6
             }
         }
         __syncthreads();
-        int d = s.digit;
-        bool done = true;
-        if (d >= 0) {
-            prefix |= (u64)d << lo;
-            t = s.t_next;
-            if (s.count[d] == 1) {
-                key = s.slot[d];
-                found = true;
-            } else if (lo == 0) {
-                // Every bit fixed (keys are unique, so count was 1 anyway).
-                key = prefix;
-                found = true;
-            } else {
-                done = false;
-            }
-        }
+        const int d = s.digit;
+        if (d < 0) return false;  // total <= target; s is only read from here
+        prefix |= (u64)d << lo;
+        t = s.t_next;
         first = false;
+        if (lo == 0) {
+            *out = prefix;  // every bit fixed
+            __syncthreads();
+            return true;
+        }
+        if (s.count[d] == 1) {
+            // One candidate left: fetch its key in one plain pass instead
+            // of descending through the remaining digits.
+            const u64 hp = prefix >> lo;
+            for (int j = warp * seg + lane; j < j_end; j += 32) {
+                u64 ck = keys[j];
+                if ((ck >> lo) == hp && ck <= kmax && (by_count || es[j] >= min_p)) s.key = ck;
+            }
+            __syncthreads();
+            *out = s.key;
+            __syncthreads();
+            return true;
+        }
         hi = lo;
         __syncthreads();  // everyone has read s before it is reset
-        if (done) break;
     }
-    *out = key;
-    return found;
 }
 
 // params: 5 words per row, [temperature, k, top_p, min_p, u], f32 bits
 // except k = min(top_k, V) (V when top_k is 0). keys/es: V-element scratch
-// per row. nb: bit length of V - 1.
+// per row. nb: bit length of V - 1. Needs blockDim.x = SAMPLE_THREADS (at
+// least RADIX, a multiple of 32).
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample_rows(const float* logits, int V, int nb, const u32* params, u64* keys_all, float* es_all,
             u32* out) {
-    __shared__ SelectShared s;
+    __shared__ Hist s;
+    __shared__ u64 sh_keys[SHARED_CAP];
+    __shared__ float sh_es[SHARED_CAP];
     __shared__ float warp_max[32];
     __shared__ u64 kmin_s, kmax_s;
-    __shared__ int live_n;
+    __shared__ int live_n, sh_n;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int nwarps = (blockDim.x + 31) >> 5;
+    const int nwarps = blockDim.x >> 5;
     const float* x = logits + (size_t)blockIdx.x * V;
     u64* keys = keys_all + (size_t)blockIdx.x * V;
     float* es = es_all + (size_t)blockIdx.x * V;
@@ -267,6 +311,7 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u64* keys_all
     if (lane == 0) warp_max[warp] = m;
     if (tid == 0) {
         live_n = 0;
+        sh_n = 0;
         kmin_s = ~0ull;
         kmax_s = 0;
     }
@@ -289,7 +334,7 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u64* keys_all
     // varies from run to run; nothing below depends on it.
     u64 lmin = ~0ull, lmax = 0;
     for (int i0 = 0; i0 < V; i0 += blockDim.x) {
-        int i = i0 + tid;
+        const int i = i0 + tid;
         bool live = false;
         u64 ck = 0;
         float e = 0.0f;
@@ -302,14 +347,14 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u64* keys_all
                 ck = rank_key(z, i, nb);
             }
         }
-        u32 mask = __ballot_sync(FULL_MASK, live);
+        const u32 mask = __ballot_sync(FULL_MASK, live);
         if (mask != 0) {
-            int leader = __ffs(mask) - 1;
+            const int leader = __ffs(mask) - 1;
             int base = 0;
             if (lane == leader) base = atomicAdd(&live_n, __popc(mask));
             base = __shfl_sync(FULL_MASK, base, leader);
             if (live) {
-                int pos = base + __popc(mask & ((1u << lane) - 1u));
+                const int pos = base + __popc(mask & ((1u << lane) - 1u));
                 keys[pos] = ck;
                 es[pos] = e;
                 lmin = ck < lmin ? ck : lmin;
@@ -334,20 +379,49 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u64* keys_all
 
     // Step 2's top-k: the k-th smallest key bounds the candidates. With
     // k >= n the cut keeps every live token (and possibly some q = 0 ones).
-    u64 kcut = kmax, key;
-    if (k < (u32)n && select_key(keys, es, n, kmin, kmax, kmax, 0.0f, true, T_FIXED, 0.0f,
-                                 (u64)k - 1, s, &key))
-        kcut = key;
+    u64 kcut = kmax;
+    int cand = n;
+    if (k < (u32)n) {
+        select_key(keys, es, n, kmin, kmax, 0.0f, true, T_FIXED, 0.0f, (u64)k - 1, s, &kcut);
+        cand = (int)k;
+    }
+    // Few candidates (the usual top_k, or a peaked row): move them to
+    // shared memory, so the remaining passes stay on chip.
+    const u64* ckeys = keys;
+    const float* ces = es;
+    int cn = n;
+    if (cand <= SHARED_CAP) {
+        for (int j0 = 0; j0 < n; j0 += blockDim.x) {
+            const int j = j0 + tid;
+            u64 ck = j < n ? keys[j] : 0;
+            const bool in = j < n && ck <= kcut;
+            const u32 mask = __ballot_sync(FULL_MASK, in);
+            if (mask != 0) {
+                const int leader = __ffs(mask) - 1;
+                int base = 0;
+                if (lane == leader) base = atomicAdd(&sh_n, __popc(mask));
+                base = __shfl_sync(FULL_MASK, base, leader);
+                if (in) {
+                    const int pos = base + __popc(mask & ((1u << lane) - 1u));
+                    sh_keys[pos] = ck;
+                    sh_es[pos] = es[j];
+                }
+            }
+        }
+        __syncthreads();
+        ckeys = sh_keys;
+        ces = sh_es;
+        cn = sh_n;  // == cand
+    }
     // Step 4: top-p keeps the prefix up to the first candidate whose
     // inclusive sum reaches tau (all if none does).
     u64 pcut = kcut;
-    if (top_p < 1.0f &&
-        select_key(keys, es, n, kmin, kmax, kcut, 0.0f, false, T_TOP_P, top_p, 0, s, &key))
-        pcut = key;
+    if (top_p < 1.0f)
+        select_key(ckeys, ces, cn, kmin, kcut, 0.0f, false, T_TOP_P, top_p, 0, s, &pcut);
     // Steps 5 and 6: min-p is a per-token filter applied inside the draw
     // (e >= 0 always holds, so min_p = 0 filters nothing); the top token is
     // the fallback.
     u64 tok = kmin;
-    if (select_key(keys, es, n, kmin, kmax, pcut, min_p, false, T_DRAW, u, 0, s, &key)) tok = key;
+    select_key(ckeys, ces, cn, kmin, pcut, min_p, false, T_DRAW, u, 0, s, &tok);
     if (tid == 0) out[blockIdx.x] = (u32)(tok & ((1ull << nb) - 1ull));
 }
