@@ -35,7 +35,12 @@ const MODULES: &[(&str, &str, &[&str])] = &[
     (
         "matmul",
         include_str!("matmul.cu"),
-        &["matmul_bf16", "matmul_f32x", "rms_norm_matmul_bf16"],
+        &[
+            "matmul_bf16",
+            "matmul_f32x",
+            "rms_norm_matmul_bf16",
+            "split_hi_lo",
+        ],
     ),
     ("rope", include_str!("rope.cu"), &["qk_norm_rope_store"]),
     (

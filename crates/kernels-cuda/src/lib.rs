@@ -72,6 +72,8 @@ pub(crate) enum Scratch {
     AttnPartials = 0,
     NormBf16 = 1,
     NormF32 = 2,
+    SplitHi = 3,
+    SplitLo = 4,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -98,7 +100,7 @@ impl CudaBackend {
                     dev,
                     blas,
                     exact: false,
-                    scratch: std::sync::Mutex::new((0..3).map(|_| None).collect()),
+                    scratch: std::sync::Mutex::new((0..5).map(|_| None).collect()),
                     pinned: Default::default(),
                     capturing: Default::default(),
                 })
@@ -130,22 +132,27 @@ impl CudaBackend {
         fn poisoned<E>(_: E) -> Error {
             Error::Device("scratch lock poisoned".into())
         }
+        // The tensor is taken out while `f` runs (so `f` may use other
+        // slots) and put back afterwards; its device memory never moves.
         if self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
-            let mut pinned = self.pinned.lock().map_err(poisoned)?;
             let key = (slot as usize, shape.to_vec(), dtype);
-            if !pinned.contains_key(&key) {
-                let t = self.zeros(shape, dtype)?;
-                pinned.insert(key.clone(), t);
-            }
-            return f(pinned.get_mut(&key).expect("inserted above"));
+            let taken = self.pinned.lock().map_err(poisoned)?.remove(&key);
+            let mut t = match taken {
+                Some(t) => t,
+                None => self.zeros(shape, dtype)?,
+            };
+            let r = f(&mut t);
+            self.pinned.lock().map_err(poisoned)?.insert(key, t);
+            return r;
         }
-        let mut slots = self.scratch.lock().map_err(poisoned)?;
-        let entry = &mut slots[slot as usize];
-        if !matches!(entry, Some(t) if t.shape() == shape && t.dtype() == dtype) {
-            *entry = None;
-            *entry = Some(self.zeros(shape, dtype)?);
-        }
-        f(entry.as_mut().expect("filled above"))
+        let taken = self.scratch.lock().map_err(poisoned)?[slot as usize].take();
+        let mut t = match taken {
+            Some(t) if t.shape() == shape && t.dtype() == dtype => t,
+            _ => self.zeros(shape, dtype)?,
+        };
+        let r = f(&mut t);
+        self.scratch.lock().map_err(poisoned)?[slot as usize] = Some(t);
+        r
     }
 
     pub(crate) fn use_tensor_cores(&self, tokens: usize) -> bool {
@@ -300,6 +307,9 @@ impl Backend for CudaBackend {
     }
 
     fn logits(&self, x: &T, norm_w: &T, eps: f32, w: &T, out: &mut T) -> Result<()> {
+        if self.use_tensor_cores(x.shape().first().copied().unwrap_or(0)) {
+            return self.logits_tensor_cores(x, norm_w, eps, w, out);
+        }
         self.norm_project(x, norm_w, eps, w, out, DType::F32)
     }
 

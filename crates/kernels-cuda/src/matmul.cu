@@ -133,3 +133,14 @@ extern "C" __global__ void rms_norm_matmul_bf16(const float* x, const float* nor
         if (n < N) project_rows(xs, w, out, t0, tt, K, N, n, 0);
     }
 }
+
+// x = hi + lo with hi = bf16(x) and lo = bf16(x - hi): two bf16 GEMMs on the
+// tensor cores then carry about 16 of f32's 24 mantissa bits of x (the
+// logits projection keeps its input in f32).
+extern "C" __global__ void split_hi_lo(const float* x, __nv_bfloat16* hi, __nv_bfloat16* lo, int n) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    __nv_bfloat16 h = __float2bfloat16_rn(x[i]);
+    hi[i] = h;
+    lo[i] = __float2bfloat16_rn(x[i] - bf(h));
+}

@@ -3,7 +3,7 @@
 use cudarc::driver::PushKernelArg;
 use qwen_tensor::{expect_2d, expect_shape, DType, Result};
 
-use crate::device::{bf16s, dev, f32s, f32s_mut, T};
+use crate::device::{bf16s, bf16s_mut, dev, f32s, f32s_mut, T};
 use crate::launch::{grid, int, shape_err};
 use crate::{CudaBackend, Scratch};
 
@@ -130,6 +130,49 @@ impl CudaBackend {
         self.with_scratch(slot, &[t, h], dtype, |normed| {
             self.rms_norm_impl(x, norm_w, eps, normed)?;
             self.project("rms_norm_matmul", normed, w, out, false)
+        })
+    }
+
+    /// The logits op on the tensor cores (64+ rows): the f32 normalised
+    /// input is split as hi + lo in bf16 and projected twice, accumulating
+    /// in f32, which keeps the input's precision to about 2⁻¹⁷.
+    pub(crate) fn logits_tensor_cores(
+        &self,
+        x: &T,
+        norm_w: &T,
+        eps: f32,
+        w: &T,
+        out: &mut T,
+    ) -> Result<()> {
+        const OP: &str = "logits";
+        let (t, h) = expect_2d(OP, "x", x)?;
+        let (n, kw) = expect_2d(OP, "w", w)?;
+        if kw != h {
+            return Err(shape_err(OP, format!("x has {h} columns but w has {kw}")));
+        }
+        expect_shape(OP, "norm_w", norm_w, &[h])?;
+        expect_shape(OP, "out", out, &[t, n])?;
+        let len = t * h;
+        let li = int(OP, len)?;
+        self.with_scratch(Scratch::NormF32, &[t, h], DType::F32, |normed| {
+            self.rms_norm_impl(x, norm_w, eps, normed)?;
+            self.with_scratch(Scratch::SplitHi, &[t, h], DType::BF16, |hi| {
+                self.with_scratch(Scratch::SplitLo, &[t, h], DType::BF16, |lo| {
+                    let mut b = self.dev.stream.launch_builder(self.kernel("split_hi_lo"));
+                    b.arg(f32s(OP, "normed", normed)?)
+                        .arg(bf16s_mut(OP, "hi", hi)?)
+                        .arg(bf16s_mut(OP, "lo", lo)?)
+                        .arg(&li);
+                    // SAFETY: argument order and types match split_hi_lo in matmul.cu;
+                    // the three buffers hold t·h elements.
+                    unsafe { b.launch(grid(((len as u32).div_ceil(256), 1, 1), (256, 1, 1))) }
+                        .map_err(dev)?;
+                    let ws = bf16s(OP, "w", w)?;
+                    let o = f32s_mut(OP, "out", out)?;
+                    self.gemm_bf16(bf16s(OP, "hi", hi)?, ws, o, t, h, n, false)?;
+                    self.gemm_bf16(bf16s(OP, "lo", lo)?, ws, o, t, h, n, true)
+                })
+            })
         })
     }
 }

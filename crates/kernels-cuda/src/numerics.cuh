@@ -81,6 +81,9 @@ __device__ __forceinline__ float warp_inv_rms(const float* xr, int H, float eps)
     int lane = threadIdx.x & 31;
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
     int full = H / 256 * 256;
+    // Unrolled so several chunks' loads are in flight at once; each lane
+    // still adds its elements in increasing order.
+#pragma unroll 4
     for (int base = 0; base < full; base += 256) {
 #pragma unroll
         for (int e = 0; e < 8; e++) {

@@ -242,7 +242,10 @@ __device__ bool select_key(const u64* keys, const float* es, int n, u64 kmin, u6
         }
         __syncthreads();
         const int d = s.digit;
-        if (d < 0) return false;  // total <= target; s is only read from here
+        if (d < 0) {  // total <= target
+            __syncthreads();
+            return false;
+        }
         prefix |= (u64)d << lo;
         t = s.t_next;
         first = false;

@@ -189,6 +189,46 @@ fn tensor_core_matmul_within_bound() {
     println!("tensor-core matmul: worst |gpu - cpu| / sum|x w| = {worst:.3e} (bound 1e-5)");
 }
 
+/// The logits op at 64+ rows runs on the tensor cores as two bf16 GEMMs of
+/// the f32 input split as hi + lo: the same bound as a GEMM, 1e-5·Σ|y·w|.
+#[test]
+fn tensor_core_logits_within_bound() {
+    let Some(mut g) = gpu() else { return };
+    g.set_exact(false);
+    let cpu = CpuBackend::new();
+    let mut r = Rng::new("tensor-core logits");
+    let mut worst = 0.0f64;
+    for (t, h, n) in [(64, 1024, 4096), (70, 256, 1000)] {
+        let x = r.f32s(t * h, 3.0);
+        let nw = r.f32s(h, 1.0);
+        let w = r.bf16s(n * h, 0.05);
+        let c = norms_on(&cpu, &x, &nw, &w, t, h, n)[2].to_f32();
+        let gg = norms_on(&g, &x, &nw, &w, t, h, n)[2].to_f32();
+        for ti in 0..t {
+            let row = &x[ti * h..(ti + 1) * h];
+            let ms: f64 = row.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>() / h as f64;
+            let inv = 1.0 / (ms + 1e-6).sqrt();
+            for ni in 0..n {
+                let mag: f64 = (0..h)
+                    .map(|k| {
+                        (nw[k] as f64 * row[k] as f64 * inv * w[ni * h + k].to_f32() as f64).abs()
+                    })
+                    .sum();
+                let i = ti * n + ni;
+                let ratio = (c[i] - gg[i]).abs() as f64 / mag.max(1e-30);
+                worst = worst.max(ratio);
+                assert!(
+                    ratio <= 1e-5,
+                    "{t}x{h}x{n} [{ti},{ni}]: cpu {} gpu {} (sum |terms| {mag})",
+                    c[i],
+                    gg[i]
+                );
+            }
+        }
+    }
+    println!("tensor-core logits: worst |gpu - cpu| / sum|y w| = {worst:.3e} (bound 1e-5)");
+}
+
 #[test]
 fn out_of_memory_is_an_error_not_a_crash() {
     let Some(g) = gpu() else { return };
