@@ -22,4 +22,7 @@ run golden_cuda env CARGO_MANIFEST_DIR="$PWD/crates/model-qwen3" gpu-bin/golden_
 run cli_cuda gpu-bin/qwen-cli generate --backend cuda --chat --no-think --temperature 0 --max-tokens 24 --json \
   --prompt "Give me a short introduction to large language models."
 run cli_auto gpu-bin/qwen-cli generate --prompt "The quick brown fox" --max-tokens 16 --seed 1
+long=$(python3 -c 'import json;print([p["text"] for p in json.load(open("fixtures/tiny-qwen3/reference.json"))["prompts"] if p["name"]=="long"][0])')
+run verify_cuda gpu-bin/qwen-cli verify --backend cuda --prompt "The quick brown fox jumps over the lazy dog."
+run verify_cuda_long gpu-bin/qwen-cli verify --backend cuda --prompt "$long"
 exit $fail

@@ -86,7 +86,10 @@ pub fn kernel_of(name: &str) -> &'static str {
 /// Whether an activation comes out of a projection that may run on the
 /// tensor cores.
 fn is_gemm(name: &str) -> bool {
-    matches!(op_of(name), "qkv" | "gate_up" | "attn_residual" | "out")
+    matches!(
+        op_of(name),
+        "qkv" | "gate_up" | "attn_residual" | "out" | "logits"
+    )
 }
 
 /// The relative-L2 bound an op is held to against a reference computed in
@@ -249,15 +252,33 @@ impl Magnitudes<'_> {
         cfg: &model_qwen3::config::Qwen3Config,
         raws: &HashMap<&str, &Raw>,
     ) -> Result<Vec<f32>, String> {
-        let l = layer_of(name).ok_or("tensor-core op outside a layer")?;
         let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
-        let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
-        let p = |s: &str| format!("model.layers.{l}.{s}.weight");
         let input = |n: &str| {
             raws.get(n)
                 .map(|r| &r.data)
                 .ok_or_else(|| format!("no activation {n} to bound {name} with"))
         };
+        if name == "logits" {
+            // The final norm and the vocabulary projection (the embedding
+            // matrix when tied), from the last layer's output.
+            let last = format!("layers.{}.out", cfg.num_hidden_layers - 1);
+            let head = if cfg.tie_word_embeddings {
+                "model.embed_tokens.weight"
+            } else {
+                "lm_head.weight"
+            };
+            let parts = vec![(head.to_string(), cfg.vocab_size)];
+            return self.bound(
+                input(&last)?,
+                Some("model.norm.weight".into()),
+                parts,
+                h,
+                cfg,
+            );
+        }
+        let l = layer_of(name).ok_or("tensor-core op outside a layer")?;
+        let (q, kv) = (cfg.num_attention_heads * d, cfg.num_key_value_heads * d);
+        let p = |s: &str| format!("model.layers.{l}.{s}.weight");
         let prev = if l == 0 {
             "embed".to_string()
         } else {
@@ -296,6 +317,19 @@ impl Magnitudes<'_> {
                     i,
                 ),
             };
+        self.bound(x, norm, parts, k, cfg)
+    }
+
+    /// `Σ_k |x_k·w_k|` for input `x` (RMS-normed with `norm` first, if
+    /// given) against the stacked weight `parts`.
+    fn bound(
+        &mut self,
+        x: &HostVec,
+        norm: Option<String>,
+        parts: Vec<(String, usize)>,
+        k: usize,
+        cfg: &model_qwen3::config::Qwen3Config,
+    ) -> Result<Vec<f32>, String> {
         let cpu = self.cpu;
         let e = |e: qwen_tensor::Error| e.to_string();
         let t = x.to_f32().len() / k;
