@@ -7,9 +7,9 @@ use rayon::prelude::*;
 
 use crate::matmul::widen;
 use crate::numerics::{exp, head_reduce};
-use crate::rope::{check_cache, check_geometry};
 use crate::storage::{bf16s, bf16s_mut, shape_err, u32s, T};
 use crate::CpuBackend;
+use qwen_tensor::{check_cache, check_geometry};
 
 /// Positions per split of the context. Fixed: it is part of the numerics,
 /// so it never depends on the batch or the device.

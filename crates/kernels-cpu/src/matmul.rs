@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use crate::norm::{inv_rms, rms_norm_row};
 use crate::numerics::ROW_LANES;
-use crate::storage::{bf16s, f32s, f32s_mut, shape_err, T};
+use crate::storage::{bf16s, f32s, f32s_mut, T};
 
 /// Tokens that share one pass over a weight row.
 const TOKEN_TILE: usize = 4;
@@ -19,8 +19,7 @@ const TOKEN_TILE: usize = 4;
 /// token and weight row only, so results do not depend on the batch.
 /// x bf16 `[T, K]`, w bf16 `[N, K]`, out f32 `[T, N]`.
 pub fn matmul(x: &T, w: &T, out: &mut T) -> Result<()> {
-    let (xs, t, k, ws, n) = operands("matmul", x, w)?;
-    qwen_tensor::expect_shape("matmul", "out", out, &[t, n])?;
+    let (xs, t, k, ws, n) = operands("matmul", x, w, out)?;
     let xf: Vec<f32> = xs.iter().map(|&v| widen(v)).collect();
     let out = f32s_mut("matmul", "out", out)?;
     project(&xf, t, k, ws, n, out, false);
@@ -31,8 +30,7 @@ pub fn matmul(x: &T, w: &T, out: &mut T) -> Result<()> {
 /// [`matmul`] and one f32 add: the residual add of the down and output
 /// projections. Shapes as in [`matmul`], acc f32 `[T, N]`.
 pub fn matmul_add(x: &T, w: &T, acc: &mut T) -> Result<()> {
-    let (xs, t, k, ws, n) = operands("matmul_add", x, w)?;
-    qwen_tensor::expect_shape("matmul_add", "acc", acc, &[t, n])?;
+    let (xs, t, k, ws, n) = operands("matmul_add", x, w, acc)?;
     let xf: Vec<f32> = xs.iter().map(|&v| widen(v)).collect();
     let acc = f32s_mut("matmul_add", "acc", acc)?;
     project(&xf, t, k, ws, n, acc, true);
@@ -45,13 +43,7 @@ pub fn matmul_add(x: &T, w: &T, acc: &mut T) -> Result<()> {
 /// x f32 `[T, H]`, norm_w f32 `[H]`, w bf16 `[N, H]`, out f32 `[T, N]`.
 pub fn rms_norm_matmul(x: &T, norm_w: &T, eps: f32, w: &T, out: &mut T) -> Result<()> {
     const OP: &str = "rms_norm_matmul";
-    let (t, h) = qwen_tensor::expect_2d(OP, "x", x)?;
-    let (n, k) = qwen_tensor::expect_2d(OP, "w", w)?;
-    if k != h {
-        return Err(shape_err(OP, format!("x has {h} columns but w has {k}")));
-    }
-    qwen_tensor::expect_shape(OP, "norm_w", norm_w, &[h])?;
-    qwen_tensor::expect_shape(OP, "out", out, &[t, n])?;
+    let (t, h, n) = qwen_tensor::check_norm_projection(OP, x, norm_w, w, out)?;
     let xs = f32s(OP, "x", x)?;
     let nw = f32s(OP, "norm_w", norm_w)?;
     let ws = bf16s(OP, "w", w)?;
@@ -78,13 +70,7 @@ pub fn rms_norm_matmul(x: &T, norm_w: &T, eps: f32, w: &T, out: &mut T) -> Resul
 /// x f32 `[T, H]`, norm_w f32 `[H]`, w bf16 `[V, H]`, out f32 `[T, V]`.
 pub fn logits(x: &T, norm_w: &T, eps: f32, w: &T, out: &mut T) -> Result<()> {
     const OP: &str = "logits";
-    let (t, h) = qwen_tensor::expect_2d(OP, "x", x)?;
-    let (n, k) = qwen_tensor::expect_2d(OP, "w", w)?;
-    if k != h {
-        return Err(shape_err(OP, format!("x has {h} columns but w has {k}")));
-    }
-    qwen_tensor::expect_shape(OP, "norm_w", norm_w, &[h])?;
-    qwen_tensor::expect_shape(OP, "out", out, &[t, n])?;
+    let (t, h, n) = qwen_tensor::check_norm_projection(OP, x, norm_w, w, out)?;
     let xs = f32s(OP, "x", x)?;
     let nw = f32s(OP, "norm_w", norm_w)?;
     let ws = bf16s(OP, "w", w)?;
@@ -112,12 +98,8 @@ pub fn widen(v: bf16) -> f32 {
 
 type Operands<'a> = (&'a [bf16], usize, usize, &'a [bf16], usize);
 
-fn operands<'a>(op: &'static str, x: &'a T, w: &'a T) -> Result<Operands<'a>> {
-    let (t, k) = qwen_tensor::expect_2d(op, "x", x)?;
-    let (n, kw) = qwen_tensor::expect_2d(op, "w", w)?;
-    if k != kw {
-        return Err(shape_err(op, format!("x has {k} columns but w has {kw}")));
-    }
+fn operands<'a>(op: &'static str, x: &'a T, w: &'a T, out: &T) -> Result<Operands<'a>> {
+    let (t, k, n) = qwen_tensor::check_projection(op, x, w, out)?;
     Ok((bf16s(op, "x", x)?, t, k, bf16s(op, "w", w)?, n))
 }
 

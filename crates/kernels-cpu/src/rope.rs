@@ -35,7 +35,7 @@ pub fn qk_norm_rope_store(
     let d = geo.head_dim;
     let (hq, hkv) = (geo.num_q_heads, geo.num_kv_heads);
     let tokens = meta.num_tokens;
-    check_geometry(OP, geo)?;
+    qwen_tensor::check_geometry(OP, geo)?;
     qwen_tensor::expect_shape(OP, "qkv", qkv, &[tokens, geo.qkv_width()])?;
     qwen_tensor::expect_shape(OP, "q_norm", q_norm, &[d])?;
     qwen_tensor::expect_shape(OP, "k_norm", k_norm, &[d])?;
@@ -47,8 +47,8 @@ pub fn qk_norm_rope_store(
             format!("rope table width {rope_w} != head_dim {d}"),
         ));
     }
-    let cache_slots = check_cache(OP, k_cache, geo)?;
-    check_cache(OP, v_cache, geo)?;
+    let cache_slots = qwen_tensor::check_cache(OP, k_cache, geo)?;
+    qwen_tensor::check_cache(OP, v_cache, geo)?;
     let qkv = f32s(OP, "qkv", qkv)?;
     let qn = f32s(OP, "q_norm", q_norm)?;
     let kn = f32s(OP, "k_norm", k_norm)?;
@@ -118,43 +118,5 @@ fn norm_rope_head(x: &[f32], w: &[f32], eps: f32, cs: &[f32], out: &mut [bf16]) 
         let (lo, hi) = (n(i), n(i + half));
         out[i] = bf16::from_f32(lo * c - hi * s);
         out[i + half] = bf16::from_f32(hi * c + lo * s);
-    }
-}
-
-pub(crate) fn check_geometry(op: &'static str, geo: AttnGeometry) -> Result<()> {
-    let d = geo.head_dim;
-    if d == 0 || !d.is_multiple_of(32) {
-        return Err(shape_err(
-            op,
-            format!("head_dim {d} must be a positive multiple of 32"),
-        ));
-    }
-    if geo.num_kv_heads == 0 || !geo.num_q_heads.is_multiple_of(geo.num_kv_heads) {
-        return Err(shape_err(
-            op,
-            format!(
-                "{} q heads cannot share {} kv heads",
-                geo.num_q_heads, geo.num_kv_heads
-            ),
-        ));
-    }
-    if geo.block_size == 0 {
-        return Err(shape_err(op, "block_size must be positive".into()));
-    }
-    Ok(())
-}
-
-/// Checks a cache tensor's shape and returns its number of slots.
-pub(crate) fn check_cache(op: &'static str, cache: &T, geo: AttnGeometry) -> Result<usize> {
-    match *cache.shape() {
-        [blocks, bs, h, d]
-            if bs == geo.block_size && h == geo.num_kv_heads && d == geo.head_dim =>
-        {
-            Ok(blocks * bs)
-        }
-        _ => Err(shape_err(
-            op,
-            format!("cache shape {:?} does not match {:?}", cache.shape(), geo),
-        )),
     }
 }

@@ -1,10 +1,10 @@
 //! Launchers for matmul.cu, and the fused norm + projection ops built on it.
 
 use cudarc::driver::PushKernelArg;
-use qwen_tensor::{expect_2d, expect_shape, DType, Result};
+use qwen_tensor::{check_norm_projection, check_projection, DType, Result};
 
 use crate::device::{bf16s, bf16s_mut, dev, f32s, f32s_mut, T};
-use crate::launch::{grid, int, shape_err};
+use crate::launch::{grid, int};
 use crate::{CudaBackend, Scratch};
 
 /// Weight rows per block (one warp each); tokens per warp as in matmul.cu.
@@ -27,12 +27,7 @@ impl CudaBackend {
         out: &mut T,
         add: bool,
     ) -> Result<()> {
-        let (t, k) = expect_2d(op, "x", x)?;
-        let (n, kw) = expect_2d(op, "w", w)?;
-        if k != kw {
-            return Err(shape_err(op, format!("x has {k} columns but w has {kw}")));
-        }
-        expect_shape(op, "out", out, &[t, n])?;
+        let (t, k, n) = check_projection(op, x, w, out)?;
         if t == 0 || n == 0 {
             return Ok(());
         }
@@ -84,13 +79,7 @@ impl CudaBackend {
         dtype: DType,
     ) -> Result<()> {
         const OP: &str = "rms_norm_matmul";
-        let (t, h) = expect_2d(OP, "x", x)?;
-        let (n, kw) = expect_2d(OP, "w", w)?;
-        if kw != h {
-            return Err(shape_err(OP, format!("x has {h} columns but w has {kw}")));
-        }
-        expect_shape(OP, "norm_w", norm_w, &[h])?;
-        expect_shape(OP, "out", out, &[t, n])?;
+        let (t, h, n) = check_norm_projection(OP, x, norm_w, w, out)?;
         let smem = TOKEN_TILE as usize * h * 2;
         let fused = dtype == DType::BF16 && !self.use_tensor_cores(t) && smem <= FUSED_SMEM_MAX;
         if fused && t > 0 && n > 0 {
@@ -145,13 +134,7 @@ impl CudaBackend {
         out: &mut T,
     ) -> Result<()> {
         const OP: &str = "logits";
-        let (t, h) = expect_2d(OP, "x", x)?;
-        let (n, kw) = expect_2d(OP, "w", w)?;
-        if kw != h {
-            return Err(shape_err(OP, format!("x has {h} columns but w has {kw}")));
-        }
-        expect_shape(OP, "norm_w", norm_w, &[h])?;
-        expect_shape(OP, "out", out, &[t, n])?;
+        let (t, h, n) = check_norm_projection(OP, x, norm_w, w, out)?;
         let len = t * h;
         let li = int(OP, len)?;
         self.with_scratch(Scratch::NormF32, &[t, h], DType::F32, |normed| {

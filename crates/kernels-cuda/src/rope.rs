@@ -72,7 +72,10 @@ impl CudaBackend {
     }
 }
 
+/// The shared geometry checks, plus the head widths attn_chunk is
+/// instantiated for.
 pub(crate) fn check_geometry(op: &'static str, geo: AttnGeometry) -> Result<()> {
+    qwen_tensor::check_geometry(op, geo)?;
     let d = geo.head_dim;
     if ![32, 64, 128, 256].contains(&d) {
         return Err(shape_err(
@@ -80,23 +83,9 @@ pub(crate) fn check_geometry(op: &'static str, geo: AttnGeometry) -> Result<()> 
             format!("head_dim {d} is not supported on CUDA (32, 64, 128 or 256)"),
         ));
     }
-    if geo.num_kv_heads == 0
-        || !geo.num_q_heads.is_multiple_of(geo.num_kv_heads)
-        || geo.block_size == 0
-    {
-        return Err(shape_err(op, format!("unsupported geometry {geo:?}")));
-    }
     Ok(())
 }
 
 pub(crate) fn check_cache(op: &'static str, cache: &T, geo: AttnGeometry) -> Result<()> {
-    match *cache.shape() {
-        [_, bs, h, d] if bs == geo.block_size && h == geo.num_kv_heads && d == geo.head_dim => {
-            Ok(())
-        }
-        _ => Err(shape_err(
-            op,
-            format!("cache shape {:?} does not match {geo:?}", cache.shape()),
-        )),
-    }
+    qwen_tensor::check_cache(op, cache, geo).map(|_| ())
 }

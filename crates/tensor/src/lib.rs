@@ -27,12 +27,14 @@
 
 mod attention;
 mod backend;
+mod checks;
 mod dtype;
 mod error;
 mod tensor;
 
 pub use attention::{AttnGeometry, BatchLayout, BatchMeta};
 pub use backend::{Backend, SampleParams};
+pub use checks::{check_cache, check_geometry, check_norm_projection, check_projection};
 pub use dtype::{DType, HostSlice, HostVec};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};

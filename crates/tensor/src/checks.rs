@@ -1,0 +1,81 @@
+//! Shape checks shared by every backend's ops, so each op's shape contract
+//! is written once.
+
+use crate::{expect_2d, expect_shape, AttnGeometry, Backend, Error, Result, Tensor};
+
+fn shape_err(op: &'static str, msg: String) -> Error {
+    Error::Shape { op, msg }
+}
+
+/// `x [T, K]` against `w [N, K]`, and `out [T, N]`: returns (T, K, N).
+pub fn check_projection<B: Backend>(
+    op: &'static str,
+    x: &Tensor<B>,
+    w: &Tensor<B>,
+    out: &Tensor<B>,
+) -> Result<(usize, usize, usize)> {
+    let (t, k) = expect_2d(op, "x", x)?;
+    let (n, kw) = expect_2d(op, "w", w)?;
+    if k != kw {
+        return Err(shape_err(op, format!("x has {k} columns but w has {kw}")));
+    }
+    expect_shape(op, "out", out, &[t, n])?;
+    Ok((t, k, n))
+}
+
+/// [`check_projection`] plus a norm weight of the row width.
+pub fn check_norm_projection<B: Backend>(
+    op: &'static str,
+    x: &Tensor<B>,
+    norm_w: &Tensor<B>,
+    w: &Tensor<B>,
+    out: &Tensor<B>,
+) -> Result<(usize, usize, usize)> {
+    let (t, k, n) = check_projection(op, x, w, out)?;
+    expect_shape(op, "norm_w", norm_w, &[k])?;
+    Ok((t, k, n))
+}
+
+/// Head width a multiple of 32 (the head reduction's lanes), q heads a
+/// multiple of kv heads, a non-empty cache block.
+pub fn check_geometry(op: &'static str, geo: AttnGeometry) -> Result<()> {
+    let d = geo.head_dim;
+    if d == 0 || !d.is_multiple_of(32) {
+        return Err(shape_err(
+            op,
+            format!("head_dim {d} must be a positive multiple of 32"),
+        ));
+    }
+    if geo.num_kv_heads == 0 || !geo.num_q_heads.is_multiple_of(geo.num_kv_heads) {
+        return Err(shape_err(
+            op,
+            format!(
+                "{} q heads cannot share {} kv heads",
+                geo.num_q_heads, geo.num_kv_heads
+            ),
+        ));
+    }
+    if geo.block_size == 0 {
+        return Err(shape_err(op, "block_size must be positive".into()));
+    }
+    Ok(())
+}
+
+/// A K or V cache of `geo`'s block shape; returns its number of slots.
+pub fn check_cache<B: Backend>(
+    op: &'static str,
+    cache: &Tensor<B>,
+    geo: AttnGeometry,
+) -> Result<usize> {
+    match *cache.shape() {
+        [blocks, bs, h, d]
+            if bs == geo.block_size && h == geo.num_kv_heads && d == geo.head_dim =>
+        {
+            Ok(blocks * bs)
+        }
+        _ => Err(shape_err(
+            op,
+            format!("cache shape {:?} does not match {geo:?}", cache.shape()),
+        )),
+    }
+}
