@@ -33,11 +33,14 @@ pub mod error;
 pub mod generation_config;
 mod kv_cache;
 mod model;
+mod prefix_cache;
 mod rope;
+pub mod scheduler;
 pub mod tokenizer;
 pub mod weights;
 
 pub use error::{ModelError, Result};
-pub use kv_cache::{KvCache, Sequence, DEFAULT_BLOCK_SIZE};
+pub use kv_cache::{BlockHash, KvCache, Sequence, DEFAULT_BLOCK_SIZE};
 pub use model::{Logits, Qwen3};
 pub use rope::rope_table;
+pub use scheduler::{Scheduler, SchedulerConfig};

@@ -1,0 +1,346 @@
+//! The continuous-batching scheduler on the tiny checkpoint (CPU): batched,
+//! chunked, preempted and prefix-cached runs must produce exactly the greedy
+//! tokens each prompt produces alone. The CPU kernels are batch-invariant
+//! (each output element depends only on its own token's inputs), so any
+//! difference is a scheduling bug: a wrong position, block or row.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{tiny_dir, Golden};
+use model_qwen3::scheduler::{greedy, Finished, Request, SampleRow, StopReason};
+use model_qwen3::{KvCache, Qwen3, Scheduler, SchedulerConfig};
+use qwen_kernels_cpu::CpuBackend;
+use qwen_tensor::{Backend, Tensor};
+
+fn model() -> Qwen3<CpuBackend> {
+    Qwen3::load(CpuBackend::new(), &tiny_dir(), &mut |_, _| {}).expect("tiny checkpoint loads")
+}
+
+/// `n` token ids from a seeded stream (splitmix64), below `vocab`.
+fn random_ids(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
+    let mut z = seed;
+    (0..n)
+        .map(|_| {
+            z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((x ^ (x >> 31)) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// The greedy tokens of `ids` run alone, without the scheduler: one
+/// prefill pass, then one decode step at a time.
+fn alone(m: &Qwen3<CpuBackend>, ids: &[u32], steps: usize) -> Vec<u32> {
+    common::greedy(m, ids, steps).0
+}
+
+fn request(prompt: &[u32], max_new: usize) -> Request {
+    Request {
+        prompt: prompt.to_vec(),
+        max_new_tokens: max_new,
+        stop_ids: Vec::new(),
+    }
+}
+
+/// A cache of `blocks` blocks of 16 positions for `m`.
+fn cache(m: &Qwen3<CpuBackend>, blocks: usize) -> KvCache<CpuBackend> {
+    m.new_cache(blocks * 16).unwrap()
+}
+
+#[test]
+fn a_batch_of_16_gives_each_prompt_its_tokens_alone() {
+    let m = model();
+    let vocab = m.config().vocab_size;
+    let g = Golden::load();
+    // Generated prompts of assorted lengths: a single token, some shorter
+    // than a block, some spanning several, one longer than a step's budget;
+    // then the golden prompts (one of 247 tokens).
+    let mut prompts: Vec<Vec<u32>> = [1usize, 3, 15, 16, 17, 33, 40, 64, 90, 130, 150]
+        .into_iter()
+        .enumerate()
+        .map(|(k, len)| random_ids(1000 + k as u64, len, vocab))
+        .collect();
+    prompts.extend(g.prompts.iter().map(|p| p.ids.clone()));
+    assert_eq!(prompts.len(), 16);
+    // Different lengths, so sequences finish (and leave the batch) at
+    // different steps; the generated prompts, admitted first, run long
+    // enough to see all 16 in one batch.
+    let max_new: Vec<usize> = (0..16)
+        .map(|i| if i < 11 { 30 - i } else { 24 - 2 * (i - 11) })
+        .collect();
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&max_new)
+        .map(|(p, &n)| alone(&m, p, n))
+        .collect();
+    for (p, w) in g.prompts.iter().zip(&want[11..]) {
+        assert_eq!(
+            w[..],
+            p.greedy_f32[..w.len()],
+            "{}: the unscheduled path must match HF",
+            p.name
+        );
+    }
+
+    // A budget of 64 tokens a step: prompts are admitted a few at a time
+    // and the long ones are prefilled in chunks alongside the others'
+    // decoding.
+    let cfg = SchedulerConfig {
+        max_num_seqs: 16,
+        max_num_batched_tokens: 64,
+        ..Default::default()
+    };
+    let mut s = Scheduler::new(&m, cache(&m, 200), cfg).unwrap();
+    for (p, &n) in prompts.iter().zip(&max_new) {
+        s.add_request(request(p, n)).unwrap();
+    }
+    let be = m.backend();
+    let mut pick = greedy(be);
+    let mut done = Vec::new();
+    let (mut mixed, mut widest) = (0, 0);
+    while s.has_unfinished() {
+        let out = s.step(&mut pick).unwrap();
+        assert!(out.batch_tokens <= 64);
+        // A step that both prefilled a chunk and produced tokens.
+        if out.batch_tokens > out.batch_seqs && !out.tokens.is_empty() {
+            mixed += 1;
+        }
+        widest = widest.max(out.batch_seqs);
+        done.extend(out.finished);
+    }
+    done.sort_by_key(|f| f.id);
+    assert!(mixed > 0, "prefill chunks never shared a step with decoding");
+    assert_eq!(widest, 16, "all 16 sequences ran in one batch at some step");
+    assert_eq!(s.stats().preemptions, 0);
+    for (f, w) in done.iter().zip(&want) {
+        assert_eq!(f.tokens, *w, "request {}: batched tokens differ", f.id);
+        assert_eq!(f.reason, StopReason::Length);
+    }
+    // Every block came back.
+    assert_eq!(s.cache().free_blocks(), 200);
+}
+
+/// Greedy decoding that checks it is asked for each request's tokens in
+/// order, once each: the history it is shown must have grown by exactly
+/// the token it returned last time.
+fn counting_greedy<'a>(
+    be: &'a CpuBackend,
+    seen: &'a mut HashMap<u64, usize>,
+) -> impl FnMut(&mut Tensor<CpuBackend>, &[SampleRow<'_>]) -> model_qwen3::Result<Vec<u32>> + 'a {
+    move |logits, rows| {
+        for r in rows {
+            let n = seen.entry(r.id).or_insert(0);
+            assert_eq!(
+                r.generated().len(),
+                *n,
+                "request {} asked again for a token it has",
+                r.id
+            );
+            *n += 1;
+        }
+        Ok(be.argmax(logits)?)
+    }
+}
+
+fn preemption_case(prefix_caching: bool) {
+    let m = model();
+    let vocab = m.config().vocab_size;
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|k| random_ids(77 + k, 20 + 6 * k as usize, vocab))
+        .collect();
+    let max_new = 28;
+    let want: Vec<Vec<u32>> = prompts.iter().map(|p| alone(&m, p, max_new)).collect();
+
+    // 9 blocks (144 positions) hold two of these sequences grown to full
+    // length (47 to 77 positions each), but three or four prompts at once.
+    let cfg = SchedulerConfig {
+        max_num_seqs: 6,
+        max_num_batched_tokens: 64,
+        prefix_caching,
+        ..Default::default()
+    };
+    let mut s = Scheduler::new(&m, cache(&m, 9), cfg).unwrap();
+    for p in &prompts {
+        s.add_request(request(p, max_new)).unwrap();
+    }
+    let mut seen = HashMap::new();
+    let done = s.run(&mut counting_greedy(m.backend(), &mut seen)).unwrap();
+    let st = s.stats();
+    assert!(st.preemptions > 0, "the cache was big enough: no preemption");
+    assert_eq!(
+        done.iter().map(|f| f.preemptions as u64).sum::<u64>(),
+        st.preemptions
+    );
+    for (f, w) in done.iter().zip(&want) {
+        assert_eq!(f.tokens, *w, "request {}: tokens changed by preemption", f.id);
+        assert_eq!(seen[&f.id], max_new);
+    }
+    if !prefix_caching {
+        // A preempted request recomputed its prompt and generated tokens.
+        let f = done.iter().find(|f| f.preemptions > 0).unwrap();
+        assert!(
+            f.prefill_tokens > f.prompt_len,
+            "request {}: prefilled {} tokens for a {}-token prompt after {} preemptions",
+            f.id,
+            f.prefill_tokens,
+            f.prompt_len,
+            f.preemptions
+        );
+    }
+    assert_eq!(st.generated_tokens, 6 * max_new as u64);
+    assert_eq!(s.cache().free_blocks(), 9);
+}
+
+#[test]
+fn preemption_leaves_greedy_output_unchanged() {
+    preemption_case(false);
+}
+
+#[test]
+fn preemption_with_prefix_caching_leaves_greedy_output_unchanged() {
+    preemption_case(true);
+}
+
+/// Runs `a`, then (after `a_steps` steps, or once `a` finished when `None`)
+/// `b`, through one scheduler.
+fn two_requests(
+    m: &Qwen3<CpuBackend>,
+    prefix_caching: bool,
+    a: &[u32],
+    b: &[u32],
+    a_steps: Option<usize>,
+) -> (Finished, Finished, u64) {
+    let cfg = SchedulerConfig {
+        max_num_seqs: 4,
+        max_num_batched_tokens: 256,
+        prefix_caching,
+        ..Default::default()
+    };
+    let mut s = Scheduler::new(m, cache(m, 40), cfg).unwrap();
+    let mut pick = greedy(m.backend());
+    let mut done = Vec::new();
+    s.add_request(request(a, 12)).unwrap();
+    match a_steps {
+        Some(n) => {
+            for _ in 0..n {
+                done.extend(s.step(&mut pick).unwrap().finished);
+            }
+        }
+        None => done.extend(s.run(&mut pick).unwrap()),
+    }
+    s.add_request(request(b, 12)).unwrap();
+    done.extend(s.run(&mut pick).unwrap());
+    done.sort_by_key(|f| f.id);
+    let cached = s.stats().cached_tokens;
+    let mut it = done.into_iter();
+    (it.next().unwrap(), it.next().unwrap(), cached)
+}
+
+#[test]
+fn a_shared_48_token_prefix_is_prefilled_once() {
+    let m = model();
+    let vocab = m.config().vocab_size;
+    let prefix = random_ids(5, 48, vocab);
+    let a: Vec<u32> = prefix.iter().copied().chain(random_ids(6, 5, vocab)).collect();
+    let b: Vec<u32> = prefix.iter().copied().chain(random_ids(7, 9, vocab)).collect();
+    let (want_a, want_b) = (alone(&m, &a, 12), alone(&m, &b, 12));
+
+    // b arrives while a decodes (a's blocks are held), and after a has
+    // finished (its blocks are free but still named).
+    for a_steps in [Some(2), None] {
+        let (fa, fb, cached) = two_requests(&m, true, &a, &b, a_steps);
+        assert_eq!(fa.tokens, want_a);
+        assert_eq!(fb.tokens, want_b, "b on a's blocks ({a_steps:?})");
+        assert_eq!(fa.prefill_tokens, 53);
+        assert_eq!(fa.cached_tokens, 0);
+        assert_eq!(fb.cached_tokens, 48, "{a_steps:?}");
+        assert_eq!(fb.prefill_tokens, 9, "{a_steps:?}");
+        assert_eq!(cached, 48);
+    }
+
+    // Without prefix caching b prefills everything, with the same tokens.
+    let (fa, fb, cached) = two_requests(&m, false, &a, &b, Some(2));
+    assert_eq!((fa.tokens, fb.tokens), (want_a, want_b.clone()));
+    assert_eq!((fb.prefill_tokens, fb.cached_tokens, cached), (57, 0, 0));
+
+    // A prompt that is all cached blocks still computes its last token (its
+    // logits are needed): 48 tokens reuse 2 blocks and prefill 16.
+    let (_, fc, _) = two_requests(&m, true, &a, &prefix, None);
+    assert_eq!(fc.tokens, alone(&m, &prefix, 12));
+    assert_eq!((fc.cached_tokens, fc.prefill_tokens), (32, 16));
+}
+
+#[test]
+fn stop_ids_end_a_request_with_the_stop_token() {
+    let m = model();
+    let g = Golden::load();
+    let p = &g.prompts[0];
+    let stop = p.greedy_f32[4];
+    let first = p.greedy_f32.iter().position(|&t| t == stop).unwrap();
+    let mut s = Scheduler::new(&m, cache(&m, 16), SchedulerConfig::default()).unwrap();
+    s.add_request(Request {
+        prompt: p.ids.clone(),
+        max_new_tokens: 24,
+        stop_ids: vec![stop],
+    })
+    .unwrap();
+    s.add_request(request(&p.ids, 3)).unwrap();
+    let done = s.run(&mut greedy(m.backend())).unwrap();
+    assert_eq!(done[0].reason, StopReason::Stop);
+    assert_eq!(done[0].tokens, p.greedy_f32[..=first]);
+    assert_eq!(done[1].reason, StopReason::Length);
+    assert_eq!(done[1].tokens, p.greedy_f32[..3]);
+}
+
+#[test]
+fn bad_requests_and_configs_are_refused_with_a_message() {
+    let m = model();
+    let mut s = Scheduler::new(&m, cache(&m, 4), SchedulerConfig::default()).unwrap();
+    let vocab = m.config().vocab_size as u32;
+    for (req, says) in [
+        (request(&[], 4), "prompt token"),
+        (request(&[1, 2], 0), "max_new_tokens"),
+        (request(&[1, vocab], 4), "outside the vocabulary"),
+        // 4 blocks hold 64 positions; 60 + 10 - 1 need 69.
+        (request(&[1; 60], 10), "KV cache holds 64"),
+        (request(&[1; 10], 5000), "max_position_embeddings"),
+    ] {
+        let e = s.add_request(req).unwrap_err().to_string();
+        assert!(e.contains(says) && !e.contains('\n'), "{e}");
+    }
+    assert!(!s.has_unfinished());
+    // Exactly full: 55 + 10 - 1 = 64 positions.
+    s.add_request(request(&[1; 55], 10)).unwrap();
+    assert_eq!(s.run(&mut greedy(m.backend())).unwrap()[0].tokens.len(), 10);
+
+    for cfg in [
+        SchedulerConfig {
+            max_num_seqs: 0,
+            ..Default::default()
+        },
+        SchedulerConfig {
+            max_num_seqs: 64,
+            max_num_batched_tokens: 32,
+            ..Default::default()
+        },
+    ] {
+        assert!(Scheduler::new(&m, cache(&m, 4), cfg).is_err());
+    }
+}
+
+#[test]
+fn a_failing_sampler_stops_the_scheduler() {
+    let m = model();
+    let mut s = Scheduler::new(&m, cache(&m, 8), SchedulerConfig::default()).unwrap();
+    s.add_request(request(&[1, 2, 3], 4)).unwrap();
+    s.add_request(request(&[4, 5], 4)).unwrap();
+    // One token for two rows.
+    let e = s.step(&mut |_: &mut Tensor<CpuBackend>, _: &[SampleRow<'_>]| Ok(vec![0]));
+    assert!(e.unwrap_err().to_string().contains("1 tokens for 2 rows"));
+    let again = s.step(&mut greedy(m.backend())).unwrap_err().to_string();
+    assert!(again.contains("earlier error"), "{again}");
+}
