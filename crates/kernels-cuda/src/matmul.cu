@@ -5,7 +5,6 @@
 
 #define TOKEN_TILE 4
 #define UNROLL 4
-#define FUSED_ROWS_PER_WARP 4
 
 __device__ __forceinline__ void load8_x(const __nv_bfloat16* p, float* f, bool vec) { load8_bf16(p, f, vec); }
 __device__ __forceinline__ void load8_x(const float* p, float* f, bool vec) {
@@ -114,7 +113,8 @@ extern "C" __global__ void matmul_f32x(const float* x, const __nv_bfloat16* w, f
 // every warp projects its weight row from there. Dynamic shared memory:
 // TOKEN_TILE * K bf16.
 extern "C" __global__ void rms_norm_matmul_bf16(const float* x, const float* norm_w, float eps,
-                                                const __nv_bfloat16* w, float* out, int T, int K, int N) {
+                                                const __nv_bfloat16* w, float* out, int T, int K, int N,
+                                                int rows_per_warp) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem_raw);
     int t0 = blockIdx.y * TOKEN_TILE;
@@ -126,10 +126,10 @@ extern "C" __global__ void rms_norm_matmul_bf16(const float* x, const float* nor
         for (int k = lane; k < K; k += 32) xs[(size_t)i * K + k] = __float2bfloat16_rn(norm_w[k] * (xr[k] * inv));
     }
     __syncthreads();
-    // Each warp takes FUSED_ROWS_PER_WARP rows, so the norm above is paid
-    // once per blockDim.y * FUSED_ROWS_PER_WARP weight rows.
-    for (int r = 0; r < FUSED_ROWS_PER_WARP; r++) {
-        int n = (blockIdx.x * FUSED_ROWS_PER_WARP + r) * blockDim.y + warp;
+    // Each warp takes rows_per_warp rows, so the norm above is paid once
+    // per blockDim.y * rows_per_warp weight rows.
+    for (int r = 0; r < rows_per_warp; r++) {
+        int n = (blockIdx.x * rows_per_warp + r) * blockDim.y + warp;
         if (n < N) project_rows(xs, w, out, t0, tt, K, N, n, 0);
     }
 }

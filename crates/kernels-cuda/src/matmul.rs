@@ -10,10 +10,11 @@ use crate::{CudaBackend, Scratch};
 /// Weight rows per block (one warp each); tokens per warp as in matmul.cu.
 const ROWS: u32 = 4;
 const TOKEN_TILE: u32 = 4;
-/// Warps per block of the fused kernel, and rows each warp takes
-/// (FUSED_ROWS_PER_WARP in matmul.cu).
+/// Warps per block of the fused kernel, the most rows each warp takes, and
+/// the number of blocks worth filling the GPU with (two per H100 SM).
 const FUSED_WARPS: u32 = 8;
-const FUSED_ROWS_PER_WARP: u32 = 4;
+const FUSED_MAX_ROWS_PER_WARP: u32 = 4;
+const FUSED_TARGET_BLOCKS: u32 = 264;
 /// Shared memory a block may take without opting in to more.
 const FUSED_SMEM_MAX: usize = 48 * 1024;
 
@@ -84,7 +85,12 @@ impl CudaBackend {
         let fused = dtype == DType::BF16 && !self.use_tensor_cores(t) && smem <= FUSED_SMEM_MAX;
         if fused && t > 0 && n > 0 {
             let (ti, ki, ni) = (int(OP, t)?, int(OP, h)?, int(OP, n)?);
-            let rows_per_block = FUSED_WARPS * FUSED_ROWS_PER_WARP;
+            // More rows per warp amortise the block's norm, fewer keep two
+            // blocks per SM busy on narrow projections.
+            let rows_per_warp =
+                (n as u32 / (FUSED_WARPS * FUSED_TARGET_BLOCKS)).clamp(1, FUSED_MAX_ROWS_PER_WARP);
+            let rows_per_block = FUSED_WARPS * rows_per_warp;
+            let rpw = rows_per_warp as i32;
             let mut cfg = grid(
                 (
                     (n as u32).div_ceil(rows_per_block),
@@ -105,7 +111,8 @@ impl CudaBackend {
                 .arg(f32s_mut(OP, "out", out)?)
                 .arg(&ti)
                 .arg(&ki)
-                .arg(&ni);
+                .arg(&ni)
+                .arg(&rpw);
             // SAFETY: argument order and types match rms_norm_matmul_bf16 in
             // matmul.cu; its dynamic shared memory holds TOKEN_TILE rows of K bf16.
             unsafe { b.launch(cfg) }.map_err(dev)?;

@@ -743,11 +743,18 @@ fn sample_time_per_row() {
     let Some(g) = gpu() else { return };
     let mut r = Rng::new("sample timing");
     let v = 151_936;
-    for (rows, kind, what) in [
-        (1, 5, "typical"),
-        (64, 5, "typical"),
-        (1, 1, "flat"),
-        (64, 1, "flat"),
+    // (rows, row kind of `sample_row`, top_k): Qwen3's recommended filters
+    // on a peaked row (few live tokens) and on rows where every token is
+    // live, then no top-k at all (the passes run over the whole vocabulary).
+    for (rows, kind, top_k) in [
+        (1, 0, 20),
+        (1, 5, 20),
+        (1, 5, 0),
+        (1, 1, 0),
+        (64, 0, 20),
+        (64, 5, 20),
+        (64, 5, 0),
+        (256, 5, 0),
     ] {
         let logits: Vec<f32> = (0..rows)
             .flat_map(|_| sample_row(&mut r, kind, v))
@@ -756,20 +763,21 @@ fn sample_time_per_row() {
         let p = vec![
             SampleParams {
                 temperature: 0.7,
-                top_k: 20,
-                top_p: 0.8,
-                min_p: 0.05,
+                top_k,
+                top_p: 0.95,
+                min_p: 0.0,
             };
             rows
         ];
         let u = vec![0.3; rows];
         g.sample(&t, &p, &u).unwrap();
-        let reps = 20;
+        let reps = 10;
         let start = std::time::Instant::now();
         for _ in 0..reps {
             g.sample(&t, &p, &u).unwrap();
         }
         let us = start.elapsed().as_secs_f64() * 1e6 / reps as f64;
-        println!("sample {what}: B {rows}, V {v}: {us:.0} µs per call");
+        let what = ["peaked", "flat", "", "", "", "typical"][kind];
+        println!("sample {what}, top_k {top_k}: B {rows}, V {v}: {us:.0} µs per call");
     }
 }
