@@ -36,7 +36,9 @@ pub use embedding::{embedding, gather_rows};
 pub use matmul::{logits, matmul, matmul_add, rms_norm_matmul, widen};
 pub use norm::rms_norm;
 pub use rope::qk_norm_rope_store;
-pub use sampling::{argmax, argmax_row, repetition_penalty, sample};
+pub use sampling::{
+    argmax, argmax_row, check_params as check_sample_params, repetition_penalty, sample,
+};
 pub use storage::CpuStorage;
 
 use qwen_tensor::{

@@ -164,7 +164,9 @@ fn check_vocab(op: &'static str, v: usize) -> Result<()> {
     Ok(())
 }
 
-fn check_params(row: usize, p: &SampleParams, u: f32) -> Result<()> {
+/// The parameter check of [`sample`] for row `row` (every backend's
+/// `sample` runs it, so the errors are the same everywhere).
+pub fn check_params(row: usize, p: &SampleParams, u: f32) -> Result<()> {
     let bad = |what: String| Err(Error::Unsupported(format!("sample: row {row}: {what}")));
     if !(p.temperature.is_finite() && p.temperature > 0.0) {
         return bad(format!(

@@ -1,5 +1,6 @@
-// Sampling primitives on the GPU (twin of sampling.rs): argmax per row and
-// the repetition penalty.
+// Sampling on the GPU (twin of kernels-cpu sampling.rs): argmax per row, the
+// repetition penalty, and filtered sampling (temperature, top-k, top-p,
+// min-p, one uniform per row) that picks exactly the CPU spec's token.
 
 extern "C" __global__ void argmax_rows(const float* logits, int V, u32* out) {
     __shared__ float best_v[1024];

@@ -2,7 +2,7 @@
 //! sampling, each returning what its CPU twin in `qwen-kernels-cpu` returns.
 
 use cudarc::driver::PushKernelArg;
-use qwen_tensor::{expect_2d, Backend, Error, HostSlice, Result, SampleParams};
+use qwen_tensor::{expect_2d, Backend, HostSlice, Result, SampleParams};
 
 use crate::device::{dev, f32s, f32s_mut, u32s, u32s_mut, T};
 use crate::launch::{grid, int, shape_err};
@@ -120,7 +120,7 @@ impl CudaBackend {
         }
         let vi = int(OP, v)?;
         for (r, (p, &u)) in params.iter().zip(uniform).enumerate() {
-            check_params(r, p, u)?;
+            qwen_kernels_cpu::check_sample_params(r, p, u)?;
         }
         // Bits of a token index in the kernel's packed rank key.
         let nb = (usize::BITS - (v - 1).leading_zeros()) as i32;
@@ -170,26 +170,3 @@ impl CudaBackend {
 
 /// Threads per `sample_rows` block (`SAMPLE_THREADS` in sampling.cu).
 const SAMPLE_THREADS: u32 = 1024;
-
-/// The CPU twin's parameter check, message for message: a temperature that
-/// is not finite and `> 0`, `top_p` outside `(0, 1]`, `min_p` outside
-/// `[0, 1]` or `u` outside `[0, 1)` is [`Error::Unsupported`].
-fn check_params(row: usize, p: &SampleParams, u: f32) -> Result<()> {
-    let bad = |what: String| Err(Error::Unsupported(format!("sample: row {row}: {what}")));
-    if !(p.temperature.is_finite() && p.temperature > 0.0) {
-        return bad(format!(
-            "temperature must be finite and > 0 (use argmax for greedy), got {}",
-            p.temperature
-        ));
-    }
-    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-        return bad(format!("top_p must be in (0, 1], got {}", p.top_p));
-    }
-    if !(0.0..=1.0).contains(&p.min_p) {
-        return bad(format!("min_p must be in [0, 1], got {}", p.min_p));
-    }
-    if !(0.0..1.0).contains(&u) {
-        return bad(format!("uniform must be in [0, 1), got {u}"));
-    }
-    Ok(())
-}
