@@ -60,6 +60,17 @@ usage: qwen-cli bench (--model DIR | --dummy-weights SHAPE) [options]
   --seed N                 seed of the random weights and prompt (default 0)
   --backend auto|cpu|cuda
   --json                   print one JSON object
+  --mode latency|throughput  latency (default): batch 1 decode speed; throughput: nano-vllm's
+                           offline workload through the continuous-batching scheduler, reporting
+                           output and total (prompt + output) tok/s and preemptions
+  throughput options:
+  --num-seqs N             sequences (default 256)
+  --max-len L              prompt and output lengths uniform in [min(100, L), L] (default 1024)
+  --kv-blocks N            KV cache blocks of 16 positions (default: from free GPU memory, less
+                           a 10% margin; on the CPU at most 4 GiB; never more than the workload needs)
+  --max-batched-tokens N   tokens per forward pass (default 2048)
+  --max-seqs N             sequences running at once (default 256, at most --max-batched-tokens)
+  --temperature F          sampling temperature, 0 greedy (default 0.6, as nano-vllm's bench)
 
 usage: qwen-cli verify [--model DIR] --prompt TEXT [--against cpu|FILE] [--backend auto|cpu|cuda]
                        [--steps N] [--dump DIR] [--exact]
@@ -205,8 +216,11 @@ pub fn parse_bench(args: &[String]) -> Result<(crate::bench::BenchArgs, BackendC
         gen_len: 256,
         seed: 0,
         json: false,
+        mode: crate::throughput::BenchMode::Latency,
+        throughput: Default::default(),
     };
     let mut backend = BackendChoice::Auto;
+    let mut latency_flag = None;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         let mut value = |name: &str| {
@@ -217,12 +231,32 @@ pub fn parse_bench(args: &[String]) -> Result<(crate::bench::BenchArgs, BackendC
         match flag.as_str() {
             "--model" => a.model = Some(PathBuf::from(value(flag)?)),
             "--dummy-weights" => a.dummy = Some(value(flag)?),
-            "--prompt-len" => a.prompt_len = number(flag, &value(flag)?)?,
-            "--gen-len" => a.gen_len = number(flag, &value(flag)?)?,
+            "--prompt-len" => {
+                a.prompt_len = number(flag, &value(flag)?)?;
+                latency_flag = Some(flag);
+            }
+            "--gen-len" => {
+                a.gen_len = number(flag, &value(flag)?)?;
+                latency_flag = Some(flag);
+            }
+            "--mode" => a.mode = crate::throughput::parse_mode(&value(flag)?)?,
+            f if crate::throughput::FLAGS.contains(&f) => a.throughput.set(f, &value(flag)?)?,
             "--seed" => a.seed = number(flag, &value(flag)?)?,
             "--json" => a.json = true,
             "--backend" => backend = parse_backend(&value(flag)?)?,
             other => return Err(format!("unknown option '{other}' (see qwen-cli --help)")),
+        }
+    }
+    match a.mode {
+        crate::throughput::BenchMode::Latency => {
+            if let Some(f) = a.throughput.given.first() {
+                return Err(format!("{f} only applies to --mode throughput"));
+            }
+        }
+        crate::throughput::BenchMode::Throughput => {
+            if let Some(f) = latency_flag {
+                return Err(format!("{f} only applies to --mode latency"));
+            }
         }
     }
     Ok((a, backend))

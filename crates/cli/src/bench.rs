@@ -18,6 +18,9 @@ pub struct BenchArgs {
     pub gen_len: usize,
     pub seed: u64,
     pub json: bool,
+    /// `--mode`: latency (this file) or throughput (`throughput.rs`).
+    pub mode: crate::throughput::BenchMode,
+    pub throughput: crate::throughput::ThroughputArgs,
 }
 
 /// Latency results.

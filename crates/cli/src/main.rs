@@ -11,6 +11,7 @@ mod fault;
 mod generate;
 mod logits_cmd;
 mod perplexity;
+mod throughput;
 mod verify;
 
 use args::{BackendChoice, GenerateArgs};
@@ -88,6 +89,9 @@ fn bench_cmd(a: &bench::BenchArgs, backend: BackendChoice) -> Result<(), String>
         }
         BackendChoice::Auto => CudaBackend::new(0).ok(),
     };
+    if a.mode == throughput::BenchMode::Throughput {
+        return throughput::run_cmd(a, gpu);
+    }
     let result = match gpu {
         Some(g) => {
             eprintln!(

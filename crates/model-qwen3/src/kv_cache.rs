@@ -185,9 +185,9 @@ impl<B: Backend> KvCache<B> {
 
     // ---- sharing blocks by content ----------------------------------------
 
-    /// How many sequences hold `block`.
+    /// How many sequences hold `block` (0 for a block the cache lacks).
     pub fn block_refs(&self, block: u32) -> u32 {
-        self.refs[block as usize]
+        self.refs.get(block as usize).copied().unwrap_or(0)
     }
 
     /// How many blocks carry a name (held or free), ready to be shared.
@@ -213,7 +213,7 @@ impl<B: Backend> KvCache<B> {
     /// Of `blocks`, how many no sequence holds: sharing them takes that many
     /// blocks off the free list.
     pub fn unheld(&self, blocks: &[u32]) -> usize {
-        blocks.iter().filter(|&&b| self.refs[b as usize] == 0).count()
+        blocks.iter().filter(|&&b| self.block_refs(b) == 0).count()
     }
 
     /// Starts the empty `seq` on `blocks` (from [`lookup`](Self::lookup)):
@@ -225,7 +225,10 @@ impl<B: Backend> KvCache<B> {
                 "only an empty sequence can start on shared blocks".into(),
             ));
         }
-        if let Some(&b) = blocks.iter().find(|&&b| self.prefix.hash_of(b).is_none()) {
+        if let Some(&b) = blocks
+            .iter()
+            .find(|&&b| b as usize >= self.num_blocks || self.prefix.hash_of(b).is_none())
+        {
             // An anonymous block may be partly written or about to be
             // overwritten: only named (full, final) blocks are shareable.
             return Err(ModelError::Request(format!(
@@ -358,7 +361,11 @@ mod tests {
         // Then the named ones, tail first (block 1 was freed before block 0).
         c.reserve(&mut e, 12).unwrap();
         assert_eq!(*e.blocks().last().unwrap(), 1);
-        assert_eq!(c.lookup(&hashes), [0], "the overwritten block lost its name");
+        assert_eq!(
+            c.lookup(&hashes),
+            [0],
+            "the overwritten block lost its name"
+        );
         c.reserve(&mut e, 16).unwrap();
         assert!(c.lookup(&hashes).is_empty());
         assert_eq!(c.named_blocks(), 0);
@@ -369,12 +376,17 @@ mod tests {
         let mut c = cache(4);
         let (s, _) = filled(&mut c, &[1, 2, 3, 4, 5, 6], 0);
         let h = c.block_hash(None, &[1, 2, 3, 4]);
-        assert!(c.publish(&s, 1, h).is_err(), "block 1 holds 2 of 4 positions");
+        assert!(
+            c.publish(&s, 1, h).is_err(),
+            "block 1 holds 2 of 4 positions"
+        );
         assert!(c.share(&mut Sequence::default(), &s.blocks()[..1]).is_err());
         assert!(c.publish(&s, 0, h).unwrap());
         let mut t = Sequence::default();
         c.reserve(&mut t, 1).unwrap();
         assert!(c.share(&mut t, &s.blocks()[..1]).is_err(), "t is not empty");
+        assert!(c.share(&mut Sequence::default(), &[99]).is_err());
+        assert_eq!(c.block_refs(99), 0);
     }
 
     #[test]

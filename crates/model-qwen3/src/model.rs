@@ -59,6 +59,12 @@ struct DecodeGraph<B: Backend> {
 /// (tokens, block-table width, context capacity in 64-position chunks, cache id).
 type GraphKey = (usize, usize, usize, u64);
 
+/// Decode steps of at most this many sequences replay graphs. Each graph
+/// keeps its own activations and `[seqs, vocab]` logits, so graphs for every
+/// batch size of a busy server would hold gigabytes, while a large batch's
+/// step is long enough that its launches cost little.
+const GRAPH_MAX_SEQS: usize = 8;
+
 /// Decode graphs pad the context to a power-of-two number of these, so one
 /// graph serves many steps.
 const GRAPH_CONTEXT_QUANTUM: usize = 64;
@@ -187,7 +193,9 @@ impl<B: Backend> Qwen3<B> {
         batch: &mut [(&mut Sequence, &[u32])],
         want: Logits,
     ) -> Result<Tensor<B>> {
-        let decode = want == Logits::Last && batch.iter().all(|(_, toks)| toks.len() == 1);
+        let decode = want == Logits::Last
+            && batch.len() <= GRAPH_MAX_SEQS
+            && batch.iter().all(|(_, toks)| toks.len() == 1);
         if decode && !self.no_graphs.load(Ordering::Relaxed) {
             return self.decode_step(cache, batch);
         }

@@ -23,6 +23,22 @@
 //! sequences that need a token and returns one token per row. That keeps the
 //! model crate free of any sampling policy ([`greedy`] is here for tests and
 //! benchmarks).
+//!
+//! ```
+//! use model_qwen3::scheduler::{greedy, Request, Scheduler, SchedulerConfig};
+//! use model_qwen3::Qwen3;
+//! use qwen_kernels_cpu::CpuBackend;
+//!
+//! let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-qwen3");
+//! let model = Qwen3::load(CpuBackend::new(), &dir, &mut |_, _| {})?;
+//! let mut s = Scheduler::new(&model, model.new_cache(1024)?, SchedulerConfig::default())?;
+//! for prompt in [vec![785, 3974, 13876, 38835], vec![9707, 11, 1879]] {
+//!     s.add_request(Request { prompt, max_new_tokens: 5, stop_ids: vec![] })?;
+//! }
+//! let done = s.run(&mut greedy(model.backend()))?;
+//! assert_eq!((done.len(), done[1].tokens.len()), (2, 5));
+//! # Ok::<(), model_qwen3::ModelError>(())
+//! ```
 
 use std::collections::VecDeque;
 
@@ -110,14 +126,6 @@ pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
     /// Share full blocks of equal prefixes between sequences.
     pub prefix_caching: bool,
-    /// Decode-only steps of at most this many sequences go through
-    /// [`Logits::Last`], which records and replays a decode graph per batch
-    /// shape on backends that have graphs; larger ones run eagerly (with
-    /// [`Logits::All`], the same rows). Each recorded graph keeps its own
-    /// activations and `[seqs, vocab]` logits, so graphs for every batch
-    /// size up to hundreds of sequences would hold gigabytes, while a large
-    /// batch gains little from saving launches.
-    pub max_graph_seqs: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -126,7 +134,6 @@ impl Default for SchedulerConfig {
             max_num_seqs: 256,
             max_num_batched_tokens: 2048,
             prefix_caching: true,
-            max_graph_seqs: 8,
         }
     }
 }
@@ -199,7 +206,10 @@ impl Active {
         let bs = cache.block_size();
         while self.hashes.len() < n {
             let j = self.hashes.len();
-            let h = cache.block_hash(self.hashes.last().copied(), &self.tokens[j * bs..(j + 1) * bs]);
+            let h = cache.block_hash(
+                self.hashes.last().copied(),
+                &self.tokens[j * bs..(j + 1) * bs],
+            );
             self.hashes.push(h);
         }
     }
@@ -256,10 +266,14 @@ impl<'m, B: Backend> Scheduler<'m, B> {
     pub fn add_request(&mut self, req: Request) -> Result<RequestId> {
         let cfg = self.model.config();
         if req.prompt.is_empty() {
-            return Err(ModelError::Request("a request needs at least one prompt token".into()));
+            return Err(ModelError::Request(
+                "a request needs at least one prompt token".into(),
+            ));
         }
         if req.max_new_tokens == 0 {
-            return Err(ModelError::Request("a request needs max_new_tokens >= 1".into()));
+            return Err(ModelError::Request(
+                "a request needs max_new_tokens >= 1".into(),
+            ));
         }
         let vocab = cfg.vocab_size as u32;
         if let Some(bad) = req.prompt.iter().find(|&&t| t >= vocab) {
@@ -320,14 +334,17 @@ impl<'m, B: Backend> Scheduler<'m, B> {
         self.running.len()
     }
 
+    /// Running totals since this scheduler was made.
     pub fn stats(&self) -> SchedulerStats {
         self.stats
     }
 
+    /// The limits it was made with.
     pub fn config(&self) -> SchedulerConfig {
         self.cfg
     }
 
+    /// The KV cache it manages (free and named block counts).
     pub fn cache(&self) -> &KvCache<B> {
         &self.cache
     }
@@ -383,8 +400,8 @@ impl<'m, B: Backend> Scheduler<'m, B> {
         let chunks = self.schedule(&mut out)?;
         if chunks.iter().all(|&n| n == 0) {
             if self.has_unfinished() {
-                // Cannot happen: a request fits the cache alone (checked on
-                // admission) and the oldest running one is never preempted
+                // Cannot happen: a request fits the cache alone (checked by
+                // `add_request`) and the oldest running one is never preempted
                 // for its own growth. Fail rather than spin.
                 return Err(ModelError::Request(
                     "the scheduler could not schedule any token".into(),
@@ -407,12 +424,7 @@ impl<'m, B: Backend> Scheduler<'m, B> {
                 self.stats.prefill_tokens += n as u64;
             }
         }
-        let decode_only = chunks.iter().all(|&n| n <= 1);
-        let want = if decode_only && out.batch_seqs > self.cfg.max_graph_seqs {
-            Logits::All
-        } else {
-            Logits::Last
-        };
+        let want = Logits::Last;
         let model = self.model;
         let mut batch: Vec<(&mut Sequence, &[u32])> = Vec::with_capacity(out.batch_seqs);
         let mut row_of: Vec<usize> = Vec::with_capacity(out.batch_seqs);
@@ -435,7 +447,8 @@ impl<'m, B: Backend> Scheduler<'m, B> {
                 let full = s.seq.len() / self.cache.block_size();
                 s.name_blocks(&self.cache, full);
                 while s.published < full {
-                    self.cache.publish(&s.seq, s.published, s.hashes[s.published])?;
+                    self.cache
+                        .publish(&s.seq, s.published, s.hashes[s.published])?;
                     s.published += 1;
                 }
             }
@@ -535,7 +548,11 @@ impl<'m, B: Backend> Scheduler<'m, B> {
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
             let want = self.running[i].pending().min(budget);
-            let extra = |s: &Active| (s.seq.len() + want).div_ceil(bs).saturating_sub(s.seq.blocks().len());
+            let extra = |s: &Active| {
+                (s.seq.len() + want)
+                    .div_ceil(bs)
+                    .saturating_sub(s.seq.blocks().len())
+            };
             let mut evicted_self = false;
             while extra(&self.running[i]) > self.cache.free_blocks() {
                 // Free the youngest; it may be this sequence itself, which

@@ -113,7 +113,10 @@ fn a_batch_of_16_gives_each_prompt_its_tokens_alone() {
         done.extend(out.finished);
     }
     done.sort_by_key(|f| f.id);
-    assert!(mixed > 0, "prefill chunks never shared a step with decoding");
+    assert!(
+        mixed > 0,
+        "prefill chunks never shared a step with decoding"
+    );
     assert_eq!(widest, 16, "all 16 sequences ran in one batch at some step");
     assert_eq!(s.stats().preemptions, 0);
     for (f, w) in done.iter().zip(&want) {
@@ -170,13 +173,20 @@ fn preemption_case(prefix_caching: bool) {
     let mut seen = HashMap::new();
     let done = s.run(&mut counting_greedy(m.backend(), &mut seen)).unwrap();
     let st = s.stats();
-    assert!(st.preemptions > 0, "the cache was big enough: no preemption");
+    assert!(
+        st.preemptions > 0,
+        "the cache was big enough: no preemption"
+    );
     assert_eq!(
         done.iter().map(|f| f.preemptions as u64).sum::<u64>(),
         st.preemptions
     );
     for (f, w) in done.iter().zip(&want) {
-        assert_eq!(f.tokens, *w, "request {}: tokens changed by preemption", f.id);
+        assert_eq!(
+            f.tokens, *w,
+            "request {}: tokens changed by preemption",
+            f.id
+        );
         assert_eq!(seen[&f.id], max_new);
     }
     if !prefix_caching {
@@ -245,8 +255,16 @@ fn a_shared_48_token_prefix_is_prefilled_once() {
     let m = model();
     let vocab = m.config().vocab_size;
     let prefix = random_ids(5, 48, vocab);
-    let a: Vec<u32> = prefix.iter().copied().chain(random_ids(6, 5, vocab)).collect();
-    let b: Vec<u32> = prefix.iter().copied().chain(random_ids(7, 9, vocab)).collect();
+    let a: Vec<u32> = prefix
+        .iter()
+        .copied()
+        .chain(random_ids(6, 5, vocab))
+        .collect();
+    let b: Vec<u32> = prefix
+        .iter()
+        .copied()
+        .chain(random_ids(7, 9, vocab))
+        .collect();
     let (want_a, want_b) = (alone(&m, &a, 12), alone(&m, &b, 12));
 
     // b arrives while a decodes (a's blocks are held), and after a has
