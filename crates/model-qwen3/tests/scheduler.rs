@@ -164,7 +164,6 @@ fn preemption_case(prefix_caching: bool) {
         max_num_seqs: 6,
         max_num_batched_tokens: 64,
         prefix_caching,
-        ..Default::default()
     };
     let mut s = Scheduler::new(&m, cache(&m, 9), cfg).unwrap();
     for p in &prompts {
@@ -228,7 +227,6 @@ fn two_requests(
         max_num_seqs: 4,
         max_num_batched_tokens: 256,
         prefix_caching,
-        ..Default::default()
     };
     let mut s = Scheduler::new(m, cache(m, 40), cfg).unwrap();
     let mut pick = greedy(m.backend());
