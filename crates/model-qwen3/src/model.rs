@@ -234,6 +234,11 @@ impl<B: Backend> Qwen3<B> {
             .lock()
             .map_err(|_| ModelError::Request("a previous decode step panicked".into()))?;
         let key = (t, width, chunks, cache.id());
+        if !graphs.contains_key(&key) {
+            // Graphs of other caches can never be replayed again (they point
+            // into those caches' tensors): free them with their buffers.
+            graphs.retain(|k, _| k.3 == key.3);
+        }
         let logits = match graphs.entry(key) {
             Entry::Occupied(e) => {
                 let g = e.into_mut();
