@@ -235,8 +235,9 @@ impl<B: Backend> Qwen3<B> {
             .map_err(|_| ModelError::Request("a previous decode step panicked".into()))?;
         let key = (t, width, chunks, cache.id());
         if !graphs.contains_key(&key) {
-            // Graphs of other caches can never be replayed again (they point
-            // into those caches' tensors): free them with their buffers.
+            // Keep only the graphs of the cache in use: each graph points into
+            // its cache's tensors, and keeping every cache's graphs would grow
+            // without bound (a cache used again is simply recorded again).
             graphs.retain(|k, _| k.3 == key.3);
         }
         let logits = match graphs.entry(key) {
