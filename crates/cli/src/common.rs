@@ -1,4 +1,4 @@
-//! Helpers shared by the diagnostic commands (`verify`, `logits`,
+//! Helpers shared by the commands (`generate`, `verify`, `logits`,
 //! `perplexity`): loading a checkpoint with a progress line, tokenizing.
 
 use std::path::{Path, PathBuf};
@@ -28,6 +28,8 @@ pub fn load<B: Backend>(backend: B, dir: &Path) -> Result<Qwen3<B>, String> {
         }
     });
     if line_open {
+        // A load that failed part-way: end the progress line so the error
+        // stands on a line of its own.
         eprintln!();
     }
     let model = model.map_err(|e| e.to_string())?;

@@ -8,7 +8,7 @@ use std::time::Instant;
 use model_qwen3::chat::{ChatMessage, ChatTemplate};
 use model_qwen3::generation_config::GenerationConfig;
 use model_qwen3::tokenizer::{StreamDecoder, Tokenizer};
-use model_qwen3::{Logits, Qwen3, Sequence};
+use model_qwen3::{Logits, Sequence};
 use qwen_sampler::{FinishReason, Sampler, SamplingConfig, StopCriteria};
 use qwen_tensor::Backend;
 
@@ -96,26 +96,7 @@ pub fn run<B: Backend>(backend: B, args: &GenerateArgs, dir: &Path) -> Result<Ou
         return Err("the prompt encodes to no tokens".into());
     }
 
-    let started = Instant::now();
-    let mut line_open = false;
-    let model = Qwen3::load(backend, dir, &mut |done, total| {
-        eprint!("\rloading weights: layer {done}/{total}");
-        line_open = done < total;
-        if !line_open {
-            eprintln!();
-        }
-    });
-    if line_open {
-        // A load that failed part-way: end the progress line so the error
-        // stands on a line of its own.
-        eprintln!();
-    }
-    let model = model.map_err(err)?;
-    eprintln!(
-        "loaded in {:.2} s on {}",
-        started.elapsed().as_secs_f64(),
-        model.backend().name()
-    );
+    let model = crate::common::load(backend, dir)?;
     let cfg = model.config();
     let max_pos = cfg.max_position_embeddings;
     if prompt.len() >= max_pos {
