@@ -103,6 +103,27 @@ usage: qwen-cli perplexity [--model DIR] --file TEXT [--context N] [--stride S] 
                            length scores every token with all the text before it
 ";
 
+/// Walks `--flag [value]` arguments: `handle(flag, value)` takes the flag's
+/// value through `value()` and returns `false` for a flag it does not know,
+/// which becomes the one-line "unknown option" error.
+fn for_each_flag<'a>(
+    args: &'a [String],
+    mut handle: impl FnMut(&'a str, &mut dyn FnMut() -> Result<String, String>) -> Result<bool, String>,
+) -> Result<(), String> {
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        if !handle(flag, &mut value)? {
+            return Err(format!("unknown option '{flag}' (see qwen-cli --help)"));
+        }
+    }
+    Ok(())
+}
+
 /// Parses the arguments after `generate`.
 pub fn parse_generate(args: &[String]) -> Result<GenerateArgs, String> {
     let mut a = GenerateArgs {
@@ -121,30 +142,25 @@ pub fn parse_generate(args: &[String]) -> Result<GenerateArgs, String> {
         json: false,
     };
     let mut prompt = None;
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        match flag.as_str() {
-            "--model" => a.model = Some(PathBuf::from(value(flag)?)),
-            "--prompt" => prompt = Some(value(flag)?),
+    for_each_flag(args, |flag, value| {
+        match flag {
+            "--model" => a.model = Some(PathBuf::from(value()?)),
+            "--prompt" => prompt = Some(value()?),
             "--chat" => a.chat = true,
             "--no-think" => a.no_think = true,
             "--json" => a.json = true,
-            "--max-tokens" => a.max_tokens = number(flag, &value(flag)?)?,
-            "--temperature" => a.temperature = Some(number(flag, &value(flag)?)?),
-            "--top-k" => a.top_k = Some(number(flag, &value(flag)?)?),
-            "--top-p" => a.top_p = Some(number(flag, &value(flag)?)?),
-            "--min-p" => a.min_p = Some(number(flag, &value(flag)?)?),
-            "--repetition-penalty" => a.repetition_penalty = Some(number(flag, &value(flag)?)?),
-            "--seed" => a.seed = Some(number(flag, &value(flag)?)?),
-            "--backend" => a.backend = parse_backend(&value(flag)?)?,
-            other => return Err(format!("unknown option '{other}' (see qwen-cli --help)")),
+            "--max-tokens" => a.max_tokens = number(flag, &value()?)?,
+            "--temperature" => a.temperature = Some(number(flag, &value()?)?),
+            "--top-k" => a.top_k = Some(number(flag, &value()?)?),
+            "--top-p" => a.top_p = Some(number(flag, &value()?)?),
+            "--min-p" => a.min_p = Some(number(flag, &value()?)?),
+            "--repetition-penalty" => a.repetition_penalty = Some(number(flag, &value()?)?),
+            "--seed" => a.seed = Some(number(flag, &value()?)?),
+            "--backend" => a.backend = parse_backend(&value()?)?,
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     a.prompt = prompt.ok_or("--prompt is required")?;
     if a.no_think && !a.chat {
         return Err("--no-think only applies with --chat".into());
@@ -221,32 +237,27 @@ pub fn parse_bench(args: &[String]) -> Result<(crate::bench::BenchArgs, BackendC
     };
     let mut backend = BackendChoice::Auto;
     let mut latency_flag = None;
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        match flag.as_str() {
-            "--model" => a.model = Some(PathBuf::from(value(flag)?)),
-            "--dummy-weights" => a.dummy = Some(value(flag)?),
+    for_each_flag(args, |flag, value| {
+        match flag {
+            "--model" => a.model = Some(PathBuf::from(value()?)),
+            "--dummy-weights" => a.dummy = Some(value()?),
             "--prompt-len" => {
-                a.prompt_len = number(flag, &value(flag)?)?;
+                a.prompt_len = number(flag, &value()?)?;
                 latency_flag = Some(flag);
             }
             "--gen-len" => {
-                a.gen_len = number(flag, &value(flag)?)?;
+                a.gen_len = number(flag, &value()?)?;
                 latency_flag = Some(flag);
             }
-            "--mode" => a.mode = crate::throughput::parse_mode(&value(flag)?)?,
-            f if crate::throughput::FLAGS.contains(&f) => a.throughput.set(f, &value(flag)?)?,
-            "--seed" => a.seed = number(flag, &value(flag)?)?,
+            "--mode" => a.mode = crate::throughput::parse_mode(&value()?)?,
+            f if crate::throughput::FLAGS.contains(&f) => a.throughput.set(f, &value()?)?,
+            "--seed" => a.seed = number(flag, &value()?)?,
             "--json" => a.json = true,
-            "--backend" => backend = parse_backend(&value(flag)?)?,
-            other => return Err(format!("unknown option '{other}' (see qwen-cli --help)")),
+            "--backend" => backend = parse_backend(&value()?)?,
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     match a.mode {
         crate::throughput::BenchMode::Latency => {
             if let Some(f) = a.throughput.given.first() {
@@ -352,30 +363,25 @@ pub fn parse_verify(args: &[String]) -> Result<VerifyArgs, String> {
         dump: None,
         exact: false,
     };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        match flag.as_str() {
-            "--model" => a.model = Some(PathBuf::from(value(flag)?)),
-            "--prompt" => a.prompt = Some(value(flag)?),
+    for_each_flag(args, |flag, value| {
+        match flag {
+            "--model" => a.model = Some(PathBuf::from(value()?)),
+            "--prompt" => a.prompt = Some(value()?),
             "--against" => {
-                a.against = match value(flag)?.as_str() {
+                a.against = match value()?.as_str() {
                     "cpu" => AgainstChoice::Cpu,
                     "" => return Err("--against needs cpu or a file".into()),
                     f => AgainstChoice::File(PathBuf::from(f)),
                 }
             }
-            "--backend" => a.backend = parse_backend(&value(flag)?)?,
-            "--steps" => a.steps = number(flag, &value(flag)?)?,
-            "--dump" => a.dump = Some(PathBuf::from(value(flag)?)),
+            "--backend" => a.backend = parse_backend(&value()?)?,
+            "--steps" => a.steps = number(flag, &value()?)?,
+            "--dump" => a.dump = Some(PathBuf::from(value()?)),
             "--exact" => a.exact = true,
-            other => return Err(format!("unknown option '{other}' (see qwen-cli --help)")),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     if a.prompt.is_none() && a.against == AgainstChoice::Cpu {
         return Err("--prompt is required (unless --against FILE supplies the tokens)".into());
     }
@@ -396,23 +402,18 @@ pub fn parse_logits(args: &[String]) -> Result<LogitsArgs, String> {
         backend: BackendChoice::Auto,
     };
     let mut prompt = None;
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        match flag.as_str() {
-            "--model" => a.model = Some(PathBuf::from(value(flag)?)),
-            "--prompt" => prompt = Some(value(flag)?),
+    for_each_flag(args, |flag, value| {
+        match flag {
+            "--model" => a.model = Some(PathBuf::from(value()?)),
+            "--prompt" => prompt = Some(value()?),
             "--json" => a.json = true,
             "--all" => a.all = true,
-            "--top-k" => a.top_k = Some(number(flag, &value(flag)?)?),
-            "--backend" => a.backend = parse_backend(&value(flag)?)?,
-            other => return Err(format!("unknown option '{other}' (see qwen-cli --help)")),
+            "--top-k" => a.top_k = Some(number(flag, &value()?)?),
+            "--backend" => a.backend = parse_backend(&value()?)?,
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     a.prompt = prompt.ok_or("--prompt is required")?;
     if a.top_k == Some(0) {
         return Err("--top-k must be at least 1".into());
@@ -430,22 +431,17 @@ pub fn parse_perplexity(args: &[String]) -> Result<PerplexityArgs, String> {
         stride: None,
         backend: BackendChoice::Auto,
     };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let mut value = |name: &str| {
-            it.next()
-                .cloned()
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
-        match flag.as_str() {
-            "--model" => a.model = Some(PathBuf::from(value(flag)?)),
-            "--file" => file = Some(PathBuf::from(value(flag)?)),
-            "--context" => a.context = number(flag, &value(flag)?)?,
-            "--stride" => a.stride = Some(number(flag, &value(flag)?)?),
-            "--backend" => a.backend = parse_backend(&value(flag)?)?,
-            other => return Err(format!("unknown option '{other}' (see qwen-cli --help)")),
+    for_each_flag(args, |flag, value| {
+        match flag {
+            "--model" => a.model = Some(PathBuf::from(value()?)),
+            "--file" => file = Some(PathBuf::from(value()?)),
+            "--context" => a.context = number(flag, &value()?)?,
+            "--stride" => a.stride = Some(number(flag, &value()?)?),
+            "--backend" => a.backend = parse_backend(&value()?)?,
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     a.file = file.ok_or("--file is required")?;
     // A chunk of N scores its last N - N/2 - 1 predictions: 3 is the
     // least that scores one. A sliding window of 2 scores one per window.
