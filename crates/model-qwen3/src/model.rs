@@ -56,6 +56,9 @@ struct DecodeGraph<B: Backend> {
     logits: Tensor<B>,
 }
 
+/// A listener handed every named activation of a forward pass.
+type Tap<'a, B> = dyn FnMut(&str, &mut Tensor<B>) -> Result<()> + 'a;
+
 /// (tokens, block-table width, context capacity in 64-position chunks, cache id).
 type GraphKey = (usize, usize, usize, u64);
 
@@ -199,7 +202,7 @@ impl<B: Backend> Qwen3<B> {
         if decode && !self.no_graphs.load(Ordering::Relaxed) {
             return self.decode_step(cache, batch);
         }
-        self.forward_tapped(cache, batch, want, &mut |_, _| Ok(()))
+        self.forward_inner(cache, batch, want, None)
     }
 
     /// One decode step (one token per sequence) through a recorded graph:
@@ -256,11 +259,10 @@ impl<B: Backend> Qwen3<B> {
                 let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
                 let eps = self.cfg.rms_norm_eps;
                 let graph = be.capture(&mut || {
-                    self.run_layers(&mut ws, cache, &mut |_, _| Ok(()))
-                        .map_err(|e| match e {
-                            ModelError::Backend(e) => e,
-                            other => qwen_tensor::Error::Device(other.to_string()),
-                        })?;
+                    self.run_layers(&mut ws, cache, None).map_err(|e| match e {
+                        ModelError::Backend(e) => e,
+                        other => qwen_tensor::Error::Device(other.to_string()),
+                    })?;
                     be.logits(&ws.x, &self.final_norm, eps, lm_head, &mut logits)?;
                     Ok(())
                 })?;
@@ -296,6 +298,17 @@ impl<B: Backend> Qwen3<B> {
         want: Logits,
         tap: &mut dyn FnMut(&str, &mut Tensor<B>) -> Result<()>,
     ) -> Result<Tensor<B>> {
+        self.forward_inner(cache, batch, want, Some(tap))
+    }
+
+    /// The eager forward pass, with or without a tap.
+    fn forward_inner(
+        &self,
+        cache: &mut KvCache<B>,
+        batch: &mut [(&mut Sequence, &[u32])],
+        want: Logits,
+        mut tap: Option<&mut Tap<'_, B>>,
+    ) -> Result<Tensor<B>> {
         let be = &self.backend;
         let cfg = &self.cfg;
         let layout = self.plan(cache, batch)?;
@@ -319,7 +332,7 @@ impl<B: Backend> Qwen3<B> {
             }
             None => guard.insert(self.workspace_for(&layout, &ids)?),
         };
-        self.run_layers(ws, cache, tap)?;
+        self.run_layers(ws, cache, tap.as_deref_mut())?;
         for (seq, toks) in batch.iter_mut() {
             seq.len += toks.len();
         }
@@ -348,7 +361,9 @@ impl<B: Backend> Qwen3<B> {
             be.gather_rows(x, &rows_t, &mut xr)?;
             be.logits(&xr, &self.final_norm, eps, lm_head, &mut logits)?;
         }
-        tap("logits", &mut logits)?;
+        if let Some(tap) = tap {
+            tap("logits", &mut logits)?;
+        }
         Ok(logits)
     }
 
@@ -358,8 +373,13 @@ impl<B: Backend> Qwen3<B> {
         &self,
         ws: &mut Workspace<B>,
         cache: &mut KvCache<B>,
-        tap: &mut dyn FnMut(&str, &mut Tensor<B>) -> Result<()>,
+        mut tap: Option<&mut Tap<'_, B>>,
     ) -> Result<()> {
+        // Names are only formatted when someone listens: this is the decode hot path.
+        let mut emit = |name: &dyn Fn() -> String, t: &mut Tensor<B>| match tap.as_mut() {
+            Some(f) => f(&name(), t),
+            None => Ok(()),
+        };
         let be = &self.backend;
         let cfg = &self.cfg;
         let geo = self.geometry(cache.block_size());
@@ -378,11 +398,11 @@ impl<B: Backend> Qwen3<B> {
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
 
         be.embedding(&self.embed, ids, x)?;
-        tap("embed", x)?;
+        emit(&|| "embed".into(), x)?;
         for (li, l) in self.layers.iter().enumerate() {
-            let name = |op: &str| format!("layers.{li}.{op}");
+            let name = |op: &'static str| move || format!("layers.{li}.{op}");
             be.rms_norm_matmul(x, &l.input_norm, eps, &l.qkv, qkv)?;
-            tap(&name("qkv"), qkv)?;
+            emit(&name("qkv"), qkv)?;
             be.qk_norm_rope_store(
                 qkv,
                 &l.q_norm,
@@ -395,19 +415,19 @@ impl<B: Backend> Qwen3<B> {
                 &mut cache.k[li],
                 &mut cache.v[li],
             )?;
-            tap(&name("q"), q)?;
-            tap(&name("k_cache"), &mut cache.k[li])?;
-            tap(&name("v_cache"), &mut cache.v[li])?;
+            emit(&name("q"), q)?;
+            emit(&name("k_cache"), &mut cache.k[li])?;
+            emit(&name("v_cache"), &mut cache.v[li])?;
             be.attention(q, &cache.k[li], &cache.v[li], meta, geo, scale, attn)?;
-            tap(&name("attn"), attn)?;
+            emit(&name("attn"), attn)?;
             be.matmul_add(attn, &l.o_proj, x)?;
-            tap(&name("attn_residual"), x)?;
+            emit(&name("attn_residual"), x)?;
             be.rms_norm_matmul(x, &l.post_attention_norm, eps, &l.gate_up, gate_up)?;
-            tap(&name("gate_up"), gate_up)?;
+            emit(&name("gate_up"), gate_up)?;
             be.silu_mul(gate_up, act)?;
-            tap(&name("act"), act)?;
+            emit(&name("act"), act)?;
             be.matmul_add(act, &l.down, x)?;
-            tap(&name("out"), x)?;
+            emit(&name("out"), x)?;
         }
         Ok(())
     }
