@@ -1,5 +1,6 @@
 //! Launchers for attention.cu: per-chunk partials, then the in-order combine.
 
+use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::PushKernelArg;
 use qwen_tensor::{expect_shape, AttnGeometry, BatchMeta, DType, Result};
 
@@ -49,9 +50,19 @@ impl CudaBackend {
                     int(OP, d)?,
                     int(OP, max_chunks)?,
                 );
-                // One thread per output dimension, and at least the 4 warps attn_chunk assumes.
-                let threads = (d as u32).max(128);
-                let mut b = self.dev.stream.launch_builder(self.kernel("attn_chunk"));
+                // Keys and values of a chunk, then the group's scores.
+                let group = geo.num_q_heads / geo.num_kv_heads;
+                let smem = 2 * CHUNK * d * 2 + group * CHUNK * 4;
+                let f = self.kernel("attn_chunk");
+                if smem > 48 * 1024 {
+                    // Above 48 KB a kernel must opt in to dynamic shared memory.
+                    f.set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        int(OP, smem)?,
+                    )
+                    .map_err(dev)?;
+                }
+                let mut b = self.dev.stream.launch_builder(f);
                 b.arg(bf16s(OP, "q", q)?)
                     .arg(bf16s(OP, "k_cache", k_cache)?)
                     .arg(bf16s(OP, "v_cache", v_cache)?)
@@ -66,10 +77,15 @@ impl CudaBackend {
                     .arg(&scale)
                     .arg(&mc)
                     .arg(f32s_mut(OP, "partials", part)?);
+                let mut cfg = grid(
+                    ((tokens * geo.num_kv_heads) as u32, max_chunks as u32, 1),
+                    (128, 1, 1),
+                );
+                cfg.shared_mem_bytes = smem as u32;
                 // SAFETY: argument order and types match attn_chunk in attention.cu; the
-                // partials buffer holds max_chunks entries for every (token, head).
-                unsafe { b.launch(grid((rows as u32, max_chunks as u32, 1), (threads, 1, 1))) }
-                    .map_err(dev)?;
+                // partials buffer holds max_chunks entries for every (token, q head), and
+                // the dynamic shared memory holds a chunk's keys, values and scores.
+                unsafe { b.launch(cfg) }.map_err(dev)?;
                 let mut b = self.dev.stream.launch_builder(self.kernel("attn_combine"));
                 b.arg(f32s(OP, "partials", part)?)
                     .arg(u32s(OP, "positions", &meta.positions)?)
