@@ -21,8 +21,7 @@
 //! - `QWEN_BENCH_MAX_ITER_S=3`: benchmarks whose first iteration takes longer
 //!   are skipped, with a message (the CPU's 8B batch-64 projections).
 //! - `QWEN_BENCH_CUDA_EXACT=1`: bench the bit-exact CUDA matmul kernels
-//!   instead of the tensor-core path used from
-//!   `qwen_kernels_cuda::TENSOR_CORE_MIN_TOKENS` tokens up.
+//!   even where a bench announces prompt rows (the tensor-core path).
 
 use std::cell::{RefCell, RefMut};
 use std::time::{Duration, Instant};

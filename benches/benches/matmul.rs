@@ -2,7 +2,9 @@
 //! and the LM head, then each one the way the model calls it —
 //! `rms_norm_matmul` (the fused RMSNorm + QKV and + gate_up), `matmul_add`
 //! (o_proj and down with the residual add) and `logits` (final norm and
-//! vocabulary projection) — for Qwen3-0.6B and 8B at 1 and 64 tokens.
+//! vocabulary projection) — for Qwen3-0.6B and 8B at 1 and 64 tokens;
+//! `matmul/.../prompt` runs the same rows as prompt rows (the CUDA
+//! backend's tensor-core GEMM).
 //!
 //! Bytes: x and w read once, out written once (read and written for
 //! `matmul_add`'s accumulator). FLOPs: 2·T·K·N. Weights rotate through
@@ -31,6 +33,16 @@ fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
                 h.bench(dev, "matmul", &id, work, |i| {
                     dev.backend.matmul(&x_bf16, next_w(i), &mut out)
                 });
+
+                // The same rows as a prompt: the tensor-core GEMM (the CPU
+                // has no such path, so it would only repeat the bench above).
+                if dev.backend.name() != "cpu" {
+                    dev.backend.set_tensor_core_rows(t);
+                    h.bench(dev, "matmul", &format!("{id}/prompt"), work, |i| {
+                        dev.backend.matmul(&x_bf16, next_w(i), &mut out)
+                    });
+                    dev.backend.set_tensor_core_rows(0);
+                }
 
                 match p.fused {
                     Fused::AddOut => {

@@ -174,7 +174,7 @@ fn verify_cmd(a: &args::VerifyArgs) -> Result<bool, String> {
         prompt_text: a.prompt.clone(),
         steps: a.steps,
         dump: a.dump.clone(),
-        tensor_cores_from: None,
+        tensor_core_prompts: false,
         backend_label: String::new(),
         fault,
     };
@@ -200,9 +200,7 @@ fn verify_cmd(a: &args::VerifyArgs) -> Result<bool, String> {
                 gpu.device_name(),
                 if a.exact { ", exact mode" } else { "" }
             );
-            if !a.exact {
-                opts.tensor_cores_from = Some(qwen_kernels_cuda::TENSOR_CORE_MIN_TOKENS);
-            }
+            opts.tensor_core_prompts = !a.exact;
             let model = common::load(gpu, &dir)?;
             let cpu;
             let against = match against_file {

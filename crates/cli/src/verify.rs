@@ -386,9 +386,9 @@ pub struct Options<'a> {
     pub prompt_text: Option<String>,
     pub steps: usize,
     pub dump: Option<PathBuf>,
-    /// Fewest tokens a batch needs for the tested backend's projections to
-    /// run on tensor cores; `None` when they never do.
-    pub tensor_cores_from: Option<usize>,
+    /// Whether the tested backend runs prompt rows' projections on tensor
+    /// cores (generated tokens always take the exact path).
+    pub tensor_core_prompts: bool,
     /// Words for the tested backend in messages ("cuda (NVIDIA H100)").
     pub backend_label: String,
     pub fault: Option<Fault>,
@@ -551,8 +551,7 @@ pub fn run<B: Backend>(
         }
     }
 
-    let tc_from = opts.tensor_cores_from;
-    let tc_any = tc_from.is_some_and(|m| prompt.len() >= m);
+    let tc_any = opts.tensor_core_prompts && !prompt.is_empty();
     let positions = prompt.len() + plan.len();
     let mut cache = tested.new_cache(positions).map_err(model_err)?;
     let mut seq = Sequence::default();
@@ -586,12 +585,15 @@ pub fn run<B: Backend>(
                 "verify: {} against the CPU twin, op by op: each op re-runs on the CPU from the tested backend's own inputs",
                 opts.backend_label
             );
-            match tc_from {
-                Some(m) => println!(
-                    "contract: exact ops must match bit for bit; projections of {m} tokens or more run on tensor cores and must stay within {:.0e}·Σ|x·w| + 1 ulp per element",
+            if opts.tensor_core_prompts {
+                println!(
+                    "contract: exact ops must match bit for bit; the prompt's projections run on tensor cores and must stay within {:.0e}·Σ|x·w| + 1 ulp per element",
                     crate::compare::TC_FACTOR
-                ),
-                None => println!("contract: every op must match bit for bit (no tensor cores on this backend)"),
+                );
+            } else {
+                println!(
+                    "contract: every op must match bit for bit (no tensor cores on this backend)"
+                );
             }
             println!("drift: relative L2 distance of the tested pipeline from an independent CPU pipeline (information, no contract)");
         }
@@ -666,7 +668,8 @@ pub fn run<B: Backend>(
                 let (indep, _) = tapped_step(cpu, rcache, rseq, &step.tokens, &step.name, None)?;
                 let by_name: HashMap<&str, &Raw> =
                     raws.iter().map(|r| (r.name.as_str(), r)).collect();
-                let tc_step = tc_from.is_some_and(|m| t >= m);
+                // Only the prompt's rows (step 0) run on tensor cores.
+                let tc_step = opts.tensor_core_prompts && k == 0;
                 for (i, (name, act)) in acts.iter().enumerate() {
                     let l = canonical(&lock[i], lseq.blocks(), len, start);
                     let r = canonical(&indep[i], rseq.blocks(), len, start);

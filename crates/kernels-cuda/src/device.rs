@@ -42,6 +42,7 @@ const MODULES: &[(&str, &str, &[&str])] = &[
             "split_hi_lo",
         ],
     ),
+    ("gemm", include_str!("gemm.cu"), &["gemm_tc"]),
     ("rope", include_str!("rope.cu"), &["qk_norm_rope_store"]),
     (
         "attention",

@@ -18,10 +18,10 @@
 
 mod activation;
 mod attention;
-mod blas;
 mod compile;
 mod device;
 mod embedding;
+mod gemm;
 mod launch;
 mod matmul;
 mod norm;
@@ -29,7 +29,6 @@ mod rope;
 mod sampling;
 mod timing;
 
-pub use blas::TENSOR_CORE_MIN_TOKENS;
 pub use compile::cuda_include_dir;
 pub use device::CudaStorage;
 
@@ -43,8 +42,10 @@ use device::{dev, Device, T};
 /// One GPU, with its compiled kernels and a stream all work is queued on.
 pub struct CudaBackend {
     dev: Device,
-    blas: cudarc::cublas::CudaBlas,
     exact: bool,
+    /// Leading rows of the coming projections that may use the tensor
+    /// cores (`Backend::set_tensor_core_rows`).
+    tc_rows: std::sync::atomic::AtomicUsize,
     /// Scratch tensors reused across calls (one per [`Scratch`] slot), so a
     /// decode step allocates nothing. One stream orders every use.
     scratch: std::sync::Mutex<Vec<Option<T>>>,
@@ -95,11 +96,10 @@ impl CudaBackend {
         match opened {
             Ok(r) => {
                 let dev = r?;
-                let blas = blas::new_blas(dev.stream.clone())?;
                 Ok(CudaBackend {
                     dev,
-                    blas,
                     exact: false,
+                    tc_rows: Default::default(),
                     scratch: std::sync::Mutex::new((0..5).map(|_| None).collect()),
                     pinned: Default::default(),
                     capturing: Default::default(),
@@ -111,9 +111,9 @@ impl CudaBackend {
         }
     }
 
-    /// `true`: every op returns exactly the CPU twin's bits, prefill GEMMs
-    /// included (no tensor cores). `false` (the default): projections of at
-    /// least [`TENSOR_CORE_MIN_TOKENS`] tokens run on the tensor cores.
+    /// `true`: every op returns exactly the CPU twin's bits, prompt rows
+    /// included (no tensor cores). `false` (the default): the prompt rows
+    /// announced by `Backend::set_tensor_core_rows` run on the tensor cores.
     pub fn set_exact(&mut self, exact: bool) {
         self.exact = exact;
     }
@@ -155,8 +155,13 @@ impl CudaBackend {
         r
     }
 
-    pub(crate) fn use_tensor_cores(&self, tokens: usize) -> bool {
-        !self.exact && tokens >= TENSOR_CORE_MIN_TOKENS
+    /// How many of a projection's `tokens` leading rows run on the tensor
+    /// cores: the prompt rows the model announced, none in exact mode.
+    pub(crate) fn tensor_core_rows(&self, tokens: usize) -> usize {
+        if self.exact {
+            return 0;
+        }
+        tokens.min(self.tc_rows.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The GPU's name, e.g. "NVIDIA H100 80GB HBM3".
@@ -209,6 +214,11 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+
+    fn set_tensor_core_rows(&self, rows: usize) {
+        self.tc_rows
+            .store(rows, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<T> {
@@ -307,7 +317,7 @@ impl Backend for CudaBackend {
     }
 
     fn logits(&self, x: &T, norm_w: &T, eps: f32, w: &T, out: &mut T) -> Result<()> {
-        if self.use_tensor_cores(x.shape().first().copied().unwrap_or(0)) {
+        if self.tensor_core_rows(x.shape().first().copied().unwrap_or(0)) > 0 {
             return self.logits_tensor_cores(x, norm_w, eps, w, out);
         }
         self.norm_project(x, norm_w, eps, w, out, DType::F32)

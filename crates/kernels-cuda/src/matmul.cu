@@ -91,20 +91,24 @@ __device__ __forceinline__ void project_rows(const X* x, const __nv_bfloat16* w,
     }
 }
 
+// Rows [row0, T): rows before row0 are the tensor-core GEMM's (gemm.cu).
 template <typename X>
-__device__ __forceinline__ void project(const X* x, const __nv_bfloat16* w, float* out, int T, int K, int N, int add) {
+__device__ __forceinline__ void project(const X* x, const __nv_bfloat16* w, float* out, int row0, int T, int K, int N,
+                                        int add) {
     int n = blockIdx.x * blockDim.y + threadIdx.y;
     if (n >= N) return;
-    int t0 = blockIdx.y * TOKEN_TILE;
+    int t0 = row0 + blockIdx.y * TOKEN_TILE;
     project_rows(x + (size_t)t0 * K, w, out, t0, min(TOKEN_TILE, T - t0), K, N, n, add);
 }
 
-extern "C" __global__ void matmul_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K, int N, int add) {
-    project(x, w, out, T, K, N, add);
+extern "C" __global__ void matmul_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int row0, int T,
+                                       int K, int N, int add) {
+    project(x, w, out, row0, T, K, N, add);
 }
 
-extern "C" __global__ void matmul_f32x(const float* x, const __nv_bfloat16* w, float* out, int T, int K, int N, int add) {
-    project(x, w, out, T, K, N, add);
+extern "C" __global__ void matmul_f32x(const float* x, const __nv_bfloat16* w, float* out, int row0, int T, int K,
+                                       int N, int add) {
+    project(x, w, out, row0, T, K, N, add);
 }
 
 // Fused RMSNorm + projection in one launch: the block's first warps

@@ -19,7 +19,9 @@ const FUSED_TARGET_BLOCKS: u32 = 264;
 const FUSED_SMEM_MAX: usize = 48 * 1024;
 
 impl CudaBackend {
-    /// `out (+)= x · wᵀ`; x bf16 or f32 `[T, K]`, w bf16 `[N, K]`.
+    /// `out (+)= x · wᵀ`; x bf16 or f32 `[T, K]`, w bf16 `[N, K]`. The
+    /// leading [`tensor_core_rows`](Self::tensor_core_rows) rows of a bf16
+    /// `x` run on the tensor cores, the rest on the exact kernel.
     pub(crate) fn project(
         &self,
         op: &'static str,
@@ -32,15 +34,40 @@ impl CudaBackend {
         if t == 0 || n == 0 {
             return Ok(());
         }
-        if x.dtype() == DType::BF16 && self.use_tensor_cores(t) {
+        let mut row0 = 0;
+        if x.dtype() == DType::BF16 {
+            row0 = self.tensor_core_rows(t);
             let (xs, ws) = (bf16s(op, "x", x)?, bf16s(op, "w", w)?);
-            return self.gemm_bf16(xs, ws, f32s_mut(op, "out", out)?, t, k, n, add);
+            self.gemm_tc(op, xs, ws, f32s_mut(op, "out", out)?, row0, k, n, add)?;
         }
-        let (ti, ki, ni, addi) = (int(op, t)?, int(op, k)?, int(op, n)?, add as i32);
+        self.project_exact(op, x, w, out, row0, add)
+    }
+
+    /// The exact kernel on rows `row0..` of a projection checked by the caller.
+    fn project_exact(
+        &self,
+        op: &'static str,
+        x: &T,
+        w: &T,
+        out: &mut T,
+        row0: usize,
+        add: bool,
+    ) -> Result<()> {
+        let (t, k, n) = check_projection(op, x, w, out)?;
+        if row0 >= t || n == 0 {
+            return Ok(());
+        }
+        let (r0, ti, ki, ni, addi) = (
+            int(op, row0)?,
+            int(op, t)?,
+            int(op, k)?,
+            int(op, n)?,
+            add as i32,
+        );
         let cfg = grid(
             (
                 (n as u32).div_ceil(ROWS),
-                (t as u32).div_ceil(TOKEN_TILE),
+                ((t - row0) as u32).div_ceil(TOKEN_TILE),
                 1,
             ),
             (32, ROWS, 1),
@@ -58,6 +85,7 @@ impl CudaBackend {
         }
         b.arg(bf16s(op, "w", w)?)
             .arg(f32s_mut(op, "out", out)?)
+            .arg(&r0)
             .arg(&ti)
             .arg(&ki)
             .arg(&ni)
@@ -67,9 +95,10 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// RMSNorm then projection: one fused launch for bf16 activations on
-    /// the exact path, else the norm into a scratch tensor of `dtype` and a
-    /// projection (the f32 logits input, tensor cores, very wide rows).
+    /// RMSNorm then projection: one fused launch for bf16 activations when
+    /// every row is exact, else the norm into a scratch tensor of `dtype`
+    /// and a projection (prompt rows on tensor cores, the f32 logits input,
+    /// very wide rows). Both give the exact rows the same bits.
     pub(crate) fn norm_project(
         &self,
         x: &T,
@@ -82,7 +111,7 @@ impl CudaBackend {
         const OP: &str = "rms_norm_matmul";
         let (t, h, n) = check_norm_projection(OP, x, norm_w, w, out)?;
         let smem = TOKEN_TILE as usize * h * 2;
-        let fused = dtype == DType::BF16 && !self.use_tensor_cores(t) && smem <= FUSED_SMEM_MAX;
+        let fused = dtype == DType::BF16 && self.tensor_core_rows(t) == 0 && smem <= FUSED_SMEM_MAX;
         if fused && t > 0 && n > 0 {
             let (ti, ki, ni) = (int(OP, t)?, int(OP, h)?, int(OP, n)?);
             // More rows per warp amortise the block's norm, fewer keep two
@@ -129,9 +158,10 @@ impl CudaBackend {
         })
     }
 
-    /// The logits op on the tensor cores (64+ rows): the f32 normalised
-    /// input is split as hi + lo in bf16 and projected twice, accumulating
-    /// in f32, which keeps the input's precision to about 2⁻¹⁷.
+    /// The logits op with prompt rows on the tensor cores: the f32
+    /// normalised input of those rows is split as hi + lo in bf16 and
+    /// projected twice, accumulating in f32, which keeps the input's
+    /// precision to about 2⁻¹⁷; the other rows take the exact kernel.
     pub(crate) fn logits_tensor_cores(
         &self,
         x: &T,
@@ -142,25 +172,27 @@ impl CudaBackend {
     ) -> Result<()> {
         const OP: &str = "logits";
         let (t, h, n) = check_norm_projection(OP, x, norm_w, w, out)?;
-        let len = t * h;
+        let tc = self.tensor_core_rows(t);
+        let len = tc * h;
         let li = int(OP, len)?;
         self.with_scratch(Scratch::NormF32, &[t, h], DType::F32, |normed| {
             self.rms_norm_impl(x, norm_w, eps, normed)?;
-            self.with_scratch(Scratch::SplitHi, &[t, h], DType::BF16, |hi| {
-                self.with_scratch(Scratch::SplitLo, &[t, h], DType::BF16, |lo| {
+            self.project_exact(OP, normed, w, out, tc, false)?;
+            self.with_scratch(Scratch::SplitHi, &[tc, h], DType::BF16, |hi| {
+                self.with_scratch(Scratch::SplitLo, &[tc, h], DType::BF16, |lo| {
                     let mut b = self.dev.stream.launch_builder(self.kernel("split_hi_lo"));
                     b.arg(f32s(OP, "normed", normed)?)
                         .arg(bf16s_mut(OP, "hi", hi)?)
                         .arg(bf16s_mut(OP, "lo", lo)?)
                         .arg(&li);
                     // SAFETY: argument order and types match split_hi_lo in matmul.cu;
-                    // the three buffers hold t·h elements.
+                    // normed holds t·h ≥ tc·h elements, hi and lo tc·h.
                     unsafe { b.launch(grid(((len as u32).div_ceil(256), 1, 1), (256, 1, 1))) }
                         .map_err(dev)?;
                     let ws = bf16s(OP, "w", w)?;
                     let o = f32s_mut(OP, "out", out)?;
-                    self.gemm_bf16(bf16s(OP, "hi", hi)?, ws, o, t, h, n, false)?;
-                    self.gemm_bf16(bf16s(OP, "lo", lo)?, ws, o, t, h, n, true)
+                    self.gemm_tc(OP, bf16s(OP, "hi", hi)?, ws, o, tc, h, n, false)?;
+                    self.gemm_tc(OP, bf16s(OP, "lo", lo)?, ws, o, tc, h, n, true)
                 })
             })
         })

@@ -52,9 +52,28 @@ pub struct KvCache<B: Backend> {
 pub struct Sequence {
     pub(crate) blocks: Vec<u32>,
     pub(crate) len: usize,
+    /// Positions below this are prompt tokens (see [`Sequence::for_prompt`]).
+    pub(crate) prompt_len: Option<usize>,
 }
 
 impl Sequence {
+    /// An empty sequence whose first `prompt_len` positions are its prompt.
+    /// Prompt rows may run on a backend's tensor cores
+    /// (`Backend::set_tensor_core_rows`); every later position is a
+    /// generated token and always takes the exact path, so its keys, values
+    /// and logits are the same bits whatever batch it runs in, and when it
+    /// is recomputed after a preemption. A [`Sequence::default`] takes the
+    /// tokens of its first forward pass as its prompt.
+    pub fn for_prompt(prompt_len: usize) -> Self {
+        Sequence {
+            prompt_len: Some(prompt_len),
+            ..Default::default()
+        }
+    }
+    /// Length of the prompt, once known.
+    pub fn prompt_len(&self) -> Option<usize> {
+        self.prompt_len
+    }
     /// Positions already in the cache.
     pub fn len(&self) -> usize {
         self.len

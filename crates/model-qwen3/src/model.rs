@@ -56,6 +56,19 @@ struct DecodeGraph<B: Backend> {
     logits: Tensor<B>,
 }
 
+/// A batch laid out for one forward pass.
+struct Plan {
+    /// Token rows: every prompt row first, then the generated ones, each
+    /// group in batch order.
+    layout: BatchLayout,
+    /// Token ids in layout order.
+    ids: Vec<u32>,
+    /// How many leading rows are prompt tokens.
+    prompt_rows: usize,
+    /// Layout row of each token, in batch order.
+    row_of: Vec<u32>,
+}
+
 /// A listener handed every named activation of a forward pass.
 type Tap<'a, B> = dyn FnMut(&str, &mut Tensor<B>) -> Result<()> + 'a;
 
@@ -196,9 +209,13 @@ impl<B: Backend> Qwen3<B> {
         batch: &mut [(&mut Sequence, &[u32])],
         want: Logits,
     ) -> Result<Tensor<B>> {
+        // Graphs record the exact path only: every row must be a generated
+        // token (a sequence without a prompt length is in its prompt pass).
         let decode = want == Logits::Last
             && batch.len() <= GRAPH_MAX_SEQS
-            && batch.iter().all(|(_, toks)| toks.len() == 1);
+            && batch
+                .iter()
+                .all(|(seq, toks)| toks.len() == 1 && seq.prompt_len.is_some_and(|p| seq.len >= p));
         if decode && !self.no_graphs.load(Ordering::Relaxed) {
             return self.decode_step(cache, batch);
         }
@@ -214,8 +231,9 @@ impl<B: Backend> Qwen3<B> {
         batch: &mut [(&mut Sequence, &[u32])],
     ) -> Result<Tensor<B>> {
         let be = &self.backend;
-        let mut layout = self.plan(cache, batch)?;
+        let Plan { mut layout, .. } = self.plan(cache, batch)?;
         let t = layout.num_tokens();
+        be.set_tensor_core_rows(0);
         // Pad the block tables and the context so the graph's shapes (and
         // so its buffers and launch sizes) stay fixed across many steps.
         let width = layout.max_blocks.next_power_of_two();
@@ -259,10 +277,11 @@ impl<B: Backend> Qwen3<B> {
                 let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
                 let eps = self.cfg.rms_norm_eps;
                 let graph = be.capture(&mut || {
-                    self.run_layers(&mut ws, cache, None).map_err(|e| match e {
-                        ModelError::Backend(e) => e,
-                        other => qwen_tensor::Error::Device(other.to_string()),
-                    })?;
+                    self.run_layers(&mut ws, cache, 0, None)
+                        .map_err(|e| match e {
+                            ModelError::Backend(e) => e,
+                            other => qwen_tensor::Error::Device(other.to_string()),
+                        })?;
                     be.logits(&ws.x, &self.final_norm, eps, lm_head, &mut logits)?;
                     Ok(())
                 })?;
@@ -311,12 +330,13 @@ impl<B: Backend> Qwen3<B> {
     ) -> Result<Tensor<B>> {
         let be = &self.backend;
         let cfg = &self.cfg;
-        let layout = self.plan(cache, batch)?;
+        let Plan {
+            layout,
+            ids,
+            prompt_rows,
+            row_of,
+        } = self.plan(cache, batch)?;
         let t = layout.num_tokens();
-        let ids: Vec<u32> = batch
-            .iter()
-            .flat_map(|(_, toks)| toks.iter().copied())
-            .collect();
         let mut guard = self
             .workspace
             .lock()
@@ -332,35 +352,55 @@ impl<B: Backend> Qwen3<B> {
             }
             None => guard.insert(self.workspace_for(&layout, &ids)?),
         };
-        self.run_layers(ws, cache, tap.as_deref_mut())?;
+        self.run_layers(ws, cache, prompt_rows, tap.as_deref_mut())?;
         for (seq, toks) in batch.iter_mut() {
             seq.len += toks.len();
         }
 
-        let rows: Vec<u32> = match want {
-            Logits::All => (0..t as u32).collect(),
+        let (x, eps, h, v) = (&ws.x, cfg.rms_norm_eps, cfg.hidden_size, cfg.vocab_size);
+        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let in_order = row_of.iter().enumerate().all(|(i, &r)| r as usize == i);
+        let mut logits = match want {
+            // Every row in layout order (prompt rows on the tensor cores, as
+            // in the layers), then put back in batch order.
+            Logits::All => {
+                be.set_tensor_core_rows(prompt_rows);
+                let mut all = be.zeros(&[t, v], DType::F32)?;
+                be.logits(x, &self.final_norm, eps, lm_head, &mut all)?;
+                if in_order {
+                    all
+                } else {
+                    let rows_t = be.upload(HostSlice::U32(&row_of), &[t])?;
+                    let mut ordered = be.zeros(&[t, v], DType::F32)?;
+                    be.gather_rows(&all, &rows_t, &mut ordered)?;
+                    ordered
+                }
+            }
+            // The rows a token is sampled from take the exact path, so a
+            // sequence's choices never depend on its batch.
             Logits::Last => {
-                let mut end = 0u32;
-                batch
+                be.set_tensor_core_rows(0);
+                let mut end = 0usize;
+                let rows: Vec<u32> = batch
                     .iter()
                     .map(|(_, toks)| {
-                        end += toks.len() as u32;
-                        end - 1
+                        end += toks.len();
+                        row_of[end - 1]
                     })
-                    .collect()
+                    .collect();
+                let mut out = be.zeros(&[rows.len(), v], DType::F32)?;
+                if rows.len() == t && in_order {
+                    be.logits(x, &self.final_norm, eps, lm_head, &mut out)?;
+                } else {
+                    let rows_t = be.upload(HostSlice::U32(&rows), &[rows.len()])?;
+                    let mut xr = be.zeros(&[rows.len(), h], DType::F32)?;
+                    be.gather_rows(x, &rows_t, &mut xr)?;
+                    be.logits(&xr, &self.final_norm, eps, lm_head, &mut out)?;
+                }
+                out
             }
         };
-        let (x, eps, h) = (&ws.x, cfg.rms_norm_eps, cfg.hidden_size);
-        let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let mut logits = be.zeros(&[rows.len(), cfg.vocab_size], DType::F32)?;
-        if rows.len() == t {
-            be.logits(x, &self.final_norm, eps, lm_head, &mut logits)?;
-        } else {
-            let rows_t = be.upload(HostSlice::U32(&rows), &[rows.len()])?;
-            let mut xr = be.zeros(&[rows.len(), h], DType::F32)?;
-            be.gather_rows(x, &rows_t, &mut xr)?;
-            be.logits(&xr, &self.final_norm, eps, lm_head, &mut logits)?;
-        }
+        be.set_tensor_core_rows(0);
         if let Some(tap) = tap {
             tap("logits", &mut logits)?;
         }
@@ -373,6 +413,7 @@ impl<B: Backend> Qwen3<B> {
         &self,
         ws: &mut Workspace<B>,
         cache: &mut KvCache<B>,
+        prompt_rows: usize,
         mut tap: Option<&mut Tap<'_, B>>,
     ) -> Result<()> {
         // Names are only formatted when someone listens: this is the decode hot path.
@@ -397,6 +438,7 @@ impl<B: Backend> Qwen3<B> {
         let eps = cfg.rms_norm_eps;
         let scale = 1.0 / (cfg.head_dim as f32).sqrt();
 
+        be.set_tensor_core_rows(prompt_rows);
         be.embedding(&self.embed, ids, x)?;
         emit(&|| "embed".into(), x)?;
         for (li, l) in self.layers.iter().enumerate() {
@@ -451,11 +493,7 @@ impl<B: Backend> Qwen3<B> {
     }
 
     /// Checks the batch and reserves cache blocks; builds the batch layout.
-    fn plan(
-        &self,
-        cache: &mut KvCache<B>,
-        batch: &mut [(&mut Sequence, &[u32])],
-    ) -> Result<BatchLayout> {
+    fn plan(&self, cache: &mut KvCache<B>, batch: &mut [(&mut Sequence, &[u32])]) -> Result<Plan> {
         if batch.is_empty() || batch.iter().any(|(_, toks)| toks.is_empty()) {
             return Err(ModelError::Request(
                 "every sequence in a batch needs at least one token".into(),
@@ -476,6 +514,10 @@ impl<B: Backend> Qwen3<B> {
                 )));
             }
             cache.reserve(seq, end)?;
+            // A sequence's first pass is its prompt unless it was told otherwise.
+            if seq.prompt_len.is_none() {
+                seq.prompt_len = Some(end);
+            }
         }
         let bs = cache.block_size();
         let max_blocks = batch.iter().map(|(s, _)| s.blocks.len()).max().unwrap_or(1);
@@ -484,15 +526,42 @@ impl<B: Backend> Qwen3<B> {
             block_size: bs,
             ..Default::default()
         };
-        for (si, (seq, toks)) in batch.iter().enumerate() {
-            for p in seq.len..seq.len + toks.len() {
-                layout.positions.push(p as u32);
-                layout.seq_of_token.push(si as u32);
+        // Prompt rows first, so the backend can run them on the tensor cores
+        // as one block of rows; every op treats rows independently, so their
+        // order changes no bits.
+        let total: usize = batch.iter().map(|(_, toks)| toks.len()).sum();
+        let mut ids = Vec::with_capacity(total);
+        let mut row_of = vec![0u32; total];
+        let mut prompt_rows = 0;
+        for prompt_pass in [true, false] {
+            let mut i = 0;
+            for (si, (seq, toks)) in batch.iter().enumerate() {
+                let prompt_end = seq.prompt_len.unwrap_or(0);
+                for (j, &id) in toks.iter().enumerate() {
+                    let p = seq.len + j;
+                    if (p < prompt_end) == prompt_pass {
+                        row_of[i + j] = layout.positions.len() as u32;
+                        layout.positions.push(p as u32);
+                        layout.seq_of_token.push(si as u32);
+                        ids.push(id);
+                    }
+                }
+                i += toks.len();
             }
+            if prompt_pass {
+                prompt_rows = ids.len();
+            }
+        }
+        for (seq, _) in batch.iter() {
             let mut table = seq.blocks.clone();
             table.resize(max_blocks, 0);
             layout.block_tables.extend(table);
         }
-        Ok(layout)
+        Ok(Plan {
+            layout,
+            ids,
+            prompt_rows,
+            row_of,
+        })
     }
 }

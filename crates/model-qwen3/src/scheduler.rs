@@ -305,10 +305,10 @@ impl<'m, B: Backend> Scheduler<'m, B> {
         self.waiting.push_back(Active {
             id,
             prompt_len: req.prompt.len(),
+            seq: Sequence::for_prompt(req.prompt.len()),
             tokens: req.prompt,
             max_new: req.max_new_tokens,
             stop_ids: req.stop_ids,
-            seq: Sequence::default(),
             hashes: Vec::new(),
             published: 0,
             decoding: false,
@@ -444,7 +444,11 @@ impl<'m, B: Backend> Scheduler<'m, B> {
                 if n == 0 {
                     continue;
                 }
-                let full = s.seq.len() / self.cache.block_size();
+                // Only blocks wholly inside the prompt are shared: their rows
+                // are prompt rows for every request that can find them, so a
+                // hit gives the same bits as computing them (generated rows
+                // take the exact path, prompt rows the tensor cores).
+                let full = s.seq.len().min(s.prompt_len) / self.cache.block_size();
                 s.name_blocks(&self.cache, full);
                 while s.published < full {
                     self.cache

@@ -49,6 +49,14 @@ fn cuda_greedy_decode_matches_hf_f32() {
     common::greedy_decode_matches_hf_f32(&m);
 }
 
+/// Default mode (prompt rows on the tensor cores, generated rows exact):
+/// a prompt's greedy tokens are the same alone and in a batch of 64.
+#[test]
+fn cuda_batch_of_64_gives_each_prompt_its_tokens_alone() {
+    let Some(m) = gpu_model(false) else { return };
+    common::batch_of_64_is_invariant(&m);
+}
+
 #[test]
 fn cuda_prefill_in_one_pass_equals_token_by_token() {
     let Some(m) = gpu_model(true) else { return };

@@ -8,7 +8,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{tiny_dir, Golden};
+use common::{random_ids, tiny_dir, Golden};
 use model_qwen3::scheduler::{greedy, Finished, Request, SampleRow, StopReason};
 use model_qwen3::{KvCache, Qwen3, Scheduler, SchedulerConfig};
 use qwen_kernels_cpu::CpuBackend;
@@ -16,20 +16,6 @@ use qwen_tensor::{Backend, Tensor};
 
 fn model() -> Qwen3<CpuBackend> {
     Qwen3::load(CpuBackend::new(), &tiny_dir(), &mut |_, _| {}).expect("tiny checkpoint loads")
-}
-
-/// `n` token ids from a seeded stream (splitmix64), below `vocab`.
-fn random_ids(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
-    let mut z = seed;
-    (0..n)
-        .map(|_| {
-            z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut x = z;
-            x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            ((x ^ (x >> 31)) % vocab as u64) as u32
-        })
-        .collect()
 }
 
 /// The greedy tokens of `ids` run alone, without the scheduler: one
@@ -125,6 +111,11 @@ fn a_batch_of_16_gives_each_prompt_its_tokens_alone() {
     }
     // Every block came back.
     assert_eq!(s.cache().free_blocks(), 200);
+}
+
+#[test]
+fn a_batch_of_64_gives_each_prompt_its_tokens_alone() {
+    common::batch_of_64_is_invariant(&model());
 }
 
 /// Greedy decoding that checks it is asked for each request's tokens in

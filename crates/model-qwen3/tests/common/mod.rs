@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use model_qwen3::{KvCache, Logits, Qwen3, Sequence};
+use model_qwen3::scheduler::{Request, StopReason};
+use model_qwen3::{KvCache, Logits, Qwen3, Scheduler, SchedulerConfig, Sequence};
 use qwen_tensor::Backend;
 
 /// The repo's tiny checkpoint, found relative to this crate: through the
@@ -258,5 +259,70 @@ pub fn prefill_in_one_pass_equals_token_by_token<B: Backend>(m: &Qwen3<B>) {
                 .unwrap();
         }
         assert_eq!(toks, one_pass, "{}", p.name);
+    }
+}
+
+/// `n` token ids from a seeded stream (splitmix64), below `vocab`.
+pub fn random_ids(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
+    let mut z = seed;
+    (0..n)
+        .map(|_| {
+            z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            ((x ^ (x >> 31)) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+/// Batch invariance: 64 different prompts (1 to 120 tokens) run together
+/// through the scheduler (chunked prefill, decode and prefill mixed, all 64
+/// in one batch at some step) produce exactly the greedy tokens each
+/// produces alone (one prefill pass, then a decode step at a time).
+pub fn batch_of_64_is_invariant<B: Backend>(m: &Qwen3<B>) {
+    let vocab = m.config().vocab_size;
+    let n = 64;
+    let prompts: Vec<Vec<u32>> = (0..n)
+        .map(|k| random_ids(4000 + k as u64, 1 + (k * 37) % 120, vocab))
+        .collect();
+    let max_new: Vec<usize> = (0..n).map(|k| 16 + (k * 5) % 16).collect();
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&max_new)
+        .map(|(p, &s)| greedy(m, p, s).0)
+        .collect();
+    let cfg = SchedulerConfig {
+        max_num_seqs: n,
+        max_num_batched_tokens: 1024,
+        ..Default::default()
+    };
+    let cache = m.new_cache(n * 160).unwrap();
+    let mut s = Scheduler::new(m, cache, cfg).unwrap();
+    for (p, &k) in prompts.iter().zip(&max_new) {
+        s.add_request(Request {
+            prompt: p.clone(),
+            max_new_tokens: k,
+            stop_ids: Vec::new(),
+        })
+        .unwrap();
+    }
+    let mut pick = model_qwen3::scheduler::greedy(m.backend());
+    let (mut done, mut widest) = (Vec::new(), 0);
+    while s.has_unfinished() {
+        let out = s.step(&mut pick).unwrap();
+        widest = widest.max(out.batch_seqs);
+        done.extend(out.finished);
+    }
+    assert_eq!(widest, n, "all {n} sequences ran in one batch at some step");
+    done.sort_by_key(|f| f.id);
+    assert_eq!(done.len(), n);
+    for (f, w) in done.iter().zip(&want) {
+        assert_eq!(f.reason, StopReason::Length);
+        assert_eq!(
+            f.tokens, *w,
+            "request {}: tokens in the batch differ from alone",
+            f.id
+        );
     }
 }

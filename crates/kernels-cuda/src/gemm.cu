@@ -1,0 +1,133 @@
+// Batch-invariant tensor-core GEMM for prompt rows: out[t, n] (+)= x[t, :] . w[n, :]
+// with bf16 inputs and f32 accumulation (mma.sync m16n8k16). Every output
+// element sums its K in the same fixed sequence of 16-wide steps (tile by
+// tile in increasing k, no split-K), and a row's products never meet another
+// row's, so a row's result depends only on that row and w: not on how many
+// rows the batch has nor where the row sits in it. This is the one matmul
+// that differs from the CPU spec (the tensor cores' own accumulation); the
+// twin tests bound the difference.
+
+#define GM 64   // rows per block
+#define GN 128  // weight rows (output columns) per block
+#define GK 32   // k per shared-memory stage
+#define GPAD 8  // bf16 of padding per shared row: 80-byte rows, no ldmatrix bank conflicts
+#define GS (GK + GPAD)
+
+__device__ __forceinline__ void cp16(void* smem, const void* gmem, bool valid) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    int n = valid ? 16 : 0;  // 0 bytes read: the 16 bytes are zero-filled
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+
+// Loads rows [r0, r0 + R) x columns [k0, k0 + GK) of a row-major [rows, K]
+// matrix into smem[R][GS], zero outside the matrix. Vector path: K % 8 == 0.
+template <int R, bool VEC>
+__device__ __forceinline__ void load_tile(__nv_bfloat16* smem, const __nv_bfloat16* g, int rows, int K, int r0,
+                                          int k0) {
+    if (VEC) {
+        // R rows x 4 chunks of 8 bf16.
+#pragma unroll
+        for (int c = threadIdx.x; c < R * 4; c += 128) {
+            int r = c / 4, kk = (c % 4) * 8;
+            bool ok = r0 + r < rows && k0 + kk < K;
+            const __nv_bfloat16* src = ok ? g + (size_t)(r0 + r) * K + k0 + kk : g;
+            cp16(smem + r * GS + kk, src, ok);
+        }
+    } else {
+        for (int c = threadIdx.x; c < R * GK; c += 128) {
+            int r = c / GK, kk = c % GK;
+            bool ok = r0 + r < rows && k0 + kk < K;
+            smem[r * GS + kk] = ok ? g[(size_t)(r0 + r) * K + k0 + kk] : __float2bfloat16_rn(0.0f);
+        }
+    }
+}
+
+__device__ __forceinline__ void ldmatrix4(unsigned* r, const __nv_bfloat16* p) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
+__device__ __forceinline__ void mma16816(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 4 warps, 2 x 2, each owning 32 rows x 64 columns of the block's tile.
+template <bool VEC>
+__device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K,
+                                          int N, int add, __nv_bfloat16 (*As)[GM * GS],
+                                          __nv_bfloat16 (*Bs)[GN * GS]) {
+    int m0 = blockIdx.y * GM, n0 = blockIdx.x * GN;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int wm = (warp / 2) * 32, wn = (warp % 2) * 64;
+    float acc[2][8][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+    int tiles = (K + GK - 1) / GK;
+    load_tile<GM, VEC>(As[0], x, T, K, m0, 0);
+    load_tile<GN, VEC>(Bs[0], w, N, K, n0, 0);
+    asm volatile("cp.async.commit_group;\n" ::);
+    for (int kt = 0; kt < tiles; kt++) {
+        int cur = kt & 1;
+        if (kt + 1 < tiles) {
+            load_tile<GM, VEC>(As[cur ^ 1], x, T, K, m0, (kt + 1) * GK);
+            load_tile<GN, VEC>(Bs[cur ^ 1], w, N, K, n0, (kt + 1) * GK);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+        asm volatile("cp.async.wait_group 1;\n" ::);
+        __syncthreads();
+        const __nv_bfloat16* a_s = As[cur];
+        const __nv_bfloat16* b_s = Bs[cur];
+#pragma unroll
+        for (int ks = 0; ks < GK; ks += 16) {
+            unsigned a[2][4];
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+                ldmatrix4(a[i], a_s + (wm + i * 16 + lane % 16) * GS + ks + (lane / 16) * 8);
+#pragma unroll
+            for (int j = 0; j < 8; j += 2) {
+                unsigned b[4];
+                ldmatrix4(b, b_s + (wn + j * 8 + (lane / 16) * 8 + lane % 8) * GS + ks + ((lane / 8) % 2) * 8);
+#pragma unroll
+                for (int i = 0; i < 2; i++) {
+                    mma16816(acc[i][j], a[i], b[0], b[1]);
+                    mma16816(acc[i][j + 1], a[i], b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int r = m0 + wm + i * 16 + lane / 4 + (e / 2) * 8;
+                int c = n0 + wn + j * 8 + (lane % 4) * 2 + e % 2;
+                if (r < T && c < N) {
+                    size_t o = (size_t)r * N + c;
+                    out[o] = add ? out[o] + acc[i][j][e] : acc[i][j][e];
+                }
+            }
+}
+
+extern "C" __global__ void __launch_bounds__(128) gemm_tc(const __nv_bfloat16* x, const __nv_bfloat16* w,
+                                                          float* out, int T, int K, int N, int add) {
+    // Declared here, not in the template, so both variants share one 30 KB.
+    __shared__ __align__(16) __nv_bfloat16 As[2][GM * GS];
+    __shared__ __align__(16) __nv_bfloat16 Bs[2][GN * GS];
+    if ((K & 7) == 0)
+        gemm_body<true>(x, w, out, T, K, N, add, As, Bs);
+    else
+        gemm_body<false>(x, w, out, T, K, N, add, As, Bs);
+}

@@ -1,0 +1,57 @@
+//! Launcher for gemm.cu: the batch-invariant tensor-core GEMM that prompt
+//! rows take (see `Backend::set_tensor_core_rows`). It is the one place the
+//! CUDA backend may differ from the CPU spec; the twin tests bound the
+//! difference, and `CudaBackend::set_exact(true)` turns it off.
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+use half::bf16;
+use qwen_tensor::Result;
+
+use crate::device::dev;
+use crate::launch::{grid, int};
+use crate::CudaBackend;
+
+/// Rows and columns of `out` per block, as GM and GN in gemm.cu.
+const GM: u32 = 64;
+const GN: u32 = 128;
+
+impl CudaBackend {
+    /// `out[t, n] (+)= Σ_k x[t, k]·w[n, k]` for the first `t` rows of `x`
+    /// and `out`: bf16 inputs, f32 accumulation and output, row-major, on
+    /// the tensor cores. Callers check that the slices hold t·k, n·k and t·n
+    /// elements.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_tc(
+        &self,
+        op: &'static str,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        out: &mut CudaSlice<f32>,
+        t: usize,
+        k: usize,
+        n: usize,
+        add: bool,
+    ) -> Result<()> {
+        if t == 0 || n == 0 {
+            return Ok(());
+        }
+        let (ti, ki, ni, addi) = (int(op, t)?, int(op, k)?, int(op, n)?, add as i32);
+        let cfg = grid(
+            ((n as u32).div_ceil(GN), (t as u32).div_ceil(GM), 1),
+            (128, 1, 1),
+        );
+        let mut b = self.dev.stream.launch_builder(self.kernel("gemm_tc"));
+        b.arg(x)
+            .arg(w)
+            .arg(out)
+            .arg(&ti)
+            .arg(&ki)
+            .arg(&ni)
+            .arg(&addi);
+        // SAFETY: argument order and types match gemm_tc in gemm.cu; the
+        // caller checked the slices' sizes, and the kernel guards every
+        // access by T, K and N.
+        unsafe { b.launch(cfg) }.map_err(dev)?;
+        Ok(())
+    }
+}
