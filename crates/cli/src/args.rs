@@ -60,6 +60,8 @@ usage: qwen-cli bench (--model DIR | --dummy-weights SHAPE) [options]
   --seed N                 seed of the random weights and prompt (default 0)
   --backend auto|cpu|cuda
   --json                   print one JSON object
+  --tensor-core-decode     generated tokens' projections on the tensor cores too (CUDA): still
+                           batch-invariant, but decode no longer returns the CPU twin's bits
   --mode latency|throughput  latency (default): batch 1 decode speed; throughput: nano-vllm's
                            offline workload through the continuous-batching scheduler, reporting
                            output and total (prompt + output) tok/s and preemptions
@@ -234,6 +236,7 @@ pub fn parse_bench(args: &[String]) -> Result<(crate::bench::BenchArgs, BackendC
         json: false,
         mode: crate::throughput::BenchMode::Latency,
         throughput: Default::default(),
+        tensor_core_decode: false,
     };
     let mut backend = BackendChoice::Auto;
     let mut latency_flag = None;
@@ -253,6 +256,7 @@ pub fn parse_bench(args: &[String]) -> Result<(crate::bench::BenchArgs, BackendC
             f if crate::throughput::FLAGS.contains(&f) => a.throughput.set(f, &value()?)?,
             "--seed" => a.seed = number(flag, &value()?)?,
             "--json" => a.json = true,
+            "--tensor-core-decode" => a.tensor_core_decode = true,
             "--backend" => backend = parse_backend(&value()?)?,
             _ => return Ok(false),
         }

@@ -21,6 +21,8 @@ pub struct BenchArgs {
     /// `--mode`: latency (this file) or throughput (`throughput.rs`).
     pub mode: crate::throughput::BenchMode,
     pub throughput: crate::throughput::ThroughputArgs,
+    /// `--tensor-core-decode`: generated tokens on the tensor cores too.
+    pub tensor_core_decode: bool,
 }
 
 /// Latency results.
@@ -48,21 +50,26 @@ pub fn load<B: Backend>(backend: B, a: &BenchArgs) -> Result<(Qwen3<B>, String),
             eprintln!();
         }
     };
-    match (&a.model, &a.dummy) {
-        (Some(dir), None) => Ok((
+    let (m, mut label) = match (&a.model, &a.dummy) {
+        (Some(dir), None) => (
             Qwen3::load(backend, dir, progress).map_err(err)?,
             dir.display().to_string(),
-        )),
+        ),
         (None, Some(shape)) => {
             let cfg = dummy_config(shape).map_err(err)?;
             let w = random_weights(&cfg, a.seed, progress);
-            Ok((
+            (
                 Qwen3::from_host(backend, cfg, &w).map_err(err)?,
                 format!("{shape} (random weights)"),
-            ))
+            )
         }
-        _ => Err("bench needs exactly one of --model DIR or --dummy-weights SHAPE".into()),
+        _ => return Err("bench needs exactly one of --model DIR or --dummy-weights SHAPE".into()),
+    };
+    if a.tensor_core_decode {
+        m.set_tensor_core_decode(true);
+        label.push_str(", tensor-core decode");
     }
+    Ok((m, label))
 }
 
 /// Bytes a decode step reads: every bf16 weight once (the embedding table

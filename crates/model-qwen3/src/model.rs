@@ -91,6 +91,9 @@ pub struct Qwen3<B: Backend> {
     graphs: Mutex<HashMap<GraphKey, DecodeGraph<B>>>,
     /// Set once the backend has said it cannot record graphs.
     no_graphs: AtomicBool,
+    /// Generated tokens take the tensor-core path too (see
+    /// [`Qwen3::set_tensor_core_decode`]).
+    tc_decode: AtomicBool,
     backend: B,
     cfg: Qwen3Config,
     embed: Tensor<B>,
@@ -161,10 +164,25 @@ impl<B: Backend> Qwen3<B> {
             workspace: Mutex::new(None),
             graphs: Mutex::new(HashMap::new()),
             no_graphs: AtomicBool::new(false),
+            tc_decode: AtomicBool::new(false),
             layers,
             cfg,
             backend,
         })
+    }
+
+    /// `true`: generated tokens' projections run on the backend's tensor
+    /// cores as prompt rows do. Outputs stay batch-invariant (that GEMM
+    /// depends only on its own row) but are no longer the CPU twin's bits;
+    /// decoding large batches gets several times faster. `false` (the
+    /// default): generated tokens take the exact path.
+    pub fn set_tensor_core_decode(&self, on: bool) {
+        if self.tc_decode.swap(on, Ordering::Relaxed) != on {
+            // Recorded graphs hold the other path's kernels.
+            if let Ok(mut g) = self.graphs.lock() {
+                g.clear();
+            }
+        }
     }
 
     pub fn config(&self) -> &Qwen3Config {
@@ -231,9 +249,12 @@ impl<B: Backend> Qwen3<B> {
         batch: &mut [(&mut Sequence, &[u32])],
     ) -> Result<Tensor<B>> {
         let be = &self.backend;
-        let Plan { mut layout, .. } = self.plan(cache, batch)?;
+        let Plan {
+            mut layout,
+            prompt_rows,
+            ..
+        } = self.plan(cache, batch)?;
         let t = layout.num_tokens();
-        be.set_tensor_core_rows(0);
         // Pad the block tables and the context so the graph's shapes (and
         // so its buffers and launch sizes) stay fixed across many steps.
         let width = layout.max_blocks.next_power_of_two();
@@ -277,7 +298,7 @@ impl<B: Backend> Qwen3<B> {
                 let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
                 let eps = self.cfg.rms_norm_eps;
                 let graph = be.capture(&mut || {
-                    self.run_layers(&mut ws, cache, 0, None)
+                    self.run_layers(&mut ws, cache, prompt_rows, None)
                         .map_err(|e| match e {
                             ModelError::Backend(e) => e,
                             other => qwen_tensor::Error::Device(other.to_string()),
@@ -379,7 +400,11 @@ impl<B: Backend> Qwen3<B> {
             // The rows a token is sampled from take the exact path, so a
             // sequence's choices never depend on its batch.
             Logits::Last => {
-                be.set_tensor_core_rows(0);
+                be.set_tensor_core_rows(if self.tc_decode.load(Ordering::Relaxed) {
+                    batch.len()
+                } else {
+                    0
+                });
                 let mut end = 0usize;
                 let rows: Vec<u32> = batch
                     .iter()
@@ -533,13 +558,14 @@ impl<B: Backend> Qwen3<B> {
         let mut ids = Vec::with_capacity(total);
         let mut row_of = vec![0u32; total];
         let mut prompt_rows = 0;
+        let all_prompt = self.tc_decode.load(Ordering::Relaxed);
         for prompt_pass in [true, false] {
             let mut i = 0;
             for (si, (seq, toks)) in batch.iter().enumerate() {
                 let prompt_end = seq.prompt_len.unwrap_or(0);
                 for (j, &id) in toks.iter().enumerate() {
                     let p = seq.len + j;
-                    if (p < prompt_end) == prompt_pass {
+                    if (all_prompt || p < prompt_end) == prompt_pass {
                         row_of[i + j] = layout.positions.len() as u32;
                         layout.positions.push(p as u32);
                         layout.seq_of_token.push(si as u32);

@@ -57,6 +57,15 @@ fn cuda_batch_of_64_gives_each_prompt_its_tokens_alone() {
     common::batch_of_64_is_invariant(&m);
 }
 
+/// With generated tokens on the tensor cores too, outputs are still the
+/// same alone and in a batch of 64 (the tensor-core GEMM is row-invariant).
+#[test]
+fn cuda_tensor_core_decode_is_batch_invariant() {
+    let Some(m) = gpu_model(false) else { return };
+    m.set_tensor_core_decode(true);
+    common::batch_of_64_is_invariant(&m);
+}
+
 #[test]
 fn cuda_prefill_in_one_pass_equals_token_by_token() {
     let Some(m) = gpu_model(true) else { return };
