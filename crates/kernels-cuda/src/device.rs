@@ -42,7 +42,7 @@ const MODULES: &[(&str, &str, &[&str])] = &[
             "split_hi_lo",
         ],
     ),
-    ("gemm", include_str!("gemm.cu"), &["gemm_tc"]),
+    ("gemm", include_str!("gemm.cu"), &["gemm_tc", "gemm_tc_n64"]),
     ("rope", include_str!("rope.cu"), &["qk_norm_rope_store"]),
     (
         "attention",
@@ -53,7 +53,12 @@ const MODULES: &[(&str, &str, &[&str])] = &[
     (
         "sampling",
         include_str!("sampling.cu"),
-        &["argmax_rows", "repetition_penalty", "sample_rows"],
+        &[
+            "argmax_slices",
+            "argmax_finish",
+            "repetition_penalty",
+            "sample_rows",
+        ],
     ),
 ];
 

@@ -8,7 +8,7 @@
 // twin tests bound the difference.
 
 #define GM 64   // rows per block
-#define GN 128  // weight rows (output columns) per block
+#define GN 128  // most weight rows (output columns) per block; gemm_tc_n64 takes 64
 #define GK 32   // k per shared-memory stage
 #define GPAD 8  // bf16 of padding per shared row: 80-byte rows, no ldmatrix bank conflicts
 #define GS (GK + GPAD)
@@ -57,30 +57,33 @@ __device__ __forceinline__ void mma16816(float* d, const unsigned* a, unsigned b
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// 4 warps, 2 x 2, each owning 32 rows x 64 columns of the block's tile.
-template <bool VEC>
+// 4 warps, 2 x 2, each owning 32 rows x BN/2 columns of the block's tile.
+// The tile's width changes which block computes an element, never the
+// sequence of k-steps that sums it.
+template <bool VEC, int BN>
 __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K,
                                           int N, int add, __nv_bfloat16 (*As)[GM * GS],
                                           __nv_bfloat16 (*Bs)[GN * GS]) {
-    int m0 = blockIdx.y * GM, n0 = blockIdx.x * GN;
+    const int NT = BN / 16;  // 8-column mma tiles per warp
+    int m0 = blockIdx.y * GM, n0 = blockIdx.x * BN;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int wm = (warp / 2) * 32, wn = (warp % 2) * 64;
-    float acc[2][8][4];
+    int wm = (warp / 2) * 32, wn = (warp % 2) * (BN / 2);
+    float acc[2][NT][4];
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll
-        for (int j = 0; j < 8; j++)
+        for (int j = 0; j < NT; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
     int tiles = (K + GK - 1) / GK;
     load_tile<GM, VEC>(As[0], x, T, K, m0, 0);
-    load_tile<GN, VEC>(Bs[0], w, N, K, n0, 0);
+    load_tile<BN, VEC>(Bs[0], w, N, K, n0, 0);
     asm volatile("cp.async.commit_group;\n" ::);
     for (int kt = 0; kt < tiles; kt++) {
         int cur = kt & 1;
         if (kt + 1 < tiles) {
             load_tile<GM, VEC>(As[cur ^ 1], x, T, K, m0, (kt + 1) * GK);
-            load_tile<GN, VEC>(Bs[cur ^ 1], w, N, K, n0, (kt + 1) * GK);
+            load_tile<BN, VEC>(Bs[cur ^ 1], w, N, K, n0, (kt + 1) * GK);
         }
         asm volatile("cp.async.commit_group;\n" ::);
         asm volatile("cp.async.wait_group 1;\n" ::);
@@ -94,7 +97,7 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
             for (int i = 0; i < 2; i++)
                 ldmatrix4(a[i], a_s + (wm + i * 16 + lane % 16) * GS + ks + (lane / 16) * 8);
 #pragma unroll
-            for (int j = 0; j < 8; j += 2) {
+            for (int j = 0; j < NT; j += 2) {
                 unsigned b[4];
                 ldmatrix4(b, b_s + (wn + j * 8 + (lane / 16) * 8 + lane % 8) * GS + ks + ((lane / 8) % 2) * 8);
 #pragma unroll
@@ -109,7 +112,7 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
 #pragma unroll
     for (int i = 0; i < 2; i++)
 #pragma unroll
-        for (int j = 0; j < 8; j++)
+        for (int j = 0; j < NT; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 int r = m0 + wm + i * 16 + lane / 4 + (e / 2) * 8;
@@ -121,13 +124,25 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
             }
 }
 
-extern "C" __global__ void __launch_bounds__(128) gemm_tc(const __nv_bfloat16* x, const __nv_bfloat16* w,
-                                                          float* out, int T, int K, int N, int add) {
-    // Declared here, not in the template, so both variants share one 30 KB.
+template <int BN>
+__device__ __forceinline__ void gemm_entry(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K,
+                                           int N, int add) {
+    // Declared here, not in gemm_body, so both K variants share one 30 KB.
     __shared__ __align__(16) __nv_bfloat16 As[2][GM * GS];
     __shared__ __align__(16) __nv_bfloat16 Bs[2][GN * GS];
     if ((K & 7) == 0)
-        gemm_body<true>(x, w, out, T, K, N, add, As, Bs);
+        gemm_body<true, BN>(x, w, out, T, K, N, add, As, Bs);
     else
-        gemm_body<false>(x, w, out, T, K, N, add, As, Bs);
+        gemm_body<false, BN>(x, w, out, T, K, N, add, As, Bs);
+}
+
+extern "C" __global__ void __launch_bounds__(128) gemm_tc(const __nv_bfloat16* x, const __nv_bfloat16* w,
+                                                          float* out, int T, int K, int N, int add) {
+    gemm_entry<128>(x, w, out, T, K, N, add);
+}
+
+// Narrow tiles, for GEMMs too small to fill the GPU with 128-wide ones.
+extern "C" __global__ void __launch_bounds__(128) gemm_tc_n64(const __nv_bfloat16* x, const __nv_bfloat16* w,
+                                                              float* out, int T, int K, int N, int add) {
+    gemm_entry<64>(x, w, out, T, K, N, add);
 }

@@ -11,9 +11,12 @@ use crate::device::dev;
 use crate::launch::{grid, int};
 use crate::CudaBackend;
 
-/// Rows and columns of `out` per block, as GM and GN in gemm.cu.
+/// Rows and columns of `out` per block, as GM and GN in gemm.cu
+/// (gemm_tc_n64 takes 64 columns).
 const GM: u32 = 64;
 const GN: u32 = 128;
+/// Below this many 128-wide blocks (two per H100 SM) the narrow kernel runs.
+const FEW_BLOCKS: u32 = 264;
 
 impl CudaBackend {
     /// `out[t, n] (+)= Σ_k x[t, k]·w[n, k]` for the first `t` rows of `x`
@@ -36,11 +39,15 @@ impl CudaBackend {
             return Ok(());
         }
         let (ti, ki, ni, addi) = (int(op, t)?, int(op, k)?, int(op, n)?, add as i32);
-        let cfg = grid(
-            ((n as u32).div_ceil(GN), (t as u32).div_ceil(GM), 1),
-            (128, 1, 1),
-        );
-        let mut b = self.dev.stream.launch_builder(self.kernel("gemm_tc"));
+        let row_tiles = (t as u32).div_ceil(GM);
+        let wide = (n as u32).div_ceil(GN) * row_tiles >= FEW_BLOCKS;
+        let (name, bn) = if wide {
+            ("gemm_tc", GN)
+        } else {
+            ("gemm_tc_n64", GN / 2)
+        };
+        let cfg = grid(((n as u32).div_ceil(bn), row_tiles, 1), (128, 1, 1));
+        let mut b = self.dev.stream.launch_builder(self.kernel(name));
         b.arg(x)
             .arg(w)
             .arg(out)
@@ -48,7 +55,7 @@ impl CudaBackend {
             .arg(&ki)
             .arg(&ni)
             .arg(&addi);
-        // SAFETY: argument order and types match gemm_tc in gemm.cu; the
+        // SAFETY: argument order and types match gemm_tc{,_n64} in gemm.cu; the
         // caller checked the slices' sizes, and the kernel guards every
         // access by T, K and N.
         unsafe { b.launch(cfg) }.map_err(dev)?;

@@ -75,7 +75,13 @@ pub(crate) enum Scratch {
     NormF32 = 2,
     SplitHi = 3,
     SplitLo = 4,
+    ArgmaxValues = 5,
+    ArgmaxIndices = 6,
+    ArgmaxOut = 7,
 }
+
+/// How many [`Scratch`] slots there are.
+const SCRATCH_SLOTS: usize = 8;
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -100,7 +106,7 @@ impl CudaBackend {
                     dev,
                     exact: false,
                     tc_rows: Default::default(),
-                    scratch: std::sync::Mutex::new((0..5).map(|_| None).collect()),
+                    scratch: std::sync::Mutex::new((0..SCRATCH_SLOTS).map(|_| None).collect()),
                     pinned: Default::default(),
                     capturing: Default::default(),
                 })

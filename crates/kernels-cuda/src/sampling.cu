@@ -2,35 +2,58 @@
 // repetition penalty, and filtered sampling (temperature, top-k, top-p,
 // min-p, one uniform per row) that picks exactly the CPU spec's token.
 
-extern "C" __global__ void argmax_rows(const float* logits, int V, u32* out) {
-    __shared__ float best_v[1024];
-    __shared__ u32 best_i[1024];
+// Argmax in two launches: ARGMAX_SLICES blocks per row each reduce a
+// contiguous slice to (max, index), then one warp per row reduces the
+// slices. Strictly greater keeps the lowest index among a thread's equal
+// values and never lets NaN win, as the CPU's scan does; across threads and
+// slices equal maxima go to the lower index. An all -inf/NaN row gives 0.
+#define ARGMAX_SLICES 32
+#define ARGMAX_THREADS 256
+
+__device__ __forceinline__ void argmax_merge(float& v, u32& i, float ov, u32 oi) {
+    if (ov > v || (ov == v && oi < i)) {
+        v = ov;
+        i = oi;
+    }
+}
+
+extern "C" __global__ void argmax_slices(const float* logits, int V, float* part_v, u32* part_i) {
+    __shared__ float sv[ARGMAX_THREADS / 32];
+    __shared__ u32 si[ARGMAX_THREADS / 32];
     const float* row = logits + (size_t)blockIdx.x * V;
+    int per = (V + ARGMAX_SLICES - 1) / ARGMAX_SLICES;
+    int lo = blockIdx.y * per, hi = min(V, lo + per);
     float bv = __int_as_float(0xff800000);
     u32 bi = 0;
-    // Strictly greater keeps the lowest index among a thread's equal values
-    // and never lets NaN win, as the CPU's scan does.
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    for (int i = lo + threadIdx.x; i < hi; i += ARGMAX_THREADS) {
         float x = row[i];
         if (x > bv) { bv = x; bi = (u32)i; }
     }
-    best_v[threadIdx.x] = bv;
-    best_i[threadIdx.x] = bi;
-    __syncthreads();
-    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (threadIdx.x < s) {
-            float ov = best_v[threadIdx.x + s];
-            u32 oi = best_i[threadIdx.x + s];
-            float mv = best_v[threadIdx.x];
-            u32 mi = best_i[threadIdx.x];
-            if (ov > mv || (ov == mv && oi < mi)) {
-                best_v[threadIdx.x] = ov;
-                best_i[threadIdx.x] = oi;
-            }
-        }
-        __syncthreads();
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        argmax_merge(bv, bi, ov, oi);
     }
-    if (threadIdx.x == 0) out[blockIdx.x] = best_i[0];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (lane == 0) { sv[warp] = bv; si[warp] = bi; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < ARGMAX_THREADS / 32; w++) argmax_merge(bv, bi, sv[w], si[w]);
+        part_v[blockIdx.x * ARGMAX_SLICES + blockIdx.y] = bv;
+        part_i[blockIdx.x * ARGMAX_SLICES + blockIdx.y] = bi;
+    }
+}
+
+extern "C" __global__ void argmax_finish(const float* part_v, const u32* part_i, u32* out) {
+    int lane = threadIdx.x;
+    float bv = part_v[blockIdx.x * ARGMAX_SLICES + lane];
+    u32 bi = part_i[blockIdx.x * ARGMAX_SLICES + lane];
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        argmax_merge(bv, bi, ov, oi);
+    }
+    if (lane == 0) out[blockIdx.x] = bi;
 }
 
 // pairs[2j] = row, pairs[2j+1] = token id; each pair distinct.

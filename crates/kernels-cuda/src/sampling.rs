@@ -2,34 +2,60 @@
 //! sampling, each returning what its CPU twin in `qwen-kernels-cpu` returns.
 
 use cudarc::driver::PushKernelArg;
-use qwen_tensor::{expect_2d, Backend, HostSlice, Result, SampleParams};
+use qwen_tensor::{expect_2d, Backend, DType, HostSlice, Result, SampleParams};
 
 use crate::device::{dev, f32s, f32s_mut, u32s, u32s_mut, T};
 use crate::launch::{grid, int, shape_err};
-use crate::CudaBackend;
+use crate::{CudaBackend, Scratch};
+
+/// Blocks per row of the argmax's first pass (ARGMAX_SLICES in sampling.cu).
+const ARGMAX_SLICES: u32 = 32;
 
 impl CudaBackend {
-    /// Argmax per row (twin of `qwen_kernels_cpu::argmax`): one block per row.
+    /// Argmax per row (twin of `qwen_kernels_cpu::argmax`): 32 blocks per
+    /// row reduce slices, then a warp per row reduces the slices.
     pub(crate) fn argmax_impl(&self, logits: &T) -> Result<Vec<u32>> {
         const OP: &str = "argmax";
-        let (b_rows, v) = expect_2d(OP, "logits", logits)?;
+        let (rows, v) = expect_2d(OP, "logits", logits)?;
         if v == 0 {
             return Err(shape_err(OP, "empty vocabulary".into()));
         }
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
         let vi = int(OP, v)?;
-        let mut out = self.zeros(&[b_rows], qwen_tensor::DType::U32)?;
-        let mut b = self.dev.stream.launch_builder(self.kernel("argmax_rows"));
-        b.arg(f32s(OP, "logits", logits)?)
-            .arg(&vi)
-            .arg(u32s_mut(OP, "out", &mut out)?);
-        // SAFETY: argument order and types match argmax_rows in sampling.cu (1024 threads).
-        unsafe { b.launch(grid((b_rows as u32, 1, 1), (1024, 1, 1))) }.map_err(dev)?;
-        let host = self
-            .dev
-            .stream
-            .clone_dtoh(u32s(OP, "out", &out)?)
-            .map_err(dev)?;
-        Ok(host)
+        let parts = [rows * ARGMAX_SLICES as usize];
+        self.with_scratch(Scratch::ArgmaxValues, &parts, DType::F32, |pv| {
+            self.with_scratch(Scratch::ArgmaxIndices, &parts, DType::U32, |pi| {
+                self.with_scratch(Scratch::ArgmaxOut, &[rows], DType::U32, |out| {
+                    let mut b = self.dev.stream.launch_builder(self.kernel("argmax_slices"));
+                    b.arg(f32s(OP, "logits", logits)?)
+                        .arg(&vi)
+                        .arg(f32s_mut(OP, "partial values", pv)?)
+                        .arg(u32s_mut(OP, "partial indices", pi)?);
+                    let cfg = grid((rows as u32, ARGMAX_SLICES, 1), (256, 1, 1));
+                    // SAFETY: argument order and types match argmax_slices in sampling.cu;
+                    // the partial buffers hold ARGMAX_SLICES entries per row.
+                    unsafe { b.launch(cfg) }.map_err(dev)?;
+                    let mut b = self.dev.stream.launch_builder(self.kernel("argmax_finish"));
+                    b.arg(f32s(OP, "partial values", pv)?)
+                        .arg(u32s(OP, "partial indices", pi)?)
+                        .arg(u32s_mut(OP, "out", out)?);
+                    // SAFETY: argument order and types match argmax_finish in sampling.cu
+                    // (one warp per row, one lane per slice); out holds one index per row.
+                    unsafe { b.launch(grid((rows as u32, 1, 1), (ARGMAX_SLICES, 1, 1))) }
+                        .map_err(dev)?;
+                    self.dev
+                        .stream
+                        .clone_dtoh(u32s(OP, "out", out)?)
+                        .map_err(dev)
+                        .map(|mut h| {
+                            h.truncate(rows);
+                            h
+                        })
+                })
+            })
+        })
     }
 
     /// The repetition penalty (twin of `qwen_kernels_cpu::repetition_penalty`):
