@@ -161,7 +161,7 @@ fn dot_row(
             return unsafe { dot_row_avx2(wrow, x, k, dst, acc) };
         }
     }
-    dot_row_generic(wrow, x, k, dst, acc)
+    dot_row_generic(wrow, x, k, dst, acc, combine_lanes)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -173,7 +173,66 @@ unsafe fn dot_row_avx2(
     dst: &mut [f32],
     acc: &mut [[f32; ROW_LANES]; TOKEN_TILE],
 ) {
-    dot_row_generic(wrow, x, k, dst, acc)
+    // SAFETY: this function only runs where AVX2 is available.
+    dot_row_generic(wrow, x, k, dst, acc, |a| unsafe { combine_lanes_avx2(a) })
+}
+
+/// [`combine_lanes`] with AVX2: each block of 8 groups is transposed so the
+/// in-group steps (offsets 4, 2, 1) become whole-vector adds, leaving one
+/// vector of 8 group results; the cross-group steps (128..8) follow as
+/// vector adds and halvings. The same pairs are added as in the scalar
+/// code, so every bit is the same (a NaN stays a NaN; which NaN payload
+/// survives an add is not fixed in the scalar code either).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn combine_lanes_avx2(a: &mut [f32; ROW_LANES]) -> f32 {
+    use std::arch::x86_64::*;
+    let p = a.as_ptr();
+    let mut r = [_mm256_setzero_ps(); 4];
+    for (blk, rb) in r.iter_mut().enumerate() {
+        // v[i]: lanes of group 8·blk + i. SAFETY: 64·blk + 8·i + 8 <= 256.
+        let v: [__m256; 8] =
+            std::array::from_fn(|i| unsafe { _mm256_loadu_ps(p.add(64 * blk + 8 * i)) });
+        // Transpose: t[e] holds lane e of the 8 groups.
+        let u0 = _mm256_unpacklo_ps(v[0], v[1]);
+        let u1 = _mm256_unpackhi_ps(v[0], v[1]);
+        let u2 = _mm256_unpacklo_ps(v[2], v[3]);
+        let u3 = _mm256_unpackhi_ps(v[2], v[3]);
+        let u4 = _mm256_unpacklo_ps(v[4], v[5]);
+        let u5 = _mm256_unpackhi_ps(v[4], v[5]);
+        let u6 = _mm256_unpacklo_ps(v[6], v[7]);
+        let u7 = _mm256_unpackhi_ps(v[6], v[7]);
+        let s0 = _mm256_shuffle_ps::<0x44>(u0, u2);
+        let s1 = _mm256_shuffle_ps::<0xEE>(u0, u2);
+        let s2 = _mm256_shuffle_ps::<0x44>(u1, u3);
+        let s3 = _mm256_shuffle_ps::<0xEE>(u1, u3);
+        let s4 = _mm256_shuffle_ps::<0x44>(u4, u6);
+        let s5 = _mm256_shuffle_ps::<0xEE>(u4, u6);
+        let s6 = _mm256_shuffle_ps::<0x44>(u5, u7);
+        let s7 = _mm256_shuffle_ps::<0xEE>(u5, u7);
+        let t = [
+            _mm256_permute2f128_ps::<0x20>(s0, s4),
+            _mm256_permute2f128_ps::<0x20>(s1, s5),
+            _mm256_permute2f128_ps::<0x20>(s2, s6),
+            _mm256_permute2f128_ps::<0x20>(s3, s7),
+            _mm256_permute2f128_ps::<0x31>(s0, s4),
+            _mm256_permute2f128_ps::<0x31>(s1, s5),
+            _mm256_permute2f128_ps::<0x31>(s2, s6),
+            _mm256_permute2f128_ps::<0x31>(s3, s7),
+        ];
+        // Offset 4, then 2, then 1, inside every group at once.
+        let e0 = _mm256_add_ps(t[0], t[4]);
+        let e1 = _mm256_add_ps(t[1], t[5]);
+        let e2 = _mm256_add_ps(t[2], t[6]);
+        let e3 = _mm256_add_ps(t[3], t[7]);
+        *rb = _mm256_add_ps(_mm256_add_ps(e0, e2), _mm256_add_ps(e1, e3));
+    }
+    // Offsets 128 (group g += g + 16) and 64 (g += g + 8).
+    let s = _mm256_add_ps(_mm256_add_ps(r[0], r[2]), _mm256_add_ps(r[1], r[3]));
+    // Offsets 32, 16 and 8 within the first 8 groups.
+    let q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+    let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps::<0x01>(q, q)))
 }
 
 #[inline(always)]
@@ -183,6 +242,7 @@ fn dot_row_generic(
     k: usize,
     dst: &mut [f32],
     acc: &mut [[f32; ROW_LANES]; TOKEN_TILE],
+    combine: impl Fn(&mut [f32; ROW_LANES]) -> f32,
 ) {
     let t = dst.len();
     let mut wf = [0.0f32; ROW_LANES];
@@ -220,7 +280,7 @@ fn dot_row_generic(
             base += len;
         }
         for (i, a) in acc.iter_mut().enumerate().take(tt) {
-            dst[t0 + i] = combine_lanes(a);
+            dst[t0 + i] = combine(a);
         }
         t0 += tt;
     }
@@ -251,6 +311,46 @@ fn combine_lanes(a: &mut [f32; ROW_LANES]) -> f32 {
 mod tests {
     use super::*;
     use crate::numerics::row_reduce;
+
+    /// The AVX2 lane combine adds the same pairs as the spec, bit for bit,
+    /// on values whose sums depend on the order (mixed magnitudes, signed
+    /// zeros, infinities); NaN stays NaN (which payload survives is not
+    /// something Rust or LLVM promise: they may swap an add's operands).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_combine_is_the_spec() {
+        if !std::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        let mut z = 12345u64;
+        for round in 0..200 {
+            let mut a = [0.0f32; ROW_LANES];
+            for (j, v) in a.iter_mut().enumerate() {
+                z = z
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                *v = u * 10f32.powi(((z >> 20) % 16) as i32 - 8);
+                if round % 10 == 1 && j % 37 == 3 {
+                    *v = f32::from_bits(0x7fc0_0000 | (j as u32));
+                }
+                if round % 10 == 2 && j % 51 == 7 {
+                    *v = if j % 2 == 0 { f32::INFINITY } else { -0.0 };
+                }
+            }
+            let want = crate::numerics::row_lanes_combine(&mut a.clone());
+            // SAFETY: AVX2 is available (checked above).
+            let got = unsafe { combine_lanes_avx2(&mut a.clone()) };
+            let scalar = combine_lanes(&mut a.clone());
+            for v in [got, scalar] {
+                if want.is_nan() {
+                    assert!(v.is_nan(), "round {round}");
+                } else {
+                    assert_eq!(v.to_bits(), want.to_bits(), "round {round}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn dot_row_is_the_row_reduce_spec() {
