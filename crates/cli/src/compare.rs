@@ -3,7 +3,7 @@
 
 use qwen_tensor::{bf16, f16, HostVec};
 
-/// Relative factor of the tensor-core bound: a cuBLAS GEMM may differ from
+/// Relative factor of the tensor-core bound: a tensor-core GEMM may differ from
 /// the CPU spec by `TC_FACTOR · Σ_k |x_k·w_k|` per output element (the
 /// bound `crates/kernels-cuda/tests/twin.rs` documents), plus one f32 ulp
 /// of the output for the final rounding, which both sides do once, on sums
