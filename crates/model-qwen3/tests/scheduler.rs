@@ -351,3 +351,54 @@ fn a_failing_sampler_stops_the_scheduler() {
     let again = s.step(&mut greedy(m.backend())).unwrap_err().to_string();
     assert!(again.contains("earlier error"), "{again}");
 }
+
+/// A batch that mixes a decoding sequence (its row is a generated token)
+/// before a prompt: the layout puts prompt rows first, and `Logits::All`
+/// must still come back in batch order, each row equal to the same tokens
+/// run alone.
+#[test]
+fn logits_of_a_mixed_batch_come_back_in_batch_order() {
+    use model_qwen3::{Logits, Sequence};
+    let m = model();
+    let vocab = m.config().vocab_size;
+    let a_prompt = random_ids(91, 6, vocab);
+    let b_prompt = random_ids(92, 5, vocab);
+    let next = 1234u32;
+    let be = m.backend();
+    let rows = |t: &Tensor<CpuBackend>| be.download(t).unwrap().to_f32();
+
+    // Alone: a's prompt then its decode token; b's prompt.
+    let mut ca = cache(&m, 8);
+    let mut sa = Sequence::default();
+    m.forward(&mut ca, &mut [(&mut sa, &a_prompt[..])], Logits::Last)
+        .unwrap();
+    let a_alone = rows(
+        &m.forward(&mut ca, &mut [(&mut sa, &[next][..])], Logits::All)
+            .unwrap(),
+    );
+    let mut cb = cache(&m, 8);
+    let mut sb = Sequence::default();
+    let b_alone = rows(
+        &m.forward(&mut cb, &mut [(&mut sb, &b_prompt[..])], Logits::All)
+            .unwrap(),
+    );
+
+    // Together, the decoding sequence first in batch order.
+    let mut c = cache(&m, 16);
+    let (mut sa, mut sb) = (Sequence::default(), Sequence::default());
+    m.forward(&mut c, &mut [(&mut sa, &a_prompt[..])], Logits::Last)
+        .unwrap();
+    let both = rows(
+        &m.forward(
+            &mut c,
+            &mut [(&mut sa, &[next][..]), (&mut sb, &b_prompt[..])],
+            Logits::All,
+        )
+        .unwrap(),
+    );
+    assert_eq!(both.len(), (1 + b_prompt.len()) * vocab);
+    assert!(both[..vocab] == a_alone[..], "the decode row moved");
+    assert!(both[vocab..] == b_alone[..], "the prompt rows moved");
+    assert_eq!(sb.prompt_len(), Some(b_prompt.len()));
+    assert_eq!(sa.prompt_len(), Some(a_prompt.len()));
+}
