@@ -1,14 +1,13 @@
 //! Bad input to `qwen-cli generate` ends in one clear error line, a
 //! non-zero exit and no panic.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use common::{fails_with, qwen_cli, tiny};
 
 use safetensors::tensor::{Dtype, TensorView};
-
-fn tiny() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-qwen3")
-}
 
 /// A scratch copy of the tiny checkpoint (without the golden files).
 fn scratch(name: &str) -> PathBuf {
@@ -27,29 +26,19 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// Runs qwen-cli and returns (exit code, stderr).
-fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qwen-cli"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// Asserts a clean failure whose error line mentions `needle`.
-fn fails_with(args: &[&str], needle: &str) {
-    let (code, err) = run(args);
-    assert_ne!(code, 0, "{args:?} should fail; stderr: {err}");
-    assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
-    let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "{args:?}: want one error line, got: {err}");
-    assert!(
-        errors[0].contains(needle),
-        "{args:?}: '{}' does not mention '{needle}'",
-        errors[0]
+/// `generate` on the checkpoint in `dir`, on the CPU, must fail naming `needle`.
+fn generate_fails(dir: &Path, needle: &str) {
+    fails_with(
+        &[
+            "generate",
+            "--model",
+            d(dir),
+            "--prompt",
+            "hi",
+            "--backend",
+            "cpu",
+        ],
+        needle,
     );
 }
 
@@ -94,18 +83,7 @@ fn missing_model_dir() {
 fn missing_safetensors() {
     let dir = scratch("missing-st");
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
-    fails_with(
-        &[
-            "generate",
-            "--model",
-            d(&dir),
-            "--prompt",
-            "hi",
-            "--backend",
-            "cpu",
-        ],
-        "safetensors",
-    );
+    generate_fails(&dir, "safetensors");
 }
 
 #[test]
@@ -113,18 +91,7 @@ fn truncated_safetensors() {
     let dir = scratch("truncated");
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("model.safetensors"), &bytes[..bytes.len() / 2]).unwrap();
-    fails_with(
-        &[
-            "generate",
-            "--model",
-            d(&dir),
-            "--prompt",
-            "hi",
-            "--backend",
-            "cpu",
-        ],
-        "model.safetensors",
-    );
+    generate_fails(&dir, "model.safetensors");
 }
 
 #[test]
@@ -133,18 +100,7 @@ fn missing_tensor() {
     rewrite_weights(&dir, |t| {
         t.retain(|(n, ..)| n != "model.layers.1.mlp.down_proj.weight")
     });
-    fails_with(
-        &[
-            "generate",
-            "--model",
-            d(&dir),
-            "--prompt",
-            "hi",
-            "--backend",
-            "cpu",
-        ],
-        "model.layers.1.mlp.down_proj.weight",
-    );
+    generate_fails(&dir, "model.layers.1.mlp.down_proj.weight");
 }
 
 #[test]
@@ -158,18 +114,7 @@ fn wrong_shape() {
         let (rows, cols) = (e.2[0], e.2[1]);
         e.2 = vec![cols, rows];
     });
-    fails_with(
-        &[
-            "generate",
-            "--model",
-            d(&dir),
-            "--prompt",
-            "hi",
-            "--backend",
-            "cpu",
-        ],
-        "o_proj",
-    );
+    generate_fails(&dir, "o_proj");
 }
 
 #[test]
@@ -182,36 +127,14 @@ fn unsupported_dtype() {
             .unwrap();
         e.1 = Dtype::I16;
     });
-    fails_with(
-        &[
-            "generate",
-            "--model",
-            d(&dir),
-            "--prompt",
-            "hi",
-            "--backend",
-            "cpu",
-        ],
-        "model.norm.weight",
-    );
+    generate_fails(&dir, "model.norm.weight");
 }
 
 #[test]
 fn malformed_config() {
     let dir = scratch("config");
     std::fs::write(dir.join("config.json"), "{\"hidden_size\": 64,,}").unwrap();
-    fails_with(
-        &[
-            "generate",
-            "--model",
-            d(&dir),
-            "--prompt",
-            "hi",
-            "--backend",
-            "cpu",
-        ],
-        "config.json",
-    );
+    generate_fails(&dir, "config.json");
 }
 
 #[test]
@@ -291,7 +214,7 @@ fn unknown_backend_and_flags() {
 #[test]
 fn cuda_without_gpu_is_one_line() {
     // On a machine with a working GPU this succeeds; elsewhere it must fail cleanly.
-    let (code, err) = run(&[
+    let r = qwen_cli(&[
         "generate",
         "--prompt",
         "hi",
@@ -300,8 +223,9 @@ fn cuda_without_gpu_is_one_line() {
         "--max-tokens",
         "2",
     ]);
+    let err = &r.stderr;
     assert!(!err.contains("panicked"), "{err}");
-    if code != 0 {
+    if r.code != 0 {
         assert_eq!(
             err.lines().filter(|l| l.starts_with("error:")).count(),
             1,

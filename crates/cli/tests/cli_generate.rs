@@ -1,22 +1,15 @@
 //! `qwen-cli generate` end to end on the demo checkpoint.
 
-use std::process::Command;
+mod common;
 
+/// (stdout, stderr, success) of a qwen-cli run.
 fn cli(args: &[&str]) -> (String, String, bool) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qwen-cli"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        String::from_utf8(out.stdout).expect("stdout is UTF-8"),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        out.status.success(),
-    )
+    let r = common::qwen_cli(args);
+    (r.stdout, r.stderr, r.code == 0)
 }
 
 fn golden() -> serde_json::Value {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/tiny-qwen3/reference.json");
+    let p = common::tiny().join("reference.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
 

@@ -1,24 +1,16 @@
 //! `qwen-cli logits` and `qwen-cli perplexity` on the demo checkpoint,
 //! checked against the Hugging Face golden data in fixtures/tiny-qwen3.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use std::path::PathBuf;
+
+use common::tiny as fixtures;
+
+/// (exit code, stdout, stderr) of a qwen-cli run.
 fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qwen-cli"))
-        .args(args)
-        .env_remove("QWEN_FAULT")
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8(out.stdout).expect("stdout is UTF-8"),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-qwen3")
+    let r = common::qwen_cli(args);
+    (r.code, r.stdout, r.stderr)
 }
 
 fn prompt(name: &str) -> serde_json::Value {
@@ -296,12 +288,7 @@ fn bad_input_is_one_error_line() {
         ),
     ];
     for (args, needle) in cases {
-        let (code, _, err) = run(&args);
-        assert_eq!(code, 1, "{args:?}: {err}");
-        assert!(!err.contains("panicked"), "{args:?}: {err}");
-        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-        assert_eq!(errors.len(), 1, "{args:?}: {err}");
-        assert!(errors[0].contains(needle), "{args:?}: {}", errors[0]);
+        common::fails_with(&args, needle);
     }
     let _ = std::fs::remove_file(short);
     let _ = std::fs::remove_file(binary);

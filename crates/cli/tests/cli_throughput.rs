@@ -1,24 +1,15 @@
 //! `qwen-cli bench --mode throughput` end to end on the demo checkpoint.
 
-use std::process::Command;
+mod common;
 
+/// (stdout, stderr, success) of a qwen-cli run.
 fn cli(args: &[&str]) -> (String, String, bool) {
-    let out = Command::new(env!("CARGO_BIN_EXE_qwen-cli"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        String::from_utf8(out.stdout).expect("stdout is UTF-8"),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-        out.status.success(),
-    )
+    let r = common::qwen_cli(args);
+    (r.stdout, r.stderr, r.code == 0)
 }
 
 fn tiny() -> String {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/tiny-qwen3")
-        .display()
-        .to_string()
+    common::tiny().display().to_string()
 }
 
 #[test]
@@ -132,11 +123,8 @@ fn throughput_mistakes_are_one_error_line() {
     ] {
         let mut full = vec!["bench", "--model", &dir, "--backend", "cpu"];
         full.extend(&args);
-        let (out, err, ok) = cli(&full);
-        assert!(!ok && out.is_empty(), "{args:?} succeeded: {out}");
-        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-        assert_eq!(errors.len(), 1, "{args:?}: {err}");
-        assert!(errors[0].contains(says), "{args:?}: {err}");
-        assert!(!err.contains("panicked"), "{err}");
+        let r = common::qwen_cli(&full);
+        assert!(r.stdout.is_empty(), "{args:?} printed: {}", r.stdout);
+        common::assert_one_error(&format!("{args:?}"), &r, says);
     }
 }

@@ -2,24 +2,16 @@
 //! passes against its twin and against its own dump, and a one-ulp fault
 //! injected into any op (QWEN_FAULT, debug builds) is caught and named.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::Command;
 
 const PROMPT: &str = "The quick brown fox";
 
 /// Runs qwen-cli with `fault` in QWEN_FAULT; returns (exit code, stdout, stderr).
 fn run(args: &[&str], fault: Option<&str>) -> (i32, String, String) {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_qwen-cli"));
-    c.args(args).env_remove("QWEN_FAULT");
-    if let Some(f) = fault {
-        c.env("QWEN_FAULT", f);
-    }
-    let out = c.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8(out.stdout).expect("stdout is UTF-8"),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let r = common::qwen_cli_with_fault(args, fault);
+    (r.code, r.stdout, r.stderr)
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -178,7 +170,7 @@ fn bad_fault_names_are_one_error() {
         ("embed:99999999", "outside"),
         ("embed:x", "QWEN_FAULT"),
     ] {
-        let (code, _, err) = run(
+        let r = common::qwen_cli_with_fault(
             &[
                 "verify",
                 "--backend",
@@ -190,11 +182,7 @@ fn bad_fault_names_are_one_error() {
             ],
             Some(fault),
         );
-        assert_eq!(code, 1, "{fault}: {err}");
-        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-        assert_eq!(errors.len(), 1, "{err}");
-        assert!(errors[0].contains(needle), "{fault}: {}", errors[0]);
-        assert!(!err.contains("panicked"));
+        common::assert_one_error(fault, &r, needle);
     }
 }
 
