@@ -128,21 +128,7 @@ fn for_each_flag<'a>(
 
 /// Parses the arguments after `generate`.
 pub fn parse_generate(args: &[String]) -> Result<GenerateArgs, String> {
-    let mut a = GenerateArgs {
-        model: None,
-        prompt: String::new(),
-        chat: false,
-        no_think: false,
-        max_tokens: 256,
-        temperature: None,
-        top_k: None,
-        top_p: None,
-        min_p: None,
-        repetition_penalty: None,
-        seed: None,
-        backend: BackendChoice::Auto,
-        json: false,
-    };
+    let mut a = GenerateArgs::with_model(None);
     let mut prompt = None;
     for_each_flag(args, |flag, value| {
         match flag {

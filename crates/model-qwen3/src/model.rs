@@ -249,8 +249,10 @@ impl<B: Backend> Qwen3<B> {
         batch: &mut [(&mut Sequence, &[u32])],
     ) -> Result<Tensor<B>> {
         let be = &self.backend;
+        // One token per sequence, all of one kind: layout order is batch order.
         let Plan {
             mut layout,
+            ids,
             prompt_rows,
             ..
         } = self.plan(cache, batch)?;
@@ -270,7 +272,6 @@ impl<B: Backend> Qwen3<B> {
             .div_ceil(GRAPH_CONTEXT_QUANTUM)
             .next_power_of_two();
         let capacity = chunks * GRAPH_CONTEXT_QUANTUM;
-        let ids: Vec<u32> = batch.iter().map(|(_, toks)| toks[0]).collect();
         let mut graphs = self
             .graphs
             .lock()
