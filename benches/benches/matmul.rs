@@ -1,6 +1,7 @@
 //! Benchmarks of the projections: `matmul` on every weight of a Qwen3 layer
 //! and the LM head, then each one the way the model calls it —
-//! `rms_norm_matmul` (the fused RMSNorm + QKV and + gate_up), `matmul_add`
+//! `rms_norm_matmul` (the fused RMSNorm + QKV and + gate_up),
+//! `rms_norm_matmul_silu` (gate_up with the SiLU gate behind), `matmul_add`
 //! (o_proj and down with the residual add) and `logits` (final norm and
 //! vocabulary projection) — for Qwen3-0.6B and 8B at 1 and 64 tokens;
 //! `matmul/.../prompt` runs the same rows as prompt rows (the CUDA
@@ -64,7 +65,26 @@ fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
                                 dev.backend
                                     .rms_norm_matmul(&x, &norm_w, EPS, next_w(i), &mut out)
                             });
-                        } else {
+                        }
+                        if p.name == "gate_up" {
+                            // The SiLU gate fused behind: bf16 [T, I] out.
+                            let mut act = dev.zeros(&[t, n / 2], BF16);
+                            let work = Work::new()
+                                .read(t * k + k, F32)
+                                .gemm(t, k, n)
+                                .write(t * n / 2, BF16);
+                            h.bench(dev, "rms_norm_matmul_silu", &id, work, |i| {
+                                dev.backend.rms_norm_matmul_silu(
+                                    &x,
+                                    &norm_w,
+                                    EPS,
+                                    next_w(i),
+                                    &mut out,
+                                    &mut act,
+                                )
+                            });
+                        }
+                        if p.fused == Fused::Logits {
                             h.bench(dev, "logits", &id, work, |i| {
                                 dev.backend.logits(&x, &norm_w, EPS, next_w(i), &mut out)
                             });

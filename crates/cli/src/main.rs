@@ -127,7 +127,8 @@ fn bench_cmd(a: &bench::BenchArgs, backend: BackendChoice) -> Result<(), String>
 /// A backend chosen by `--backend`, opened.
 enum Opened {
     Cpu(CpuBackend),
-    Cuda(CudaBackend),
+    /// Boxed: the CUDA backend's state is far larger than the CPU's.
+    Cuda(Box<CudaBackend>),
 }
 
 /// Opens the backend `--backend` names, saying which on stderr.
@@ -137,12 +138,12 @@ fn open_backend(choice: BackendChoice) -> Result<Opened, String> {
         BackendChoice::Cuda => {
             let gpu = CudaBackend::new(0).map_err(|e| format!("--backend cuda: {e}"))?;
             eprintln!("backend: cuda ({})", gpu.device_name());
-            Opened::Cuda(gpu)
+            Opened::Cuda(Box::new(gpu))
         }
         BackendChoice::Auto => match CudaBackend::new(0) {
             Ok(gpu) => {
                 eprintln!("backend: cuda ({})", gpu.device_name());
-                Opened::Cuda(gpu)
+                Opened::Cuda(Box::new(gpu))
             }
             Err(e) => {
                 eprintln!("backend: cpu (no GPU: {e})");
@@ -201,7 +202,7 @@ fn verify_cmd(a: &args::VerifyArgs) -> Result<bool, String> {
                 if a.exact { ", exact mode" } else { "" }
             );
             opts.tensor_core_prompts = !a.exact;
-            let model = common::load(gpu, &dir)?;
+            let model = common::load(*gpu, &dir)?;
             let cpu;
             let against = match against_file {
                 Some((dump, path)) => verify::Against::File { dump, path },
@@ -220,7 +221,7 @@ fn logits_cmd(a: &args::LogitsArgs) -> Result<(), String> {
     let tok = common::tokenizer(&dir)?;
     match open_backend(a.backend)? {
         Opened::Cpu(b) => logits_cmd::run(&common::load(b, &dir)?, &tok, a),
-        Opened::Cuda(b) => logits_cmd::run(&common::load(b, &dir)?, &tok, a),
+        Opened::Cuda(b) => logits_cmd::run(&common::load(*b, &dir)?, &tok, a),
     }
 }
 
@@ -235,6 +236,6 @@ fn perplexity_cmd(a: &args::PerplexityArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     match open_backend(a.backend)? {
         Opened::Cpu(b) => perplexity::run(&common::load(b, &dir)?, &ids, a),
-        Opened::Cuda(b) => perplexity::run(&common::load(b, &dir)?, &ids, a),
+        Opened::Cuda(b) => perplexity::run(&common::load(*b, &dir)?, &ids, a),
     }
 }

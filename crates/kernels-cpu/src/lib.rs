@@ -161,6 +161,18 @@ impl Backend for CpuBackend {
         matmul::rms_norm_matmul(x, norm_w, eps, w, out)
     }
 
+    fn rms_norm_matmul_silu(
+        &self,
+        x: &T,
+        norm_w: &T,
+        eps: f32,
+        w: &T,
+        gate_up: &mut T,
+        out: &mut T,
+    ) -> Result<()> {
+        activation::rms_norm_matmul_silu(x, norm_w, eps, w, gate_up, out)
+    }
+
     fn logits(&self, x: &T, norm_w: &T, eps: f32, w: &T, out: &mut T) -> Result<()> {
         matmul::logits(x, norm_w, eps, w, out)
     }

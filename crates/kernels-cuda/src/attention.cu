@@ -1,12 +1,61 @@
 // Causal attention over the paged KV cache, split into fixed chunks of 64
-// positions (twin of attention.rs). attn_chunk computes each chunk's max,
-// sum and weighted values; attn_combine merges the chunks in order.
-// Latency, not bandwidth, bounds a decode step's attention: few, wide loads
-// and independent reductions, while every sum keeps the spec's order.
+// positions (twin of attention.rs). Each block computes one chunk's max, sum
+// and weighted values; the last block of a (token, kv head) to finish merges
+// the chunks in order. Latency, not bandwidth, bounds a decode step's
+// attention: few, wide loads and independent reductions, while every sum
+// keeps the spec's order.
 
 #define CHUNK 64
 #define THREADS 128
 #define WARPS (THREADS / 32)
+
+// The outputs of one (token, kv head)'s G q heads from their chunks, a warp
+// per head, merged in chunk order: M = max of the chunk maxima (exact in any
+// order), f_c = exp(m_c - M), L = sum of l_c·f_c, o[i] = sum of o_c[i]·f_c,
+// then o[i] / L rounded once. `fac` holds G·chunks floats (checked by the
+// launcher); partials are read from L2, where the other blocks left them.
+template <int PER>
+__device__ __forceinline__ void combine_chunks(const float* part, int th0, int G, int ctx, int max_chunks,
+                                               float* fac, __nv_bfloat16* out) {
+    const int D = PER * 32;
+    int chunks = (ctx + CHUNK - 1) / CHUNK;
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int hh = warp; hh < G; hh += WARPS) {
+        const float* p = part + (size_t)(th0 + hh) * max_chunks * (D + 2);
+        float* f = fac + hh * chunks;
+        float m = __int_as_float(0xff800000);
+        for (int c = lane; c < chunks; c += 32) {
+            f[c] = __ldcg(p + c * (D + 2));
+            m = fmaxf(m, f[c]);
+        }
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        for (int c = lane; c < chunks; c += 32) f[c] = q_exp(f[c] - m);
+        __syncwarp();
+        float l = 0.0f;
+        if (lane == 0)
+            for (int c = 0; c < chunks; c++) l = l + __ldcg(p + c * (D + 2) + 1) * f[c];
+        l = __shfl_sync(0xffffffffu, l, 0);
+        float o[PER];
+#pragma unroll
+        for (int e = 0; e < PER; e++) o[e] = 0.0f;
+#pragma unroll 4
+        for (int c = 0; c < chunks; c++) {
+            float fc = f[c];
+#pragma unroll
+            for (int e = 0; e < PER; e++) o[e] = o[e] + __ldcg(p + c * (D + 2) + 2 + lane + 32 * e) * fc;
+        }
+#pragma unroll
+        for (int e = 0; e < PER; e++) out[(size_t)(th0 + hh) * D + lane + 32 * e] = __float2bfloat16_rn(o[e] / l);
+    }
+}
+
+// 16 bytes global -> shared without passing through registers (sm_80+).
+__device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void copies_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
 // One block per (token, kv head, chunk): the chunk's keys and values are
 // read once, with wide loads all in flight together, into shared memory,
@@ -16,7 +65,8 @@ template <int PER>
 __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __nv_bfloat16* kc,
                                                 const __nv_bfloat16* vc, const u32* pos, const u32* seq,
                                                 const u32* tables, int max_blocks, int bs, int Hq, int Hkv,
-                                                float scale, int max_chunks, float* part) {
+                                                float scale, int max_chunks, float* part, u32* done,
+                                                __nv_bfloat16* out) {
     const int D = PER * 32;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem_raw);
@@ -26,25 +76,30 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __
     int tg = blockIdx.x, c = blockIdx.y;
     int t = tg / Hkv, g = tg % Hkv;
     int G = Hq / Hkv;
-    int ctx = (int)pos[t] + 1;
+    // Both loads issued before either is needed.
+    u32 pt = pos[t], st = seq[t];
+    int ctx = (int)pt + 1;
     int start = c * CHUNK;
     if (start >= ctx) return;
     int len = min(CHUNK, ctx - start);
-    const u32* table = tables + (size_t)seq[t] * max_blocks;
+    const u32* table = tables + (size_t)st * max_blocks;
     int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     for (int j = tid; j < len; j += THREADS) {
         int p = start + j;
         slot_of[j] = table[p / bs] * (u32)bs + (u32)(p % bs);
     }
     __syncthreads();
-    // Rows of D bf16 in 16-byte pieces (D is a multiple of 32).
+    // Rows of D bf16 in 16-byte pieces (D is a multiple of 32), copied
+    // straight to shared memory: every copy is in flight before any is
+    // waited for.
     const int pieces = D / 8;
     for (int i = tid; i < len * pieces; i += THREADS) {
         int r = i / pieces, o = (i % pieces) * 8;
         size_t src = ((size_t)slot_of[r] * Hkv + g) * D + o;
-        *reinterpret_cast<uint4*>(ks + r * D + o) = *reinterpret_cast<const uint4*>(kc + src);
-        *reinterpret_cast<uint4*>(vs + r * D + o) = *reinterpret_cast<const uint4*>(vc + src);
+        copy16_async(ks + r * D + o, kc + src);
+        copy16_async(vs + r * D + o, vc + src);
     }
+    copies_wait();
     __syncthreads();
     // Scores: warp w takes positions w, w + WARPS, ...; lane l owns elements
     // [l·PER, (l+1)·PER) of the head, summed in order, then the head butterfly.
@@ -88,9 +143,9 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __
         if (lane == 0) {
             float l = 0.0f;
             for (int j = 0; j < len; j++) l = l + sh[j];
-            float* out = part + (((size_t)t * Hq + g * G + hh) * max_chunks + c) * (D + 2);
-            out[0] = m;
-            out[1] = l;
+            float* dst = part + (((size_t)t * Hq + g * G + hh) * max_chunks + c) * (D + 2);
+            dst[0] = m;
+            dst[1] = l;
         }
     }
     __syncthreads();
@@ -100,43 +155,49 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __
         int hh = o / (D / 2), i = (o % (D / 2)) * 2;
         const float* sh = sc + hh * CHUNK;
         float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll 8
         for (int j = 0; j < len; j++) {
             __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(vs + j * D + i);
             float e = sh[j];
             a0 = a0 + e * __low2float(v);
             a1 = a1 + e * __high2float(v);
         }
-        float* out = part + (((size_t)t * Hq + g * G + hh) * max_chunks + c) * (D + 2);
-        out[2 + i] = a0;
-        out[3 + i] = a1;
+        float* dst = part + (((size_t)t * Hq + g * G + hh) * max_chunks + c) * (D + 2);
+        dst[2 + i] = a0;
+        dst[3 + i] = a1;
     }
+    // The last of the token's chunks to finish merges them all: its
+    // partials, and the others' (made visible by their fences), are read
+    // from L2.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        int chunks = (ctx + CHUNK - 1) / CHUNK;
+        last = atomicAdd(done + tg, 1u) == (u32)(chunks - 1);
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (tid == 0) done[tg] = 0;
+    // Keys and values are no longer needed: their shared memory holds the
+    // chunk factors.
+    combine_chunks<PER>(part, t * Hq + g * G, G, ctx, max_chunks, reinterpret_cast<float*>(smem_raw), out);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
     attn_chunk(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, const u32* pos,
                const u32* seq, const u32* tables, int max_blocks, int bs, int Hq, int Hkv, int D, float scale,
-               int max_chunks, float* part) {
+               int max_chunks, float* part, u32* done, __nv_bfloat16* out) {
+    wait_for_producers();
+    start_dependents();
     switch (D / 32) {
-        case 1: attn_chunk_body<1>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale, max_chunks, part); break;
-        case 2: attn_chunk_body<2>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale, max_chunks, part); break;
-        case 4: attn_chunk_body<4>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale, max_chunks, part); break;
-        case 8: attn_chunk_body<8>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale, max_chunks, part); break;
-    }
-}
-
-extern "C" __global__ void attn_combine(const float* part, const u32* pos, int Hq, int D, int max_chunks,
-                                        __nv_bfloat16* out) {
-    int th = blockIdx.x;
-    int t = th / Hq;
-    int chunks = ((int)pos[t] + CHUNK) / CHUNK;
-    const float* p = part + (size_t)th * max_chunks * (D + 2);
-    float big_m = __int_as_float(0xff800000);
-    for (int c = 0; c < chunks; c++) big_m = fmaxf(big_m, p[c * (D + 2)]);
-    float big_l = 0.0f;
-    for (int c = 0; c < chunks; c++) big_l = big_l + p[c * (D + 2) + 1] * q_exp(p[c * (D + 2)] - big_m);
-    for (int i = threadIdx.x; i < D; i += blockDim.x) {
-        float o = 0.0f;
-        for (int c = 0; c < chunks; c++) o = o + p[c * (D + 2) + 2 + i] * q_exp(p[c * (D + 2)] - big_m);
-        out[(size_t)th * D + i] = __float2bfloat16_rn(o / big_l);
+#define CASE(P) \
+    case P: attn_chunk_body<P>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale, max_chunks, part, done, out); break;
+        CASE(1)
+        CASE(2)
+        CASE(4)
+        CASE(8)
+#undef CASE
     }
 }

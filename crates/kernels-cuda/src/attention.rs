@@ -1,11 +1,11 @@
-//! Launchers for attention.cu: per-chunk partials, then the in-order combine.
+//! Launcher for attention.cu: per-chunk partials, merged in order by the
+//! last chunk of each (token, kv head) to finish.
 
 use cudarc::driver::sys::CUfunction_attribute;
-use cudarc::driver::PushKernelArg;
 use qwen_tensor::{expect_shape, AttnGeometry, BatchMeta, DType, Result};
 
-use crate::device::{bf16s, bf16s_mut, dev, f32s, f32s_mut, u32s, T};
-use crate::launch::{grid, int};
+use crate::device::{bf16s, bf16s_mut, dev, f32s_mut, u32s, u32s_mut, T};
+use crate::launch::{grid, int, shape_err};
 use crate::rope::{check_cache, check_geometry};
 use crate::{CudaBackend, Scratch};
 
@@ -38,31 +38,49 @@ impl CudaBackend {
         }
         let max_chunks = meta.max_context.div_ceil(CHUNK).max(1);
         let rows = tokens * geo.num_q_heads;
-        self.with_scratch(
-            Scratch::AttnPartials,
-            &[rows * max_chunks * (d + 2)],
-            DType::F32,
-            |part| {
-                let (mb, bs) = (int(OP, meta.max_blocks)?, int(OP, geo.block_size)?);
-                let (hq, hkv, di, mc) = (
-                    int(OP, geo.num_q_heads)?,
-                    int(OP, geo.num_kv_heads)?,
-                    int(OP, d)?,
-                    int(OP, max_chunks)?,
-                );
-                // Keys and values of a chunk, then the group's scores.
-                let group = geo.num_q_heads / geo.num_kv_heads;
-                let smem = 2 * CHUNK * d * 2 + group * CHUNK * 4;
-                let f = self.kernel("attn_chunk");
-                if smem > 48 * 1024 {
-                    // Above 48 KB a kernel must opt in to dynamic shared memory.
-                    f.set_attribute(
-                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        int(OP, smem)?,
-                    )
-                    .map_err(dev)?;
-                }
-                let mut b = self.dev.stream.launch_builder(f);
+        let (mb, bs) = (int(OP, meta.max_blocks)?, int(OP, geo.block_size)?);
+        let (hq, hkv, di, mc) = (
+            int(OP, geo.num_q_heads)?,
+            int(OP, geo.num_kv_heads)?,
+            int(OP, d)?,
+            int(OP, max_chunks)?,
+        );
+        // Keys and values of a chunk, then the group's scores.
+        let group = geo.num_q_heads / geo.num_kv_heads;
+        let smem = 2 * CHUNK * d * 2 + group * CHUNK * 4;
+        // The merging block keeps one factor per (q head, chunk) where the
+        // keys and values were: 64·head_dim floats, 8,192 chunks (524,288
+        // positions) for Qwen3's head_dim 128 and a group of one.
+        if group * max_chunks > CHUNK * d {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "context of {} positions is too long for head_dim {d} with {group} q heads per kv head",
+                    meta.max_context
+                ),
+            ));
+        }
+        let f = self.kernel("attn_chunk");
+        if smem > 48 * 1024 {
+            // Above 48 KB a kernel must opt in to dynamic shared memory.
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                int(OP, smem)?,
+            )
+            .map_err(dev)?;
+        }
+        let mut cfg = grid(
+            ((tokens * geo.num_kv_heads) as u32, max_chunks as u32, 1),
+            (128, 1, 1),
+        );
+        cfg.shared_mem_bytes = smem as u32;
+        let part_shape = [rows * max_chunks * (d + 2)];
+        self.with_scratch(Scratch::AttnPartials, &part_shape, DType::F32, |part| {
+            // Chunks finished per (token, kv head): zero when created, and
+            // set back to zero by the block that merges them.
+            let done_shape = [tokens * geo.num_kv_heads];
+            self.with_scratch(Scratch::AttnDone, &done_shape, DType::U32, |done| {
+                let mut b = self.launch(f);
                 b.arg(bf16s(OP, "q", q)?)
                     .arg(bf16s(OP, "k_cache", k_cache)?)
                     .arg(bf16s(OP, "v_cache", v_cache)?)
@@ -76,27 +94,15 @@ impl CudaBackend {
                     .arg(&di)
                     .arg(&scale)
                     .arg(&mc)
-                    .arg(f32s_mut(OP, "partials", part)?);
-                let mut cfg = grid(
-                    ((tokens * geo.num_kv_heads) as u32, max_chunks as u32, 1),
-                    (128, 1, 1),
-                );
-                cfg.shared_mem_bytes = smem as u32;
-                // SAFETY: argument order and types match attn_chunk in attention.cu; the
-                // partials buffer holds max_chunks entries for every (token, q head), and
-                // the dynamic shared memory holds a chunk's keys, values and scores.
-                unsafe { b.launch(cfg) }.map_err(dev)?;
-                let mut b = self.dev.stream.launch_builder(self.kernel("attn_combine"));
-                b.arg(f32s(OP, "partials", part)?)
-                    .arg(u32s(OP, "positions", &meta.positions)?)
-                    .arg(&hq)
-                    .arg(&di)
-                    .arg(&mc)
+                    .arg(f32s_mut(OP, "partials", part)?)
+                    .arg(u32s_mut(OP, "done", done)?)
                     .arg(bf16s_mut(OP, "out", out)?);
-                // SAFETY: argument order and types match attn_combine in attention.cu.
-                unsafe { b.launch(grid((rows as u32, 1, 1), (128, 1, 1))) }.map_err(dev)?;
-                Ok(())
-            },
-        )
+                // SAFETY: argument order and types match attn_chunk in attention.cu; the
+                // partials buffer holds max_chunks entries for every (token, q head), done
+                // one counter per (token, kv head), and the dynamic shared memory holds a
+                // chunk's keys, values and scores.
+                unsafe { b.launch(cfg) }.map_err(dev)
+            })
+        })
     }
 }

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 use qwen_tensor::{Error, Result};
 
-/// The shared header, prepended to every module.
+/// The shared headers, prepended to every module.
 const NUMERICS: &str = include_str!("numerics.cuh");
+const DEPENDENT_LAUNCH: &str = include_str!("dependent_launch.cuh");
 
 /// Options every kernel is compiled with: no FMA contraction, IEEE division
 /// and sqrt, denormals kept, exactly as the CPU spec computes.
@@ -82,7 +83,7 @@ fn nvrtc_version() -> String {
 /// Compiles (or loads from the cache) one kernel module's PTX.
 pub fn compile(name: &str, src: &str, arch: &str) -> Result<Ptx> {
     let include = cuda_include_dir()?;
-    let full = format!("{NUMERICS}\n{src}");
+    let full = format!("{NUMERICS}\n{DEPENDENT_LAUNCH}\n{src}");
     let opts = format!("{:?}", options(arch, Path::new("")).options);
     let key = fnv1a(&[
         full.as_bytes(),

@@ -37,18 +37,19 @@ const MODULES: &[(&str, &str, &[&str])] = &[
         include_str!("matmul.cu"),
         &[
             "matmul_bf16",
+            "matmul_bf16_t1",
             "matmul_f32x",
+            "matmul_f32x_t1",
             "rms_norm_matmul_bf16",
+            "rms_norm_matmul_bf16_t1",
+            "rms_norm_matmul_silu_bf16",
+            "rms_norm_matmul_silu_bf16_t1",
             "split_hi_lo",
         ],
     ),
     ("gemm", include_str!("gemm.cu"), &["gemm_tc", "gemm_tc_n64"]),
     ("rope", include_str!("rope.cu"), &["qk_norm_rope_store"]),
-    (
-        "attention",
-        include_str!("attention.cu"),
-        &["attn_chunk", "attn_combine"],
-    ),
+    ("attention", include_str!("attention.cu"), &["attn_chunk"]),
     ("activation", include_str!("activation.cu"), &["silu_mul"]),
     (
         "sampling",
@@ -67,6 +68,13 @@ pub(crate) struct Device {
     pub stream: Arc<CudaStream>,
     pub kernels: HashMap<&'static str, CudaFunction>,
     pub name: String,
+    /// Whether kernels go out with programmatic dependent launch.
+    pub dependent_launch: bool,
+    /// Projections reading more weight bytes than this are `streaming`
+    /// launches (launch.rs).
+    pub streaming_bytes: usize,
+    /// Whether the last kernel launched was a streaming one.
+    pub last_streamed: std::sync::atomic::AtomicBool,
 }
 
 /// Maps a driver error to ours, keeping out-of-memory distinct.
@@ -125,7 +133,19 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
         stream,
         kernels,
         name,
+        dependent_launch: dependent_launch(major),
+        // 0.6B-class projections (4-13 MB) gain from early launch, 8B-class
+        // ones (34-201 MB) lose (BENCHMARKS.md).
+        streaming_bytes: 16 << 20,
+        last_streamed: Default::default(),
     })
+}
+
+/// Programmatic dependent launch needs compute capability 9.0 (Hopper);
+/// `QWEN_CUDA_DEPENDENT_LAUNCH=0` turns it off, to measure what it gains
+/// or to rule it out when chasing a fault.
+fn dependent_launch(major: i32) -> bool {
+    major >= 9 && std::env::var("QWEN_CUDA_DEPENDENT_LAUNCH").map_or(true, |v| v != "0")
 }
 
 fn wrong(op: &'static str, arg: &'static str, want: DType, t: &T) -> Error {

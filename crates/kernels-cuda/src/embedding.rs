@@ -1,6 +1,5 @@
 //! Launchers for embedding.cu.
 
-use cudarc::driver::PushKernelArg;
 use qwen_tensor::{expect_2d, expect_shape, Result};
 
 use crate::device::{bf16s, dev, f32s, f32s_mut, u32s, T};
@@ -14,7 +13,7 @@ impl CudaBackend {
         let n = ids.numel();
         expect_shape(OP, "out", out, &[n, h])?;
         let (vi, hi) = (int(OP, v)?, int(OP, h)?);
-        let mut b = self.dev.stream.launch_builder(self.kernel("embedding"));
+        let mut b = self.launch(self.kernel("embedding"));
         b.arg(bf16s(OP, "table", table)?)
             .arg(u32s(OP, "ids", ids)?)
             .arg(f32s_mut(OP, "out", out)?)
@@ -31,7 +30,7 @@ impl CudaBackend {
         let r = rows.numel();
         expect_shape(OP, "out", out, &[r, h])?;
         let hi = int(OP, h)?;
-        let mut b = self.dev.stream.launch_builder(self.kernel("gather_rows"));
+        let mut b = self.launch(self.kernel("gather_rows"));
         b.arg(f32s(OP, "src", src)?)
             .arg(u32s(OP, "rows", rows)?)
             .arg(f32s_mut(OP, "out", out)?)

@@ -138,11 +138,15 @@ __device__ __forceinline__ void gemm_entry(const __nv_bfloat16* x, const __nv_bf
 
 extern "C" __global__ void __launch_bounds__(128) gemm_tc(const __nv_bfloat16* x, const __nv_bfloat16* w,
                                                           float* out, int T, int K, int N, int add) {
+    wait_for_producers();
+    start_dependents();
     gemm_entry<128>(x, w, out, T, K, N, add);
 }
 
 // Narrow tiles, for GEMMs too small to fill the GPU with 128-wide ones.
 extern "C" __global__ void __launch_bounds__(128) gemm_tc_n64(const __nv_bfloat16* x, const __nv_bfloat16* w,
                                                               float* out, int T, int K, int N, int add) {
+    wait_for_producers();
+    start_dependents();
     gemm_entry<64>(x, w, out, T, K, N, add);
 }

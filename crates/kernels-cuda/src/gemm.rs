@@ -3,7 +3,7 @@
 //! CUDA backend may differ from the CPU spec; the twin tests bound the
 //! difference, and `CudaBackend::set_exact(true)` turns it off.
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 use half::bf16;
 use qwen_tensor::Result;
 
@@ -47,7 +47,7 @@ impl CudaBackend {
             ("gemm_tc_n64", GN / 2)
         };
         let cfg = grid(((n as u32).div_ceil(bn), row_tiles, 1), (128, 1, 1));
-        let mut b = self.dev.stream.launch_builder(self.kernel(name));
+        let mut b = self.launch(self.kernel(name));
         b.arg(x)
             .arg(w)
             .arg(out)

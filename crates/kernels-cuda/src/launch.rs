@@ -1,6 +1,15 @@
-//! Small helpers shared by the kernel launchers.
+//! Small helpers shared by the kernel launchers, and the launch itself:
+//! every kernel goes out through [`Launch`], which asks the driver for
+//! programmatic dependent launch (see dependent_launch.cuh) where the GPU
+//! has it.
 
-use cudarc::driver::{CudaFunction, LaunchConfig};
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use cudarc::driver::sys::{self, CUlaunchAttribute, CUlaunchAttributeID, CUlaunchConfig, CUresult};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig,
+};
 use qwen_tensor::{Error, Result};
 
 use crate::CudaBackend;
@@ -22,9 +31,142 @@ pub(crate) fn int(op: &'static str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| shape_err(op, format!("size {v} does not fit a 32-bit int")))
 }
 
+/// The most parameters any kernel of ours takes.
+const MAX_ARGS: usize = 16;
+
+/// One kernel parameter as the 8 bytes the driver copies it from: a device
+/// pointer, or a 4-byte scalar in the low bytes (x86-64 is little-endian,
+/// and the driver reads only the parameter's own size).
+pub(crate) trait KernelArg {
+    fn bits(self, stream: &CudaStream) -> u64;
+}
+
+impl<T> KernelArg for &CudaSlice<T> {
+    fn bits(self, stream: &CudaStream) -> u64 {
+        self.device_ptr(stream).0
+    }
+}
+
+impl<T> KernelArg for &mut CudaSlice<T> {
+    fn bits(self, stream: &CudaStream) -> u64 {
+        self.device_ptr_mut(stream).0
+    }
+}
+
+impl KernelArg for &i32 {
+    fn bits(self, _: &CudaStream) -> u64 {
+        *self as u32 as u64
+    }
+}
+
+impl KernelArg for &u32 {
+    fn bits(self, _: &CudaStream) -> u64 {
+        *self as u64
+    }
+}
+
+impl KernelArg for &f32 {
+    fn bits(self, _: &CudaStream) -> u64 {
+        self.to_bits() as u64
+    }
+}
+
+/// The arguments of one launch, pushed in the kernel's parameter order.
+pub(crate) struct Launch<'a> {
+    func: &'a CudaFunction,
+    stream: &'a CudaStream,
+    dependent: bool,
+    streaming: bool,
+    last_streamed: &'a AtomicBool,
+    vals: [u64; MAX_ARGS],
+    n: usize,
+}
+
+impl<'a> Launch<'a> {
+    /// Marks a kernel that streams many weights. It, and the kernel after
+    /// it, start only once the kernel before has finished: measured on
+    /// 8B-class models, early launch around such kernels costs more than the
+    /// launch latency it hides, while the short kernels of small models gain.
+    pub(crate) fn streaming(&mut self, yes: bool) -> &mut Self {
+        self.streaming = yes;
+        self
+    }
+
+    pub(crate) fn arg(&mut self, a: impl KernelArg) -> &mut Self {
+        let bits = a.bits(self.stream);
+        if let Some(v) = self.vals.get_mut(self.n) {
+            *v = bits;
+        }
+        self.n += 1;
+        self
+    }
+
+    /// Launches on the backend's stream. With dependent launch on, the
+    /// kernel may be scheduled before the one ahead of it has finished; it
+    /// waits for it in `wait_for_producers()`.
+    ///
+    /// # Safety
+    /// The arguments pushed must match the kernel's parameters in number,
+    /// order and type, and the grid must keep every access in bounds.
+    pub(crate) unsafe fn launch(
+        &mut self,
+        cfg: LaunchConfig,
+    ) -> std::result::Result<(), DriverError> {
+        if self.n > MAX_ARGS {
+            return Err(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE));
+        }
+        self.stream.context().bind_to_thread()?;
+        let after_streaming = self.last_streamed.swap(self.streaming, Ordering::Relaxed);
+        let dependent = self.dependent && !self.streaming && !after_streaming;
+        let mut ptrs = [std::ptr::null_mut::<c_void>(); MAX_ARGS];
+        for (p, v) in ptrs.iter_mut().zip(self.vals.iter_mut()).take(self.n) {
+            *p = (v as *mut u64).cast();
+        }
+        // SAFETY: an all-zero attribute is a valid plain-data value; the
+        // union member written next is the one its id selects.
+        let mut attr: CUlaunchAttribute = std::mem::zeroed();
+        attr.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(dependent),
+        };
+        // SAFETY: `ptrs` points at `self.n` live 8-byte values in `self.vals`
+        // for the call's duration; the caller vouches for their meaning.
+        sys::cuLaunchKernelEx(
+            &config,
+            self.func.cu_function(),
+            ptrs.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+        .result()
+    }
+}
+
 impl CudaBackend {
     pub(crate) fn kernel(&self, name: &str) -> &CudaFunction {
         // Every name used by a launcher is listed in device::MODULES.
         &self.dev.kernels[name]
+    }
+
+    /// A launch of `func` on the backend's stream.
+    pub(crate) fn launch<'a>(&'a self, func: &'a CudaFunction) -> Launch<'a> {
+        Launch {
+            func,
+            stream: &self.dev.stream,
+            dependent: self.dev.dependent_launch,
+            streaming: false,
+            last_streamed: &self.dev.last_streamed,
+            vals: [0; MAX_ARGS],
+            n: 0,
+        }
     }
 }

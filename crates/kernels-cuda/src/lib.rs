@@ -78,10 +78,11 @@ pub(crate) enum Scratch {
     ArgmaxValues = 5,
     ArgmaxIndices = 6,
     ArgmaxOut = 7,
+    AttnDone = 8,
 }
 
 /// How many [`Scratch`] slots there are.
-const SCRATCH_SLOTS: usize = 8;
+const SCRATCH_SLOTS: usize = 9;
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -320,6 +321,18 @@ impl Backend for CudaBackend {
 
     fn rms_norm_matmul(&self, x: &T, norm_w: &T, eps: f32, w: &T, out: &mut T) -> Result<()> {
         self.norm_project(x, norm_w, eps, w, out, DType::BF16)
+    }
+
+    fn rms_norm_matmul_silu(
+        &self,
+        x: &T,
+        norm_w: &T,
+        eps: f32,
+        w: &T,
+        gate_up: &mut T,
+        out: &mut T,
+    ) -> Result<()> {
+        self.norm_project_silu(x, norm_w, eps, w, gate_up, out)
     }
 
     fn logits(&self, x: &T, norm_w: &T, eps: f32, w: &T, out: &mut T) -> Result<()> {

@@ -1,10 +1,9 @@
 //! Launchers for matmul.cu, and the fused norm + projection ops built on it.
 
-use cudarc::driver::PushKernelArg;
-use qwen_tensor::{check_norm_projection, check_projection, DType, Result};
+use qwen_tensor::{check_norm_projection, check_projection, check_silu_mul, DType, Result};
 
 use crate::device::{bf16s, bf16s_mut, dev, f32s, f32s_mut, T};
-use crate::launch::{grid, int};
+use crate::launch::{grid, int, KernelArg};
 use crate::{CudaBackend, Scratch};
 
 /// Weight rows per block (one warp each); tokens per warp as in matmul.cu.
@@ -17,6 +16,16 @@ const FUSED_MAX_ROWS_PER_WARP: u32 = 4;
 const FUSED_TARGET_BLOCKS: u32 = 264;
 /// Shared memory a block may take without opting in to more.
 const FUSED_SMEM_MAX: usize = 48 * 1024;
+
+/// Token rows per block of the fused kernels: one row (batch-1 decode)
+/// takes the single-token kernels (see `project_exact`).
+fn fused_tile(t: usize) -> usize {
+    if t == 1 {
+        1
+    } else {
+        TOKEN_TILE as usize
+    }
+}
 
 impl CudaBackend {
     /// `out (+)= x · wᵀ`; x bf16 or f32 `[T, K]`, w bf16 `[N, K]`. The
@@ -64,6 +73,9 @@ impl CudaBackend {
             int(op, n)?,
             add as i32,
         );
+        // One row (batch-1 decode) takes the kernel with a single token's
+        // accumulators: the same sums, fewer registers.
+        let single = t - row0 == 1;
         let cfg = grid(
             (
                 (n as u32).div_ceil(ROWS),
@@ -73,11 +85,13 @@ impl CudaBackend {
             (32, ROWS, 1),
         );
         let f32_x = x.dtype() == DType::F32;
-        let mut b = self.dev.stream.launch_builder(self.kernel(if f32_x {
-            "matmul_f32x"
-        } else {
-            "matmul_bf16"
+        let mut b = self.launch(self.kernel(match (f32_x, single) {
+            (true, false) => "matmul_f32x",
+            (true, true) => "matmul_f32x_t1",
+            (false, false) => "matmul_bf16",
+            (false, true) => "matmul_bf16_t1",
         }));
+        b.streaming(n * k * 2 > self.dev.streaming_bytes);
         if f32_x {
             b.arg(f32s(op, "x", x)?);
         } else {
@@ -90,7 +104,7 @@ impl CudaBackend {
             .arg(&ki)
             .arg(&ni)
             .arg(&addi);
-        // SAFETY: argument order and types match matmul_{bf16,f32x} in matmul.cu; shapes checked.
+        // SAFETY: argument order and types match matmul_{bf16,f32x}{,_t1} in matmul.cu; shapes checked.
         unsafe { b.launch(cfg) }.map_err(dev)?;
         Ok(())
     }
@@ -110,42 +124,17 @@ impl CudaBackend {
     ) -> Result<()> {
         const OP: &str = "rms_norm_matmul";
         let (t, h, n) = check_norm_projection(OP, x, norm_w, w, out)?;
-        let smem = TOKEN_TILE as usize * h * 2;
-        let fused = dtype == DType::BF16 && self.tensor_core_rows(t) == 0 && smem <= FUSED_SMEM_MAX;
-        if fused && t > 0 && n > 0 {
-            let (ti, ki, ni) = (int(OP, t)?, int(OP, h)?, int(OP, n)?);
-            // More rows per warp amortise the block's norm, fewer keep two
-            // blocks per SM busy on narrow projections.
-            let rows_per_warp =
-                (n as u32 / (FUSED_WARPS * FUSED_TARGET_BLOCKS)).clamp(1, FUSED_MAX_ROWS_PER_WARP);
-            let rows_per_block = FUSED_WARPS * rows_per_warp;
-            let rpw = rows_per_warp as i32;
-            let mut cfg = grid(
-                (
-                    (n as u32).div_ceil(rows_per_block),
-                    (t as u32).div_ceil(TOKEN_TILE),
-                    1,
-                ),
-                (32, FUSED_WARPS, 1),
+        if dtype == DType::BF16 && self.fusable(t, h, n) {
+            return self.launch_norm_project(
+                OP,
+                x,
+                norm_w,
+                eps,
+                w,
+                f32s_mut(OP, "out", out)?,
+                n,
+                false,
             );
-            cfg.shared_mem_bytes = smem as u32;
-            let mut b = self
-                .dev
-                .stream
-                .launch_builder(self.kernel("rms_norm_matmul_bf16"));
-            b.arg(f32s(OP, "x", x)?)
-                .arg(f32s(OP, "norm_w", norm_w)?)
-                .arg(&eps)
-                .arg(bf16s(OP, "w", w)?)
-                .arg(f32s_mut(OP, "out", out)?)
-                .arg(&ti)
-                .arg(&ki)
-                .arg(&ni)
-                .arg(&rpw);
-            // SAFETY: argument order and types match rms_norm_matmul_bf16 in
-            // matmul.cu; its dynamic shared memory holds TOKEN_TILE rows of K bf16.
-            unsafe { b.launch(cfg) }.map_err(dev)?;
-            return Ok(());
         }
         let slot = if dtype == DType::F32 {
             Scratch::NormF32
@@ -156,6 +145,100 @@ impl CudaBackend {
             self.rms_norm_impl(x, norm_w, eps, normed)?;
             self.project("rms_norm_matmul", normed, w, out, false)
         })
+    }
+
+    /// RMSNorm, gate/up projection and SiLU gate: one fused launch when
+    /// every row is exact (the projection never leaves the GPU's
+    /// registers), else [`norm_project`](Self::norm_project) into `gate_up`
+    /// and the silu_mul kernel.
+    pub(crate) fn norm_project_silu(
+        &self,
+        x: &T,
+        norm_w: &T,
+        eps: f32,
+        w: &T,
+        gate_up: &mut T,
+        out: &mut T,
+    ) -> Result<()> {
+        const OP: &str = "rms_norm_matmul_silu";
+        let (t, h, n) = check_norm_projection(OP, x, norm_w, w, gate_up)?;
+        check_silu_mul(OP, gate_up, out)?;
+        if self.fusable(t, h, n) {
+            return self.launch_norm_project(
+                OP,
+                x,
+                norm_w,
+                eps,
+                w,
+                bf16s_mut(OP, "out", out)?,
+                n,
+                true,
+            );
+        }
+        self.norm_project(x, norm_w, eps, w, gate_up, DType::BF16)?;
+        self.silu_mul_impl(gate_up, out)
+    }
+
+    /// Whether a norm + projection of `t` rows of width `h` into `n`
+    /// outputs can run as one fused launch: every row exact, and a tile of
+    /// normalised rows fits the block's shared memory.
+    fn fusable(&self, t: usize, h: usize, n: usize) -> bool {
+        t > 0 && n > 0 && self.tensor_core_rows(t) == 0 && fused_tile(t) * h * 2 <= FUSED_SMEM_MAX
+    }
+
+    /// The fused kernel of matmul.cu on shapes the caller checked; `out` is
+    /// f32 `[T, N]`, or with `silu` bf16 `[T, N/2]`.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_norm_project(
+        &self,
+        op: &'static str,
+        x: &T,
+        norm_w: &T,
+        eps: f32,
+        w: &T,
+        out: impl KernelArg,
+        n: usize,
+        silu: bool,
+    ) -> Result<()> {
+        let (t, h) = (x.shape()[0], x.shape()[1]);
+        let tile = fused_tile(t);
+        let (ti, ki, ni) = (int(op, t)?, int(op, h)?, int(op, n)?);
+        // A warp's unit is one weight row, or with silu a gate/up pair.
+        let units = if silu { n / 2 } else { n } as u32;
+        // More units per warp amortise the block's norm, fewer keep two
+        // blocks per SM busy on narrow projections.
+        let per_warp =
+            (units / (FUSED_WARPS * FUSED_TARGET_BLOCKS)).clamp(1, FUSED_MAX_ROWS_PER_WARP);
+        let mut cfg = grid(
+            (
+                units.div_ceil(FUSED_WARPS * per_warp),
+                (t as u32).div_ceil(tile as u32),
+                1,
+            ),
+            (32, FUSED_WARPS, 1),
+        );
+        cfg.shared_mem_bytes = (tile * h * 2) as u32;
+        let name = match (silu, tile == 1) {
+            (false, false) => "rms_norm_matmul_bf16",
+            (false, true) => "rms_norm_matmul_bf16_t1",
+            (true, false) => "rms_norm_matmul_silu_bf16",
+            (true, true) => "rms_norm_matmul_silu_bf16_t1",
+        };
+        let mut b = self.launch(self.kernel(name));
+        b.streaming(n * h * 2 > self.dev.streaming_bytes);
+        b.arg(f32s(op, "x", x)?)
+            .arg(f32s(op, "norm_w", norm_w)?)
+            .arg(&eps)
+            .arg(bf16s(op, "w", w)?)
+            .arg(out)
+            .arg(&ti)
+            .arg(&ki)
+            .arg(&ni)
+            .arg(&(per_warp as i32));
+        // SAFETY: argument order and types match rms_norm_matmul{,_silu}_bf16{,_t1}
+        // in matmul.cu, out typed by the caller for the variant; the dynamic
+        // shared memory holds a tile of rows of K bf16.
+        unsafe { b.launch(cfg) }.map_err(dev)
     }
 
     /// The logits op with prompt rows on the tensor cores: the f32
@@ -180,7 +263,7 @@ impl CudaBackend {
             self.project_exact(OP, normed, w, out, tc, false)?;
             self.with_scratch(Scratch::SplitHi, &[tc, h], DType::BF16, |hi| {
                 self.with_scratch(Scratch::SplitLo, &[tc, h], DType::BF16, |lo| {
-                    let mut b = self.dev.stream.launch_builder(self.kernel("split_hi_lo"));
+                    let mut b = self.launch(self.kernel("split_hi_lo"));
                     b.arg(f32s(OP, "normed", normed)?)
                         .arg(bf16s_mut(OP, "hi", hi)?)
                         .arg(bf16s_mut(OP, "lo", lo)?)

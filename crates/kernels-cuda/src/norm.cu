@@ -13,9 +13,13 @@ __device__ __forceinline__ void rms_norm_row(const float* x, const float* w, flo
 }
 
 extern "C" __global__ void rms_norm_bf16(const float* x, const float* w, float eps, __nv_bfloat16* out, int T, int H) {
+    wait_for_producers();
+    start_dependents();
     rms_norm_row(x, w, eps, T, H, [&](size_t i, float y) { out[i] = __float2bfloat16_rn(y); });
 }
 
 extern "C" __global__ void rms_norm_f32(const float* x, const float* w, float eps, float* out, int T, int H) {
+    wait_for_producers();
+    start_dependents();
     rms_norm_row(x, w, eps, T, H, [&](size_t i, float y) { out[i] = y; });
 }

@@ -1,6 +1,5 @@
 //! Launchers for norm.cu.
 
-use cudarc::driver::PushKernelArg;
 use qwen_tensor::{expect_2d, expect_shape, DType, Result};
 
 use crate::device::{bf16s_mut, dev, f32s, f32s_mut, T};
@@ -25,7 +24,7 @@ impl CudaBackend {
         } else {
             "rms_norm_bf16"
         };
-        let mut b = self.dev.stream.launch_builder(self.kernel(name));
+        let mut b = self.launch(self.kernel(name));
         b.arg(f32s(OP, "x", x)?).arg(f32s(OP, "w", w)?).arg(&eps);
         if f32_out {
             b.arg(f32s_mut(OP, "out", out)?);

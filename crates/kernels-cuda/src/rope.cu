@@ -7,6 +7,8 @@ extern "C" __global__ void qk_norm_rope_store(const float* qkv, const float* qn,
                                               const float* rope, const u32* pos, const u32* slots,
                                               __nv_bfloat16* q_out, __nv_bfloat16* kc, __nv_bfloat16* vc,
                                               int Hq, int Hkv, int D) {
+    wait_for_producers();
+    start_dependents();
     __shared__ float nrm[MAX_HEAD_DIM];
     int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
     size_t width = (size_t)(Hq + 2 * Hkv) * D;

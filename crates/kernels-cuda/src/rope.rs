@@ -1,6 +1,5 @@
 //! Launcher for rope.cu.
 
-use cudarc::driver::PushKernelArg;
 use qwen_tensor::{expect_2d, expect_shape, AttnGeometry, BatchMeta, Result};
 
 use crate::device::{bf16s_mut, dev, f32s, u32s, T};
@@ -48,10 +47,7 @@ impl CudaBackend {
             int(OP, d)?,
         );
         let heads = (geo.num_q_heads + 2 * geo.num_kv_heads) as u32;
-        let mut b = self
-            .dev
-            .stream
-            .launch_builder(self.kernel("qk_norm_rope_store"));
+        let mut b = self.launch(self.kernel("qk_norm_rope_store"));
         b.arg(f32s(OP, "qkv", qkv)?)
             .arg(f32s(OP, "q_norm", q_norm)?)
             .arg(f32s(OP, "k_norm", k_norm)?)

@@ -18,6 +18,8 @@ __device__ __forceinline__ void argmax_merge(float& v, u32& i, float ov, u32 oi)
 }
 
 extern "C" __global__ void argmax_slices(const float* logits, int V, float* part_v, u32* part_i) {
+    wait_for_producers();
+    start_dependents();
     __shared__ float sv[ARGMAX_THREADS / 32];
     __shared__ u32 si[ARGMAX_THREADS / 32];
     const float* row = logits + (size_t)blockIdx.x * V;
@@ -45,6 +47,8 @@ extern "C" __global__ void argmax_slices(const float* logits, int V, float* part
 }
 
 extern "C" __global__ void argmax_finish(const float* part_v, const u32* part_i, u32* out) {
+    wait_for_producers();
+    start_dependents();
     int lane = threadIdx.x;
     float bv = part_v[blockIdx.x * ARGMAX_SLICES + lane];
     u32 bi = part_i[blockIdx.x * ARGMAX_SLICES + lane];
@@ -58,6 +62,8 @@ extern "C" __global__ void argmax_finish(const float* part_v, const u32* part_i,
 
 // pairs[2j] = row, pairs[2j+1] = token id; each pair distinct.
 extern "C" __global__ void repetition_penalty(float* logits, int V, const u32* pairs, const float* penalty, int n) {
+    wait_for_producers();
+    start_dependents();
     int j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= n) return;
     u32 row = pairs[2 * j], id = pairs[2 * j + 1];
@@ -303,6 +309,8 @@ __device__ bool select_key(const u64* keys, const float* es, int n, u64 kmin, u6
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 sample_rows(const float* logits, int V, int nb, const u32* params, u64* keys_all, float* es_all,
             u32* out) {
+    wait_for_producers();
+    start_dependents();
     __shared__ Hist s;
     __shared__ u64 sh_keys[SHARED_CAP];
     __shared__ float sh_es[SHARED_CAP];

@@ -1,7 +1,6 @@
 //! Launchers for sampling.cu: argmax, the repetition penalty and filtered
 //! sampling, each returning what its CPU twin in `qwen-kernels-cpu` returns.
 
-use cudarc::driver::PushKernelArg;
 use qwen_tensor::{expect_2d, Backend, DType, HostSlice, Result, SampleParams};
 
 use crate::device::{dev, f32s, f32s_mut, u32s, u32s_mut, T};
@@ -28,7 +27,7 @@ impl CudaBackend {
         self.with_scratch(Scratch::ArgmaxValues, &parts, DType::F32, |pv| {
             self.with_scratch(Scratch::ArgmaxIndices, &parts, DType::U32, |pi| {
                 self.with_scratch(Scratch::ArgmaxOut, &[rows], DType::U32, |out| {
-                    let mut b = self.dev.stream.launch_builder(self.kernel("argmax_slices"));
+                    let mut b = self.launch(self.kernel("argmax_slices"));
                     b.arg(f32s(OP, "logits", logits)?)
                         .arg(&vi)
                         .arg(f32s_mut(OP, "partial values", pv)?)
@@ -37,7 +36,7 @@ impl CudaBackend {
                     // SAFETY: argument order and types match argmax_slices in sampling.cu;
                     // the partial buffers hold ARGMAX_SLICES entries per row.
                     unsafe { b.launch(cfg) }.map_err(dev)?;
-                    let mut b = self.dev.stream.launch_builder(self.kernel("argmax_finish"));
+                    let mut b = self.launch(self.kernel("argmax_finish"));
                     b.arg(f32s(OP, "partial values", pv)?)
                         .arg(u32s(OP, "partial indices", pi)?)
                         .arg(u32s_mut(OP, "out", out)?);
@@ -96,10 +95,7 @@ impl CudaBackend {
         let pairs = self.upload(HostSlice::U32(&pairs), &[2 * n])?;
         let pen = self.upload(HostSlice::F32(penalty), &[rows])?;
         let (vi, ni) = (int(OP, v)?, int(OP, n)?);
-        let mut b = self
-            .dev
-            .stream
-            .launch_builder(self.kernel("repetition_penalty"));
+        let mut b = self.launch(self.kernel("repetition_penalty"));
         b.arg(f32s_mut(OP, "logits", logits)?)
             .arg(&vi)
             .arg(u32s(OP, "pairs", &pairs)?)
@@ -177,7 +173,7 @@ impl CudaBackend {
             )
         };
         let mut out = s.alloc_zeros::<u32>(rows).map_err(dev)?;
-        let mut b = s.launch_builder(self.kernel("sample_rows"));
+        let mut b = self.launch(self.kernel("sample_rows"));
         b.arg(l)
             .arg(&vi)
             .arg(&nb)

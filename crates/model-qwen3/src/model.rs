@@ -443,6 +443,7 @@ impl<B: Backend> Qwen3<B> {
         mut tap: Option<&mut Tap<'_, B>>,
     ) -> Result<()> {
         // Names are only formatted when someone listens: this is the decode hot path.
+        let tapped = tap.is_some();
         let mut emit = |name: &dyn Fn() -> String, t: &mut Tensor<B>| match tap.as_mut() {
             Some(f) => f(&name(), t),
             None => Ok(()),
@@ -490,9 +491,14 @@ impl<B: Backend> Qwen3<B> {
             emit(&name("attn"), attn)?;
             be.matmul_add(attn, &l.o_proj, x)?;
             emit(&name("attn_residual"), x)?;
-            be.rms_norm_matmul(x, &l.post_attention_norm, eps, &l.gate_up, gate_up)?;
-            emit(&name("gate_up"), gate_up)?;
-            be.silu_mul(gate_up, act)?;
+            if tapped {
+                // A listener sees the projection before the gate.
+                be.rms_norm_matmul(x, &l.post_attention_norm, eps, &l.gate_up, gate_up)?;
+                emit(&name("gate_up"), gate_up)?;
+                be.silu_mul(gate_up, act)?;
+            } else {
+                be.rms_norm_matmul_silu(x, &l.post_attention_norm, eps, &l.gate_up, gate_up, act)?;
+            }
             emit(&name("act"), act)?;
             be.matmul_add(act, &l.down, x)?;
             emit(&name("out"), x)?;

@@ -149,6 +149,22 @@ pub trait Backend: Sized + Send + Sync {
         out: &mut Tensor<Self>,
     ) -> Result<()>;
 
+    /// The MLP's first half in one op: RMSNorm, the gate/up projection and
+    /// the SiLU gate, `out = silu_mul(rms_norm_matmul(x, norm_w, w))` bit
+    /// for bit. x f32 `[T, H]`, norm_w f32 `[H]`, w bf16 `[2I, H]` (gate
+    /// rows, then up rows), gate_up f32 `[T, 2I]` a workspace the backend
+    /// may use for the projection (its contents afterwards are unspecified),
+    /// out bf16 `[T, I]`.
+    fn rms_norm_matmul_silu(
+        &self,
+        x: &Tensor<Self>,
+        norm_w: &Tensor<Self>,
+        eps: f32,
+        w: &Tensor<Self>,
+        gate_up: &mut Tensor<Self>,
+        out: &mut Tensor<Self>,
+    ) -> Result<()>;
+
     /// The final RMSNorm and the vocabulary projection, with the normalised
     /// hidden state kept in f32: `out = (rmsnorm(x) * norm_w) · wᵀ`.
     /// x f32 `[T, H]`, norm_w f32 `[H]`, w bf16 `[V, H]`, out f32 `[T, V]`.

@@ -36,6 +36,20 @@ pub fn check_norm_projection<B: Backend>(
     Ok((t, k, n))
 }
 
+/// `gate_up [T, 2I]` (gate columns, then up) and `out [T, I]`: returns (T, I).
+pub fn check_silu_mul<B: Backend>(
+    op: &'static str,
+    gate_up: &Tensor<B>,
+    out: &Tensor<B>,
+) -> Result<(usize, usize)> {
+    let (t, two_i) = expect_2d(op, "gate_up", gate_up)?;
+    if two_i % 2 != 0 {
+        return Err(shape_err(op, format!("gate_up width {two_i} is odd")));
+    }
+    expect_shape(op, "out", out, &[t, two_i / 2])?;
+    Ok((t, two_i / 2))
+}
+
 /// Head width a multiple of 32 (the head reduction's lanes), q heads a
 /// multiple of kv heads, a non-empty cache block.
 pub fn check_geometry(op: &'static str, geo: AttnGeometry) -> Result<()> {

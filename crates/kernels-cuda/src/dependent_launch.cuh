@@ -1,0 +1,28 @@
+// Programmatic dependent launch (sm_90 and later), prepended to every module.
+// Kernels are launched so that the next one in the stream may be scheduled
+// while this one still runs (launch.rs). The rules that keep this correct:
+// every kernel calls `start_dependents()` and then `wait_for_producers()`
+// before it touches memory that another kernel writes or reads; before the
+// wait it may only prefetch weights, which nothing writes during a run.
+// `griddepcontrol.wait` returns once every earlier grid has completed and
+// its writes are visible, and is a no-op for a kernel launched normally.
+
+__device__ __forceinline__ void start_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_producers() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Brings `bytes` of read-only data into L2, one 128-byte line per lane per
+// step, so the loads after the wait do not go to DRAM.
+__device__ __forceinline__ void prefetch_l2(const void* p, size_t bytes, int lane, int lanes) {
+    const char* c = static_cast<const char*>(p);
+    for (size_t o = (size_t)lane * 128; o < bytes; o += (size_t)lanes * 128)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
+}
