@@ -32,8 +32,10 @@ __device__ __forceinline__ void combine_chunks(const float* part, int th0, int G
         for (int c = lane; c < chunks; c += 32) f[c] = q_exp(f[c] - m);
         __syncwarp();
         float l = 0.0f;
-        if (lane == 0)
+        if (lane == 0) {
+#pragma unroll 8
             for (int c = 0; c < chunks; c++) l = l + __ldcg(p + c * (D + 2) + 1) * f[c];
+        }
         l = __shfl_sync(0xffffffffu, l, 0);
         float o[PER];
 #pragma unroll
@@ -142,6 +144,7 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __
         __syncwarp();
         if (lane == 0) {
             float l = 0.0f;
+#pragma unroll 16
             for (int j = 0; j < len; j++) l = l + sh[j];
             float* dst = part + (((size_t)t * Hq + g * G + hh) * max_chunks + c) * (D + 2);
             dst[0] = m;

@@ -83,13 +83,22 @@ __device__ __forceinline__ float warp_inv_rms(const float* xr, int H, float eps)
     int full = H / 256 * 256;
     // Unrolled so several chunks' loads are in flight at once; each lane
     // still adds its elements in increasing order.
+    // Two 16-byte loads per lane and chunk where the row is aligned.
+    bool vec = (reinterpret_cast<size_t>(xr) & 15) == 0;
 #pragma unroll 4
     for (int base = 0; base < full; base += 256) {
+        float v[8];
+        if (vec) {
+            float4 a = *reinterpret_cast<const float4*>(xr + base + 8 * lane);
+            float4 b = *reinterpret_cast<const float4*>(xr + base + 8 * lane + 4);
+            v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+            v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+        } else {
 #pragma unroll
-        for (int e = 0; e < 8; e++) {
-            float v = xr[base + 8 * lane + e];
-            acc[e] = acc[e] + v * v;
+            for (int e = 0; e < 8; e++) v[e] = xr[base + 8 * lane + e];
         }
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[e] = acc[e] + v[e] * v[e];
     }
 #pragma unroll
     for (int e = 0; e < 8; e++) {

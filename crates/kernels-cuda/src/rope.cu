@@ -11,29 +11,57 @@ extern "C" __global__ void qk_norm_rope_store(const float* qkv, const float* qn,
     start_dependents();
     __shared__ float nrm[MAX_HEAD_DIM];
     int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x;
+    // Every load that depends on no other is issued before any is used:
+    // this kernel is a chain of latencies at batch 1.
+    u32 p = pos[t], slot = slots[t];
     size_t width = (size_t)(Hq + 2 * Hkv) * D;
     const float* x = qkv + (size_t)t * width + (size_t)h * D;
     if (h >= Hq + Hkv) {
-        __nv_bfloat16* dst = vc + ((size_t)slots[t] * Hkv + (h - Hq - Hkv)) * D;
+        __nv_bfloat16* dst = vc + ((size_t)slot * Hkv + (h - Hq - Hkv)) * D;
         for (int i = lane; i < D; i += 32) dst[i] = __float2bfloat16_rn(x[i]);
         return;
     }
     const float* w = h < Hq ? qn : kn;
-    int per = D / 32;
+    // Lane l holds elements [l·per, (l+1)·per) of the head, per = D/32 ≤ 8.
+    int per = D / 32, half = D / 2;
+    float xv[MAX_HEAD_DIM / 32], wv[MAX_HEAD_DIM / 32];
+#pragma unroll
+    for (int e = 0; e < MAX_HEAD_DIM / 32; e++) {
+        if (e < per) {
+            xv[e] = x[lane * per + e];
+            wv[e] = w[lane * per + e];
+        }
+    }
+    // Rotation pairs (i, i + D/2) for i = lane + 32j.
+    const float* cs = rope + (size_t)p * D;
+    float c[MAX_HEAD_DIM / 64], sn[MAX_HEAD_DIM / 64];
+#pragma unroll
+    for (int j = 0; j < MAX_HEAD_DIM / 64; j++) {
+        int i = lane + 32 * j;
+        if (i < half) {
+            c[j] = cs[i];
+            sn[j] = cs[half + i];
+        }
+    }
     float s = 0.0f;
-    for (int i = lane * per; i < (lane + 1) * per; i++) s = s + x[i] * x[i];
+#pragma unroll
+    for (int e = 0; e < MAX_HEAD_DIM / 32; e++)
+        if (e < per) s = s + xv[e] * xv[e];
     s = head_combine(s);
     float inv = 1.0f / sqrtf(s / (float)D + eps);
-    for (int i = lane; i < D; i += 32) nrm[i] = w[i] * (x[i] * inv);
+#pragma unroll
+    for (int e = 0; e < MAX_HEAD_DIM / 32; e++)
+        if (e < per) nrm[lane * per + e] = wv[e] * (xv[e] * inv);
     __syncwarp();
-    const float* cs = rope + (size_t)pos[t] * D;
-    int half = D / 2;
     __nv_bfloat16* dst = h < Hq ? q_out + (size_t)t * Hq * D + (size_t)h * D
-                                : kc + ((size_t)slots[t] * Hkv + (h - Hq)) * D;
-    for (int i = lane; i < half; i += 32) {
-        float c = cs[i], sn = cs[half + i];
-        float lo = nrm[i], hi = nrm[i + half];
-        dst[i] = __float2bfloat16_rn(lo * c - hi * sn);
-        dst[i + half] = __float2bfloat16_rn(hi * c + lo * sn);
+                                : kc + ((size_t)slot * Hkv + (h - Hq)) * D;
+#pragma unroll
+    for (int j = 0; j < MAX_HEAD_DIM / 64; j++) {
+        int i = lane + 32 * j;
+        if (i < half) {
+            float lo = nrm[i], hi = nrm[i + half];
+            dst[i] = __float2bfloat16_rn(lo * c[j] - hi * sn[j]);
+            dst[i + half] = __float2bfloat16_rn(hi * c[j] + lo * sn[j]);
+        }
     }
 }
