@@ -9,7 +9,7 @@ use crate::matmul::widen;
 use crate::numerics::{exp, head_reduce};
 use crate::storage::{bf16s, bf16s_mut, shape_err, u32s, T};
 use crate::CpuBackend;
-use qwen_tensor::{check_cache, check_geometry};
+use qwen_tensor::check_attention;
 
 /// Positions per split of the context. Fixed: it is part of the numerics,
 /// so it never depends on the batch or the device.
@@ -36,18 +36,14 @@ pub fn attention(
     out: &mut T,
 ) -> Result<()> {
     const OP: &str = "attention";
-    check_geometry(OP, geo)?;
     let tokens = meta.num_tokens;
+    let cache_slots = check_attention(OP, q, k_cache, v_cache, tokens, geo, out)?;
     let (hq, hkv, d, bs) = (
         geo.num_q_heads,
         geo.num_kv_heads,
         geo.head_dim,
         geo.block_size,
     );
-    qwen_tensor::expect_shape(OP, "q", q, &[tokens, hq * d])?;
-    qwen_tensor::expect_shape(OP, "out", out, &[tokens, hq * d])?;
-    let cache_slots = check_cache(OP, k_cache, geo)?;
-    check_cache(OP, v_cache, geo)?;
     let qs = bf16s(OP, "q", q)?;
     let kc = bf16s(OP, "k_cache", k_cache)?;
     let vc = bf16s(OP, "v_cache", v_cache)?;

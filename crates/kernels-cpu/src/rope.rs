@@ -35,20 +35,9 @@ pub fn qk_norm_rope_store(
     let d = geo.head_dim;
     let (hq, hkv) = (geo.num_q_heads, geo.num_kv_heads);
     let tokens = meta.num_tokens;
-    qwen_tensor::check_geometry(OP, geo)?;
-    qwen_tensor::expect_shape(OP, "qkv", qkv, &[tokens, geo.qkv_width()])?;
-    qwen_tensor::expect_shape(OP, "q_norm", q_norm, &[d])?;
-    qwen_tensor::expect_shape(OP, "k_norm", k_norm, &[d])?;
-    qwen_tensor::expect_shape(OP, "q_out", q_out, &[tokens, geo.q_width()])?;
-    let (max_pos, rope_w) = qwen_tensor::expect_2d(OP, "rope", rope)?;
-    if rope_w != d {
-        return Err(shape_err(
-            OP,
-            format!("rope table width {rope_w} != head_dim {d}"),
-        ));
-    }
-    let cache_slots = qwen_tensor::check_cache(OP, k_cache, geo)?;
-    qwen_tensor::check_cache(OP, v_cache, geo)?;
+    let (max_pos, cache_slots) = qwen_tensor::check_qk_norm_rope(
+        OP, qkv, q_norm, k_norm, rope, tokens, geo, q_out, k_cache, v_cache,
+    )?;
     let qkv = f32s(OP, "qkv", qkv)?;
     let qn = f32s(OP, "q_norm", q_norm)?;
     let kn = f32s(OP, "k_norm", k_norm)?;

@@ -2,11 +2,11 @@
 //! last chunk of each (token, kv head) to finish.
 
 use cudarc::driver::sys::CUfunction_attribute;
-use qwen_tensor::{expect_shape, AttnGeometry, BatchMeta, DType, Result};
+use qwen_tensor::{check_attention, AttnGeometry, BatchMeta, DType, Result};
 
 use crate::device::{bf16s, bf16s_mut, dev, f32s_mut, u32s, u32s_mut, T};
 use crate::launch::{grid, int, shape_err};
-use crate::rope::{check_cache, check_geometry};
+use crate::rope::check_head_dim;
 use crate::{CudaBackend, Scratch};
 
 /// Positions per split; must equal qwen_kernels_cpu::ATTN_CHUNK and CHUNK in attention.cu.
@@ -26,13 +26,10 @@ impl CudaBackend {
         out: &mut T,
     ) -> Result<()> {
         const OP: &str = "attention";
-        check_geometry(OP, geo)?;
         let tokens = meta.num_tokens;
         let d = geo.head_dim;
-        expect_shape(OP, "q", q, &[tokens, geo.q_width()])?;
-        expect_shape(OP, "out", out, &[tokens, geo.q_width()])?;
-        check_cache(OP, k_cache, geo)?;
-        check_cache(OP, v_cache, geo)?;
+        check_attention(OP, q, k_cache, v_cache, tokens, geo, out)?;
+        check_head_dim(OP, geo)?;
         if tokens == 0 {
             return Ok(());
         }

@@ -1,6 +1,6 @@
 //! Launcher for rope.cu.
 
-use qwen_tensor::{expect_2d, expect_shape, AttnGeometry, BatchMeta, Result};
+use qwen_tensor::{AttnGeometry, BatchMeta, Result};
 
 use crate::device::{bf16s_mut, dev, f32s, u32s, T};
 use crate::launch::{grid, int, shape_err};
@@ -23,21 +23,11 @@ impl CudaBackend {
     ) -> Result<()> {
         const OP: &str = "qk_norm_rope_store";
         let d = geo.head_dim;
-        check_geometry(OP, geo)?;
         let tokens = meta.num_tokens;
-        expect_shape(OP, "qkv", qkv, &[tokens, geo.qkv_width()])?;
-        expect_shape(OP, "q_norm", q_norm, &[d])?;
-        expect_shape(OP, "k_norm", k_norm, &[d])?;
-        expect_shape(OP, "q_out", q_out, &[tokens, geo.q_width()])?;
-        let (_, rw) = expect_2d(OP, "rope", rope)?;
-        if rw != d {
-            return Err(shape_err(
-                OP,
-                format!("rope table width {rw} != head_dim {d}"),
-            ));
-        }
-        check_cache(OP, k_cache, geo)?;
-        check_cache(OP, v_cache, geo)?;
+        qwen_tensor::check_qk_norm_rope(
+            OP, qkv, q_norm, k_norm, rope, tokens, geo, q_out, k_cache, v_cache,
+        )?;
+        check_head_dim(OP, geo)?;
         if tokens == 0 {
             return Ok(());
         }
@@ -68,10 +58,9 @@ impl CudaBackend {
     }
 }
 
-/// The shared geometry checks, plus the head widths attn_chunk is
-/// instantiated for.
-pub(crate) fn check_geometry(op: &'static str, geo: AttnGeometry) -> Result<()> {
-    qwen_tensor::check_geometry(op, geo)?;
+/// The head widths attn_chunk is instantiated for (the shared checks
+/// cover the rest of the geometry).
+pub(crate) fn check_head_dim(op: &'static str, geo: AttnGeometry) -> Result<()> {
     let d = geo.head_dim;
     if ![32, 64, 128, 256].contains(&d) {
         return Err(shape_err(
@@ -80,8 +69,4 @@ pub(crate) fn check_geometry(op: &'static str, geo: AttnGeometry) -> Result<()> 
         ));
     }
     Ok(())
-}
-
-pub(crate) fn check_cache(op: &'static str, cache: &T, geo: AttnGeometry) -> Result<()> {
-    qwen_tensor::check_cache(op, cache, geo).map(|_| ())
 }

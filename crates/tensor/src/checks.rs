@@ -93,3 +93,57 @@ pub fn check_cache<B: Backend>(
         )),
     }
 }
+
+/// Attention's operands: `geo` valid, q and out `[T, Hq·D]`, K and V caches
+/// of `geo`'s block shape; returns the caches' number of slots.
+pub fn check_attention<B: Backend>(
+    op: &'static str,
+    q: &Tensor<B>,
+    k_cache: &Tensor<B>,
+    v_cache: &Tensor<B>,
+    tokens: usize,
+    geo: AttnGeometry,
+    out: &Tensor<B>,
+) -> Result<usize> {
+    check_geometry(op, geo)?;
+    expect_shape(op, "q", q, &[tokens, geo.q_width()])?;
+    expect_shape(op, "out", out, &[tokens, geo.q_width()])?;
+    let slots = check_cache(op, k_cache, geo)?;
+    check_cache(op, v_cache, geo)?;
+    Ok(slots)
+}
+
+/// qk_norm_rope_store's operands: `geo` valid, qkv `[T, qkv_width]`, the
+/// two norm weights `[D]`, a rope table `[positions, D]`, q_out
+/// `[T, Hq·D]`, K and V caches of `geo`'s block shape; returns (rope
+/// positions, cache slots).
+#[allow(clippy::too_many_arguments)]
+pub fn check_qk_norm_rope<B: Backend>(
+    op: &'static str,
+    qkv: &Tensor<B>,
+    q_norm: &Tensor<B>,
+    k_norm: &Tensor<B>,
+    rope: &Tensor<B>,
+    tokens: usize,
+    geo: AttnGeometry,
+    q_out: &Tensor<B>,
+    k_cache: &Tensor<B>,
+    v_cache: &Tensor<B>,
+) -> Result<(usize, usize)> {
+    let d = geo.head_dim;
+    check_geometry(op, geo)?;
+    expect_shape(op, "qkv", qkv, &[tokens, geo.qkv_width()])?;
+    expect_shape(op, "q_norm", q_norm, &[d])?;
+    expect_shape(op, "k_norm", k_norm, &[d])?;
+    expect_shape(op, "q_out", q_out, &[tokens, geo.q_width()])?;
+    let (positions, rope_w) = expect_2d(op, "rope", rope)?;
+    if rope_w != d {
+        return Err(shape_err(
+            op,
+            format!("rope table width {rope_w} != head_dim {d}"),
+        ));
+    }
+    let slots = check_cache(op, k_cache, geo)?;
+    check_cache(op, v_cache, geo)?;
+    Ok((positions, slots))
+}

@@ -35,7 +35,8 @@ mod tensor;
 pub use attention::{AttnGeometry, BatchLayout, BatchMeta};
 pub use backend::{Backend, SampleParams};
 pub use checks::{
-    check_cache, check_geometry, check_norm_projection, check_projection, check_silu_mul,
+    check_attention, check_cache, check_geometry, check_norm_projection, check_projection,
+    check_qk_norm_rope, check_silu_mul,
 };
 pub use dtype::{DType, HostSlice, HostVec};
 pub use error::{Error, Result};
