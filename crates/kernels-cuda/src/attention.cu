@@ -6,7 +6,7 @@
 // keeps the spec's order.
 
 #define CHUNK 64
-#define THREADS 128
+#define THREADS 256
 #define WARPS (THREADS / 32)
 
 // The outputs of one (token, kv head)'s G q heads from their chunks, a warp
@@ -59,6 +59,19 @@ __device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
 
 __device__ __forceinline__ void copies_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
+// Query heads whose scores one pass over the chunk's keys computes.
+#define HPASS 4
+
+// This lane's PER elements of the query heads [h0, h0 + HPASS) of the group
+// (zeros past the group's G heads).
+template <int PER>
+__device__ __forceinline__ void load_q(const __nv_bfloat16* q, int h0, int G, float qv[HPASS][PER]) {
+#pragma unroll
+    for (int hh = 0; hh < HPASS; hh++)
+#pragma unroll
+        for (int e = 0; e < PER; e++) qv[hh][e] = h0 + hh < G ? bf(q[(size_t)(h0 + hh) * PER * 32 + e]) : 0.0f;
+}
+
 // One block per (token, kv head, chunk): the chunk's keys and values are
 // read once, with wide loads all in flight together, into shared memory,
 // and serve every q head of the GQA group. Dynamic shared memory:
@@ -78,14 +91,18 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __
     int tg = blockIdx.x, c = blockIdx.y;
     int t = tg / Hkv, g = tg % Hkv;
     int G = Hq / Hkv;
-    // Both loads issued before either is needed.
+    int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    // The first heads' queries and the token's position and sequence, all
+    // issued before any is needed.
+    const __nv_bfloat16* qg = q + ((size_t)t * Hq + g * G) * D + lane * PER;
+    float qv[HPASS][PER];
+    load_q<PER>(qg, 0, G, qv);
     u32 pt = pos[t], st = seq[t];
     int ctx = (int)pt + 1;
     int start = c * CHUNK;
     if (start >= ctx) return;
     int len = min(CHUNK, ctx - start);
     const u32* table = tables + (size_t)st * max_blocks;
-    int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     for (int j = tid; j < len; j += THREADS) {
         int p = start + j;
         slot_of[j] = table[p / bs] * (u32)bs + (u32)(p % bs);
@@ -104,29 +121,38 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __
     copies_wait();
     __syncthreads();
     // Scores: warp w takes positions w, w + WARPS, ...; lane l owns elements
-    // [l·PER, (l+1)·PER) of the head, summed in order, then the head butterfly.
-    for (int hh = 0; hh < G; hh++) {
-        const __nv_bfloat16* qh = q + ((size_t)t * Hq + g * G + hh) * D + lane * PER;
-        float qv[PER];
-#pragma unroll
-        for (int e = 0; e < PER; e++) qv[e] = bf(qh[e]);
-        float s[CHUNK / WARPS];
+    // [l·PER, (l+1)·PER) of the head, summed in order, then the head
+    // butterfly. Each key serves HPASS heads per pass.
+    for (int h0 = 0; h0 < G; h0 += HPASS) {
+        if (h0 > 0) load_q<PER>(qg, h0, G, qv);
+        float s[HPASS][CHUNK / WARPS];
 #pragma unroll
         for (int r = 0; r < CHUNK / WARPS; r++) {
             int j = warp + r * WARPS;
             const __nv_bfloat16* k = ks + (j < len ? j : 0) * D + lane * PER;
-            float a = 0.0f;
+            float kf[PER];
 #pragma unroll
-            for (int e = 0; e < PER; e++) a = a + qv[e] * bf(k[e]);
-            s[r] = a;
+            for (int e = 0; e < PER; e++) kf[e] = bf(k[e]);
+#pragma unroll
+            for (int hh = 0; hh < HPASS; hh++) {
+                float a = 0.0f;
+#pragma unroll
+                for (int e = 0; e < PER; e++) a = a + qv[hh][e] * kf[e];
+                s[hh][r] = a;
+            }
         }
 #pragma unroll
-        for (int r = 0; r < CHUNK / WARPS; r++) s[r] = head_combine(s[r]);
-        if (lane == 0) {
+        for (int hh = 0; hh < HPASS; hh++) {
+            if (h0 + hh < G) {
 #pragma unroll
-            for (int r = 0; r < CHUNK / WARPS; r++) {
-                int j = warp + r * WARPS;
-                if (j < len) sc[hh * CHUNK + j] = s[r] * scale;
+                for (int r = 0; r < CHUNK / WARPS; r++) s[hh][r] = head_combine(s[hh][r]);
+                if (lane == 0) {
+#pragma unroll
+                    for (int r = 0; r < CHUNK / WARPS; r++) {
+                        int j = warp + r * WARPS;
+                        if (j < len) sc[(h0 + hh) * CHUNK + j] = s[hh][r] * scale;
+                    }
+                }
             }
         }
     }

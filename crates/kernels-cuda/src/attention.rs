@@ -12,6 +12,8 @@ use crate::{CudaBackend, Scratch};
 /// Positions per split; must equal qwen_kernels_cpu::ATTN_CHUNK and CHUNK in attention.cu.
 const CHUNK: usize = 64;
 const _: () = assert!(CHUNK == qwen_kernels_cpu::ATTN_CHUNK);
+/// Threads per block; must equal THREADS in attention.cu.
+const THREADS: u32 = 256;
 
 impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
@@ -68,7 +70,7 @@ impl CudaBackend {
         }
         let mut cfg = grid(
             ((tokens * geo.num_kv_heads) as u32, max_chunks as u32, 1),
-            (128, 1, 1),
+            (THREADS, 1, 1),
         );
         cfg.shared_mem_bytes = smem as u32;
         let part_shape = [rows * max_chunks * (d + 2)];

@@ -42,6 +42,7 @@ const MODULES: &[(&str, &str, &[&str])] = &[
             "matmul_f32x_t1",
             "rms_norm_matmul_bf16",
             "rms_norm_matmul_bf16_t1",
+            "rms_norm_matmul_bf16_t1_pairs",
             "rms_norm_matmul_silu_bf16",
             "rms_norm_matmul_silu_bf16_t1",
             "split_hi_lo",
@@ -70,11 +71,6 @@ pub(crate) struct Device {
     pub name: String,
     /// Whether kernels go out with programmatic dependent launch.
     pub dependent_launch: bool,
-    /// Projections reading more weight bytes than this are `streaming`
-    /// launches (launch.rs).
-    pub streaming_bytes: usize,
-    /// Whether the last kernel launched was a streaming one.
-    pub last_streamed: std::sync::atomic::AtomicBool,
 }
 
 /// Maps a driver error to ours, keeping out-of-memory distinct.
@@ -134,10 +130,6 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
         kernels,
         name,
         dependent_launch: dependent_launch(major),
-        // 0.6B-class projections (4-13 MB) gain from early launch, 8B-class
-        // ones (34-201 MB) lose (BENCHMARKS.md).
-        streaming_bytes: 16 << 20,
-        last_streamed: Default::default(),
     })
 }
 

@@ -4,7 +4,6 @@
 //! has it.
 
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use cudarc::driver::sys::{self, CUlaunchAttribute, CUlaunchAttributeID, CUlaunchConfig, CUresult};
 use cudarc::driver::{
@@ -76,22 +75,11 @@ pub(crate) struct Launch<'a> {
     func: &'a CudaFunction,
     stream: &'a CudaStream,
     dependent: bool,
-    streaming: bool,
-    last_streamed: &'a AtomicBool,
     vals: [u64; MAX_ARGS],
     n: usize,
 }
 
 impl<'a> Launch<'a> {
-    /// Marks a kernel that streams many weights. It, and the kernel after
-    /// it, start only once the kernel before has finished: measured on
-    /// 8B-class models, early launch around such kernels costs more than the
-    /// launch latency it hides, while the short kernels of small models gain.
-    pub(crate) fn streaming(&mut self, yes: bool) -> &mut Self {
-        self.streaming = yes;
-        self
-    }
-
     pub(crate) fn arg(&mut self, a: impl KernelArg) -> &mut Self {
         let bits = a.bits(self.stream);
         if let Some(v) = self.vals.get_mut(self.n) {
@@ -116,8 +104,6 @@ impl<'a> Launch<'a> {
             return Err(DriverError(CUresult::CUDA_ERROR_INVALID_VALUE));
         }
         self.stream.context().bind_to_thread()?;
-        let after_streaming = self.last_streamed.swap(self.streaming, Ordering::Relaxed);
-        let dependent = self.dependent && !self.streaming && !after_streaming;
         let mut ptrs = [std::ptr::null_mut::<c_void>(); MAX_ARGS];
         for (p, v) in ptrs.iter_mut().zip(self.vals.iter_mut()).take(self.n) {
             *p = (v as *mut u64).cast();
@@ -137,7 +123,7 @@ impl<'a> Launch<'a> {
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
             attrs: &mut attr,
-            numAttrs: u32::from(dependent),
+            numAttrs: u32::from(self.dependent),
         };
         // SAFETY: `ptrs` points at `self.n` live 8-byte values in `self.vals`
         // for the call's duration; the caller vouches for their meaning.
@@ -163,8 +149,6 @@ impl CudaBackend {
             func,
             stream: &self.dev.stream,
             dependent: self.dev.dependent_launch,
-            streaming: false,
-            last_streamed: &self.dev.last_streamed,
             vals: [0; MAX_ARGS],
             n: 0,
         }

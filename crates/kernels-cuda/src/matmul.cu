@@ -39,88 +39,114 @@ __device__ __forceinline__ void widen8(uint4 u, float* f) {
     }
 }
 
-// NB chunks of 256 from `base` into the lanes: every chunk's weights are
-// loaded before any is used, so each thread keeps NB 16-byte loads in
-// flight; they are still added in increasing chunk order, as the spec
-// orders them. The first batch of a kernel waits for the kernel before
-// (dependent_launch.cuh) only after its weight loads are issued.
-template <int NB, int TT, typename X>
-__device__ __forceinline__ void dot_chunks(const X* x, const __nv_bfloat16* wr, int tt, int K, int base, bool vec,
-                                           bool& wait, float acc[TT][8]) {
+// NB chunks of 256 from `base` into the lanes, for R weight rows `rs`
+// elements apart at once: every chunk's weights are loaded before any is
+// used, so each thread keeps R·NB 16-byte loads in flight, and each x chunk
+// is read once for all R rows. Each row's chunks are still added in
+// increasing order, as the spec orders them. While `pending`, `before`
+// runs once right after the loads are issued: the first batch of a kernel
+// waits for the kernel before (dependent_launch.cuh) only then.
+template <int NB, int TT, int R, typename X, typename F>
+__device__ __forceinline__ void dot_chunks(const X* x, const __nv_bfloat16* wr, size_t rs, int tt, int K, int base,
+                                           bool vec, bool& pending, F& before, float acc[R][TT][8]) {
     int lane = threadIdx.x;
-    uint4 raw[NB];
+    uint4 raw[R][NB];
 #pragma unroll
-    for (int u = 0; u < NB; u++) raw[u] = load8_raw(wr + base + u * 256 + 8 * lane, vec);
-    if (wait) {
-        wait_for_producers();
-        start_dependents();
-        wait = false;
+    for (int u = 0; u < NB; u++)
+#pragma unroll
+        for (int r = 0; r < R; r++) raw[r][u] = load8_raw(wr + r * rs + base + u * 256 + 8 * lane, vec);
+    if (pending) {
+        before();
+        pending = false;
     }
 #pragma unroll
     for (int u = 0; u < NB; u++) {
-        float wf[8];
-        widen8(raw[u], wf);
+        float wf[R][8];
+#pragma unroll
+        for (int r = 0; r < R; r++) widen8(raw[r][u], wf[r]);
 #pragma unroll
         for (int i = 0; i < TT; i++) {
             if (i < tt) {
                 float xf[8];
                 load8_x(x + (size_t)i * K + base + u * 256 + 8 * lane, xf, vec);
 #pragma unroll
-                for (int e = 0; e < 8; e++) acc[i][e] = acc[i][e] + wf[e] * xf[e];
+                for (int r = 0; r < R; r++)
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[r][i][e] = acc[r][i][e] + wf[r][e] * xf[e];
             }
         }
     }
 }
 
-// One warp: the weight row `wr` against the `tt` ≤ TT token rows starting
-// at `x` (row stride K); every lane gets res[i] for i < tt. TT = 1 serves
-// batch-1 decode with a quarter of the accumulators, so more warps fit on
-// an SM.
-template <int TT, typename X>
-__device__ __forceinline__ void dot_rows(const X* x, const __nv_bfloat16* wr, int tt, int K, bool wait,
-                                         float res[TT]) {
+// One warp: R weight rows (`wr`, then every `rs` elements) against the
+// `tt` ≤ TT token rows starting at `x` (row stride K); every lane gets
+// res[r][i] for i < tt. TT = 1 serves batch-1 decode with a quarter of the
+// accumulators, so more warps fit on an SM; R = 2 doubles the loads in
+// flight where few warps stream many rows.
+template <int TT, int R, typename X, typename F>
+__device__ __forceinline__ void dot_rows(const X* x, const __nv_bfloat16* wr, size_t rs, int tt, int K, bool& pending,
+                                         F& before, float res[R][TT]) {
     int lane = threadIdx.x;
     bool vec = (K & 7) == 0;
-    float acc[TT][8];
+    float acc[R][TT][8];
 #pragma unroll
-    for (int i = 0; i < TT; i++)
+    for (int r = 0; r < R; r++)
 #pragma unroll
-        for (int e = 0; e < 8; e++) acc[i][e] = 0.0f;
+        for (int i = 0; i < TT; i++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[r][i][e] = 0.0f;
     int full = K / 256 * 256;
     int base = 0;
     // (8 loads in flight per thread measured slower: 8B 148 -> 138 tok/s.)
-    for (; base + UNROLL * 256 <= full; base += UNROLL * 256) dot_chunks<UNROLL, TT>(x, wr, tt, K, base, vec, wait, acc);
-    for (; base < full; base += 256) dot_chunks<1, TT>(x, wr, tt, K, base, vec, wait, acc);
-    if (wait) {
-        wait_for_producers();
-        start_dependents();
+    for (; base + UNROLL * 256 <= full; base += UNROLL * 256)
+        dot_chunks<UNROLL, TT, R>(x, wr, rs, tt, K, base, vec, pending, before, acc);
+    for (; base < full; base += 256) dot_chunks<1, TT, R>(x, wr, rs, tt, K, base, vec, pending, before, acc);
+    if (pending) {
+        before();
+        pending = false;
     }
 #pragma unroll
     for (int e = 0; e < 8; e++) {
         int k = full + 8 * lane + e;
         if (k < K) {
-            float wv = bf(wr[k]);
 #pragma unroll
-            for (int i = 0; i < TT; i++)
-                if (i < tt) acc[i][e] = acc[i][e] + wv * load1_x(x + (size_t)i * K + k);
+            for (int r = 0; r < R; r++) {
+                float wv = bf(wr[r * rs + k]);
+#pragma unroll
+                for (int i = 0; i < TT; i++)
+                    if (i < tt) acc[r][i][e] = acc[r][i][e] + wv * load1_x(x + (size_t)i * K + k);
+            }
         }
     }
 #pragma unroll
-    for (int i = 0; i < TT; i++)
-        if (i < tt) res[i] = row_combine(acc[i]);
+    for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int i = 0; i < TT; i++)
+            if (i < tt) res[r][i] = row_combine(acc[r][i]);
 }
 
+// Hooks of a kernel's first weight batch (see dot_chunks).
+struct NoHook {
+    __device__ void operator()() const {}
+};
+struct WaitForProducers {
+    __device__ void operator()() const {
+        wait_for_producers();
+        start_dependents();
+    }
+};
+
 // dot_rows for weight row `n`, written to out[t0 + i, n] (added when `add`).
-template <int TT, typename X>
+template <int TT, typename X, typename F>
 __device__ __forceinline__ void project_rows(const X* x, const __nv_bfloat16* w, float* out, int t0, int tt, int K,
-                                             int N, int n, int add, bool wait) {
-    float res[TT];
-    dot_rows<TT>(x, w + (size_t)n * K, tt, K, wait, res);
+                                             int N, int n, int add, bool& pending, F& before) {
+    float res[1][TT];
+    dot_rows<TT, 1>(x, w + (size_t)n * K, 0, tt, K, pending, before, res);
 #pragma unroll
     for (int i = 0; i < TT; i++) {
         if (i < tt && threadIdx.x == 0) {
             size_t o = (size_t)(t0 + i) * N + n;
-            out[o] = add ? out[o] + res[i] : res[i];
+            out[o] = add ? out[o] + res[0][i] : res[0][i];
         }
     }
 }
@@ -132,7 +158,9 @@ __device__ __forceinline__ void project(const X* x, const __nv_bfloat16* w, floa
     int n = blockIdx.x * blockDim.y + threadIdx.y;
     if (n >= N) return;
     int t0 = row0 + blockIdx.y * TT;
-    project_rows<TT>(x + (size_t)t0 * K, w, out, t0, min(TT, T - t0), K, N, n, add, true);
+    bool pending = true;
+    WaitForProducers wait;
+    project_rows<TT>(x + (size_t)t0 * K, w, out, t0, min(TT, T - t0), K, N, n, add, pending, wait);
 }
 
 // The single-token bf16 kernel is held to 64 registers, so 8 blocks (32
@@ -149,25 +177,42 @@ MATMUL(matmul_bf16_t1, __nv_bfloat16, 1, 8)
 MATMUL(matmul_f32x, float, TOKEN_TILE, 1)
 MATMUL(matmul_f32x_t1, float, 1, 1)
 
-// Fused RMSNorm + projection in one launch: the block's first warps
-// normalise its tile of token rows into shared memory (exactly as
-// rms_norm_bf16 does: f32 norm, f32 weight, one rounding to bf16), then
-// every warp projects its weight rows from there. Dynamic shared memory:
-// TT * K bf16. With SILU, w holds N = 2I rows (gate, then up): a warp's
-// unit u is the pair of rows u and I + u, and it writes the bf16
-// silu(gate)·up of activation.cu to out [T, I] instead of the f32 pair.
-template <int TT, bool SILU>
+// Four normalised elements: bf16(w · (x · inv)), the spec's order.
+__device__ __forceinline__ void norm4(__nv_bfloat16* d, float4 xv, float4 wv, float inv) {
+    d[0] = __float2bfloat16_rn(wv.x * (xv.x * inv));
+    d[1] = __float2bfloat16_rn(wv.y * (xv.y * inv));
+    d[2] = __float2bfloat16_rn(wv.z * (xv.z * inv));
+    d[3] = __float2bfloat16_rn(wv.w * (xv.w * inv));
+}
+
+// Fused RMSNorm + projection in one launch: the block normalises its tile
+// of token rows into shared memory (exactly as rms_norm_bf16 does: f32
+// norm, f32 weight, one rounding to bf16), then every warp projects its
+// weight rows from there. Dynamic shared memory: TT * K bf16, and with one
+// token the f32 row too (fused_smem in matmul.rs). With SILU, w holds
+// N = 2I rows (gate, then up): a warp's unit u is the pair of rows u and
+// I + u, and it writes the bf16 silu(gate)·up of activation.cu to out
+// [T, I] instead of the f32 pair. Without SILU and with PAIRS, a warp takes
+// its units two at a time. (Issuing a warp's first weight loads before the
+// norm, held in registers across it, measured slower: 8B 155 -> 145 tok/s,
+// at up to 160 registers a thread.)
+#define NORM_LOADS 4
+template <int TT, bool SILU, bool PAIRS>
 __device__ __forceinline__ void rms_norm_matmul(const float* x, const float* norm_w, float eps,
                                                 const __nv_bfloat16* w, void* out, int T, int K, int N,
                                                 int rows_per_warp) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+    __shared__ float inv_s[TT];
     int t0 = blockIdx.y * TT;
     int tt = min(TT, T - t0);
     int warp = threadIdx.y, lane = threadIdx.x;
+    int tid = warp * 32 + lane, nthreads = 32 * blockDim.y;
     int units = SILU ? N / 2 : N;
-    // The weights do not depend on the kernel before: bring the start of
-    // this warp's rows into L2 while it finishes.
+    bool vec4 = (K & 3) == 0;
+    int k4 = K / 4;
+    // The start of the warp's weight rows goes to L2 while the kernel
+    // before finishes.
     if (blockIdx.y == 0) {
         size_t head = (size_t)min(K, UNROLL * 256) * 2;
         for (int r = 0; r < rows_per_warp; r++) {
@@ -178,76 +223,138 @@ __device__ __forceinline__ void rms_norm_matmul(const float* x, const float* nor
             }
         }
     }
+    // The norm weights do not depend on the kernel before either.
+    // (With a tile of rows, w_pre[0] serves the thread's first element,
+    // column (tid % k4) * 4.)
+    float4 w_pre[NORM_LOADS];
+#pragma unroll
+    for (int j = 0; j < NORM_LOADS; j++) {
+        int idx = TT == 1 ? tid + j * nthreads : (tid % max(k4, 1));
+        if (vec4 && idx < k4 && (TT == 1 || j == 0)) w_pre[j] = reinterpret_cast<const float4*>(norm_w)[idx];
+    }
     wait_for_producers();
     start_dependents();
-    // A warp per row finds 1/rms (the spec's reduction order), then every
-    // thread of the block writes normalised elements, four at a time where
-    // rows are 16-byte aligned: the norm is on every block's critical path.
-    __shared__ float inv_s[TT];
-    int tid = warp * 32 + lane, nthreads = 32 * blockDim.y;
-    bool vec4 = (K & 3) == 0;
-    int k4 = K / 4;
-    // This thread's first four elements and weights, loaded before the
-    // reduction they do not depend on.
-    float4 x_first = make_float4(0.f, 0.f, 0.f, 0.f), w_first = x_first;
-    if (vec4 && tid < tt * k4) {
-        int i = tid / k4, k = (tid % k4) * 4;
-        x_first = *reinterpret_cast<const float4*>(x + (size_t)(t0 + i) * K + k);
-        w_first = *reinterpret_cast<const float4*>(norm_w + k);
-    }
-    for (int i = warp; i < tt; i += blockDim.y) {
-        float inv = warp_inv_rms(x + (size_t)(t0 + i) * K, K, eps);
-        if (lane == 0) inv_s[i] = inv;
-    }
-    __syncthreads();
-    if (vec4) {
-        for (int idx = tid; idx < tt * k4; idx += nthreads) {
-            int i = idx / k4, k = (idx % k4) * 4;
-            bool first = idx == tid;
-            float4 xv = first ? x_first : *reinterpret_cast<const float4*>(x + (size_t)(t0 + i) * K + k);
-            float4 wv = first ? w_first : *reinterpret_cast<const float4*>(norm_w + k);
-            float inv = inv_s[i];
-            __nv_bfloat16* d = xs + (size_t)i * K + k;
-            d[0] = __float2bfloat16_rn(wv.x * (xv.x * inv));
-            d[1] = __float2bfloat16_rn(wv.y * (xv.y * inv));
-            d[2] = __float2bfloat16_rn(wv.z * (xv.z * inv));
-            d[3] = __float2bfloat16_rn(wv.w * (xv.w * inv));
+    if constexpr (TT == 1) {
+        // One row: the block copies it to shared memory with all its
+        // loads in flight at once, one warp reduces it there in the
+        // spec's order, and every thread writes normalised elements.
+        float* xf = reinterpret_cast<float*>(smem_raw + ((size_t)K * 2 + 15) / 16 * 16);
+        const float* xr = x + (size_t)t0 * K;
+        if (vec4) {
+            for (int i0 = tid; i0 < k4; i0 += NORM_LOADS * nthreads) {
+                float4 v[NORM_LOADS];
+#pragma unroll
+                for (int j = 0; j < NORM_LOADS; j++)
+                    if (i0 + j * nthreads < k4) v[j] = reinterpret_cast<const float4*>(xr)[i0 + j * nthreads];
+#pragma unroll
+                for (int j = 0; j < NORM_LOADS; j++)
+                    if (i0 + j * nthreads < k4) reinterpret_cast<float4*>(xf)[i0 + j * nthreads] = v[j];
+            }
+        } else {
+            for (int k = tid; k < K; k += nthreads) xf[k] = xr[k];
+        }
+        __syncthreads();
+        if (warp == 0) {
+            float inv = warp_inv_rms(xf, K, eps);
+            if (lane == 0) inv_s[0] = inv;
+        }
+        __syncthreads();
+        float inv = inv_s[0];
+        if (vec4) {
+#pragma unroll
+            for (int j = 0; j < NORM_LOADS; j++) {
+                int idx = tid + j * nthreads;
+                if (idx < k4) norm4(xs + (size_t)idx * 4, reinterpret_cast<const float4*>(xf)[idx], w_pre[j], inv);
+            }
+            for (int idx = tid + NORM_LOADS * nthreads; idx < k4; idx += nthreads)
+                norm4(xs + (size_t)idx * 4, reinterpret_cast<const float4*>(xf)[idx],
+                      reinterpret_cast<const float4*>(norm_w)[idx], inv);
+        } else {
+            for (int k = tid; k < K; k += nthreads) xs[k] = __float2bfloat16_rn(norm_w[k] * (xf[k] * inv));
         }
     } else {
-        for (int idx = tid; idx < tt * K; idx += nthreads) {
-            int i = idx / K, k = idx % K;
-            xs[idx] = __float2bfloat16_rn(norm_w[k] * (x[(size_t)(t0 + i) * K + k] * inv_s[i]));
+        // A tile of rows: a warp per row finds 1/rms from global
+        // memory, then the whole block writes normalised elements; each
+        // thread's first four are loaded before the reduction.
+        float4 x_first = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (vec4 && tid < tt * k4) {
+            int i = tid / k4, k = (tid % k4) * 4;
+            x_first = *reinterpret_cast<const float4*>(x + (size_t)(t0 + i) * K + k);
+        }
+        for (int i = warp; i < tt; i += blockDim.y) {
+            float inv = warp_inv_rms(x + (size_t)(t0 + i) * K, K, eps);
+            if (lane == 0) inv_s[i] = inv;
+        }
+        __syncthreads();
+        if (vec4) {
+            for (int idx = tid; idx < tt * k4; idx += nthreads) {
+                int i = idx / k4, k = (idx % k4) * 4;
+                bool first = idx == tid;
+                float4 xv = first ? x_first : *reinterpret_cast<const float4*>(x + (size_t)(t0 + i) * K + k);
+                float4 wv = first ? w_pre[0] : *reinterpret_cast<const float4*>(norm_w + k);
+                norm4(xs + (size_t)i * K + k, xv, wv, inv_s[i]);
+            }
+        } else {
+            for (int idx = tid; idx < tt * K; idx += nthreads) {
+                int i = idx / K, k = idx % K;
+                xs[idx] = __float2bfloat16_rn(norm_w[k] * (x[(size_t)(t0 + i) * K + k] * inv_s[i]));
+            }
         }
     }
     __syncthreads();
-    // Each warp takes rows_per_warp units, so the norm above is paid once
-    // per blockDim.y * rows_per_warp units.
+    bool pending = false;
+    NoHook none;
+    float* outf = static_cast<float*>(out);
+    __nv_bfloat16* outb = static_cast<__nv_bfloat16*>(out);
+    // Each warp takes rows_per_warp units, so the norm is paid once per
+    // blockDim.y * rows_per_warp units.
     for (int r = 0; r < rows_per_warp; r++) {
         int u = (blockIdx.x * rows_per_warp + r) * blockDim.y + warp;
-        if (u >= units) continue;
-        if (!SILU) {
-            project_rows<TT>(xs, w, static_cast<float*>(out), t0, tt, K, N, u, 0, false);
+        if (u >= units) break;
+        if constexpr (SILU) {
+            float res[2][TT];
+            if constexpr (TT == 1) {
+                dot_rows<TT, 2>(xs, w + (size_t)u * K, (size_t)units * K, tt, K, pending, none, res);
+            } else {
+                dot_rows<TT, 1>(xs, w + (size_t)u * K, 0, tt, K, pending, none, res);
+                dot_rows<TT, 1>(xs, w + (size_t)(units + u) * K, 0, tt, K, pending, none, res + 1);
+            }
+#pragma unroll
+            for (int i = 0; i < TT; i++)
+                if (i < tt && lane == 0)
+                    outb[(size_t)(t0 + i) * units + u] = __float2bfloat16_rn(q_silu(res[0][i]) * res[1][i]);
             continue;
         }
-        float g[TT], up[TT];
-        dot_rows<TT>(xs, w + (size_t)u * K, tt, K, false, g);
-        dot_rows<TT>(xs, w + (size_t)(units + u) * K, tt, K, false, up);
+        if constexpr (PAIRS) {
+            int u2 = u + blockDim.y;
+            if (r + 1 < rows_per_warp && u2 < units) {
+                float res[2][TT];
+                dot_rows<TT, 2>(xs, w + (size_t)u * K, (size_t)blockDim.y * K, tt, K, pending, none, res);
 #pragma unroll
-        for (int i = 0; i < TT; i++)
-            if (i < tt && lane == 0)
-                static_cast<__nv_bfloat16*>(out)[(size_t)(t0 + i) * units + u] = __float2bfloat16_rn(q_silu(g[i]) * up[i]);
+                for (int i = 0; i < TT; i++) {
+                    if (i < tt && lane == 0) {
+                        outf[(size_t)(t0 + i) * N + u] = res[0][i];
+                        outf[(size_t)(t0 + i) * N + u2] = res[1][i];
+                    }
+                }
+                r++;
+                continue;
+            }
+        }
+        project_rows<TT>(xs, w, outf, t0, tt, K, N, u, 0, pending, none);
     }
 }
 
-#define RMS_NORM_MATMUL(NAME, OUT, TT, SILU)                                                                     \
+#define RMS_NORM_MATMUL(NAME, OUT, TT, SILU, PAIRS)                                                              \
     extern "C" __global__ void NAME(const float* x, const float* norm_w, float eps, const __nv_bfloat16* w,      \
                                     OUT* out, int T, int K, int N, int rows_per_warp) {                          \
-        rms_norm_matmul<TT, SILU>(x, norm_w, eps, w, out, T, K, N, rows_per_warp);                              \
+        rms_norm_matmul<TT, SILU, PAIRS>(x, norm_w, eps, w, out, T, K, N, rows_per_warp);                       \
     }
-RMS_NORM_MATMUL(rms_norm_matmul_bf16, float, TOKEN_TILE, false)
-RMS_NORM_MATMUL(rms_norm_matmul_bf16_t1, float, 1, false)
-RMS_NORM_MATMUL(rms_norm_matmul_silu_bf16, __nv_bfloat16, TOKEN_TILE, true)
-RMS_NORM_MATMUL(rms_norm_matmul_silu_bf16_t1, __nv_bfloat16, 1, true)
+RMS_NORM_MATMUL(rms_norm_matmul_bf16, float, TOKEN_TILE, false, false)
+RMS_NORM_MATMUL(rms_norm_matmul_bf16_t1, float, 1, false, false)
+RMS_NORM_MATMUL(rms_norm_matmul_bf16_t1_pairs, float, 1, false, true)
+RMS_NORM_MATMUL(rms_norm_matmul_silu_bf16, __nv_bfloat16, TOKEN_TILE, true, false)
+RMS_NORM_MATMUL(rms_norm_matmul_silu_bf16_t1, __nv_bfloat16, 1, true, false)
 
 // x = hi + lo with hi = bf16(x) and lo = bf16(x - hi): two bf16 GEMMs on the
 // tensor cores then carry about 16 of f32's 24 mantissa bits of x (the

@@ -27,6 +27,19 @@ fn fused_tile(t: usize) -> usize {
     }
 }
 
+/// Dynamic shared memory of a fused kernel's block: the tile of normalised
+/// bf16 rows, and with one token the f32 row it is normalised from (placed
+/// at the next 16-byte boundary, as matmul.cu expects).
+fn fused_smem(t: usize, h: usize) -> usize {
+    let tile = fused_tile(t);
+    let normed = tile * h * 2;
+    if tile == 1 {
+        normed.div_ceil(16) * 16 + h * 4
+    } else {
+        normed
+    }
+}
+
 impl CudaBackend {
     /// `out (+)= x · wᵀ`; x bf16 or f32 `[T, K]`, w bf16 `[N, K]`. The
     /// leading [`tensor_core_rows`](Self::tensor_core_rows) rows of a bf16
@@ -91,7 +104,6 @@ impl CudaBackend {
             (false, false) => "matmul_bf16",
             (false, true) => "matmul_bf16_t1",
         }));
-        b.streaming(n * k * 2 > self.dev.streaming_bytes);
         if f32_x {
             b.arg(f32s(op, "x", x)?);
         } else {
@@ -180,10 +192,10 @@ impl CudaBackend {
     }
 
     /// Whether a norm + projection of `t` rows of width `h` into `n`
-    /// outputs can run as one fused launch: every row exact, and a tile of
-    /// normalised rows fits the block's shared memory.
+    /// outputs can run as one fused launch: every row exact, and what the
+    /// block normalises fits its shared memory.
     fn fusable(&self, t: usize, h: usize, n: usize) -> bool {
-        t > 0 && n > 0 && self.tensor_core_rows(t) == 0 && fused_tile(t) * h * 2 <= FUSED_SMEM_MAX
+        t > 0 && n > 0 && self.tensor_core_rows(t) == 0 && fused_smem(t, h) <= FUSED_SMEM_MAX
     }
 
     /// The fused kernel of matmul.cu on shapes the caller checked; `out` is
@@ -217,15 +229,18 @@ impl CudaBackend {
             ),
             (32, FUSED_WARPS, 1),
         );
-        cfg.shared_mem_bytes = (tile * h * 2) as u32;
+        cfg.shared_mem_bytes = fused_smem(t, h) as u32;
+        // At one token a warp with two or more rows streams them in pairs
+        // (a gate/up unit is always a pair): twice the loads in flight, at
+        // a register cost that would crowd the kernel's one-row blocks.
         let name = match (silu, tile == 1) {
             (false, false) => "rms_norm_matmul_bf16",
+            (false, true) if per_warp >= 2 => "rms_norm_matmul_bf16_t1_pairs",
             (false, true) => "rms_norm_matmul_bf16_t1",
             (true, false) => "rms_norm_matmul_silu_bf16",
             (true, true) => "rms_norm_matmul_silu_bf16_t1",
         };
         let mut b = self.launch(self.kernel(name));
-        b.streaming(n * h * 2 > self.dev.streaming_bytes);
         b.arg(f32s(op, "x", x)?)
             .arg(f32s(op, "norm_w", norm_w)?)
             .arg(&eps)
@@ -235,9 +250,9 @@ impl CudaBackend {
             .arg(&ki)
             .arg(&ni)
             .arg(&(per_warp as i32));
-        // SAFETY: argument order and types match rms_norm_matmul{,_silu}_bf16{,_t1}
+        // SAFETY: argument order and types match rms_norm_matmul{,_silu}_bf16{,_t1,_t1_pairs}
         // in matmul.cu, out typed by the caller for the variant; the dynamic
-        // shared memory holds a tile of rows of K bf16.
+        // shared memory is what fused_smem says the kernel uses.
         unsafe { b.launch(cfg) }.map_err(dev)
     }
 

@@ -327,9 +327,15 @@ fn rms_norm_fused_qkv_and_logits() {
     let cpu = CpuBackend::new();
     let mut r = Rng::new("rms_norm");
     // (tokens, hidden, N): the fused QKV of 0.6B (1024 -> 4096) and 8B
-    // (4096 -> 6144), the vocabulary projection, odd sizes.
+    // (4096 -> 6144), the vocabulary projection, odd sizes. At one token,
+    // 8B's QKV and the odd widths give each warp two or more rows (taken in
+    // pairs, an odd one alone, some blocks partly past N).
     for (t, h, n) in [
         (1, 1024, 4096),
+        (1, 4096, 6144),
+        (1, 100, 9001),
+        (1, 256, 7000),
+        (1, 8200, 40),
         (64, 4096, 6144),
         (1, 1024, 151_936),
         (4, 5120, 512),
@@ -372,11 +378,13 @@ fn rms_norm_gate_up_silu() {
     let cpu = CpuBackend::new();
     let mut r = Rng::new("rms_norm_matmul_silu");
     // (tokens, hidden, intermediate): 0.6B and 8B at batch 1, a batch with
-    // a partial token tile, odd sizes, and a row too wide for the fused
-    // kernel's shared memory (the unfused path).
+    // a partial token tile, odd sizes, and rows too wide for the fused
+    // kernel's shared memory (the unfused path) at one token and at three.
     for (t, h, i) in [
         (1, 1024, 3072),
         (1, 4096, 12_288),
+        (1, 100, 33),
+        (1, 8200, 40),
         (5, 1024, 3072),
         (7, 100, 33),
         (3, 8192, 64),
@@ -530,6 +538,8 @@ fn qk_norm_rope_and_attention() {
         (12, 4, 64, vec![(129, 2)]),
         // Qwen3-32B's group of 8; head_dim 256 (over 48 KB of shared memory).
         (64, 8, 128, vec![(130, 1), (64, 2)]),
+        // Qwen3-14B's group of 5: a second, partial pass of query heads.
+        (40, 8, 128, vec![(150, 1), (33, 2)]),
         (8, 1, 256, vec![(200, 2)]),
     ];
     for (hq, hkv, d, ctxs) in cases {
