@@ -51,14 +51,6 @@ __device__ __forceinline__ void combine_chunks(const float* part, int th0, int G
     }
 }
 
-// 16 bytes global -> shared without passing through registers (sm_80+).
-__device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-}
-
-__device__ __forceinline__ void copies_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-
 // Query heads whose scores one pass over the chunk's keys computes.
 #define HPASS 4
 

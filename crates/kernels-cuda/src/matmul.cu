@@ -163,19 +163,88 @@ __device__ __forceinline__ void project(const X* x, const __nv_bfloat16* w, floa
     project_rows<TT>(x + (size_t)t0 * K, w, out, t0, min(TT, T - t0), K, N, n, add, pending, wait);
 }
 
-// The single-token bf16 kernel is held to 64 registers, so 8 blocks (32
-// warps) fit on an SM: 4,224 rows in flight on an H100, one wave for the
-// 4,096-row projections of 8B-class models instead of 1.1. (The f32 one
-// serves the vocabulary projection, many waves long, and would spill.)
+// The single-token f32 kernel serves the vocabulary projection, many waves
+// long; the single-token bf16 one is matmul_bf16_t1 below.
 #define MATMUL(NAME, X, TT, MIN_BLOCKS)                                                                      \
     extern "C" __global__ void __launch_bounds__(128, MIN_BLOCKS)                                           \
         NAME(const X* x, const __nv_bfloat16* w, float* out, int row0, int T, int K, int N, int add) {      \
         project<TT>(x, w, out, row0, T, K, N, add);                                                         \
     }
 MATMUL(matmul_bf16, __nv_bfloat16, TOKEN_TILE, 1)
-MATMUL(matmul_bf16_t1, __nv_bfloat16, 1, 8)
 MATMUL(matmul_f32x, float, TOKEN_TILE, 1)
 MATMUL(matmul_f32x_t1, float, 1, 1)
+
+// The single-token bf16 projection streams each warp's weight row through a
+// ring of RING_STAGES batches in shared memory (async_copy.cuh): up to
+// three batches of a row in flight at no register cost, where registers
+// held only one. Same sums, same order as dot_rows. Rows whose length is
+// not a multiple of 8 take dot_rows.
+#define RING_STAGES 3
+#define RING_WARPS 4
+extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)
+    matmul_bf16_t1(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int row0, int T, int K, int N,
+                   int add) {
+    __shared__ __align__(16) uint4 ring[RING_WARPS][RING_STAGES][UNROLL][32];
+    int n = blockIdx.x * blockDim.y + threadIdx.y;
+    if (n >= N) return;
+    if ((K & 7) != 0) {
+        project<1>(x, w, out, row0, T, K, N, add);
+        return;
+    }
+    int lane = threadIdx.x;
+    const __nv_bfloat16* wr = w + (size_t)n * K;
+    const __nv_bfloat16* xr = x + (size_t)row0 * K;
+    uint4(*mine)[UNROLL][32] = ring[threadIdx.y];
+    int chunks = K / 256, batches = (chunks + UNROLL - 1) / UNROLL;
+    // Every batch commits a group, empty past the row's end, so that
+    // "all but the newest RING_STAGES - 1 groups" is always batch b.
+    auto issue = [&](int b) {
+        if (b < batches) {
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                int c = b * UNROLL + u;
+                if (c < chunks) copy16_async(&mine[b % RING_STAGES][u][lane], wr + (size_t)c * 256 + 8 * lane);
+            }
+        }
+        copies_commit();
+    };
+#pragma unroll
+    for (int b = 0; b < RING_STAGES - 1; b++) issue(b);
+    wait_for_producers();
+    start_dependents();
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    for (int b = 0; b < batches; b++) {
+        issue(b + RING_STAGES - 1);
+        // The batch's activations are loaded while its weights arrive.
+        uint4 xv[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            int c = b * UNROLL + u;
+            if (c < chunks) xv[u] = *reinterpret_cast<const uint4*>(xr + (size_t)c * 256 + 8 * lane);
+        }
+        copies_wait_groups<RING_STAGES - 1>();
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++) {
+            if (b * UNROLL + u < chunks) {
+                float wf[8], xf[8];
+                widen8(mine[b % RING_STAGES][u][lane], wf);
+                widen8(xv[u], xf);
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[e] = acc[e] + wf[e] * xf[e];
+            }
+        }
+    }
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+        int k = chunks * 256 + 8 * lane + e;
+        if (k < K) acc[e] = acc[e] + bf(wr[k]) * bf(xr[k]);
+    }
+    float r = row_combine(acc);
+    if (lane == 0) {
+        size_t o = (size_t)row0 * N + n;
+        out[o] = add ? out[o] + r : r;
+    }
+}
 
 // Four normalised elements: bf16(w · (x · inv)), the spec's order.
 __device__ __forceinline__ void norm4(__nv_bfloat16* d, float4 xv, float4 wv, float inv) {

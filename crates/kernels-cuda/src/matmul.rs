@@ -6,7 +6,8 @@ use crate::device::{bf16s, bf16s_mut, dev, f32s, f32s_mut, T};
 use crate::launch::{grid, int, KernelArg};
 use crate::{CudaBackend, Scratch};
 
-/// Weight rows per block (one warp each); tokens per warp as in matmul.cu.
+/// Weight rows per block (one warp each; RING_WARPS in matmul.cu); tokens
+/// per warp as in matmul.cu.
 const ROWS: u32 = 4;
 const TOKEN_TILE: u32 = 4;
 /// Warps per block of the fused kernel, the most rows each warp takes, and

@@ -123,9 +123,16 @@ fn matmul_and_matmul_add() {
     let Some(g) = gpu() else { return };
     let cpu = CpuBackend::new();
     let mut r = Rng::new("matmul");
-    // (tokens, K, N): Qwen3-0.6B and 8B projections at batch 1 and 64, odd sizes.
+    // (tokens, K, N): Qwen3-0.6B and 8B projections at batch 1 and 64, odd
+    // sizes. At one token: 8B's down projection (more weight batches than
+    // the ring has stages), rows with a tail past the last full chunk, a
+    // row shorter than one chunk, and rows not a multiple of 8 long.
     for (t, k, n) in [
         (1, 1024, 4096),
+        (1, 12_288, 300),
+        (1, 1000, 77),
+        (1, 200, 33),
+        (1, 37, 9),
         (64, 1024, 3072),
         (1, 3072, 1024),
         (1, 4096, 6144),

@@ -1,0 +1,22 @@
+// Asynchronous global -> shared copies (sm_80 and later), prepended to every
+// module. Bytes in flight this way cost no registers, so a kernel can keep
+// many loads outstanding: attention.cu copies a chunk's keys and values,
+// matmul.cu streams single-token weight rows through a ring of stages.
+
+// 16 bytes from `gmem` to `smem`, both 16-byte aligned.
+__device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+
+// Closes this thread's group of copies issued since the last commit.
+__device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void copies_wait_groups() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Waits for every copy this thread issued.
+__device__ __forceinline__ void copies_wait() { asm volatile("cp.async.wait_all;" ::: "memory"); }
