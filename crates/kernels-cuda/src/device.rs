@@ -3,7 +3,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::driver::sys::CUfunction_attribute;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError};
 use half::{bf16, f16};
 use qwen_tensor::{DType, Error, Result, Tensor};
@@ -41,11 +40,7 @@ const MODULES: &[(&str, &str, &[&str])] = &[
             "matmul_bf16_t1",
             "matmul_f32x",
             "matmul_f32x_t1",
-            "rms_norm_matmul_bf16",
-            "rms_norm_matmul_bf16_t1",
-            "rms_norm_matmul_bf16_t1_pairs",
-            "rms_norm_matmul_silu_bf16",
-            "rms_norm_matmul_silu_bf16_t1",
+            "matmul_silu_t1",
             "split_hi_lo",
         ],
     ),
@@ -124,14 +119,6 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
             kernels.insert(n, module.load_function(n).map_err(dev)?);
         }
     }
-    // The single-token projection keeps a 24 KB ring of weights per block
-    // (matmul.cu): ask for the shared-memory split that fits 8 blocks per SM.
-    kernels["matmul_bf16_t1"]
-        .set_attribute(
-            CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
-            100,
-        )
-        .map_err(dev)?;
     let name = ctx.name().map_err(dev)?;
     Ok(Device {
         ctx,

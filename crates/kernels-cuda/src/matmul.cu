@@ -125,10 +125,7 @@ __device__ __forceinline__ void dot_rows(const X* x, const __nv_bfloat16* wr, si
             if (i < tt) res[r][i] = row_combine(acc[r][i]);
 }
 
-// Hooks of a kernel's first weight batch (see dot_chunks).
-struct NoHook {
-    __device__ void operator()() const {}
-};
+// The hook of a kernel's first weight batch (see dot_chunks).
 struct WaitForProducers {
     __device__ void operator()() const {
         wait_for_producers();
@@ -246,184 +243,28 @@ extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)
     }
 }
 
-// Four normalised elements: bf16(w · (x · inv)), the spec's order.
-__device__ __forceinline__ void norm4(__nv_bfloat16* d, float4 xv, float4 wv, float inv) {
-    d[0] = __float2bfloat16_rn(wv.x * (xv.x * inv));
-    d[1] = __float2bfloat16_rn(wv.y * (xv.y * inv));
-    d[2] = __float2bfloat16_rn(wv.z * (xv.z * inv));
-    d[3] = __float2bfloat16_rn(wv.w * (xv.w * inv));
-}
-
-// Fused RMSNorm + projection in one launch: the block normalises its tile
-// of token rows into shared memory (exactly as rms_norm_bf16 does: f32
-// norm, f32 weight, one rounding to bf16), then every warp projects its
-// weight rows from there. Dynamic shared memory: TT * K bf16, and with one
-// token the f32 row too (fused_smem in matmul.rs). With SILU, w holds
-// N = 2I rows (gate, then up): a warp's unit u is the pair of rows u and
-// I + u, and it writes the bf16 silu(gate)·up of activation.cu to out
-// [T, I] instead of the f32 pair. Without SILU and with PAIRS, a warp takes
-// its units two at a time. (Issuing a warp's first weight loads before the
-// norm, held in registers across it, measured slower: 8B 155 -> 145 tok/s,
-// at up to 160 registers a thread.)
-#define NORM_LOADS 4
-template <int TT, bool SILU, bool PAIRS>
-__device__ __forceinline__ void rms_norm_matmul(const float* x, const float* norm_w, float eps,
-                                                const __nv_bfloat16* w, void* out, int T, int K, int N,
-                                                int rows_per_warp) {
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem_raw);
-    __shared__ float inv_s[TT];
-    int t0 = blockIdx.y * TT;
-    int tt = min(TT, T - t0);
+// Gate/up projection and SiLU gate for one token (`w` holds the I gate
+// rows, then the I up rows): a block of four warps takes units 2b and
+// 2b + 1, warps 0-1 their gate rows and warps 2-3 their up rows, each row
+// exactly as matmul_bf16_t1 computes it, then writes bf16(silu(g)·u) as
+// silu_mul in activation.cu rounds it. The f32 pair never leaves the block.
+extern "C" __global__ void __launch_bounds__(128, 8)
+    matmul_silu_t1(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* out, int K, int I) {
+    __shared__ float res_s[4];
     int warp = threadIdx.y, lane = threadIdx.x;
-    int tid = warp * 32 + lane, nthreads = 32 * blockDim.y;
-    int units = SILU ? N / 2 : N;
-    bool vec4 = (K & 3) == 0;
-    int k4 = K / 4;
-    // The start of the warp's weight rows goes to L2 while the kernel
-    // before finishes.
-    if (blockIdx.y == 0) {
-        size_t head = (size_t)min(K, UNROLL * 256) * 2;
-        for (int r = 0; r < rows_per_warp; r++) {
-            int u = (blockIdx.x * rows_per_warp + r) * blockDim.y + warp;
-            if (u < units) {
-                prefetch_l2(w + (size_t)u * K, head, lane, 32);
-                if (SILU) prefetch_l2(w + (size_t)(units + u) * K, head, lane, 32);
-            }
-        }
+    int unit = blockIdx.x * 2 + (warp & 1);
+    float res[1][1] = {{0.0f}};
+    if (unit < I) {
+        bool pending = true;
+        WaitForProducers wait;
+        dot_rows<1, 1>(x, w + (size_t)(warp >= 2 ? I + unit : unit) * K, 0, 1, K, pending, wait, res);
     }
-    // The norm weights do not depend on the kernel before either.
-    // (With a tile of rows, w_pre[0] serves the thread's first element,
-    // column (tid % k4) * 4.)
-    float4 w_pre[NORM_LOADS];
-#pragma unroll
-    for (int j = 0; j < NORM_LOADS; j++) {
-        int idx = TT == 1 ? tid + j * nthreads : (tid % max(k4, 1));
-        if (vec4 && idx < k4 && (TT == 1 || j == 0)) w_pre[j] = reinterpret_cast<const float4*>(norm_w)[idx];
-    }
-    wait_for_producers();
-    start_dependents();
-    if constexpr (TT == 1) {
-        // One row: the block copies it to shared memory with all its
-        // loads in flight at once, one warp reduces it there in the
-        // spec's order, and every thread writes normalised elements.
-        float* xf = reinterpret_cast<float*>(smem_raw + ((size_t)K * 2 + 15) / 16 * 16);
-        const float* xr = x + (size_t)t0 * K;
-        if (vec4) {
-            for (int i0 = tid; i0 < k4; i0 += NORM_LOADS * nthreads) {
-                float4 v[NORM_LOADS];
-#pragma unroll
-                for (int j = 0; j < NORM_LOADS; j++)
-                    if (i0 + j * nthreads < k4) v[j] = reinterpret_cast<const float4*>(xr)[i0 + j * nthreads];
-#pragma unroll
-                for (int j = 0; j < NORM_LOADS; j++)
-                    if (i0 + j * nthreads < k4) reinterpret_cast<float4*>(xf)[i0 + j * nthreads] = v[j];
-            }
-        } else {
-            for (int k = tid; k < K; k += nthreads) xf[k] = xr[k];
-        }
-        __syncthreads();
-        if (warp == 0) {
-            float inv = warp_inv_rms(xf, K, eps);
-            if (lane == 0) inv_s[0] = inv;
-        }
-        __syncthreads();
-        float inv = inv_s[0];
-        if (vec4) {
-#pragma unroll
-            for (int j = 0; j < NORM_LOADS; j++) {
-                int idx = tid + j * nthreads;
-                if (idx < k4) norm4(xs + (size_t)idx * 4, reinterpret_cast<const float4*>(xf)[idx], w_pre[j], inv);
-            }
-            for (int idx = tid + NORM_LOADS * nthreads; idx < k4; idx += nthreads)
-                norm4(xs + (size_t)idx * 4, reinterpret_cast<const float4*>(xf)[idx],
-                      reinterpret_cast<const float4*>(norm_w)[idx], inv);
-        } else {
-            for (int k = tid; k < K; k += nthreads) xs[k] = __float2bfloat16_rn(norm_w[k] * (xf[k] * inv));
-        }
-    } else {
-        // A tile of rows: a warp per row finds 1/rms from global
-        // memory, then the whole block writes normalised elements; each
-        // thread's first four are loaded before the reduction.
-        float4 x_first = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (vec4 && tid < tt * k4) {
-            int i = tid / k4, k = (tid % k4) * 4;
-            x_first = *reinterpret_cast<const float4*>(x + (size_t)(t0 + i) * K + k);
-        }
-        for (int i = warp; i < tt; i += blockDim.y) {
-            float inv = warp_inv_rms(x + (size_t)(t0 + i) * K, K, eps);
-            if (lane == 0) inv_s[i] = inv;
-        }
-        __syncthreads();
-        if (vec4) {
-            for (int idx = tid; idx < tt * k4; idx += nthreads) {
-                int i = idx / k4, k = (idx % k4) * 4;
-                bool first = idx == tid;
-                float4 xv = first ? x_first : *reinterpret_cast<const float4*>(x + (size_t)(t0 + i) * K + k);
-                float4 wv = first ? w_pre[0] : *reinterpret_cast<const float4*>(norm_w + k);
-                norm4(xs + (size_t)i * K + k, xv, wv, inv_s[i]);
-            }
-        } else {
-            for (int idx = tid; idx < tt * K; idx += nthreads) {
-                int i = idx / K, k = idx % K;
-                xs[idx] = __float2bfloat16_rn(norm_w[k] * (x[(size_t)(t0 + i) * K + k] * inv_s[i]));
-            }
-        }
-    }
+    if (lane == 0) res_s[warp] = res[0][0];
     __syncthreads();
-    bool pending = false;
-    NoHook none;
-    float* outf = static_cast<float*>(out);
-    __nv_bfloat16* outb = static_cast<__nv_bfloat16*>(out);
-    // Each warp takes rows_per_warp units, so the norm is paid once per
-    // blockDim.y * rows_per_warp units.
-    for (int r = 0; r < rows_per_warp; r++) {
-        int u = (blockIdx.x * rows_per_warp + r) * blockDim.y + warp;
-        if (u >= units) break;
-        if constexpr (SILU) {
-            float res[2][TT];
-            if constexpr (TT == 1) {
-                dot_rows<TT, 2>(xs, w + (size_t)u * K, (size_t)units * K, tt, K, pending, none, res);
-            } else {
-                dot_rows<TT, 1>(xs, w + (size_t)u * K, 0, tt, K, pending, none, res);
-                dot_rows<TT, 1>(xs, w + (size_t)(units + u) * K, 0, tt, K, pending, none, res + 1);
-            }
-#pragma unroll
-            for (int i = 0; i < TT; i++)
-                if (i < tt && lane == 0)
-                    outb[(size_t)(t0 + i) * units + u] = __float2bfloat16_rn(q_silu(res[0][i]) * res[1][i]);
-            continue;
-        }
-        if constexpr (PAIRS) {
-            int u2 = u + blockDim.y;
-            if (r + 1 < rows_per_warp && u2 < units) {
-                float res[2][TT];
-                dot_rows<TT, 2>(xs, w + (size_t)u * K, (size_t)blockDim.y * K, tt, K, pending, none, res);
-#pragma unroll
-                for (int i = 0; i < TT; i++) {
-                    if (i < tt && lane == 0) {
-                        outf[(size_t)(t0 + i) * N + u] = res[0][i];
-                        outf[(size_t)(t0 + i) * N + u2] = res[1][i];
-                    }
-                }
-                r++;
-                continue;
-            }
-        }
-        project_rows<TT>(xs, w, outf, t0, tt, K, N, u, 0, pending, none);
-    }
+    // Warp 0 has waited for the kernel before: a block's unit 2b is < I.
+    if (warp == 0 && lane < 2 && blockIdx.x * 2 + lane < I)
+        out[blockIdx.x * 2 + lane] = __float2bfloat16_rn(q_silu(res_s[lane]) * res_s[2 + lane]);
 }
-
-#define RMS_NORM_MATMUL(NAME, OUT, TT, SILU, PAIRS)                                                              \
-    extern "C" __global__ void NAME(const float* x, const float* norm_w, float eps, const __nv_bfloat16* w,      \
-                                    OUT* out, int T, int K, int N, int rows_per_warp) {                          \
-        rms_norm_matmul<TT, SILU, PAIRS>(x, norm_w, eps, w, out, T, K, N, rows_per_warp);                       \
-    }
-RMS_NORM_MATMUL(rms_norm_matmul_bf16, float, TOKEN_TILE, false, false)
-RMS_NORM_MATMUL(rms_norm_matmul_bf16_t1, float, 1, false, false)
-RMS_NORM_MATMUL(rms_norm_matmul_bf16_t1_pairs, float, 1, false, true)
-RMS_NORM_MATMUL(rms_norm_matmul_silu_bf16, __nv_bfloat16, TOKEN_TILE, true, false)
-RMS_NORM_MATMUL(rms_norm_matmul_silu_bf16_t1, __nv_bfloat16, 1, true, false)
 
 // x = hi + lo with hi = bf16(x) and lo = bf16(x - hi): two bf16 GEMMs on the
 // tensor cores then carry about 16 of f32's 24 mantissa bits of x (the

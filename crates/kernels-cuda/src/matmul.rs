@@ -1,45 +1,14 @@
-//! Launchers for matmul.cu, and the fused norm + projection ops built on it.
+//! Launchers for matmul.cu, and the norm + projection ops built on it.
 
 use qwen_tensor::{check_norm_projection, check_projection, check_silu_mul, DType, Result};
 
 use crate::device::{bf16s, bf16s_mut, dev, f32s, f32s_mut, T};
-use crate::launch::{grid, int, KernelArg};
+use crate::launch::{grid, int};
 use crate::{CudaBackend, Scratch};
 
-/// Weight rows per block (one warp each; RING_WARPS in matmul.cu); tokens
-/// per warp as in matmul.cu.
+/// Weight rows per block (one warp each); tokens per warp as in matmul.cu.
 const ROWS: u32 = 4;
 const TOKEN_TILE: u32 = 4;
-/// Warps per block of the fused kernel, the most rows each warp takes, and
-/// the number of blocks worth filling the GPU with (two per H100 SM).
-const FUSED_WARPS: u32 = 8;
-const FUSED_MAX_ROWS_PER_WARP: u32 = 4;
-const FUSED_TARGET_BLOCKS: u32 = 264;
-/// Shared memory a block may take without opting in to more.
-const FUSED_SMEM_MAX: usize = 48 * 1024;
-
-/// Token rows per block of the fused kernels: one row (batch-1 decode)
-/// takes the single-token kernels (see `project_exact`).
-fn fused_tile(t: usize) -> usize {
-    if t == 1 {
-        1
-    } else {
-        TOKEN_TILE as usize
-    }
-}
-
-/// Dynamic shared memory of a fused kernel's block: the tile of normalised
-/// bf16 rows, and with one token the f32 row it is normalised from (placed
-/// at the next 16-byte boundary, as matmul.cu expects).
-fn fused_smem(t: usize, h: usize) -> usize {
-    let tile = fused_tile(t);
-    let normed = tile * h * 2;
-    if tile == 1 {
-        normed.div_ceil(16) * 16 + h * 4
-    } else {
-        normed
-    }
-}
 
 impl CudaBackend {
     /// `out (+)= x · wᵀ`; x bf16 or f32 `[T, K]`, w bf16 `[N, K]`. The
@@ -122,10 +91,10 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// RMSNorm then projection: one fused launch for bf16 activations when
-    /// every row is exact, else the norm into a scratch tensor of `dtype`
-    /// and a projection (prompt rows on tensor cores, the f32 logits input,
-    /// very wide rows). Both give the exact rows the same bits.
+    /// RMSNorm into a scratch tensor of `dtype`, then the projection.
+    /// (One kernel per step measured faster than a kernel fusing them: the
+    /// norm is a block per row, and the projection's first weights are on
+    /// the way while it runs.)
     pub(crate) fn norm_project(
         &self,
         x: &T,
@@ -136,19 +105,7 @@ impl CudaBackend {
         dtype: DType,
     ) -> Result<()> {
         const OP: &str = "rms_norm_matmul";
-        let (t, h, n) = check_norm_projection(OP, x, norm_w, w, out)?;
-        if dtype == DType::BF16 && self.fusable(t, h, n) {
-            return self.launch_norm_project(
-                OP,
-                x,
-                norm_w,
-                eps,
-                w,
-                f32s_mut(OP, "out", out)?,
-                n,
-                false,
-            );
-        }
+        let (t, h, _) = check_norm_projection(OP, x, norm_w, w, out)?;
         let slot = if dtype == DType::F32 {
             Scratch::NormF32
         } else {
@@ -156,14 +113,13 @@ impl CudaBackend {
         };
         self.with_scratch(slot, &[t, h], dtype, |normed| {
             self.rms_norm_impl(x, norm_w, eps, normed)?;
-            self.project("rms_norm_matmul", normed, w, out, false)
+            self.project(OP, normed, w, out, false)
         })
     }
 
-    /// RMSNorm, gate/up projection and SiLU gate: one fused launch when
-    /// every row is exact (the projection never leaves the GPU's
-    /// registers), else [`norm_project`](Self::norm_project) into `gate_up`
-    /// and the silu_mul kernel.
+    /// RMSNorm, gate/up projection and SiLU gate. One exact token takes
+    /// matmul_silu_t1, which never writes the f32 pair; otherwise the
+    /// projection goes through `gate_up` and the silu_mul kernel.
     pub(crate) fn norm_project_silu(
         &self,
         x: &T,
@@ -176,85 +132,25 @@ impl CudaBackend {
         const OP: &str = "rms_norm_matmul_silu";
         let (t, h, n) = check_norm_projection(OP, x, norm_w, w, gate_up)?;
         check_silu_mul(OP, gate_up, out)?;
-        if self.fusable(t, h, n) {
-            return self.launch_norm_project(
-                OP,
-                x,
-                norm_w,
-                eps,
-                w,
-                bf16s_mut(OP, "out", out)?,
-                n,
-                true,
-            );
+        if t != 1 || n == 0 || self.tensor_core_rows(t) != 0 {
+            self.norm_project(x, norm_w, eps, w, gate_up, DType::BF16)?;
+            return self.silu_mul_impl(gate_up, out);
         }
-        self.norm_project(x, norm_w, eps, w, gate_up, DType::BF16)?;
-        self.silu_mul_impl(gate_up, out)
-    }
-
-    /// Whether a norm + projection of `t` rows of width `h` into `n`
-    /// outputs can run as one fused launch: every row exact, and what the
-    /// block normalises fits its shared memory.
-    fn fusable(&self, t: usize, h: usize, n: usize) -> bool {
-        t > 0 && n > 0 && self.tensor_core_rows(t) == 0 && fused_smem(t, h) <= FUSED_SMEM_MAX
-    }
-
-    /// The fused kernel of matmul.cu on shapes the caller checked; `out` is
-    /// f32 `[T, N]`, or with `silu` bf16 `[T, N/2]`.
-    #[allow(clippy::too_many_arguments)]
-    fn launch_norm_project(
-        &self,
-        op: &'static str,
-        x: &T,
-        norm_w: &T,
-        eps: f32,
-        w: &T,
-        out: impl KernelArg,
-        n: usize,
-        silu: bool,
-    ) -> Result<()> {
-        let (t, h) = (x.shape()[0], x.shape()[1]);
-        let tile = fused_tile(t);
-        let (ti, ki, ni) = (int(op, t)?, int(op, h)?, int(op, n)?);
-        // A warp's unit is one weight row, or with silu a gate/up pair.
-        let units = if silu { n / 2 } else { n } as u32;
-        // More units per warp amortise the block's norm, fewer keep two
-        // blocks per SM busy on narrow projections.
-        let per_warp =
-            (units / (FUSED_WARPS * FUSED_TARGET_BLOCKS)).clamp(1, FUSED_MAX_ROWS_PER_WARP);
-        let mut cfg = grid(
-            (
-                units.div_ceil(FUSED_WARPS * per_warp),
-                (t as u32).div_ceil(tile as u32),
-                1,
-            ),
-            (32, FUSED_WARPS, 1),
-        );
-        cfg.shared_mem_bytes = fused_smem(t, h) as u32;
-        // At one token a warp with two or more rows streams them in pairs
-        // (a gate/up unit is always a pair): twice the loads in flight, at
-        // a register cost that would crowd the kernel's one-row blocks.
-        let name = match (silu, tile == 1) {
-            (false, false) => "rms_norm_matmul_bf16",
-            (false, true) if per_warp >= 2 => "rms_norm_matmul_bf16_t1_pairs",
-            (false, true) => "rms_norm_matmul_bf16_t1",
-            (true, false) => "rms_norm_matmul_silu_bf16",
-            (true, true) => "rms_norm_matmul_silu_bf16_t1",
-        };
-        let mut b = self.launch(self.kernel(name));
-        b.arg(f32s(op, "x", x)?)
-            .arg(f32s(op, "norm_w", norm_w)?)
-            .arg(&eps)
-            .arg(bf16s(op, "w", w)?)
-            .arg(out)
-            .arg(&ti)
-            .arg(&ki)
-            .arg(&ni)
-            .arg(&(per_warp as i32));
-        // SAFETY: argument order and types match rms_norm_matmul{,_silu}_bf16{,_t1,_t1_pairs}
-        // in matmul.cu, out typed by the caller for the variant; the dynamic
-        // shared memory is what fused_smem says the kernel uses.
-        unsafe { b.launch(cfg) }.map_err(dev)
+        let i = n / 2;
+        let (ki, ii) = (int(OP, h)?, int(OP, i)?);
+        self.with_scratch(Scratch::NormBf16, &[t, h], DType::BF16, |normed| {
+            self.rms_norm_impl(x, norm_w, eps, normed)?;
+            let mut b = self.launch(self.kernel("matmul_silu_t1"));
+            b.arg(bf16s(OP, "normed", normed)?)
+                .arg(bf16s(OP, "w", w)?)
+                .arg(bf16s_mut(OP, "out", out)?)
+                .arg(&ki)
+                .arg(&ii);
+            let cfg = grid(((i as u32).div_ceil(2), 1, 1), (32, 4, 1));
+            // SAFETY: argument order and types match matmul_silu_t1 in matmul.cu;
+            // normed is [1, h], w [2i, h], out [1, i]; a block covers units 2b, 2b + 1.
+            unsafe { b.launch(cfg) }.map_err(dev)
+        })
     }
 
     /// The logits op with prompt rows on the tensor cores: the f32

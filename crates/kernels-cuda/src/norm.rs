@@ -1,13 +1,14 @@
 //! Launchers for norm.cu.
 
+use cudarc::driver::sys::CUfunction_attribute;
 use qwen_tensor::{expect_2d, expect_shape, DType, Result};
 
 use crate::device::{bf16s_mut, dev, f32s, f32s_mut, T};
 use crate::launch::{grid, int};
 use crate::CudaBackend;
 
-/// Rows per block (one warp each).
-const ROWS: u32 = 4;
+/// Threads per block; a block normalises one row.
+const THREADS: u32 = 256;
 
 impl CudaBackend {
     /// RMSNorm into `out`, bf16 (rounded once) or f32 (not rounded).
@@ -16,23 +17,39 @@ impl CudaBackend {
         let (t, h) = expect_2d(OP, "x", x)?;
         expect_shape(OP, "w", w, &[h])?;
         expect_shape(OP, "out", out, &[t, h])?;
-        let (ti, hi) = (int(OP, t)?, int(OP, h)?);
-        let cfg = grid(((t as u32).div_ceil(ROWS), 1, 1), (32, ROWS, 1));
+        if t == 0 || h == 0 {
+            return Ok(());
+        }
+        let hi = int(OP, h)?;
+        let mut cfg = grid((int(OP, t)? as u32, 1, 1), (THREADS, 1, 1));
+        // The block holds its row in f32.
+        let smem = h * 4;
+        cfg.shared_mem_bytes = int(OP, smem)? as u32;
         let f32_out = out.dtype() == DType::F32;
         let name = if f32_out {
             "rms_norm_f32"
         } else {
             "rms_norm_bf16"
         };
-        let mut b = self.launch(self.kernel(name));
+        let f = self.kernel(name);
+        if smem > 48 * 1024 {
+            // Above 48 KB a kernel must opt in to dynamic shared memory.
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                int(OP, smem)?,
+            )
+            .map_err(dev)?;
+        }
+        let mut b = self.launch(f);
         b.arg(f32s(OP, "x", x)?).arg(f32s(OP, "w", w)?).arg(&eps);
         if f32_out {
             b.arg(f32s_mut(OP, "out", out)?);
         } else {
             b.arg(bf16s_mut(OP, "out", out)?);
         }
-        b.arg(&ti).arg(&hi);
-        // SAFETY: argument order and types match rms_norm_{bf16,f32} in norm.cu.
+        b.arg(&hi);
+        // SAFETY: argument order and types match rms_norm_{bf16,f32} in norm.cu;
+        // one block per row of x and out, each with h floats of shared memory.
         unsafe { b.launch(cfg) }.map_err(dev)?;
         Ok(())
     }

@@ -111,3 +111,67 @@ __device__ __forceinline__ float warp_inv_rms(const float* xr, int H, float eps)
     float ss = row_combine(acc);
     return 1.0f / sqrtf(ss / (float)H + eps);
 }
+
+// One row of RMSNorm by a whole block (`tid` of `nthreads`): the row is
+// staged in shared memory `xf` (H floats, 16-byte aligned) with every load
+// in flight at once, one warp finds 1/rms there (warp_inv_rms: the spec's
+// order), and every thread stores w[k] · (x[k] · inv) through store(k, y),
+// four at a time where the row is 16-byte aligned. `w_pre` holds the
+// thread's first NORM_LOADS float4 of w (load_norm_weights), which callers
+// load before they wait for the kernel that wrote x.
+#define NORM_LOADS 4
+
+__device__ __forceinline__ void load_norm_weights(const float* w, int H, int tid, int nthreads,
+                                                  float4 w_pre[NORM_LOADS]) {
+    bool vec4 = (H & 3) == 0 && (reinterpret_cast<size_t>(w) & 15) == 0;
+#pragma unroll
+    for (int j = 0; j < NORM_LOADS; j++) {
+        int idx = tid + j * nthreads;
+        if (vec4 && idx < H / 4) w_pre[j] = reinterpret_cast<const float4*>(w)[idx];
+    }
+}
+
+template <typename Store>
+__device__ __forceinline__ void block_norm_row(const float* xr, const float* w, const float4 w_pre[NORM_LOADS],
+                                               float eps, int H, float* xf, float* inv_s, int tid, int nthreads,
+                                               Store store) {
+    bool vec4 = (H & 3) == 0 && (reinterpret_cast<size_t>(w) & 15) == 0 && (reinterpret_cast<size_t>(xr) & 15) == 0;
+    int h4 = H / 4;
+    if (vec4) {
+        for (int i0 = tid; i0 < h4; i0 += NORM_LOADS * nthreads) {
+            float4 v[NORM_LOADS];
+#pragma unroll
+            for (int j = 0; j < NORM_LOADS; j++)
+                if (i0 + j * nthreads < h4) v[j] = reinterpret_cast<const float4*>(xr)[i0 + j * nthreads];
+#pragma unroll
+            for (int j = 0; j < NORM_LOADS; j++)
+                if (i0 + j * nthreads < h4) reinterpret_cast<float4*>(xf)[i0 + j * nthreads] = v[j];
+        }
+    } else {
+        for (int k = tid; k < H; k += nthreads) xf[k] = xr[k];
+    }
+    __syncthreads();
+    if (tid < 32) {
+        float inv = warp_inv_rms(xf, H, eps);
+        if (tid == 0) *inv_s = inv;
+    }
+    __syncthreads();
+    float inv = *inv_s;
+    if (vec4) {
+        auto put = [&](int idx, float4 wv) {
+            float4 xv = reinterpret_cast<const float4*>(xf)[idx];
+            int k = idx * 4;
+            store(k, wv.x * (xv.x * inv));
+            store(k + 1, wv.y * (xv.y * inv));
+            store(k + 2, wv.z * (xv.z * inv));
+            store(k + 3, wv.w * (xv.w * inv));
+        };
+#pragma unroll
+        for (int j = 0; j < NORM_LOADS; j++)
+            if (tid + j * nthreads < h4) put(tid + j * nthreads, w_pre[j]);
+        for (int idx = tid + NORM_LOADS * nthreads; idx < h4; idx += nthreads)
+            put(idx, reinterpret_cast<const float4*>(w)[idx]);
+    } else {
+        for (int k = tid; k < H; k += nthreads) store(k, w[k] * (xf[k] * inv));
+    }
+}

@@ -333,16 +333,15 @@ fn rms_norm_fused_qkv_and_logits() {
     let Some(g) = gpu() else { return };
     let cpu = CpuBackend::new();
     let mut r = Rng::new("rms_norm");
-    // (tokens, hidden, N): the fused QKV of 0.6B (1024 -> 4096) and 8B
-    // (4096 -> 6144), the vocabulary projection, odd sizes. At one token,
-    // 8B's QKV and the odd widths give each warp two or more rows (taken in
-    // pairs, an odd one alone, some blocks partly past N).
+    // (tokens, hidden, N): the QKV of 0.6B (1024 -> 4096) and 8B (4096 ->
+    // 6144) at one token and at 64, the vocabulary projection, odd sizes,
+    // and rows over 48 KB in f32 (the norm's block opts in to more shared
+    // memory).
     for (t, h, n) in [
         (1, 1024, 4096),
         (1, 4096, 6144),
         (1, 100, 9001),
-        (1, 256, 7000),
-        (1, 8200, 40),
+        (2, 13_000, 16),
         (64, 4096, 6144),
         (1, 1024, 151_936),
         (4, 5120, 512),
@@ -384,14 +383,14 @@ fn rms_norm_gate_up_silu() {
     let Some(g) = gpu() else { return };
     let cpu = CpuBackend::new();
     let mut r = Rng::new("rms_norm_matmul_silu");
-    // (tokens, hidden, intermediate): 0.6B and 8B at batch 1, a batch with
-    // a partial token tile, odd sizes, and rows too wide for the fused
-    // kernel's shared memory (the unfused path) at one token and at three.
+    // (tokens, hidden, intermediate): 0.6B and 8B at batch 1 (the
+    // single-token kernel), an odd one (a block with one unit), a batch with
+    // a partial token tile (the f32 pair and silu_mul), odd sizes.
     for (t, h, i) in [
         (1, 1024, 3072),
         (1, 4096, 12_288),
         (1, 100, 33),
-        (1, 8200, 40),
+        (1, 12_000, 40),
         (5, 1024, 3072),
         (7, 100, 33),
         (3, 8192, 64),
