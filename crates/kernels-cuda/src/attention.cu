@@ -6,23 +6,31 @@
 // keeps the spec's order.
 
 #define CHUNK 64
-#define THREADS 256
-#define WARPS (THREADS / 32)
 
 // The outputs of one (token, kv head)'s G q heads from their chunks, a warp
 // per head, merged in chunk order: M = max of the chunk maxima (exact in any
 // order), f_c = exp(m_c - M), L = sum of l_c·f_c, o[i] = sum of o_c[i]·f_c,
 // then o[i] / L rounded once. `fac` holds G·chunks floats (checked by the
 // launcher); partials are read from L2, where the other blocks left them.
-template <int PER>
+template <int PER, int THREADS>
 __device__ __forceinline__ void combine_chunks(const float* part, int th0, int G, int ctx, int max_chunks,
                                                float* fac, __nv_bfloat16* out) {
     const int D = PER * 32;
+    const int WARPS = THREADS / 32;
     int chunks = (ctx + CHUNK - 1) / CHUNK;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int hh = warp; hh < G; hh += WARPS) {
         const float* p = part + (size_t)(th0 + hh) * max_chunks * (D + 2);
         float* f = fac + hh * chunks;
+        // The first chunks' values and sums are loaded with the maxima, so
+        // that one round of L2 latency serves the usual short context.
+        const int EARLY = 32 / PER;
+        float early[EARLY][PER];
+#pragma unroll
+        for (int c = 0; c < EARLY; c++)
+#pragma unroll
+            for (int e = 0; e < PER; e++) early[c][e] = c < chunks ? __ldcg(p + c * (D + 2) + 2 + lane + 32 * e) : 0.0f;
+        float lc = lane < chunks ? __ldcg(p + lane * (D + 2) + 1) : 0.0f;
         float m = __int_as_float(0xff800000);
         for (int c = lane; c < chunks; c += 32) {
             f[c] = __ldcg(p + c * (D + 2));
@@ -31,17 +39,25 @@ __device__ __forceinline__ void combine_chunks(const float* part, int th0, int G
         for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
         for (int c = lane; c < chunks; c += 32) f[c] = q_exp(f[c] - m);
         __syncwarp();
+        // Every lane forms the same sums in the same order.
         float l = 0.0f;
-        if (lane == 0) {
-#pragma unroll 8
-            for (int c = 0; c < chunks; c++) l = l + __ldcg(p + c * (D + 2) + 1) * f[c];
+        for (int c = 0; c < chunks; c++) {
+            float lv = c < 32 ? __shfl_sync(0xffffffffu, lc, c) : __ldcg(p + c * (D + 2) + 1);
+            l = l + lv * f[c];
         }
-        l = __shfl_sync(0xffffffffu, l, 0);
         float o[PER];
 #pragma unroll
         for (int e = 0; e < PER; e++) o[e] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < EARLY; c++) {
+            if (c < chunks) {
+                float fc = f[c];
+#pragma unroll
+                for (int e = 0; e < PER; e++) o[e] = o[e] + early[c][e] * fc;
+            }
+        }
 #pragma unroll 4
-        for (int c = 0; c < chunks; c++) {
+        for (int c = EARLY; c < chunks; c++) {
             float fc = f[c];
 #pragma unroll
             for (int e = 0; e < PER; e++) o[e] = o[e] + __ldcg(p + c * (D + 2) + 2 + lane + 32 * e) * fc;
@@ -51,12 +67,9 @@ __device__ __forceinline__ void combine_chunks(const float* part, int th0, int G
     }
 }
 
-// Query heads whose scores one pass over the chunk's keys computes.
-#define HPASS 4
-
 // This lane's PER elements of the query heads [h0, h0 + HPASS) of the group
 // (zeros past the group's G heads).
-template <int PER>
+template <int PER, int HPASS>
 __device__ __forceinline__ void load_q(const __nv_bfloat16* q, int h0, int G, float qv[HPASS][PER]) {
 #pragma unroll
     for (int hh = 0; hh < HPASS; hh++)
@@ -68,13 +81,13 @@ __device__ __forceinline__ void load_q(const __nv_bfloat16* q, int h0, int G, fl
 // read once, with wide loads all in flight together, into shared memory,
 // and serve every q head of the GQA group. Dynamic shared memory:
 // 2·CHUNK·D bf16 (keys, values), then G·CHUNK f32 scores.
-template <int PER>
+template <int PER, int THREADS, int HPASS>
 __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __nv_bfloat16* kc,
                                                 const __nv_bfloat16* vc, const u32* pos, const u32* seq,
                                                 const u32* tables, int max_blocks, int bs, int Hq, int Hkv,
                                                 float scale, int max_chunks, float* part, u32* done,
                                                 __nv_bfloat16* out) {
-    const int D = PER * 32;
+    const int D = PER * 32, WARPS = THREADS / 32;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem_raw);
     __nv_bfloat16* vs = ks + CHUNK * D;
@@ -88,7 +101,7 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __
     // issued before any is needed.
     const __nv_bfloat16* qg = q + ((size_t)t * Hq + g * G) * D + lane * PER;
     float qv[HPASS][PER];
-    load_q<PER>(qg, 0, G, qv);
+    load_q<PER, HPASS>(qg, 0, G, qv);
     u32 pt = pos[t], st = seq[t];
     int ctx = (int)pt + 1;
     int start = c * CHUNK;
@@ -116,7 +129,7 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __
     // [l·PER, (l+1)·PER) of the head, summed in order, then the head
     // butterfly. Each key serves HPASS heads per pass.
     for (int h0 = 0; h0 < G; h0 += HPASS) {
-        if (h0 > 0) load_q<PER>(qg, h0, G, qv);
+        if (h0 > 0) load_q<PER, HPASS>(qg, h0, G, qv);
         float s[HPASS][CHUNK / WARPS];
 #pragma unroll
         for (int r = 0; r < CHUNK / WARPS; r++) {
@@ -203,22 +216,30 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __
     if (tid == 0) done[tg] = 0;
     // Keys and values are no longer needed: their shared memory holds the
     // chunk factors.
-    combine_chunks<PER>(part, t * Hq + g * G, G, ctx, max_chunks, reinterpret_cast<float*>(smem_raw), out);
+    combine_chunks<PER, THREADS>(part, t * Hq + g * G, G, ctx, max_chunks, reinterpret_cast<float*>(smem_raw), out);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
-    attn_chunk(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, const u32* pos,
-               const u32* seq, const u32* tables, int max_blocks, int bs, int Hq, int Hkv, int D, float scale,
-               int max_chunks, float* part, u32* done, __nv_bfloat16* out) {
-    wait_for_producers();
-    start_dependents();
-    switch (D / 32) {
-#define CASE(P) \
-    case P: attn_chunk_body<P>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale, max_chunks, part, done, out); break;
-        CASE(1)
-        CASE(2)
-        CASE(4)
-        CASE(8)
-#undef CASE
+// Two shapes of block: for a grid of few blocks (batch-1 decode), 256
+// threads and the scores of four heads per pass over the keys, which
+// shortens the chain of latencies; for many blocks, 128 threads and one
+// head per pass, fewer registers and more blocks per SM.
+#define ATTN_KERNEL(NAME, THREADS, HPASS)                                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                       \
+        NAME(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, const u32* pos,          \
+             const u32* seq, const u32* tables, int max_blocks, int bs, int Hq, int Hkv, int D, float scale,    \
+             int max_chunks, float* part, u32* done, __nv_bfloat16* out) {                                      \
+        wait_for_producers();                                                                                    \
+        start_dependents();                                                                                      \
+        switch (D / 32) {                                                                                        \
+        case 1: attn_chunk_body<1, THREADS, HPASS>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,   \
+                                                   max_chunks, part, done, out); break;                          \
+        case 2: attn_chunk_body<2, THREADS, HPASS>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,   \
+                                                   max_chunks, part, done, out); break;                          \
+        case 4: attn_chunk_body<4, THREADS, HPASS>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,   \
+                                                   max_chunks, part, done, out); break;                          \
+        case 8: attn_chunk_body<8, THREADS, HPASS>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,   \
+                                                   max_chunks, part, done, out); break;                          \
+        }                                                                                                        \
     }
-}
+ATTN_KERNEL(attn_chunk, 256, 4)
+ATTN_KERNEL(attn_chunk_many, 128, 1)

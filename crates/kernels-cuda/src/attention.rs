@@ -12,8 +12,10 @@ use crate::{CudaBackend, Scratch};
 /// Positions per split; must equal qwen_kernels_cpu::ATTN_CHUNK and CHUNK in attention.cu.
 const CHUNK: usize = 64;
 const _: () = assert!(CHUNK == qwen_kernels_cpu::ATTN_CHUNK);
-/// Threads per block; must equal THREADS in attention.cu.
-const THREADS: u32 = 256;
+/// Grids of up to this many blocks take attn_chunk (256 threads, built for
+/// latency), larger ones attn_chunk_many (128 threads, more blocks per SM);
+/// the thread counts must match ATTN_KERNEL's in attention.cu.
+const FEW_BLOCKS: usize = 512;
 
 impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
@@ -59,7 +61,13 @@ impl CudaBackend {
                 ),
             ));
         }
-        let f = self.kernel("attn_chunk");
+        let blocks = tokens * geo.num_kv_heads * max_chunks;
+        let (name, threads) = if blocks <= FEW_BLOCKS {
+            ("attn_chunk", 256)
+        } else {
+            ("attn_chunk_many", 128)
+        };
+        let f = self.kernel(name);
         if smem > 48 * 1024 {
             // Above 48 KB a kernel must opt in to dynamic shared memory.
             f.set_attribute(
@@ -70,7 +78,7 @@ impl CudaBackend {
         }
         let mut cfg = grid(
             ((tokens * geo.num_kv_heads) as u32, max_chunks as u32, 1),
-            (THREADS, 1, 1),
+            (threads, 1, 1),
         );
         cfg.shared_mem_bytes = smem as u32;
         let part_shape = [rows * max_chunks * (d + 2)];
@@ -96,7 +104,7 @@ impl CudaBackend {
                     .arg(f32s_mut(OP, "partials", part)?)
                     .arg(u32s_mut(OP, "done", done)?)
                     .arg(bf16s_mut(OP, "out", out)?);
-                // SAFETY: argument order and types match attn_chunk in attention.cu; the
+                // SAFETY: argument order and types match attn_chunk{,_many} in attention.cu; the
                 // partials buffer holds max_chunks entries for every (token, q head), done
                 // one counter per (token, kv head), and the dynamic shared memory holds a
                 // chunk's keys, values and scores.

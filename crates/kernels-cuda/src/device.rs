@@ -46,7 +46,11 @@ const MODULES: &[(&str, &str, &[&str])] = &[
     ),
     ("gemm", include_str!("gemm.cu"), &["gemm_tc", "gemm_tc_n64"]),
     ("rope", include_str!("rope.cu"), &["qk_norm_rope_store"]),
-    ("attention", include_str!("attention.cu"), &["attn_chunk"]),
+    (
+        "attention",
+        include_str!("attention.cu"),
+        &["attn_chunk", "attn_chunk_many"],
+    ),
     ("activation", include_str!("activation.cu"), &["silu_mul"]),
     (
         "sampling",

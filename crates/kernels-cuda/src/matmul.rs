@@ -9,6 +9,11 @@ use crate::{CudaBackend, Scratch};
 /// Weight rows per block (one warp each); tokens per warp as in matmul.cu.
 const ROWS: u32 = 4;
 const TOKEN_TILE: u32 = 4;
+/// Gate/up weights from which one token takes matmul_silu_t1 rather than
+/// the projection then silu_mul. Measured on the H100 (BENCHMARKS.md): the
+/// one kernel gains 1.6% on 8B (201 MB of gate/up) and loses 2.3% on 0.6B
+/// (12.6 MB), whose step is a chain of short kernels.
+const SILU_KERNEL_MIN_BYTES: usize = 64 << 20;
 
 impl CudaBackend {
     /// `out (+)= x · wᵀ`; x bf16 or f32 `[T, K]`, w bf16 `[N, K]`. The
@@ -117,9 +122,9 @@ impl CudaBackend {
         })
     }
 
-    /// RMSNorm, gate/up projection and SiLU gate. One exact token takes
-    /// matmul_silu_t1, which never writes the f32 pair; otherwise the
-    /// projection goes through `gate_up` and the silu_mul kernel.
+    /// RMSNorm, gate/up projection and SiLU gate. One exact token with large
+    /// gate/up weights takes matmul_silu_t1, which never writes the f32 pair;
+    /// otherwise the projection goes through `gate_up` and the silu_mul kernel.
     pub(crate) fn norm_project_silu(
         &self,
         x: &T,
@@ -132,7 +137,7 @@ impl CudaBackend {
         const OP: &str = "rms_norm_matmul_silu";
         let (t, h, n) = check_norm_projection(OP, x, norm_w, w, gate_up)?;
         check_silu_mul(OP, gate_up, out)?;
-        if t != 1 || n == 0 || self.tensor_core_rows(t) != 0 {
+        if t != 1 || n * h * 2 < SILU_KERNEL_MIN_BYTES || self.tensor_core_rows(t) != 0 {
             self.norm_project(x, norm_w, eps, w, gate_up, DType::BF16)?;
             return self.silu_mul_impl(gate_up, out);
         }

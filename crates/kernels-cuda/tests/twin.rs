@@ -383,12 +383,14 @@ fn rms_norm_gate_up_silu() {
     let Some(g) = gpu() else { return };
     let cpu = CpuBackend::new();
     let mut r = Rng::new("rms_norm_matmul_silu");
-    // (tokens, hidden, intermediate): 0.6B and 8B at batch 1 (the
-    // single-token kernel), an odd one (a block with one unit), a batch with
-    // a partial token tile (the f32 pair and silu_mul), odd sizes.
+    // (tokens, hidden, intermediate): 0.6B (projection, then silu_mul) and
+    // 8B (the single-token kernel) at batch 1; over the kernel's 64 MB, an
+    // odd intermediate (a block with one unit) and rows with a tail; a batch
+    // with a partial token tile; odd sizes.
     for (t, h, i) in [
         (1, 1024, 3072),
         (1, 4096, 12_288),
+        (1, 4104, 4097),
         (1, 100, 33),
         (1, 12_000, 40),
         (5, 1024, 3072),
