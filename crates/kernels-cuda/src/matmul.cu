@@ -39,111 +39,88 @@ __device__ __forceinline__ void widen8(uint4 u, float* f) {
     }
 }
 
-// NB chunks of 256 from `base` into the lanes, for R weight rows `rs`
-// elements apart at once: every chunk's weights are loaded before any is
-// used, so each thread keeps R·NB 16-byte loads in flight, and each x chunk
-// is read once for all R rows. Each row's chunks are still added in
-// increasing order, as the spec orders them. While `pending`, `before`
-// runs once right after the loads are issued: the first batch of a kernel
-// waits for the kernel before (dependent_launch.cuh) only then.
-template <int NB, int TT, int R, typename X, typename F>
-__device__ __forceinline__ void dot_chunks(const X* x, const __nv_bfloat16* wr, size_t rs, int tt, int K, int base,
-                                           bool vec, bool& pending, F& before, float acc[R][TT][8]) {
+// NB chunks of 256 from `base` into the lanes: every chunk's weights are
+// loaded before any is used, so each thread keeps NB 16-byte loads in
+// flight; they are still added in increasing chunk order, as the spec
+// orders them. The first batch of a kernel waits for the kernel before
+// (dependent_launch.cuh) only after its weight loads are issued.
+template <int NB, int TT, typename X>
+__device__ __forceinline__ void dot_chunks(const X* x, const __nv_bfloat16* wr, int tt, int K, int base, bool vec,
+                                           bool& wait, float acc[TT][8]) {
     int lane = threadIdx.x;
-    uint4 raw[R][NB];
+    uint4 raw[NB];
 #pragma unroll
-    for (int u = 0; u < NB; u++)
-#pragma unroll
-        for (int r = 0; r < R; r++) raw[r][u] = load8_raw(wr + r * rs + base + u * 256 + 8 * lane, vec);
-    if (pending) {
-        before();
-        pending = false;
+    for (int u = 0; u < NB; u++) raw[u] = load8_raw(wr + base + u * 256 + 8 * lane, vec);
+    if (wait) {
+        wait_for_producers();
+        start_dependents();
+        wait = false;
     }
 #pragma unroll
     for (int u = 0; u < NB; u++) {
-        float wf[R][8];
-#pragma unroll
-        for (int r = 0; r < R; r++) widen8(raw[r][u], wf[r]);
+        float wf[8];
+        widen8(raw[u], wf);
 #pragma unroll
         for (int i = 0; i < TT; i++) {
             if (i < tt) {
                 float xf[8];
                 load8_x(x + (size_t)i * K + base + u * 256 + 8 * lane, xf, vec);
 #pragma unroll
-                for (int r = 0; r < R; r++)
-#pragma unroll
-                    for (int e = 0; e < 8; e++) acc[r][i][e] = acc[r][i][e] + wf[r][e] * xf[e];
+                for (int e = 0; e < 8; e++) acc[i][e] = acc[i][e] + wf[e] * xf[e];
             }
         }
     }
 }
 
-// One warp: R weight rows (`wr`, then every `rs` elements) against the
-// `tt` ≤ TT token rows starting at `x` (row stride K); every lane gets
-// res[r][i] for i < tt. TT = 1 serves batch-1 decode with a quarter of the
-// accumulators, so more warps fit on an SM; R = 2 doubles the loads in
-// flight where few warps stream many rows.
-template <int TT, int R, typename X, typename F>
-__device__ __forceinline__ void dot_rows(const X* x, const __nv_bfloat16* wr, size_t rs, int tt, int K, bool& pending,
-                                         F& before, float res[R][TT]) {
+// One warp: the weight row `wr` against the `tt` ≤ TT token rows starting
+// at `x` (row stride K); every lane gets res[i] for i < tt. TT = 1 serves
+// batch-1 decode with a quarter of the accumulators, so more warps fit on
+// an SM.
+template <int TT, typename X>
+__device__ __forceinline__ void dot_rows(const X* x, const __nv_bfloat16* wr, int tt, int K, bool wait,
+                                         float res[TT]) {
     int lane = threadIdx.x;
     bool vec = (K & 7) == 0;
-    float acc[R][TT][8];
+    float acc[TT][8];
 #pragma unroll
-    for (int r = 0; r < R; r++)
+    for (int i = 0; i < TT; i++)
 #pragma unroll
-        for (int i = 0; i < TT; i++)
-#pragma unroll
-            for (int e = 0; e < 8; e++) acc[r][i][e] = 0.0f;
+        for (int e = 0; e < 8; e++) acc[i][e] = 0.0f;
     int full = K / 256 * 256;
     int base = 0;
     // (8 loads in flight per thread measured slower: 8B 148 -> 138 tok/s.)
-    for (; base + UNROLL * 256 <= full; base += UNROLL * 256)
-        dot_chunks<UNROLL, TT, R>(x, wr, rs, tt, K, base, vec, pending, before, acc);
-    for (; base < full; base += 256) dot_chunks<1, TT, R>(x, wr, rs, tt, K, base, vec, pending, before, acc);
-    if (pending) {
-        before();
-        pending = false;
+    for (; base + UNROLL * 256 <= full; base += UNROLL * 256) dot_chunks<UNROLL, TT>(x, wr, tt, K, base, vec, wait, acc);
+    for (; base < full; base += 256) dot_chunks<1, TT>(x, wr, tt, K, base, vec, wait, acc);
+    if (wait) {
+        wait_for_producers();
+        start_dependents();
     }
 #pragma unroll
     for (int e = 0; e < 8; e++) {
         int k = full + 8 * lane + e;
         if (k < K) {
+            float wv = bf(wr[k]);
 #pragma unroll
-            for (int r = 0; r < R; r++) {
-                float wv = bf(wr[r * rs + k]);
-#pragma unroll
-                for (int i = 0; i < TT; i++)
-                    if (i < tt) acc[r][i][e] = acc[r][i][e] + wv * load1_x(x + (size_t)i * K + k);
-            }
+            for (int i = 0; i < TT; i++)
+                if (i < tt) acc[i][e] = acc[i][e] + wv * load1_x(x + (size_t)i * K + k);
         }
     }
 #pragma unroll
-    for (int r = 0; r < R; r++)
-#pragma unroll
-        for (int i = 0; i < TT; i++)
-            if (i < tt) res[r][i] = row_combine(acc[r][i]);
+    for (int i = 0; i < TT; i++)
+        if (i < tt) res[i] = row_combine(acc[i]);
 }
 
-// The hook of a kernel's first weight batch (see dot_chunks).
-struct WaitForProducers {
-    __device__ void operator()() const {
-        wait_for_producers();
-        start_dependents();
-    }
-};
-
 // dot_rows for weight row `n`, written to out[t0 + i, n] (added when `add`).
-template <int TT, typename X, typename F>
+template <int TT, typename X>
 __device__ __forceinline__ void project_rows(const X* x, const __nv_bfloat16* w, float* out, int t0, int tt, int K,
-                                             int N, int n, int add, bool& pending, F& before) {
-    float res[1][TT];
-    dot_rows<TT, 1>(x, w + (size_t)n * K, 0, tt, K, pending, before, res);
+                                             int N, int n, int add, bool wait) {
+    float res[TT];
+    dot_rows<TT>(x, w + (size_t)n * K, tt, K, wait, res);
 #pragma unroll
     for (int i = 0; i < TT; i++) {
         if (i < tt && threadIdx.x == 0) {
             size_t o = (size_t)(t0 + i) * N + n;
-            out[o] = add ? out[o] + res[0][i] : res[0][i];
+            out[o] = add ? out[o] + res[i] : res[i];
         }
     }
 }
@@ -155,9 +132,7 @@ __device__ __forceinline__ void project(const X* x, const __nv_bfloat16* w, floa
     int n = blockIdx.x * blockDim.y + threadIdx.y;
     if (n >= N) return;
     int t0 = row0 + blockIdx.y * TT;
-    bool pending = true;
-    WaitForProducers wait;
-    project_rows<TT>(x + (size_t)t0 * K, w, out, t0, min(TT, T - t0), K, N, n, add, pending, wait);
+    project_rows<TT>(x + (size_t)t0 * K, w, out, t0, min(TT, T - t0), K, N, n, add, true);
 }
 
 // The single-token f32 kernel serves the vocabulary projection, many waves
@@ -246,20 +221,16 @@ extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)
 // Gate/up projection and SiLU gate for one token (`w` holds the I gate
 // rows, then the I up rows): a block of four warps takes units 2b and
 // 2b + 1, warps 0-1 their gate rows and warps 2-3 their up rows, each row
-// exactly as matmul_bf16_t1 computes it, then writes bf16(silu(g)·u) as
+// with dot_rows (the sums matmul_bf16_t1 forms), then writes bf16(silu(g)·u) as
 // silu_mul in activation.cu rounds it. The f32 pair never leaves the block.
 extern "C" __global__ void __launch_bounds__(128, 8)
     matmul_silu_t1(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* out, int K, int I) {
     __shared__ float res_s[4];
     int warp = threadIdx.y, lane = threadIdx.x;
     int unit = blockIdx.x * 2 + (warp & 1);
-    float res[1][1] = {{0.0f}};
-    if (unit < I) {
-        bool pending = true;
-        WaitForProducers wait;
-        dot_rows<1, 1>(x, w + (size_t)(warp >= 2 ? I + unit : unit) * K, 0, 1, K, pending, wait, res);
-    }
-    if (lane == 0) res_s[warp] = res[0][0];
+    float res[1] = {0.0f};
+    if (unit < I) dot_rows<1>(x, w + (size_t)(warp >= 2 ? I + unit : unit) * K, 1, K, true, res);
+    if (lane == 0) res_s[warp] = res[0];
     __syncthreads();
     // Warp 0 has waited for the kernel before: a block's unit 2b is < I.
     if (warp == 0 && lane < 2 && blockIdx.x * 2 + lane < I)
