@@ -18,11 +18,3 @@ __device__ __forceinline__ void wait_for_producers() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
-
-// Brings `bytes` of read-only data into L2, one 128-byte line per lane per
-// step, so the loads after the wait do not go to DRAM.
-__device__ __forceinline__ void prefetch_l2(const void* p, size_t bytes, int lane, int lanes) {
-    const char* c = static_cast<const char*>(p);
-    for (size_t o = (size_t)lane * 128; o < bytes; o += (size_t)lanes * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(c + o));
-}
