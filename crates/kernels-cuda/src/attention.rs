@@ -1,7 +1,6 @@
 //! Launcher for attention.cu: per-chunk partials, merged in order by the
 //! last chunk of each (token, kv head) to finish.
 
-use cudarc::driver::sys::CUfunction_attribute;
 use qwen_tensor::{check_attention, AttnGeometry, BatchMeta, DType, Result};
 
 use crate::device::{bf16s, bf16s_mut, dev, f32s_mut, u32s, u32s_mut, T};
@@ -68,14 +67,6 @@ impl CudaBackend {
             ("attn_chunk_many", 128)
         };
         let f = self.kernel(name);
-        if smem > 48 * 1024 {
-            // Above 48 KB a kernel must opt in to dynamic shared memory.
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                int(OP, smem)?,
-            )
-            .map_err(dev)?;
-        }
         let mut cfg = grid(
             ((tokens * geo.num_kv_heads) as u32, max_chunks as u32, 1),
             (threads, 1, 1),

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError};
 use half::{bf16, f16};
 use qwen_tensor::{DType, Error, Result, Tensor};
@@ -64,6 +65,29 @@ const MODULES: &[(&str, &str, &[&str])] = &[
     ),
 ];
 
+/// Kernels whose dynamic shared memory grows with the shape (a norm row in
+/// f32, an attention chunk's keys and values) and may pass 48 KB.
+const LARGE_DYNAMIC_SMEM: &[&str] = &[
+    "rms_norm_bf16",
+    "rms_norm_f32",
+    "attn_chunk",
+    "attn_chunk_many",
+];
+
+/// Above 48 KB a kernel must opt in to dynamic shared memory; done once at
+/// load, up to what the device allows a block beside the kernel's static
+/// shared memory. A launch asking for more still fails, with the driver's error.
+fn allow_all_dynamic_smem(f: &CudaFunction, optin: i32) -> Result<()> {
+    let fixed = f
+        .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
+        .map_err(dev)?;
+    f.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        optin - fixed,
+    )
+    .map_err(dev)
+}
+
 pub(crate) struct Device {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
@@ -115,12 +139,19 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
     let stream = ctx.new_stream().map_err(dev)?;
     let (major, minor) = ctx.compute_capability().map_err(dev)?;
     let arch = format!("sm_{major}{minor}");
+    let smem_optin = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .map_err(dev)?;
     let mut kernels = HashMap::new();
     for (file, src, names) in MODULES {
         let ptx = compile::compile(file, src, &arch)?;
         let module = ctx.load_module(ptx).map_err(dev)?;
         for &n in names.iter() {
-            kernels.insert(n, module.load_function(n).map_err(dev)?);
+            let f = module.load_function(n).map_err(dev)?;
+            if LARGE_DYNAMIC_SMEM.contains(&n) {
+                allow_all_dynamic_smem(&f, smem_optin)?;
+            }
+            kernels.insert(n, f);
         }
     }
     let name = ctx.name().map_err(dev)?;

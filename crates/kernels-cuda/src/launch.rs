@@ -79,7 +79,7 @@ pub(crate) struct Launch<'a> {
     n: usize,
 }
 
-impl<'a> Launch<'a> {
+impl Launch<'_> {
     pub(crate) fn arg(&mut self, a: impl KernelArg) -> &mut Self {
         let bits = a.bits(self.stream);
         if let Some(v) = self.vals.get_mut(self.n) {

@@ -1,6 +1,5 @@
 //! Launchers for norm.cu.
 
-use cudarc::driver::sys::CUfunction_attribute;
 use qwen_tensor::{expect_2d, expect_shape, DType, Result};
 
 use crate::device::{bf16s_mut, dev, f32s, f32s_mut, T};
@@ -31,16 +30,7 @@ impl CudaBackend {
         } else {
             "rms_norm_bf16"
         };
-        let f = self.kernel(name);
-        if smem > 48 * 1024 {
-            // Above 48 KB a kernel must opt in to dynamic shared memory.
-            f.set_attribute(
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                int(OP, smem)?,
-            )
-            .map_err(dev)?;
-        }
-        let mut b = self.launch(f);
+        let mut b = self.launch(self.kernel(name));
         b.arg(f32s(OP, "x", x)?).arg(f32s(OP, "w", w)?).arg(&eps);
         if f32_out {
             b.arg(f32s_mut(OP, "out", out)?);
