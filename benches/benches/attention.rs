@@ -1,6 +1,9 @@
 //! Benchmarks of `attention` over the paged KV cache: decode steps of 1 and
 //! 64 sequences at contexts 512 and 4096, and one 512-token prefill, for
-//! Qwen3-0.6B and 8B (GQA: 16 or 32 q heads over 8 kv heads).
+//! Qwen3-0.6B and 8B (GQA: 16 or 32 q heads over 8 kv heads); and of the
+//! decode steps as `qk_norm_rope_attention` (q/k-norm, RoPE and the cache
+//! store in the same op), which also reads the f32 QKV rows, both norm
+//! weights and a rope row per token, and writes q and the new k/v rows.
 //!
 //! Bytes: q read and out written (bf16), each sequence's K and V cache read
 //! once (bf16, `context × kv_heads × head_dim` each; q heads sharing a kv
@@ -9,8 +12,8 @@
 //! position): q·k and p·v. Caches rotate through copies, as every layer
 //! reads its own.
 
-use qwen_benches::{meta_work, paged_layout, Device, Harness, Timed, Work, MODELS};
-use qwen_tensor::DType::BF16;
+use qwen_benches::{meta_work, paged_layout, Device, Harness, Timed, Work, EPS, MODELS};
+use qwen_tensor::DType::{BF16, F32};
 
 /// (benchmark id suffix, sequences as (context, new tokens)).
 fn cases() -> Vec<(String, Vec<(usize, usize)>)> {
@@ -33,8 +36,8 @@ fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
             let t = layout.num_tokens();
             let meta = dev.batch(&layout);
             let shape = geo.cache_shape(blocks);
-            let k = dev.bf16_copies(&shape, 1.0);
-            let v = dev.bf16_copies(&shape, 1.0);
+            let mut k = dev.bf16_copies(&shape, 1.0);
+            let mut v = dev.bf16_copies(&shape, 1.0);
             let q = dev.bf16(&[t, geo.q_width()], 1.0);
             let mut out = dev.zeros(&[t, geo.q_width()], BF16);
 
@@ -51,6 +54,26 @@ fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
                 let c = i % k.len();
                 dev.backend
                     .attention(&q, &k[c], &v[c], &meta, geo, scale, &mut out)
+            });
+            if !name.starts_with("decode") {
+                continue;
+            }
+            let d = geo.head_dim;
+            let (q_norm, k_norm) = (dev.f32(&[d], 1.0), dev.f32(&[d], 1.0));
+            let max_pos = layout.max_context();
+            let rope = dev.f32(&[max_pos, d], 1.0);
+            let qkv = dev.f32(&[t, geo.qkv_width()], 2.0);
+            let mut q_out = dev.zeros(&[t, geo.q_width()], BF16);
+            let work = work
+                .read(t * geo.qkv_width() + 2 * d + t * d, F32)
+                .write(t * geo.q_width() + 2 * t * geo.kv_width(), BF16);
+            let id = format!("{}/{name}", m.name);
+            h.bench(dev, "qk_norm_rope_attention", &id, work, |i| {
+                let c = i % k.len();
+                dev.backend.qk_norm_rope_attention(
+                    &qkv, &q_norm, &k_norm, EPS, &rope, &meta, geo, scale, &mut q_out, &mut k[c],
+                    &mut v[c], &mut out,
+                )
             });
         }
     }

@@ -208,6 +208,27 @@ impl Backend for CpuBackend {
         attention::attention(q, k_cache, v_cache, meta, geo, scale, out)
     }
 
+    fn qk_norm_rope_attention(
+        &self,
+        qkv: &T,
+        q_norm: &T,
+        k_norm: &T,
+        eps: f32,
+        rope: &T,
+        meta: &BatchMeta<Self>,
+        geo: AttnGeometry,
+        scale: f32,
+        q_out: &mut T,
+        k_cache: &mut T,
+        v_cache: &mut T,
+        out: &mut T,
+    ) -> Result<()> {
+        rope::qk_norm_rope_store(
+            qkv, q_norm, k_norm, eps, rope, meta, geo, q_out, k_cache, v_cache,
+        )?;
+        attention::attention(q_out, k_cache, v_cache, meta, geo, scale, out)
+    }
+
     fn silu_mul(&self, gate_up: &T, out: &mut T) -> Result<()> {
         activation::silu_mul(gate_up, out)
     }

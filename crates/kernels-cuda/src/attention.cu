@@ -77,16 +77,89 @@ __device__ __forceinline__ void load_q(const __nv_bfloat16* q, int h0, int G, fl
         for (int e = 0; e < PER; e++) qv[hh][e] = h0 + hh < G ? bf(q[(size_t)(h0 + hh) * PER * 32 + e]) : 0.0f;
 }
 
+// What attn_rope_chunk* take instead of q: the fused QKV output of the
+// step, the q/k norm weights, the rotation table and the new rows' slots;
+// q is also written out (by each kv head's first chunk), as
+// qk_norm_rope_store writes it.
+struct RopeIn {
+    const float* qkv;
+    const float* qn;
+    const float* kn;
+    float eps;
+    const float* rope;
+    const u32* slots;
+    __nv_bfloat16* q_out;
+};
+
+// One head's per-head RMSNorm and rotate-half RoPE as rope.cu computes it,
+// lane l holding elements [l·PER, (l+1)·PER) (x raw, w the norm weight, c
+// and s the cosines and sines of those elements' rotation pairs); the
+// partner of element k, k ± D/2, is lane l ± 16's.
+template <int PER>
+__device__ __forceinline__ void norm_rope_head(const float x[PER], const float w[PER], const float c[PER],
+                                               const float s[PER], float eps, float y[PER]) {
+    float ss = 0.0f;
+#pragma unroll
+    for (int e = 0; e < PER; e++) ss = ss + x[e] * x[e];
+    ss = head_combine(ss);
+    float inv = 1.0f / sqrtf(ss / (float)(PER * 32) + eps);
+    bool low = (threadIdx.x & 31) < 16;
+#pragma unroll
+    for (int e = 0; e < PER; e++) {
+        float n = w[e] * (x[e] * inv);
+        float other = __shfl_xor_sync(0xffffffffu, n, 16);
+        y[e] = low ? n * c[e] - other * s[e] : n * c[e] + other * s[e];
+    }
+}
+
+// rope.cu's q for the query heads [h0, h0 + HPASS) of the group at `x`
+// (this lane's elements), rounded to bf16 as attention reads it; written
+// out too when `store`.
+template <int PER, int HPASS>
+__device__ __forceinline__ void rope_q(const float* x, const float w[PER], const float c[PER], const float s[PER],
+                                       float eps, int h0, int G, __nv_bfloat16* q_out, bool store,
+                                       float qv[HPASS][PER]) {
+    const int D = PER * 32;
+    float xv[HPASS][PER];
+#pragma unroll
+    for (int hh = 0; hh < HPASS; hh++)
+#pragma unroll
+        for (int e = 0; e < PER; e++) xv[hh][e] = h0 + hh < G ? x[(size_t)(h0 + hh) * D + e] : 0.0f;
+#pragma unroll
+    for (int hh = 0; hh < HPASS; hh++) {
+        float y[PER];
+        norm_rope_head<PER>(xv[hh], w, c, s, eps, y);
+#pragma unroll
+        for (int e = 0; e < PER; e++) {
+            __nv_bfloat16 b = __float2bfloat16_rn(y[e]);
+            qv[hh][e] = h0 + hh < G ? bf(b) : 0.0f;
+            if (store && h0 + hh < G) q_out[(size_t)(h0 + hh) * D + e] = b;
+        }
+    }
+}
+
 // One block per (token, kv head, chunk): the chunk's keys and values are
 // read once, with wide loads all in flight together, into shared memory,
 // and serve every q head of the GQA group. Dynamic shared memory:
 // 2·CHUNK·D bf16 (keys, values), then G·CHUNK f32 scores.
-template <int PER, int THREADS, int HPASS>
-__device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __nv_bfloat16* kc,
-                                                const __nv_bfloat16* vc, const u32* pos, const u32* seq,
+//
+// The batch layout (positions, sequences, block tables) is written by the
+// host before a step's first kernel, and no kernel writes a cache row but
+// its own tokens' (rope.cu). So the layout is read, and with `decode` (one
+// token per sequence: every row before the token's own position is older
+// than this step) those rows' copies are issued, before the wait for the
+// kernel that wrote q and the new rows.
+//
+// ROPE (one token per sequence only): q and the token's new key and value
+// rows come from the QKV projection's output instead, normalised and
+// rotated here as rope.cu does it; the block whose chunk holds the token's
+// position stores the new rows in the cache and uses them.
+template <int PER, int THREADS, int HPASS, bool ROPE>
+__device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfloat16* kc, __nv_bfloat16* vc,
+                                                const u32* pos, const u32* seq,
                                                 const u32* tables, int max_blocks, int bs, int Hq, int Hkv,
                                                 float scale, int max_chunks, float* part, u32* done,
-                                                __nv_bfloat16* out) {
+                                                __nv_bfloat16* out, int decode, RopeIn ri) {
     const int D = PER * 32, WARPS = THREADS / 32;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem_raw);
@@ -97,15 +170,13 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __
     int t = tg / Hkv, g = tg % Hkv;
     int G = Hq / Hkv;
     int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    // The first heads' queries and the token's position and sequence, all
-    // issued before any is needed.
-    const __nv_bfloat16* qg = q + ((size_t)t * Hq + g * G) * D + lane * PER;
-    float qv[HPASS][PER];
-    load_q<PER, HPASS>(qg, 0, G, qv);
     u32 pt = pos[t], st = seq[t];
     int ctx = (int)pt + 1;
     int start = c * CHUNK;
-    if (start >= ctx) return;
+    if (start >= ctx) {
+        start_dependents();
+        return;
+    }
     int len = min(CHUNK, ctx - start);
     const u32* table = tables + (size_t)st * max_blocks;
     for (int j = tid; j < len; j += THREADS) {
@@ -115,13 +186,57 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __
     __syncthreads();
     // Rows of D bf16 in 16-byte pieces (D is a multiple of 32), copied
     // straight to shared memory: every copy is in flight before any is
-    // waited for.
+    // waited for. Rows from `old` on may be this step's.
     const int pieces = D / 8;
-    for (int i = tid; i < len * pieces; i += THREADS) {
-        int r = i / pieces, o = (i % pieces) * 8;
-        size_t src = ((size_t)slot_of[r] * Hkv + g) * D + o;
-        copy16_async(ks + r * D + o, kc + src);
-        copy16_async(vs + r * D + o, vc + src);
+    int old = decode ? min(len, (int)pt - start) : 0;
+    auto copy_rows = [&](int r0, int r1) {
+        for (int i = r0 * pieces + tid; i < r1 * pieces; i += THREADS) {
+            int r = i / pieces, o = (i % pieces) * 8;
+            size_t src = ((size_t)slot_of[r] * Hkv + g) * D + o;
+            copy16_async(ks + r * D + o, kc + src);
+            copy16_async(vs + r * D + o, vc + src);
+        }
+    };
+    copy_rows(0, old);
+    // This lane's norm weights and rotation pairs' cosines and sines.
+    float wq[PER], wk[PER], cv[PER], sv[PER];
+    if (ROPE) {
+        const float* cs = ri.rope + (size_t)pt * D;
+#pragma unroll
+        for (int e = 0; e < PER; e++) {
+            int k = lane * PER + e, i = (lane % 16) * PER + e;
+            wq[e] = ri.qn[k];
+            wk[e] = ri.kn[k];
+            cv[e] = cs[i];
+            sv[e] = cs[D / 2 + i];
+        }
+    }
+    wait_for_producers();
+    start_dependents();
+    const __nv_bfloat16* qg = q + ((size_t)t * Hq + g * G) * D + lane * PER;
+    const float* xg = ROPE ? ri.qkv + (size_t)t * (Hq + 2 * Hkv) * D + lane * PER : nullptr;
+    __nv_bfloat16* qo = ROPE ? ri.q_out + ((size_t)t * Hq + g * G) * D + lane * PER : nullptr;
+    float qv[HPASS][PER];
+    if (ROPE) {
+        rope_q<PER, HPASS>(xg + (size_t)g * G * D, wq, cv, sv, ri.eps, 0, G, qo, c == 0 && warp == 0, qv);
+        // The new row: its key normalised and rotated, its value rounded.
+        if (old < len && warp < 2) {
+            size_t dst = ((size_t)ri.slots[t] * Hkv + g) * D + lane * PER;
+            const float* x = xg + (size_t)(Hq + (warp == 0 ? 0 : Hkv) + g) * D;
+            float xv[PER], y[PER];
+#pragma unroll
+            for (int e = 0; e < PER; e++) xv[e] = x[e];
+            if (warp == 0) norm_rope_head<PER>(xv, wk, cv, sv, ri.eps, y);
+#pragma unroll
+            for (int e = 0; e < PER; e++) {
+                __nv_bfloat16 b = __float2bfloat16_rn(warp == 0 ? y[e] : xv[e]);
+                (warp == 0 ? kc : vc)[dst + e] = b;
+                (warp == 0 ? ks : vs)[old * D + lane * PER + e] = b;
+            }
+        }
+    } else {
+        load_q<PER, HPASS>(qg, 0, G, qv);
+        copy_rows(old, len);
     }
     copies_wait();
     __syncthreads();
@@ -129,7 +244,12 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __
     // [l·PER, (l+1)·PER) of the head, summed in order, then the head
     // butterfly. Each key serves HPASS heads per pass.
     for (int h0 = 0; h0 < G; h0 += HPASS) {
-        if (h0 > 0) load_q<PER, HPASS>(qg, h0, G, qv);
+        if (h0 > 0) {
+            if (ROPE)
+                rope_q<PER, HPASS>(xg + (size_t)g * G * D, wq, cv, sv, ri.eps, h0, G, qo, c == 0 && warp == 0, qv);
+            else
+                load_q<PER, HPASS>(qg, h0, G, qv);
+        }
         float s[HPASS][CHUNK / WARPS];
 #pragma unroll
         for (int r = 0; r < CHUNK / WARPS; r++) {
@@ -222,24 +342,30 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, const __
 // Two shapes of block: for a grid of few blocks (batch-1 decode), 256
 // threads and the scores of four heads per pass over the keys, which
 // shortens the chain of latencies; for many blocks, 128 threads and one
-// head per pass, fewer registers and more blocks per SM.
-#define ATTN_KERNEL(NAME, THREADS, HPASS)                                                                      \
+// head per pass, fewer registers and more blocks per SM. Each with q as
+// given (attn_chunk*) or made here from the QKV output (attn_rope_chunk*,
+// whose q is null, as the others' RopeIn pointers are).
+#define ATTN_CASE(DD, THREADS, HPASS, ROPE)                                                                     \
+    case DD:                                                                                                    \
+        attn_chunk_body<DD, THREADS, HPASS, ROPE>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,  \
+                                                  max_chunks, part, done, out, decode, ri);                     \
+        break;
+#define ATTN_KERNEL(NAME, THREADS, HPASS, ROPE)                                                                \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                       \
-        NAME(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, const u32* pos,          \
+        NAME(const __nv_bfloat16* q, __nv_bfloat16* kc, __nv_bfloat16* vc, const u32* pos,                      \
              const u32* seq, const u32* tables, int max_blocks, int bs, int Hq, int Hkv, int D, float scale,    \
-             int max_chunks, float* part, u32* done, __nv_bfloat16* out) {                                      \
-        wait_for_producers();                                                                                    \
-        start_dependents();                                                                                      \
-        switch (D / 32) {                                                                                        \
-        case 1: attn_chunk_body<1, THREADS, HPASS>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,   \
-                                                   max_chunks, part, done, out); break;                          \
-        case 2: attn_chunk_body<2, THREADS, HPASS>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,   \
-                                                   max_chunks, part, done, out); break;                          \
-        case 4: attn_chunk_body<4, THREADS, HPASS>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,   \
-                                                   max_chunks, part, done, out); break;                          \
-        case 8: attn_chunk_body<8, THREADS, HPASS>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,   \
-                                                   max_chunks, part, done, out); break;                          \
-        }                                                                                                        \
+             int max_chunks, float* part, u32* done, __nv_bfloat16* out, int decode, const float* qkv,          \
+             const float* qn, const float* kn, float eps, const float* rope, const u32* slots,                  \
+             __nv_bfloat16* q_out) {                                                                            \
+        RopeIn ri = {qkv, qn, kn, eps, rope, slots, q_out};                                                     \
+        switch (D / 32) {                                                                                       \
+            ATTN_CASE(1, THREADS, HPASS, ROPE)                                                                  \
+            ATTN_CASE(2, THREADS, HPASS, ROPE)                                                                  \
+            ATTN_CASE(4, THREADS, HPASS, ROPE)                                                                  \
+            ATTN_CASE(8, THREADS, HPASS, ROPE)                                                                  \
+        }                                                                                                       \
     }
-ATTN_KERNEL(attn_chunk, 256, 4)
-ATTN_KERNEL(attn_chunk_many, 128, 1)
+ATTN_KERNEL(attn_chunk, 256, 4, false)
+ATTN_KERNEL(attn_chunk_many, 128, 1, false)
+ATTN_KERNEL(attn_rope_chunk, 256, 4, true)
+ATTN_KERNEL(attn_rope_chunk_many, 128, 1, true)

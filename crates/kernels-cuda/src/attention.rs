@@ -1,9 +1,10 @@
 //! Launcher for attention.cu: per-chunk partials, merged in order by the
-//! last chunk of each (token, kv head) to finish.
+//! last chunk of each (token, kv head) to finish; with one token per
+//! sequence, q/k-norm and RoPE done in the same kernel.
 
 use qwen_tensor::{check_attention, AttnGeometry, BatchMeta, DType, Result};
 
-use crate::device::{bf16s, bf16s_mut, dev, f32s_mut, u32s, u32s_mut, T};
+use crate::device::{bf16s, bf16s_mut, dev, f32s, f32s_mut, u32s, u32s_mut, T};
 use crate::launch::{grid, int, shape_err};
 use crate::rope::check_head_dim;
 use crate::{CudaBackend, Scratch};
@@ -16,10 +17,96 @@ const _: () = assert!(CHUNK == qwen_kernels_cpu::ATTN_CHUNK);
 /// the thread counts must match ATTN_KERNEL's in attention.cu.
 const FEW_BLOCKS: usize = 512;
 
+/// The inputs of qk_norm_rope_store that attn_rope_chunk* read.
+pub(crate) struct RopeArgs<'a> {
+    pub qkv: &'a T,
+    pub q_norm: &'a T,
+    pub k_norm: &'a T,
+    pub eps: f32,
+    pub rope: &'a T,
+}
+
+/// Where a launch's q comes from: given, or made in the kernel (which then
+/// writes q out and the new rows into the caches).
+enum QFrom<'a> {
+    Given,
+    Rope(RopeArgs<'a>),
+}
+
+/// One batch's sequence count (the rows of its block tables).
+fn seqs(meta: &BatchMeta<CudaBackend>) -> usize {
+    meta.block_tables.shape().first().copied().unwrap_or(0)
+}
+
 impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn attention_impl(
         &self,
+        q: &T,
+        k_cache: &T,
+        v_cache: &T,
+        meta: &BatchMeta<CudaBackend>,
+        geo: AttnGeometry,
+        scale: f32,
+        out: &mut T,
+    ) -> Result<()> {
+        self.attention_launch(QFrom::Given, q, k_cache, v_cache, meta, geo, scale, out)
+    }
+
+    /// q/k-norm, RoPE and the cache store, then attention. With one token
+    /// per sequence the attention kernel does all of it (the rows it needs
+    /// are its own token's); otherwise the two kernels.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rope_attention_impl(
+        &self,
+        r: RopeArgs<'_>,
+        meta: &BatchMeta<CudaBackend>,
+        geo: AttnGeometry,
+        scale: f32,
+        q_out: &mut T,
+        k_cache: &mut T,
+        v_cache: &mut T,
+        out: &mut T,
+    ) -> Result<()> {
+        let tokens = meta.num_tokens;
+        if tokens == 0 || seqs(meta) != tokens {
+            self.qk_norm_rope_store_impl(
+                r.qkv, r.q_norm, r.k_norm, r.eps, r.rope, meta, geo, q_out, k_cache, v_cache,
+            )?;
+            return self.attention_impl(q_out, k_cache, v_cache, meta, geo, scale, out);
+        }
+        qwen_tensor::check_qk_norm_rope(
+            "qk_norm_rope_attention",
+            r.qkv,
+            r.q_norm,
+            r.k_norm,
+            r.rope,
+            tokens,
+            geo,
+            q_out,
+            k_cache,
+            v_cache,
+        )?;
+        // The kernel writes q_out and the caches through these pointers;
+        // the exclusive borrows above keep anyone else from them meanwhile.
+        self.attention_launch(
+            QFrom::Rope(r),
+            q_out,
+            k_cache,
+            v_cache,
+            meta,
+            geo,
+            scale,
+            out,
+        )
+    }
+
+    /// The attention kernel; `q` is the query tensor (with `QFrom::Rope`,
+    /// the one the kernel writes).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_launch(
+        &self,
+        from: QFrom<'_>,
         q: &T,
         k_cache: &T,
         v_cache: &T,
@@ -61,12 +148,17 @@ impl CudaBackend {
             ));
         }
         let blocks = tokens * geo.num_kv_heads * max_chunks;
-        let (name, threads) = if blocks <= FEW_BLOCKS {
-            ("attn_chunk", 256)
-        } else {
-            ("attn_chunk_many", 128)
+        let rope = matches!(from, QFrom::Rope(_));
+        let (name, threads) = match (blocks <= FEW_BLOCKS, rope) {
+            (true, false) => ("attn_chunk", 256),
+            (false, false) => ("attn_chunk_many", 128),
+            (true, true) => ("attn_rope_chunk", 256),
+            (false, true) => ("attn_rope_chunk_many", 128),
         };
         let f = self.kernel(name);
+        // One token per sequence: rows before each token's own position are
+        // older than this step, and the kernel copies them before it waits.
+        let decode = i32::from(seqs(meta) == tokens);
         let mut cfg = grid(
             ((tokens * geo.num_kv_heads) as u32, max_chunks as u32, 1),
             (threads, 1, 1),
@@ -79,8 +171,11 @@ impl CudaBackend {
             let done_shape = [tokens * geo.num_kv_heads];
             self.with_scratch(Scratch::AttnDone, &done_shape, DType::U32, |done| {
                 let mut b = self.launch(f);
-                b.arg(bf16s(OP, "q", q)?)
-                    .arg(bf16s(OP, "k_cache", k_cache)?)
+                match from {
+                    QFrom::Given => b.arg(bf16s(OP, "q", q)?),
+                    QFrom::Rope(_) => b.arg(&0u64),
+                };
+                b.arg(bf16s(OP, "k_cache", k_cache)?)
                     .arg(bf16s(OP, "v_cache", v_cache)?)
                     .arg(u32s(OP, "positions", &meta.positions)?)
                     .arg(u32s(OP, "seq_of_token", &meta.seq_of_token)?)
@@ -94,7 +189,24 @@ impl CudaBackend {
                     .arg(&mc)
                     .arg(f32s_mut(OP, "partials", part)?)
                     .arg(u32s_mut(OP, "done", done)?)
-                    .arg(bf16s_mut(OP, "out", out)?);
+                    .arg(bf16s_mut(OP, "out", out)?)
+                    .arg(&decode);
+                match &from {
+                    QFrom::Given => {
+                        let none = 0u64;
+                        b.arg(&none).arg(&none).arg(&none).arg(&0f32).arg(&none);
+                        b.arg(&none).arg(&none)
+                    }
+                    QFrom::Rope(r) => {
+                        b.arg(f32s(OP, "qkv", r.qkv)?)
+                            .arg(f32s(OP, "q_norm", r.q_norm)?)
+                            .arg(f32s(OP, "k_norm", r.k_norm)?)
+                            .arg(&r.eps)
+                            .arg(f32s(OP, "rope", r.rope)?);
+                        b.arg(u32s(OP, "slots", &meta.slots)?)
+                            .arg(bf16s(OP, "q_out", q)?)
+                    }
+                };
                 // SAFETY: argument order and types match attn_chunk{,_many} in attention.cu; the
                 // partials buffer holds max_chunks entries for every (token, q head), done
                 // one counter per (token, kv head), and the dynamic shared memory holds a

@@ -3,7 +3,9 @@
 // while this one still runs (launch.rs). The rules that keep this correct:
 // every kernel calls `start_dependents()` and then `wait_for_producers()`
 // before it touches memory that another kernel writes or reads; before the
-// wait it may only prefetch weights, which nothing writes during a run.
+// wait it may only read what no kernel of the step writes: weights, the
+// batch layout (written by the host before the step's first kernel), and
+// KV cache rows of earlier steps (attention.cu).
 // `griddepcontrol.wait` returns once every earlier grid has completed and
 // its writes are visible, and is a no-op for a kernel launched normally.
 

@@ -50,7 +50,12 @@ const MODULES: &[(&str, &str, &[&str])] = &[
     (
         "attention",
         include_str!("attention.cu"),
-        &["attn_chunk", "attn_chunk_many"],
+        &[
+            "attn_chunk",
+            "attn_chunk_many",
+            "attn_rope_chunk",
+            "attn_rope_chunk_many",
+        ],
     ),
     ("activation", include_str!("activation.cu"), &["silu_mul"]),
     (
@@ -72,6 +77,8 @@ const LARGE_DYNAMIC_SMEM: &[&str] = &[
     "rms_norm_f32",
     "attn_chunk",
     "attn_chunk_many",
+    "attn_rope_chunk",
+    "attn_rope_chunk_many",
 ];
 
 /// Above 48 KB a kernel must opt in to dynamic shared memory; done once at

@@ -31,7 +31,7 @@ pub(crate) fn int(op: &'static str, v: usize) -> Result<i32> {
 }
 
 /// The most parameters any kernel of ours takes.
-const MAX_ARGS: usize = 16;
+const MAX_ARGS: usize = 24;
 
 /// One kernel parameter as the 8 bytes the driver copies it from: a device
 /// pointer, or a 4-byte scalar in the low bytes (x86-64 is little-endian,
@@ -61,6 +61,14 @@ impl KernelArg for &i32 {
 impl KernelArg for &u32 {
     fn bits(self, _: &CudaStream) -> u64 {
         *self as u64
+    }
+}
+
+/// A raw 8-byte value, such as a null pointer for a pointer parameter the
+/// kernel does not read.
+impl KernelArg for &u64 {
+    fn bits(self, _: &CudaStream) -> u64 {
+        *self
     }
 }
 

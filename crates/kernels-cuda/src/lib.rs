@@ -373,6 +373,31 @@ impl Backend for CudaBackend {
         self.attention_impl(q, k_cache, v_cache, meta, geo, scale, out)
     }
 
+    fn qk_norm_rope_attention(
+        &self,
+        qkv: &T,
+        q_norm: &T,
+        k_norm: &T,
+        eps: f32,
+        rope: &T,
+        meta: &BatchMeta<Self>,
+        geo: AttnGeometry,
+        scale: f32,
+        q_out: &mut T,
+        k_cache: &mut T,
+        v_cache: &mut T,
+        out: &mut T,
+    ) -> Result<()> {
+        let r = attention::RopeArgs {
+            qkv,
+            q_norm,
+            k_norm,
+            eps,
+            rope,
+        };
+        self.rope_attention_impl(r, meta, geo, scale, q_out, k_cache, v_cache, out)
+    }
+
     fn silu_mul(&self, gate_up: &T, out: &mut T) -> Result<()> {
         self.silu_mul_impl(gate_up, out)
     }

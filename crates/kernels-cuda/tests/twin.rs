@@ -495,7 +495,9 @@ struct AttnCase {
     rope: Vec<f32>,
 }
 
-fn attn_on<B: Backend>(b: &B, c: &AttnCase) -> [HostVec; 4] {
+/// q/k-norm + RoPE + cache store, then attention: as two ops, or as the
+/// fused `qk_norm_rope_attention` (`fused`).
+fn attn_on<B: Backend>(b: &B, c: &AttnCase, fused: bool) -> [HostVec; 4] {
     let geo = c.geo;
     let t = c.layout.num_tokens();
     let meta = b.upload_batch(&c.layout).unwrap();
@@ -512,14 +514,21 @@ fn attn_on<B: Backend>(b: &B, c: &AttnCase) -> [HostVec; 4] {
     let mut kc = b.upload(HostSlice::BF16(&c.kc), &shape).unwrap();
     let mut vc = b.upload(HostSlice::BF16(&c.vc), &shape).unwrap();
     let mut q = poisoned(b, &[t, geo.q_width()], DType::BF16);
-    b.qk_norm_rope_store(
-        &qkv, &qn, &kn, 1e-6, &rope, &meta, geo, &mut q, &mut kc, &mut vc,
-    )
-    .unwrap();
     let mut out = poisoned(b, &[t, geo.q_width()], DType::BF16);
     let scale = 1.0 / (geo.head_dim as f32).sqrt();
-    b.attention(&q, &kc, &vc, &meta, geo, scale, &mut out)
+    if fused {
+        b.qk_norm_rope_attention(
+            &qkv, &qn, &kn, 1e-6, &rope, &meta, geo, scale, &mut q, &mut kc, &mut vc, &mut out,
+        )
         .unwrap();
+    } else {
+        b.qk_norm_rope_store(
+            &qkv, &qn, &kn, 1e-6, &rope, &meta, geo, &mut q, &mut kc, &mut vc,
+        )
+        .unwrap();
+        b.attention(&q, &kc, &vc, &meta, geo, scale, &mut out)
+            .unwrap();
+    }
     [
         b.download(&q).unwrap(),
         b.download(&kc).unwrap(),
@@ -549,6 +558,15 @@ fn qk_norm_rope_and_attention() {
         // Qwen3-14B's group of 5: a second, partial pass of query heads.
         (40, 8, 128, vec![(150, 1), (33, 2)]),
         (8, 1, 256, vec![(200, 2)]),
+        // One token per sequence (the fused op's single kernel): new rows
+        // that open a chunk, end one, or sit alone; every head width and
+        // group; a batch over the 256-thread kernel's grid.
+        (16, 8, 128, vec![(64, 1), (65, 1), (128, 1), (2, 1)]),
+        (40, 8, 128, vec![(150, 1), (33, 1)]),
+        (8, 1, 256, vec![(200, 1)]),
+        (4, 2, 32, vec![(5, 1), (77, 1)]),
+        (12, 4, 64, vec![(129, 1)]),
+        (64, 8, 128, vec![(1000, 1)]),
     ];
     for (hq, hkv, d, ctxs) in cases {
         let geo = AttnGeometry {
@@ -581,11 +599,16 @@ fn qk_norm_rope_and_attention() {
             layout,
             blocks,
         };
-        let c = attn_on(&cpu, &case);
+        let c = attn_on(&cpu, &case, false);
+        assert_eq!(
+            attn_on(&cpu, &case, true),
+            c,
+            "the CPU's fused op is the two ops"
+        );
         let what = format!("{hq}/{hkv} heads, d {d}, {} seqs, {t} tokens", ctxs.len());
-        // Twice: the second run reuses the chunk counters the first left behind.
-        for run in ["first", "second"] {
-            let gg = attn_on(&g, &case);
+        // Twice each: the second run reuses the chunk counters the first left behind.
+        for run in ["first", "second", "fused", "fused again"] {
+            let gg = attn_on(&g, &case, run.starts_with("fused"));
             for (i, name) in ["q", "k_cache", "v_cache", "attention"].iter().enumerate() {
                 same_bits(&format!("{name} ({run} run): {what}"), &c[i], &gg[i]);
             }

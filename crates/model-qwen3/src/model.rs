@@ -472,22 +472,21 @@ impl<B: Backend> Qwen3<B> {
             let name = |op: &'static str| move || format!("layers.{li}.{op}");
             be.rms_norm_matmul(x, &l.input_norm, eps, &l.qkv, qkv)?;
             emit(&name("qkv"), qkv)?;
-            be.qk_norm_rope_store(
-                qkv,
-                &l.q_norm,
-                &l.k_norm,
-                eps,
-                &self.rope,
-                meta,
-                geo,
-                q,
-                &mut cache.k[li],
-                &mut cache.v[li],
-            )?;
-            emit(&name("q"), q)?;
-            emit(&name("k_cache"), &mut cache.k[li])?;
-            emit(&name("v_cache"), &mut cache.v[li])?;
-            be.attention(q, &cache.k[li], &cache.v[li], meta, geo, scale, attn)?;
+            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
+            let (qn, kn, rope) = (&l.q_norm, &l.k_norm, &self.rope);
+            if tapped {
+                // A listener sees q and the caches before attention reads
+                // them; the fused op below is these two in sequence.
+                be.qk_norm_rope_store(qkv, qn, kn, eps, rope, meta, geo, q, kc, vc)?;
+                emit(&name("q"), q)?;
+                emit(&name("k_cache"), kc)?;
+                emit(&name("v_cache"), vc)?;
+                be.attention(q, kc, vc, meta, geo, scale, attn)?;
+            } else {
+                be.qk_norm_rope_attention(
+                    qkv, qn, kn, eps, rope, meta, geo, scale, q, kc, vc, attn,
+                )?;
+            }
             emit(&name("attn"), attn)?;
             be.matmul_add(attn, &l.o_proj, x)?;
             emit(&name("attn_residual"), x)?;

@@ -214,6 +214,28 @@ pub trait Backend: Sized + Send + Sync {
         out: &mut Tensor<Self>,
     ) -> Result<()>;
 
+    /// [`qk_norm_rope_store`](Backend::qk_norm_rope_store) then
+    /// [`attention`](Backend::attention) with q from `q_out`, bit for bit
+    /// (q, the caches and `out` all as the two ops leave them): one op, so
+    /// that a backend may do both in one pass when every sequence of the
+    /// batch brings one token. Shapes as in the two ops.
+    #[allow(clippy::too_many_arguments)]
+    fn qk_norm_rope_attention(
+        &self,
+        qkv: &Tensor<Self>,
+        q_norm: &Tensor<Self>,
+        k_norm: &Tensor<Self>,
+        eps: f32,
+        rope: &Tensor<Self>,
+        meta: &BatchMeta<Self>,
+        geo: AttnGeometry,
+        scale: f32,
+        q_out: &mut Tensor<Self>,
+        k_cache: &mut Tensor<Self>,
+        v_cache: &mut Tensor<Self>,
+        out: &mut Tensor<Self>,
+    ) -> Result<()>;
+
     /// `out = bf16(silu(gate) * up)`: gate_up f32 `[T, 2I]` (gate then up), out bf16 `[T, I]`.
     fn silu_mul(&self, gate_up: &Tensor<Self>, out: &mut Tensor<Self>) -> Result<()>;
 
