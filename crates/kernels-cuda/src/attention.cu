@@ -77,7 +77,7 @@ __device__ __forceinline__ void load_q(const __nv_bfloat16* q, int h0, int G, fl
         for (int e = 0; e < PER; e++) qv[hh][e] = h0 + hh < G ? bf(q[(size_t)(h0 + hh) * PER * 32 + e]) : 0.0f;
 }
 
-// What attn_rope_chunk* take instead of q: the fused QKV output of the
+// What attn_rope_chunk takes instead of q: the fused QKV output of the
 // step, the q/k norm weights, the rotation table and the new rows' slots;
 // q is also written out (by each kv head's first chunk), as
 // qk_norm_rope_store writes it.
@@ -150,7 +150,7 @@ __device__ __forceinline__ void rope_q(const float* x, const float w[PER], const
 // than this step) those rows' copies are issued, before the wait for the
 // kernel that wrote q and the new rows.
 //
-// ROPE (one token per sequence only): q and the token's new key and value
+// ROPE (one token per sequence, grids of the 256-thread shape only): q and the token's new key and value
 // rows come from the QKV projection's output instead, normalised and
 // rotated here as rope.cu does it; the block whose chunk holds the token's
 // position stores the new rows in the cache and uses them.
@@ -342,9 +342,9 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
 // Two shapes of block: for a grid of few blocks (batch-1 decode), 256
 // threads and the scores of four heads per pass over the keys, which
 // shortens the chain of latencies; for many blocks, 128 threads and one
-// head per pass, fewer registers and more blocks per SM. Each with q as
-// given (attn_chunk*) or made here from the QKV output (attn_rope_chunk*,
-// whose q is null, as the others' RopeIn pointers are).
+// head per pass, fewer registers and more blocks per SM. q as given
+// (attn_chunk*), or, in the few-block shape, made here from the QKV output
+// (attn_rope_chunk, whose q is null, as the others' RopeIn pointers are).
 #define ATTN_CASE(DD, THREADS, HPASS, ROPE)                                                                     \
     case DD:                                                                                                    \
         attn_chunk_body<DD, THREADS, HPASS, ROPE>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,  \
@@ -368,4 +368,3 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
 ATTN_KERNEL(attn_chunk, 256, 4, false)
 ATTN_KERNEL(attn_chunk_many, 128, 1, false)
 ATTN_KERNEL(attn_rope_chunk, 256, 4, true)
-ATTN_KERNEL(attn_rope_chunk_many, 128, 1, true)

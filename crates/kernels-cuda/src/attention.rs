@@ -54,8 +54,10 @@ impl CudaBackend {
     }
 
     /// q/k-norm, RoPE and the cache store, then attention. With one token
-    /// per sequence the attention kernel does all of it (the rows it needs
-    /// are its own token's); otherwise the two kernels.
+    /// per sequence and a grid of the latency-bound shape the attention
+    /// kernel does all of it (the rows it needs are its own token's);
+    /// otherwise the two kernels, as for large decode batches, whose every
+    /// block would compute its group's q again.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn rope_attention_impl(
         &self,
@@ -69,7 +71,8 @@ impl CudaBackend {
         out: &mut T,
     ) -> Result<()> {
         let tokens = meta.num_tokens;
-        if tokens == 0 || seqs(meta) != tokens {
+        let chunks = meta.max_context.div_ceil(CHUNK).max(1);
+        if tokens == 0 || seqs(meta) != tokens || tokens * geo.num_kv_heads * chunks > FEW_BLOCKS {
             self.qk_norm_rope_store_impl(
                 r.qkv, r.q_norm, r.k_norm, r.eps, r.rope, meta, geo, q_out, k_cache, v_cache,
             )?;
@@ -150,10 +153,9 @@ impl CudaBackend {
         let blocks = tokens * geo.num_kv_heads * max_chunks;
         let rope = matches!(from, QFrom::Rope(_));
         let (name, threads) = match (blocks <= FEW_BLOCKS, rope) {
+            (_, true) => ("attn_rope_chunk", 256),
             (true, false) => ("attn_chunk", 256),
             (false, false) => ("attn_chunk_many", 128),
-            (true, true) => ("attn_rope_chunk", 256),
-            (false, true) => ("attn_rope_chunk_many", 128),
         };
         let f = self.kernel(name);
         // One token per sequence: rows before each token's own position are

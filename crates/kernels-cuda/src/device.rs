@@ -50,12 +50,7 @@ const MODULES: &[(&str, &str, &[&str])] = &[
     (
         "attention",
         include_str!("attention.cu"),
-        &[
-            "attn_chunk",
-            "attn_chunk_many",
-            "attn_rope_chunk",
-            "attn_rope_chunk_many",
-        ],
+        &["attn_chunk", "attn_chunk_many", "attn_rope_chunk"],
     ),
     ("activation", include_str!("activation.cu"), &["silu_mul"]),
     (
@@ -78,7 +73,6 @@ const LARGE_DYNAMIC_SMEM: &[&str] = &[
     "attn_chunk",
     "attn_chunk_many",
     "attn_rope_chunk",
-    "attn_rope_chunk_many",
 ];
 
 /// Above 48 KB a kernel must opt in to dynamic shared memory; done once at

@@ -560,7 +560,8 @@ fn qk_norm_rope_and_attention() {
         (8, 1, 256, vec![(200, 2)]),
         // One token per sequence (the fused op's single kernel): new rows
         // that open a chunk, end one, or sit alone; every head width and
-        // group; a batch over the 256-thread kernel's grid.
+        // group. (The 64 sequences above exceed the one-kernel grid: two
+        // kernels.)
         (16, 8, 128, vec![(64, 1), (65, 1), (128, 1), (2, 1)]),
         (40, 8, 128, vec![(150, 1), (33, 1)]),
         (8, 1, 256, vec![(200, 1)]),
