@@ -91,28 +91,7 @@ struct RopeIn {
     __nv_bfloat16* q_out;
 };
 
-// One head's per-head RMSNorm and rotate-half RoPE as rope.cu computes it,
-// lane l holding elements [l·PER, (l+1)·PER) (x raw, w the norm weight, c
-// and s the cosines and sines of those elements' rotation pairs); the
-// partner of element k, k ± D/2, is lane l ± 16's.
-template <int PER>
-__device__ __forceinline__ void norm_rope_head(const float x[PER], const float w[PER], const float c[PER],
-                                               const float s[PER], float eps, float y[PER]) {
-    float ss = 0.0f;
-#pragma unroll
-    for (int e = 0; e < PER; e++) ss = ss + x[e] * x[e];
-    ss = head_combine(ss);
-    float inv = 1.0f / sqrtf(ss / (float)(PER * 32) + eps);
-    bool low = (threadIdx.x & 31) < 16;
-#pragma unroll
-    for (int e = 0; e < PER; e++) {
-        float n = w[e] * (x[e] * inv);
-        float other = __shfl_xor_sync(0xffffffffu, n, 16);
-        y[e] = low ? n * c[e] - other * s[e] : n * c[e] + other * s[e];
-    }
-}
-
-// rope.cu's q for the query heads [h0, h0 + HPASS) of the group at `x`
+// qk_norm_rope_store's q for the query heads [h0, h0 + HPASS) of the group at `x`
 // (this lane's elements), rounded to bf16 as attention reads it; written
 // out too when `store`.
 template <int PER, int HPASS>

@@ -75,3 +75,27 @@ __device__ __forceinline__ void load8_bf16(const __nv_bfloat16* p, float* f, boo
         for (int e = 0; e < 8; e++) f[e] = bf(p[e]);
     }
 }
+
+// One head's RMSNorm and rotate-half RoPE (twin of rope.rs), a warp per
+// head of D = 32·PER, lane l holding elements [l·PER, (l+1)·PER): x raw,
+// w the norm weight, c and s the cosine and sine of each element's rotation
+// pair (i, i + D/2); the partner of element k, k ± D/2, is lane l ± 16's.
+// Sum of squares in element order per lane, then the head butterfly;
+// y[k] = n[k]·c − n[k + D/2]·s for k < D/2, n[k]·c + n[k − D/2]·s above,
+// n = w·(x·inv). rope.cu and attention.cu both use it.
+template <int PER>
+__device__ __forceinline__ void norm_rope_head(const float x[PER], const float w[PER], const float c[PER],
+                                               const float s[PER], float eps, float y[PER]) {
+    float ss = 0.0f;
+#pragma unroll
+    for (int e = 0; e < PER; e++) ss = ss + x[e] * x[e];
+    ss = head_combine(ss);
+    float inv = 1.0f / sqrtf(ss / (float)(PER * 32) + eps);
+    bool low = (threadIdx.x & 31) < 16;
+#pragma unroll
+    for (int e = 0; e < PER; e++) {
+        float n = w[e] * (x[e] * inv);
+        float other = __shfl_xor_sync(0xffffffffu, n, 16);
+        y[e] = low ? n * c[e] - other * s[e] : n * c[e] + other * s[e];
+    }
+}
