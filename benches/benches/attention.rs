@@ -1,5 +1,6 @@
 //! Benchmarks of `attention` over the paged KV cache: decode steps of 1 and
-//! 64 sequences at contexts 512 and 4096, and one 512-token prefill, for
+//! 64 sequences at contexts 512 and 4096, one 512-token prefill, and a
+//! chunked-prefill step (2,048 tokens of prompts and decode tokens), for
 //! Qwen3-0.6B and 8B (GQA: 16 or 32 q heads over 8 kv heads); and of the
 //! decode steps as `qk_norm_rope_attention` (q/k-norm, RoPE and the cache
 //! store in the same op), which also reads the f32 QKV rows, both norm
@@ -24,6 +25,11 @@ fn cases() -> Vec<(String, Vec<(usize, usize)>)> {
         }
     }
     v.push(("prefill/T512".into(), vec![(512, 512)]));
+    // A chunked-prefill step of the throughput workload: 2,048 tokens, a
+    // prompt's second chunk and two whole prompts beside 240 decode tokens.
+    let mut mixed = vec![(1024, 768), (640, 640), (400, 400)];
+    mixed.extend([(700, 1); 240]);
+    v.push(("mixed/T2048".into(), mixed));
     v
 }
 

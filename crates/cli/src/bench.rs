@@ -159,43 +159,47 @@ pub fn latency<B: Backend>(
     })
 }
 
-/// Where a decode step's time goes: `steps` eager decode steps with a
-/// synchronise after every op, summed per op over the layers (host-timed, so
-/// each op also carries one launch; the graph-replayed step is faster).
+/// Where a decode step's time goes: `steps` eager decode steps of `seqs`
+/// sequences of `context` prompt tokens each, with a synchronise after
+/// every op, summed per op over the layers (host-timed, so each op also
+/// carries one launch; the graph-replayed step is faster).
 pub fn op_profile<B: Backend>(
     model: &Qwen3<B>,
+    seqs: usize,
     context: usize,
     steps: usize,
 ) -> Result<Vec<(String, f64)>, String> {
     let err = |e: model_qwen3::ModelError| e.to_string();
     let be = model.backend();
     let prompt: Vec<u32> = (0..context as u32).map(|i| i % 1000).collect();
-    let mut cache = model.new_cache(context + steps + 1).map_err(err)?;
-    let mut seq = Sequence::default();
-    model
-        .forward(&mut cache, &mut [(&mut seq, &prompt[..])], Logits::Last)
+    let mut cache = model
+        .new_cache(seqs * (context + steps + 16))
         .map_err(err)?;
+    let mut batch: Vec<Sequence> = (0..seqs).map(|_| Sequence::default()).collect();
+    for seq in &mut batch {
+        model
+            .forward(&mut cache, &mut [(seq, &prompt[..])], Logits::Last)
+            .map_err(err)?;
+    }
+    let next = [7u32];
     let mut totals: Vec<(String, f64)> = Vec::new();
     for _ in 0..steps {
+        let mut rows: Vec<(&mut Sequence, &[u32])> =
+            batch.iter_mut().map(|s| (s, &next[..])).collect();
         be.synchronize().map_err(|e| e.to_string())?;
         let mut last = Instant::now();
         model
-            .forward_tapped(
-                &mut cache,
-                &mut [(&mut seq, &[7])],
-                Logits::Last,
-                &mut |name, _| {
-                    be.synchronize()?;
-                    let op = name.rsplit('.').next().unwrap_or(name).to_string();
-                    let dt = last.elapsed().as_secs_f64() * 1e6 / steps as f64;
-                    match totals.iter_mut().find(|(n, _)| *n == op) {
-                        Some((_, t)) => *t += dt,
-                        None => totals.push((op, dt)),
-                    }
-                    last = Instant::now();
-                    Ok(())
-                },
-            )
+            .forward_tapped(&mut cache, &mut rows, Logits::Last, &mut |name, _| {
+                be.synchronize()?;
+                let op = name.rsplit('.').next().unwrap_or(name).to_string();
+                let dt = last.elapsed().as_secs_f64() * 1e6 / steps as f64;
+                match totals.iter_mut().find(|(n, _)| *n == op) {
+                    Some((_, t)) => *t += dt,
+                    None => totals.push((op, dt)),
+                }
+                last = Instant::now();
+                Ok(())
+            })
             .map_err(err)?;
     }
     Ok(totals)

@@ -101,7 +101,7 @@ fn bench_cmd(a: &bench::BenchArgs, backend: BackendChoice) -> Result<(), String>
             let bw = g.measure_copy_bandwidth().map_err(|e| e.to_string())?;
             let (m, shape) = bench::load(g, a)?;
             if std::env::var_os("QWEN_PROFILE").is_some() {
-                for (op, us) in bench::op_profile(&m, a.prompt_len, 16)? {
+                for (op, us) in bench::op_profile(&m, 1, a.prompt_len, 16)? {
                     eprintln!("profile: {op:>14} {us:9.1} us/token");
                 }
             }

@@ -301,6 +301,13 @@ pub fn run_cmd(a: &BenchArgs, gpu: Option<CudaBackend>) -> Result<(), String> {
         Some(g) => {
             eprintln!("backend: cuda ({})", g.device_name());
             let (m, shape) = crate::bench::load(g, a)?;
+            if std::env::var_os("QWEN_PROFILE").is_some() {
+                for seqs in [64, 256] {
+                    for (op, us) in crate::bench::op_profile(&m, seqs, 512, 4)? {
+                        eprintln!("profile {seqs}x512: {op:>14} {us:9.1} us/step");
+                    }
+                }
+            }
             let memory = m.backend().memory_info().map_err(|e| e.to_string())?;
             run(&m, a, &shape, memory)?
         }
@@ -443,8 +450,18 @@ pub fn run<B: Backend>(
     let started = Instant::now();
     let mut last_report = started;
     let (mut done, mut output_tokens) = (0usize, 0usize);
+    let profile = std::env::var_os("QWEN_PROFILE").is_some();
+    let mut steps: Vec<StepTime> = Vec::new();
     while s.has_unfinished() {
+        let step_start = Instant::now();
         let out = s.step(&mut pick).map_err(err)?;
+        if profile {
+            steps.push(StepTime {
+                tokens: out.batch_tokens,
+                seqs: out.batch_seqs,
+                secs: step_start.elapsed().as_secs_f64(),
+            });
+        }
         done += out.finished.len();
         output_tokens += out.tokens.len();
         if last_report.elapsed().as_secs_f64() >= 1.0 {
@@ -463,6 +480,9 @@ pub fn run<B: Backend>(
     be.synchronize().map_err(|e| e.to_string())?;
     let wall = started.elapsed().as_secs_f64();
     eprintln!("\r{done}/{} done in {wall:.2} s{:40}", t.num_seqs, "");
+    if profile {
+        eprintln!("{}", step_profile(&steps));
+    }
     let st = s.stats();
     Ok(Throughput {
         shape: shape.to_string(),
@@ -482,6 +502,51 @@ pub fn run<B: Backend>(
         max_seqs: t.max_seqs(),
         temperature: t.temperature,
     })
+}
+
+/// One scheduler step of a profiled run: its batch and its host wall time
+/// (each step ends by downloading its sampled tokens, so the GPU is done).
+struct StepTime {
+    tokens: usize,
+    seqs: usize,
+    secs: f64,
+}
+
+/// `QWEN_PROFILE=1`: where a throughput run's time went, as a table of
+/// steps grouped into those with prompt tokens and pure decode steps by
+/// batch size (buckets of 32 sequences).
+fn step_profile(steps: &[StepTime]) -> String {
+    let mut rows: Vec<(String, usize, usize, f64)> = Vec::new();
+    let mut add =
+        |name: String, tokens: usize, secs: f64| match rows.iter_mut().find(|r| r.0 == name) {
+            Some(r) => {
+                r.1 += 1;
+                r.2 += tokens;
+                r.3 += secs;
+            }
+            None => rows.push((name, 1, tokens, secs)),
+        };
+    for st in steps {
+        if st.tokens > st.seqs {
+            add("with prompt tokens".into(), st.tokens, st.secs);
+        } else {
+            let lo = (st.seqs - 1) / 32 * 32 + 1;
+            add(format!("decode {lo}-{} seqs", lo + 31), st.tokens, st.secs);
+        }
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    let total: f64 = steps.iter().map(|s| s.secs).sum();
+    let mut t = String::from(
+        "| steps | count | tokens | total s | share | ms/step |\n|---|---|---|---|---|---|\n",
+    );
+    for (name, n, tokens, secs) in rows {
+        t.push_str(&format!(
+            "| {name} | {n} | {tokens} | {secs:.2} | {:.1}% | {:.2} |\n",
+            100.0 * secs / total,
+            1e3 * secs / n as f64
+        ));
+    }
+    t
 }
 
 #[cfg(test)]

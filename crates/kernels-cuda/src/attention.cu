@@ -7,64 +7,69 @@
 
 #define CHUNK 64
 
-// The outputs of one (token, kv head)'s G q heads from their chunks, a warp
-// per head, merged in chunk order: M = max of the chunk maxima (exact in any
+// One (token, q head)'s output from its `chunks` partials at `p`, merged
+// in chunk order by one warp: M = max of the chunk maxima (exact in any
 // order), f_c = exp(m_c - M), L = sum of l_c·f_c, o[i] = sum of o_c[i]·f_c,
-// then o[i] / L rounded once. `fac` holds G·chunks floats (checked by the
-// launcher); partials are read from L2, where the other blocks left them.
+// then o[i] / L rounded once. `f` holds `chunks` floats of shared memory;
+// partials are read from L2, where other blocks left them.
+template <int PER>
+__device__ __forceinline__ void combine_head(const float* p, int chunks, float* f, __nv_bfloat16* out) {
+    const int D = PER * 32;
+    int lane = threadIdx.x % 32;
+    // The first chunks' values and sums are loaded with the maxima, so
+    // that one round of L2 latency serves the usual short context.
+    const int EARLY = 32 / PER;
+    float early[EARLY][PER];
+#pragma unroll
+    for (int c = 0; c < EARLY; c++)
+#pragma unroll
+        for (int e = 0; e < PER; e++) early[c][e] = c < chunks ? __ldcg(p + c * (D + 2) + 2 + lane + 32 * e) : 0.0f;
+    float lc = lane < chunks ? __ldcg(p + lane * (D + 2) + 1) : 0.0f;
+    float m = __int_as_float(0xff800000);
+    for (int c = lane; c < chunks; c += 32) {
+        f[c] = __ldcg(p + c * (D + 2));
+        m = fmaxf(m, f[c]);
+    }
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    for (int c = lane; c < chunks; c += 32) f[c] = q_exp(f[c] - m);
+    __syncwarp();
+    // Every lane forms the same sums in the same order.
+    float l = 0.0f;
+    for (int c = 0; c < chunks; c++) {
+        float lv = c < 32 ? __shfl_sync(0xffffffffu, lc, c) : __ldcg(p + c * (D + 2) + 1);
+        l = l + lv * f[c];
+    }
+    float o[PER];
+#pragma unroll
+    for (int e = 0; e < PER; e++) o[e] = 0.0f;
+#pragma unroll
+    for (int c = 0; c < EARLY; c++) {
+        if (c < chunks) {
+            float fc = f[c];
+#pragma unroll
+            for (int e = 0; e < PER; e++) o[e] = o[e] + early[c][e] * fc;
+        }
+    }
+#pragma unroll 4
+    for (int c = EARLY; c < chunks; c++) {
+        float fc = f[c];
+#pragma unroll
+        for (int e = 0; e < PER; e++) o[e] = o[e] + __ldcg(p + c * (D + 2) + 2 + lane + 32 * e) * fc;
+    }
+#pragma unroll
+    for (int e = 0; e < PER; e++) out[lane + 32 * e] = __float2bfloat16_rn(o[e] / l);
+}
+
+// The outputs of one (token, kv head)'s G q heads from their chunks, a warp
+// per head; `fac` holds G·chunks floats (checked by the launcher).
 template <int PER, int THREADS>
 __device__ __forceinline__ void combine_chunks(const float* part, int th0, int G, int ctx, int max_chunks,
                                                float* fac, __nv_bfloat16* out) {
     const int D = PER * 32;
-    const int WARPS = THREADS / 32;
     int chunks = (ctx + CHUNK - 1) / CHUNK;
-    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    for (int hh = warp; hh < G; hh += WARPS) {
-        const float* p = part + (size_t)(th0 + hh) * max_chunks * (D + 2);
-        float* f = fac + hh * chunks;
-        // The first chunks' values and sums are loaded with the maxima, so
-        // that one round of L2 latency serves the usual short context.
-        const int EARLY = 32 / PER;
-        float early[EARLY][PER];
-#pragma unroll
-        for (int c = 0; c < EARLY; c++)
-#pragma unroll
-            for (int e = 0; e < PER; e++) early[c][e] = c < chunks ? __ldcg(p + c * (D + 2) + 2 + lane + 32 * e) : 0.0f;
-        float lc = lane < chunks ? __ldcg(p + lane * (D + 2) + 1) : 0.0f;
-        float m = __int_as_float(0xff800000);
-        for (int c = lane; c < chunks; c += 32) {
-            f[c] = __ldcg(p + c * (D + 2));
-            m = fmaxf(m, f[c]);
-        }
-        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-        for (int c = lane; c < chunks; c += 32) f[c] = q_exp(f[c] - m);
-        __syncwarp();
-        // Every lane forms the same sums in the same order.
-        float l = 0.0f;
-        for (int c = 0; c < chunks; c++) {
-            float lv = c < 32 ? __shfl_sync(0xffffffffu, lc, c) : __ldcg(p + c * (D + 2) + 1);
-            l = l + lv * f[c];
-        }
-        float o[PER];
-#pragma unroll
-        for (int e = 0; e < PER; e++) o[e] = 0.0f;
-#pragma unroll
-        for (int c = 0; c < EARLY; c++) {
-            if (c < chunks) {
-                float fc = f[c];
-#pragma unroll
-                for (int e = 0; e < PER; e++) o[e] = o[e] + early[c][e] * fc;
-            }
-        }
-#pragma unroll 4
-        for (int c = EARLY; c < chunks; c++) {
-            float fc = f[c];
-#pragma unroll
-            for (int e = 0; e < PER; e++) o[e] = o[e] + __ldcg(p + c * (D + 2) + 2 + lane + 32 * e) * fc;
-        }
-#pragma unroll
-        for (int e = 0; e < PER; e++) out[(size_t)(th0 + hh) * D + lane + 32 * e] = __float2bfloat16_rn(o[e] / l);
-    }
+    for (int hh = threadIdx.x / 32; hh < G; hh += THREADS / 32)
+        combine_head<PER>(part + (size_t)(th0 + hh) * max_chunks * (D + 2), chunks, fac + hh * chunks,
+                          out + (size_t)(th0 + hh) * D);
 }
 
 // This lane's PER elements of the query heads [h0, h0 + HPASS) of the group
@@ -117,8 +122,8 @@ __device__ __forceinline__ void rope_q(const float* x, const float w[PER], const
     }
 }
 
-// One block per (token, kv head, chunk): the chunk's keys and values are
-// read once, with wide loads all in flight together, into shared memory,
+// One block per (token t, kv head g, chunk blockIdx.y), `done` counting the
+// (t, g)'s finished chunks: the chunk's keys and values are read once, with wide loads all in flight together, into shared memory,
 // and serve every q head of the GQA group. Dynamic shared memory:
 // 2·CHUNK·D bf16 (keys, values), then G·CHUNK f32 scores.
 //
@@ -137,16 +142,15 @@ template <int PER, int THREADS, int HPASS, bool ROPE>
 __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfloat16* kc, __nv_bfloat16* vc,
                                                 const u32* pos, const u32* seq,
                                                 const u32* tables, int max_blocks, int bs, int Hq, int Hkv,
-                                                float scale, int max_chunks, float* part, u32* done,
-                                                __nv_bfloat16* out, int decode, RopeIn ri) {
+                                                float scale, int max_chunks, float* part, int t, int g,
+                                                u32* done, __nv_bfloat16* out, int decode, RopeIn ri) {
     const int D = PER * 32, WARPS = THREADS / 32;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem_raw);
     __nv_bfloat16* vs = ks + CHUNK * D;
     float* sc = reinterpret_cast<float*>(vs + CHUNK * D);
     __shared__ u32 slot_of[CHUNK];
-    int tg = blockIdx.x, c = blockIdx.y;
-    int t = tg / Hkv, g = tg % Hkv;
+    int c = blockIdx.y;
     int G = Hq / Hkv;
     int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     u32 pt = pos[t], st = seq[t];
@@ -307,12 +311,12 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
     __syncthreads();
     if (tid == 0) {
         int chunks = (ctx + CHUNK - 1) / CHUNK;
-        last = atomicAdd(done + tg, 1u) == (u32)(chunks - 1);
+        last = atomicAdd(done, 1u) == (u32)(chunks - 1);
     }
     __syncthreads();
     if (!last) return;
     __threadfence();
-    if (tid == 0) done[tg] = 0;
+    if (tid == 0) *done = 0;
     // Keys and values are no longer needed: their shared memory holds the
     // chunk factors.
     combine_chunks<PER, THREADS>(part, t * Hq + g * G, G, ctx, max_chunks, reinterpret_cast<float*>(smem_raw), out);
@@ -327,7 +331,8 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
 #define ATTN_CASE(DD, THREADS, HPASS, ROPE)                                                                     \
     case DD:                                                                                                    \
         attn_chunk_body<DD, THREADS, HPASS, ROPE>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,  \
-                                                  max_chunks, part, done, out, decode, ri);                     \
+                                                  max_chunks, part, blockIdx.x / Hkv, blockIdx.x % Hkv,         \
+                                                  done + blockIdx.x, out, decode, ri);                          \
         break;
 #define ATTN_KERNEL(NAME, THREADS, HPASS, ROPE)                                                                \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                       \
@@ -347,3 +352,293 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
 ATTN_KERNEL(attn_chunk, 256, 4, false)
 ATTN_KERNEL(attn_chunk_many, 128, 1, false)
 ATTN_KERNEL(attn_rope_chunk, 256, 4, true)
+
+// ---- query tiles -----------------------------------------------------------
+// Batches that are not one token per sequence (prompts, chunks of them, and
+// the decode tokens beside them) run by query tile (BatchMeta::query_tiles:
+// up to TILE_TOKENS consecutive positions of one sequence): one block per
+// (tile, kv head, chunk) copies the chunk's keys and values once for every
+// (token, q head) row of the tile, in passes of TILE_ROWS rows, where the
+// per-token kernel above read them once per token. Every row's sums are
+// still the spec's, term by term: a score is the head_reduce tree of the 32
+// lane partials, formed by one thread in the butterfly's order; e_p, m_c
+// and l_c as above; o_c[i] summed in increasing p; the same merge.
+
+#define TILE_TOKENS 16  // qwen_tensor::QUERY_TILE
+#define TILE_ROWS 32
+#define TILE_THREADS 256
+
+// The lane whose partial is the i-th leaf of the butterfly tree (xor 16,
+// then 8, 4, 2, 1): i with its five bits reversed (0, 16, 8, 24, 4, ...).
+__device__ __forceinline__ constexpr int leaf_lane(int i) {
+    return ((i & 1) << 4) | ((i & 2) << 2) | (i & 4) | ((i & 8) >> 2) | ((i & 16) >> 4);
+}
+
+__device__ __forceinline__ void widen_pair(u32 w, float* f) {
+    f[0] = __uint_as_float(w << 16);
+    f[1] = __uint_as_float(w & 0xffff0000u);
+}
+
+// PER consecutive bf16 from shared memory, aligned to their size, widened.
+template <int PER>
+__device__ __forceinline__ void widen_bf16s(const __nv_bfloat16* p, float* f) {
+    if (PER == 8) {
+        uint4 v = *reinterpret_cast<const uint4*>(p);
+        widen_pair(v.x, f);
+        widen_pair(v.y, f + 2);
+        widen_pair(v.z, f + 4);
+        widen_pair(v.w, f + 6);
+    } else if (PER == 4) {
+        uint2 v = *reinterpret_cast<const uint2*>(p);
+        widen_pair(v.x, f);
+        widen_pair(v.y, f + 2);
+    } else if (PER == 2) {
+        widen_pair(*reinterpret_cast<const u32*>(p), f);
+    } else {
+        f[0] = bf(p[0]);
+    }
+}
+
+// PER consecutive f32 from shared memory, aligned to their size.
+template <int PER>
+__device__ __forceinline__ void load_f32s(const float* p, float* f) {
+#pragma unroll
+    for (int e = 0; e + 4 <= PER; e += 4) {
+        float4 v = *reinterpret_cast<const float4*>(p + e);
+        f[e] = v.x;
+        f[e + 1] = v.y;
+        f[e + 2] = v.z;
+        f[e + 3] = v.w;
+    }
+    if (PER == 2) {
+        float2 v = *reinterpret_cast<const float2*>(p);
+        f[0] = v.x;
+        f[1] = v.y;
+    } else if (PER == 1) {
+        f[0] = p[0];
+    }
+}
+
+// Dynamic shared memory: keys and values (CHUNK rows of D + 8 bf16, the
+// padding spreading a thread-per-key read over the banks), TILE_ROWS q rows
+// in f32, then TILE_ROWS x CHUNK scores; the merging block reuses it for
+// 8·max_chunks factors (the launcher sizes it for these and for a token
+// alone's attn_chunk_body).
+template <int PER>
+__device__ __forceinline__ void attn_tile_body(const __nv_bfloat16* q, const __nv_bfloat16* kc,
+                                               const __nv_bfloat16* vc, const u32* pos, const u32* seq,
+                                               const u32* tables, const u32* tiles, int max_blocks, int bs, int Hq,
+                                               int Hkv, float scale, int max_chunks, float* part, u32* done,
+                                               __nv_bfloat16* out) {
+    const int D = PER * 32, KS = D + 8, WARPS = TILE_THREADS / 32;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+    __nv_bfloat16* vs = ks + CHUNK * KS;
+    float* qf = reinterpret_cast<float*>(vs + CHUNK * KS);
+    float* sc = qf + TILE_ROWS * D;
+    __shared__ u32 slot_of[CHUNK];
+    __shared__ int len_of[TILE_TOKENS];
+    int tile = blockIdx.x / Hkv, g = blockIdx.x % Hkv, c = blockIdx.y;
+    int t0 = (int)tiles[2 * tile], n = (int)tiles[2 * tile + 1];
+    if (n == 1) {
+        // A token alone (a decode token beside prompts): the per-token
+        // kernel's body, 256 threads and four heads a pass, as attn_chunk.
+        attn_chunk_body<PER, TILE_THREADS, 4, false>(q, const_cast<__nv_bfloat16*>(kc),
+                                                     const_cast<__nv_bfloat16*>(vc), pos, seq, tables, max_blocks,
+                                                     bs, Hq, Hkv, scale, max_chunks, part, t0, g, done + blockIdx.x,
+                                                     out, 0, RopeIn{});
+        return;
+    }
+    int G = Hq / Hkv;
+    int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    int start = c * CHUNK;
+    // A tile's positions are consecutive: its last token sees the most.
+    int ctx_max = (int)pos[t0 + n - 1] + 1;
+    if (start >= ctx_max) {
+        start_dependents();
+        return;
+    }
+    int len = min(CHUNK, ctx_max - start);
+    // The layout is the host's (dependent_launch.cuh): read before the wait.
+    const u32* table = tables + (size_t)seq[t0] * max_blocks;
+    for (int j = tid; j < len; j += TILE_THREADS) {
+        int p = start + j;
+        slot_of[j] = table[p / bs] * (u32)bs + (u32)(p % bs);
+    }
+    if (tid < n) len_of[tid] = max(0, min(CHUNK, (int)pos[t0 + tid] + 1 - start));
+    wait_for_producers();
+    start_dependents();
+    __syncthreads();
+    const int pieces = D / 8;
+    for (int i = tid; i < len * pieces; i += TILE_THREADS) {
+        int r = i / pieces, o = (i % pieces) * 8;
+        size_t src = ((size_t)slot_of[r] * Hkv + g) * D + o;
+        copy16_async(ks + r * KS + o, kc + src);
+        copy16_async(vs + r * KS + o, vc + src);
+    }
+    int R = n * G;  // rows: token-major, then the group's q heads
+    for (int r0 = 0; r0 < R; r0 += TILE_ROWS) {
+        int rows = min(TILE_ROWS, R - r0);
+        for (int i = tid; i < rows * D; i += TILE_THREADS) {
+            int r = r0 + i / D;
+            qf[i] = bf(q[((size_t)(t0 + r / G) * Hq + g * G + r % G) * D + i % D]);
+        }
+        copies_wait();
+        __syncthreads();
+        // Scores: a thread per key, for eight rows at a time. The tree is
+        // walked in subtrees of four leaves (lanes l, l^16, l^8, l^24: the
+        // xor-16 and xor-8 levels), whose results meet in the last three
+        // levels by the trailing one bits of their index k.
+        {
+            int p = tid % CHUNK, rb = (tid / CHUNK) * 8;
+            if (rb < rows && p < len) {
+                float s0[8], s1[8], s2[8], res[8];
+#pragma unroll 1
+                for (int k = 0; k < 8; k++) {
+                    float sub[8], half[8];
+#pragma unroll
+                    for (int m = 0; m < 4; m++) {
+                        int l = leaf_lane(4 * k + m);
+                        float kf[PER];
+                        widen_bf16s<PER>(ks + p * KS + l * PER, kf);
+#pragma unroll
+                        for (int j = 0; j < 8; j++) {
+                            float qv[PER];
+                            load_f32s<PER>(qf + (rb + j) * D + l * PER, qv);
+                            float v = 0.0f;
+#pragma unroll
+                            for (int e = 0; e < PER; e++) v = v + qv[e] * kf[e];
+                            if (m == 0) sub[j] = v;
+                            if (m == 1) sub[j] = sub[j] + v;
+                            if (m == 2) half[j] = v;
+                            if (m == 3) sub[j] = sub[j] + (half[j] + v);
+                        }
+                    }
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        float v = sub[j];
+                        if ((k & 1) == 0) {
+                            s0[j] = v;
+                        } else {
+                            v = s0[j] + v;
+                            if ((k & 2) == 0) {
+                                s1[j] = v;
+                            } else {
+                                v = s1[j] + v;
+                                if ((k & 4) == 0)
+                                    s2[j] = v;
+                                else
+                                    res[j] = s2[j] + v;
+                            }
+                        }
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < 8; j++) {
+                    int r = rb + j;
+                    if (r < rows && p < len_of[(r0 + r) / G]) sc[r * CHUNK + p] = res[j] * scale;
+                }
+            }
+        }
+        __syncthreads();
+        // Per row: m_c, e_p = exp(s_p - m_c), and l_c summed in increasing p.
+        for (int r = warp; r < rows; r += WARPS) {
+            int rr = r0 + r, lr = len_of[rr / G];
+            if (lr == 0) continue;
+            float* sh = sc + r * CHUNK;
+            float m = __int_as_float(0xff800000);
+            if (lane < lr) m = sh[lane];
+            if (lane + 32 < lr) m = fmaxf(m, sh[lane + 32]);
+            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+            if (lane < lr) sh[lane] = q_exp(sh[lane] - m);
+            if (lane + 32 < lr) sh[lane + 32] = q_exp(sh[lane + 32] - m);
+            __syncwarp();
+            if (lane == 0) {
+                float l = 0.0f;
+                for (int j = 0; j < lr; j++) l = l + sh[j];
+                float* dst = part + (((size_t)(t0 + rr / G) * Hq + g * G + rr % G) * max_chunks + c) * (D + 2);
+                dst[0] = m;
+                dst[1] = l;
+            }
+        }
+        __syncthreads();
+        // o_c[i] = sum of e_p·v_p[i] in increasing p: a warp per four rows,
+        // PER dimensions a lane.
+        {
+            int rb = warp * 4;
+            if (rb < rows) {
+                int lr[4], lmax = 0;
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    lr[j] = rb + j < rows ? len_of[(r0 + rb + j) / G] : 0;
+                    lmax = max(lmax, lr[j]);
+                }
+                float acc[4][PER];
+#pragma unroll
+                for (int j = 0; j < 4; j++)
+#pragma unroll
+                    for (int e = 0; e < PER; e++) acc[j][e] = 0.0f;
+                for (int p = 0; p < lmax; p++) {
+                    float vf[PER];
+                    widen_bf16s<PER>(vs + p * KS + lane * PER, vf);
+#pragma unroll
+                    for (int j = 0; j < 4; j++) {
+                        float e = sc[(rb + j) * CHUNK + p];
+                        if (p < lr[j]) {
+#pragma unroll
+                            for (int x = 0; x < PER; x++) acc[j][x] = acc[j][x] + e * vf[x];
+                        }
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    if (lr[j] > 0) {
+                        int rr = r0 + rb + j;
+                        float* dst =
+                            part + (((size_t)(t0 + rr / G) * Hq + g * G + rr % G) * max_chunks + c) * (D + 2) + 2;
+#pragma unroll
+                        for (int x = 0; x < PER; x++) dst[lane * PER + x] = acc[j][x];
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+    // The last of the tile's chunks to finish merges every row of the tile.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        int chunks = (ctx_max + CHUNK - 1) / CHUNK;
+        last = atomicAdd(done + blockIdx.x, 1u) == (u32)(chunks - 1);
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (tid == 0) done[blockIdx.x] = 0;
+    float* fac = reinterpret_cast<float*>(smem_raw) + warp * max_chunks;
+    for (int r = warp; r < R; r += WARPS) {
+        int t = t0 + r / G, h = g * G + r % G;
+        int chunks = ((int)pos[t] + CHUNK) / CHUNK;
+        combine_head<PER>(part + ((size_t)t * Hq + h) * max_chunks * (D + 2), chunks, fac,
+                          out + ((size_t)t * Hq + h) * D);
+        __syncwarp();  // the next row's factors overwrite these
+    }
+}
+
+#define TILE_CASE(DD)                                                                                          \
+    case DD:                                                                                                   \
+        attn_tile_body<DD>(q, kc, vc, pos, seq, tables, tiles, max_blocks, bs, Hq, Hkv, scale, max_chunks, part, \
+                           done, out);                                                                         \
+        break;
+extern "C" __global__ void __launch_bounds__(TILE_THREADS)
+    attn_tile(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, const u32* pos,
+              const u32* seq, const u32* tables, const u32* tiles, int max_blocks, int bs, int Hq, int Hkv, int D,
+              float scale, int max_chunks, float* part, u32* done, __nv_bfloat16* out) {
+    switch (D / 32) {
+        TILE_CASE(1)
+        TILE_CASE(2)
+        TILE_CASE(4)
+        TILE_CASE(8)
+    }
+}

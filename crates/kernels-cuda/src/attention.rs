@@ -16,6 +16,9 @@ const _: () = assert!(CHUNK == qwen_kernels_cpu::ATTN_CHUNK);
 /// latency), larger ones attn_chunk_many (128 threads, more blocks per SM);
 /// the thread counts must match ATTN_KERNEL's in attention.cu.
 const FEW_BLOCKS: usize = 512;
+/// Query rows (token, q head) per pass of attn_tile; TILE_ROWS in attention.cu.
+const TILE_ROWS: usize = 32;
+const _: () = assert!(qwen_tensor::QUERY_TILE == 16); // TILE_TOKENS in attention.cu
 
 /// The inputs of qk_norm_rope_store that attn_rope_chunk* read.
 pub(crate) struct RopeArgs<'a> {
@@ -50,7 +53,102 @@ impl CudaBackend {
         scale: f32,
         out: &mut T,
     ) -> Result<()> {
+        if meta.num_tokens > 0 && seqs(meta) != meta.num_tokens {
+            return self.attention_tiles(q, k_cache, v_cache, meta, geo, scale, out);
+        }
         self.attention_launch(QFrom::Given, q, k_cache, v_cache, meta, geo, scale, out)
+    }
+
+    /// Attention by query tile (attn_tile), for batches that are not one
+    /// token per sequence: each chunk of keys is read once per tile of a
+    /// prompt instead of once per token (a token alone takes attn_chunk's
+    /// body in the same kernel).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_tiles(
+        &self,
+        q: &T,
+        k_cache: &T,
+        v_cache: &T,
+        meta: &BatchMeta<CudaBackend>,
+        geo: AttnGeometry,
+        scale: f32,
+        out: &mut T,
+    ) -> Result<()> {
+        const OP: &str = "attention";
+        let tokens = meta.num_tokens;
+        let d = geo.head_dim;
+        check_attention(OP, q, k_cache, v_cache, tokens, geo, out)?;
+        check_head_dim(OP, geo)?;
+        let tiles = meta.num_query_tiles;
+        if meta.query_tiles.shape() != [tiles, 2] || tiles == 0 || tiles > tokens {
+            return Err(shape_err(
+                OP,
+                format!("{tiles} query tiles for {tokens} tokens"),
+            ));
+        }
+        let max_chunks = meta.max_context.div_ceil(CHUNK).max(1);
+        // Keys and values (rows padded by 8), TILE_ROWS f32 q rows and their
+        // scores; or, in a merging block, a factor per chunk for each of 8
+        // warps (a tile) or G heads (a token alone, as attn_chunk).
+        let group = geo.num_q_heads / geo.num_kv_heads;
+        let smem = (2 * CHUNK * (d + 8) * 2 + TILE_ROWS * d * 4 + TILE_ROWS * CHUNK * 4)
+            .max(2 * CHUNK * d * 2 + group * CHUNK * 4)
+            .max(group.max(8) * max_chunks * 4);
+        // (attn_tile's static shared memory is under 1 KB.)
+        if smem + 1024 > self.dev.smem_optin {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "context of {} positions is too long to merge in one block",
+                    meta.max_context
+                ),
+            ));
+        }
+        let (mb, bs) = (int(OP, meta.max_blocks)?, int(OP, geo.block_size)?);
+        let (hq, hkv, di, mc) = (
+            int(OP, geo.num_q_heads)?,
+            int(OP, geo.num_kv_heads)?,
+            int(OP, d)?,
+            int(OP, max_chunks)?,
+        );
+        let mut cfg = grid(
+            ((tiles * geo.num_kv_heads) as u32, max_chunks as u32, 1),
+            (256, 1, 1),
+        );
+        cfg.shared_mem_bytes = smem as u32;
+        let part_shape = [tokens * geo.num_q_heads * max_chunks * (d + 2)];
+        self.with_scratch(Scratch::AttnPartials, &part_shape, DType::F32, |part| {
+            // Chunks finished per (tile, kv head): zero when created, and set
+            // back to zero by the block that merges them.
+            let done_shape = [tokens * geo.num_kv_heads];
+            self.with_scratch(Scratch::AttnDone, &done_shape, DType::U32, |done| {
+                let mut b = self.launch(self.kernel("attn_tile"));
+                b.arg(bf16s(OP, "q", q)?)
+                    .arg(bf16s(OP, "k_cache", k_cache)?)
+                    .arg(bf16s(OP, "v_cache", v_cache)?)
+                    .arg(u32s(OP, "positions", &meta.positions)?)
+                    .arg(u32s(OP, "seq_of_token", &meta.seq_of_token)?)
+                    .arg(u32s(OP, "block_tables", &meta.block_tables)?)
+                    .arg(u32s(OP, "query_tiles", &meta.query_tiles)?)
+                    .arg(&mb)
+                    .arg(&bs)
+                    .arg(&hq)
+                    .arg(&hkv)
+                    .arg(&di)
+                    .arg(&scale)
+                    .arg(&mc)
+                    .arg(f32s_mut(OP, "partials", part)?)
+                    .arg(u32s_mut(OP, "done", done)?)
+                    .arg(bf16s_mut(OP, "out", out)?);
+                // SAFETY: argument order and types match attn_tile in attention.cu; the
+                // tiles (from BatchLayout::query_tiles) cover the tokens, each of at most
+                // TILE_TOKENS consecutive positions of one sequence; the partials hold
+                // max_chunks entries for every (token, q head), done one counter per
+                // (tile, kv head) (tiles <= tokens), and the dynamic shared memory is
+                // sized above for the kernel's layout.
+                unsafe { b.launch(cfg) }.map_err(dev)
+            })
+        })
     }
 
     /// q/k-norm, RoPE and the cache store, then attention. With one token

@@ -50,7 +50,12 @@ const MODULES: &[(&str, &str, &[&str])] = &[
     (
         "attention",
         include_str!("attention.cu"),
-        &["attn_chunk", "attn_chunk_many", "attn_rope_chunk"],
+        &[
+            "attn_chunk",
+            "attn_chunk_many",
+            "attn_rope_chunk",
+            "attn_tile",
+        ],
     ),
     ("activation", include_str!("activation.cu"), &["silu_mul"]),
     (
@@ -73,6 +78,7 @@ const LARGE_DYNAMIC_SMEM: &[&str] = &[
     "attn_chunk",
     "attn_chunk_many",
     "attn_rope_chunk",
+    "attn_tile",
 ];
 
 /// Above 48 KB a kernel must opt in to dynamic shared memory; done once at
@@ -96,6 +102,8 @@ pub(crate) struct Device {
     pub name: String,
     /// Whether kernels go out with programmatic dependent launch.
     pub dependent_launch: bool,
+    /// Shared memory a block may have, static and dynamic together.
+    pub smem_optin: usize,
 }
 
 /// Maps a driver error to ours, keeping out-of-memory distinct.
@@ -162,6 +170,7 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
         kernels,
         name,
         dependent_launch: dependent_launch(major),
+        smem_optin: smem_optin.max(0) as usize,
     })
 }
 

@@ -558,6 +558,13 @@ fn qk_norm_rope_and_attention() {
         // Qwen3-14B's group of 5: a second, partial pass of query heads.
         (40, 8, 128, vec![(150, 1), (33, 2)]),
         (8, 1, 256, vec![(200, 2)]),
+        // Query tiles (prompt runs cut into 16 tokens): a chunk of a prompt
+        // beside decode tokens, 17-token runs, and groups of 8 and 5 whose
+        // tile rows take several passes of 32 (the last one partial).
+        (16, 8, 128, vec![(300, 40), (33, 1), (90, 17), (1, 1)]),
+        (64, 8, 128, vec![(100, 40)]),
+        (40, 8, 128, vec![(70, 20), (17, 17)]),
+        (4, 2, 32, vec![(150, 150), (3, 2)]),
         // One token per sequence (the fused op's single kernel): new rows
         // that open a chunk, end one, or sit alone; every head width and
         // group. (The 64 sequences above exceed the one-kernel grid: two

@@ -36,6 +36,11 @@ impl AttnGeometry {
     }
 }
 
+/// Most tokens in one query tile ([`BatchLayout::query_tiles`]): a backend
+/// may read each key once for a whole tile of a prompt. Grouping never
+/// changes a token's result, only how much work shares a key.
+pub const QUERY_TILE: usize = 16;
+
 /// Host-side description of which sequence and position each token of a
 /// batch is. Tokens of one sequence may be many (prefill) or one (decode);
 /// sequences of both kinds mix freely in one batch.
@@ -73,6 +78,28 @@ impl BatchLayout {
             })
             .collect()
     }
+    /// The batch's tokens cut into query tiles, as `(first token, count)`
+    /// pairs flattened: runs of consecutive tokens of one sequence at
+    /// consecutive positions (a prompt or a chunk of one), each cut into
+    /// pieces of at most [`QUERY_TILE`]. A decode token is a tile alone.
+    pub fn query_tiles(&self) -> Vec<u32> {
+        let mut tiles = Vec::new();
+        let mut t = 0;
+        while t < self.positions.len() {
+            let mut n = 1;
+            while t + n < self.positions.len()
+                && n < QUERY_TILE
+                && self.seq_of_token[t + n] == self.seq_of_token[t]
+                && self.positions[t + n] == self.positions[t] + n as u32
+            {
+                n += 1;
+            }
+            tiles.extend([t as u32, n as u32]);
+            t += n;
+        }
+        tiles
+    }
+
     /// Longest context any token of the batch attends over.
     pub fn max_context(&self) -> usize {
         self.positions
@@ -94,7 +121,37 @@ pub struct BatchMeta<B: Backend> {
     pub seq_of_token: Tensor<B>,
     /// u32 `[seqs, max_blocks]`
     pub block_tables: Tensor<B>,
+    /// u32 `[tiles, 2]`: [`BatchLayout::query_tiles`].
+    pub query_tiles: Tensor<B>,
     pub num_tokens: usize,
+    pub num_query_tiles: usize,
     pub max_blocks: usize,
     pub max_context: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_tiles_follow_runs_of_one_sequence() {
+        // Sequence 0: a 35-token prompt chunk from position 5; sequence 1:
+        // one decode token; sequence 2: positions 0, 1, then a gap (3, 4).
+        let mut positions: Vec<u32> = (5..40).collect();
+        let mut seqs = vec![0u32; 35];
+        positions.extend([9, 0, 1, 3, 4]);
+        seqs.extend([1, 2, 2, 2, 2]);
+        let l = BatchLayout {
+            positions,
+            seq_of_token: seqs,
+            block_tables: vec![0; 3],
+            max_blocks: 1,
+            block_size: 64,
+        };
+        assert_eq!(
+            l.query_tiles(),
+            vec![0, 16, 16, 16, 32, 3, 35, 1, 36, 2, 38, 2]
+        );
+        assert!(BatchLayout::default().query_tiles().is_empty());
+    }
 }

@@ -81,6 +81,7 @@ pub trait Backend: Sized + Send + Sync {
     fn upload_batch(&self, layout: &BatchLayout) -> Result<BatchMeta<Self>> {
         let t = layout.num_tokens();
         let s = layout.num_seqs();
+        let tiles = layout.query_tiles();
         Ok(BatchMeta {
             positions: self.upload(HostSlice::U32(&layout.positions), &[t])?,
             slots: self.upload(HostSlice::U32(&layout.slots()), &[t])?,
@@ -89,7 +90,9 @@ pub trait Backend: Sized + Send + Sync {
                 HostSlice::U32(&layout.block_tables),
                 &[s, layout.max_blocks],
             )?,
+            query_tiles: self.upload(HostSlice::U32(&tiles), &[tiles.len() / 2, 2])?,
             num_tokens: t,
+            num_query_tiles: tiles.len() / 2,
             max_blocks: layout.max_blocks,
             max_context: layout.max_context(),
         })
@@ -100,7 +103,11 @@ pub trait Backend: Sized + Send + Sync {
     fn update_batch(&self, meta: &mut BatchMeta<Self>, layout: &BatchLayout) -> Result<()> {
         let t = layout.num_tokens();
         let s = layout.num_seqs();
-        if meta.num_tokens != t || meta.block_tables.shape() != [s, layout.max_blocks] {
+        let tiles = layout.query_tiles();
+        if meta.num_tokens != t
+            || meta.block_tables.shape() != [s, layout.max_blocks]
+            || meta.num_query_tiles != tiles.len() / 2
+        {
             *meta = self.upload_batch(layout)?;
             return Ok(());
         }
@@ -108,6 +115,7 @@ pub trait Backend: Sized + Send + Sync {
         self.write(&mut meta.slots, HostSlice::U32(&layout.slots()))?;
         self.write(&mut meta.seq_of_token, HostSlice::U32(&layout.seq_of_token))?;
         self.write(&mut meta.block_tables, HostSlice::U32(&layout.block_tables))?;
+        self.write(&mut meta.query_tiles, HostSlice::U32(&tiles))?;
         meta.max_context = layout.max_context();
         Ok(())
     }

@@ -32,7 +32,7 @@ mod dtype;
 mod error;
 mod tensor;
 
-pub use attention::{AttnGeometry, BatchLayout, BatchMeta};
+pub use attention::{AttnGeometry, BatchLayout, BatchMeta, QUERY_TILE};
 pub use backend::{Backend, SampleParams};
 pub use checks::{
     check_attention, check_cache, check_geometry, check_norm_projection, check_projection,
