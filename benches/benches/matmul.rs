@@ -5,7 +5,7 @@
 //! (o_proj and down with the residual add) and `logits` (final norm and
 //! vocabulary projection) — for Qwen3-0.6B and 8B at 1 and 64 tokens;
 //! `matmul/.../prompt` runs the same rows as prompt rows (the CUDA
-//! backend's tensor-core GEMM).
+//! backend's tensor-core GEMM), also at 256 and 2,048 rows.
 //!
 //! Bytes: x and w read once, out written once (read and written for
 //! `matmul_add`'s accumulator). FLOPs: 2·T·K·N. Weights rotate through
@@ -43,6 +43,25 @@ fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
                         dev.backend.matmul(&x_bf16, next_w(i), &mut out)
                     });
                     dev.backend.set_tensor_core_rows(0);
+                }
+
+                // Larger batches on the tensor cores only: a large decode
+                // batch (256 rows) and a prefill chunk (2,048).
+                if dev.backend.name() != "cpu" && t == TOKENS[TOKENS.len() - 1] {
+                    for big in [256, 2048] {
+                        let xb = dev.bf16(&[big, k], 1.0);
+                        let mut ob = dev.zeros(&[big, n], F32);
+                        let work = Work::new()
+                            .read(big * k, BF16)
+                            .gemm(big, k, n)
+                            .write(big * n, F32);
+                        let id = format!("{}/{}/T{big}/prompt", m.name, p.name);
+                        dev.backend.set_tensor_core_rows(big);
+                        h.bench(dev, "matmul", &id, work, |i| {
+                            dev.backend.matmul(&xb, next_w(i), &mut ob)
+                        });
+                        dev.backend.set_tensor_core_rows(0);
+                    }
                 }
 
                 match p.fused {

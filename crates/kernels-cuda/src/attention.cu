@@ -122,6 +122,92 @@ __device__ __forceinline__ void rope_q(const float* x, const float w[PER], const
     }
 }
 
+// One chunk's partials for the G q heads of a (token, kv head), from its
+// `len` keys and values in shared memory: m_c, l_c and o_c of head hh go to
+// dst[hh·stride ..]. `qv` holds the first pass's q (HPASS heads);
+// `next_q(h0, qv)` fetches the pass from head h0 on. `sc` holds G·CHUNK
+// scores. Callers sync before reusing ks, vs or sc.
+template <int PER, int THREADS, int HPASS, typename NextQ>
+__device__ __forceinline__ void chunk_partials(const __nv_bfloat16* ks, const __nv_bfloat16* vs, float* sc, int len,
+                                               int G, float scale, float (&qv)[HPASS][PER], NextQ next_q, float* dst,
+                                               size_t stride) {
+    const int D = PER * 32, WARPS = THREADS / 32;
+    int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    // Scores: warp w takes positions w, w + WARPS, ...; lane l owns elements
+    // [l·PER, (l+1)·PER) of the head, summed in order, then the head
+    // butterfly. Each key serves HPASS heads per pass.
+    for (int h0 = 0; h0 < G; h0 += HPASS) {
+        if (h0 > 0) next_q(h0, qv);
+        float s[HPASS][CHUNK / WARPS];
+#pragma unroll
+        for (int r = 0; r < CHUNK / WARPS; r++) {
+            int j = warp + r * WARPS;
+            const __nv_bfloat16* k = ks + (j < len ? j : 0) * D + lane * PER;
+            float kf[PER];
+#pragma unroll
+            for (int e = 0; e < PER; e++) kf[e] = bf(k[e]);
+#pragma unroll
+            for (int hh = 0; hh < HPASS; hh++) {
+                float a = 0.0f;
+#pragma unroll
+                for (int e = 0; e < PER; e++) a = a + qv[hh][e] * kf[e];
+                s[hh][r] = a;
+            }
+        }
+#pragma unroll
+        for (int hh = 0; hh < HPASS; hh++) {
+            if (h0 + hh < G) {
+#pragma unroll
+                for (int r = 0; r < CHUNK / WARPS; r++) s[hh][r] = head_combine(s[hh][r]);
+                if (lane == 0) {
+#pragma unroll
+                    for (int r = 0; r < CHUNK / WARPS; r++) {
+                        int j = warp + r * WARPS;
+                        if (j < len) sc[(h0 + hh) * CHUNK + j] = s[hh][r] * scale;
+                    }
+                }
+            }
+        }
+    }
+    __syncthreads();
+    // Per head: the max (exact in any order), e_p = exp(s_p - m), and l = sum
+    // of e_p in increasing p.
+    for (int hh = warp; hh < G; hh += WARPS) {
+        float* sh = sc + hh * CHUNK;
+        float m = __int_as_float(0xff800000);
+        if (lane < len) m = sh[lane];
+        if (lane + 32 < len) m = fmaxf(m, sh[lane + 32]);
+        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if (lane < len) sh[lane] = q_exp(sh[lane] - m);
+        if (lane + 32 < len) sh[lane + 32] = q_exp(sh[lane + 32] - m);
+        __syncwarp();
+        if (lane == 0) {
+            float l = 0.0f;
+#pragma unroll 16
+            for (int j = 0; j < len; j++) l = l + sh[j];
+            dst[hh * stride] = m;
+            dst[hh * stride + 1] = l;
+        }
+    }
+    __syncthreads();
+    // o[i] = sum of e_p * v_p[i] in increasing p: each thread two adjacent
+    // dimensions of one head at a time.
+    for (int o = tid; o < G * D / 2; o += THREADS) {
+        int hh = o / (D / 2), i = (o % (D / 2)) * 2;
+        const float* sh = sc + hh * CHUNK;
+        float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll 8
+        for (int j = 0; j < len; j++) {
+            __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(vs + j * D + i);
+            float e = sh[j];
+            a0 = a0 + e * __low2float(v);
+            a1 = a1 + e * __high2float(v);
+        }
+        dst[hh * stride + 2 + i] = a0;
+        dst[hh * stride + 3 + i] = a1;
+    }
+}
+
 // One block per (token t, kv head g, chunk blockIdx.y), `done` counting the
 // (t, g)'s finished chunks: the chunk's keys and values are read once, with wide loads all in flight together, into shared memory,
 // and serve every q head of the GQA group. Dynamic shared memory:
@@ -223,86 +309,14 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
     }
     copies_wait();
     __syncthreads();
-    // Scores: warp w takes positions w, w + WARPS, ...; lane l owns elements
-    // [l·PER, (l+1)·PER) of the head, summed in order, then the head
-    // butterfly. Each key serves HPASS heads per pass.
-    for (int h0 = 0; h0 < G; h0 += HPASS) {
-        if (h0 > 0) {
-            if (ROPE)
-                rope_q<PER, HPASS>(xg + (size_t)g * G * D, wq, cv, sv, ri.eps, h0, G, qo, c == 0 && warp == 0, qv);
-            else
-                load_q<PER, HPASS>(qg, h0, G, qv);
-        }
-        float s[HPASS][CHUNK / WARPS];
-#pragma unroll
-        for (int r = 0; r < CHUNK / WARPS; r++) {
-            int j = warp + r * WARPS;
-            const __nv_bfloat16* k = ks + (j < len ? j : 0) * D + lane * PER;
-            float kf[PER];
-#pragma unroll
-            for (int e = 0; e < PER; e++) kf[e] = bf(k[e]);
-#pragma unroll
-            for (int hh = 0; hh < HPASS; hh++) {
-                float a = 0.0f;
-#pragma unroll
-                for (int e = 0; e < PER; e++) a = a + qv[hh][e] * kf[e];
-                s[hh][r] = a;
-            }
-        }
-#pragma unroll
-        for (int hh = 0; hh < HPASS; hh++) {
-            if (h0 + hh < G) {
-#pragma unroll
-                for (int r = 0; r < CHUNK / WARPS; r++) s[hh][r] = head_combine(s[hh][r]);
-                if (lane == 0) {
-#pragma unroll
-                    for (int r = 0; r < CHUNK / WARPS; r++) {
-                        int j = warp + r * WARPS;
-                        if (j < len) sc[(h0 + hh) * CHUNK + j] = s[hh][r] * scale;
-                    }
-                }
-            }
-        }
-    }
-    __syncthreads();
-    // Per head: the max (exact in any order), e_p = exp(s_p - m), and l = sum
-    // of e_p in increasing p.
-    for (int hh = warp; hh < G; hh += WARPS) {
-        float* sh = sc + hh * CHUNK;
-        float m = __int_as_float(0xff800000);
-        if (lane < len) m = sh[lane];
-        if (lane + 32 < len) m = fmaxf(m, sh[lane + 32]);
-        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-        if (lane < len) sh[lane] = q_exp(sh[lane] - m);
-        if (lane + 32 < len) sh[lane + 32] = q_exp(sh[lane + 32] - m);
-        __syncwarp();
-        if (lane == 0) {
-            float l = 0.0f;
-#pragma unroll 16
-            for (int j = 0; j < len; j++) l = l + sh[j];
-            float* dst = part + (((size_t)t * Hq + g * G + hh) * max_chunks + c) * (D + 2);
-            dst[0] = m;
-            dst[1] = l;
-        }
-    }
-    __syncthreads();
-    // o[i] = sum of e_p * v_p[i] in increasing p: each thread two adjacent
-    // dimensions of one head at a time.
-    for (int o = tid; o < G * D / 2; o += THREADS) {
-        int hh = o / (D / 2), i = (o % (D / 2)) * 2;
-        const float* sh = sc + hh * CHUNK;
-        float a0 = 0.0f, a1 = 0.0f;
-#pragma unroll 8
-        for (int j = 0; j < len; j++) {
-            __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(vs + j * D + i);
-            float e = sh[j];
-            a0 = a0 + e * __low2float(v);
-            a1 = a1 + e * __high2float(v);
-        }
-        float* dst = part + (((size_t)t * Hq + g * G + hh) * max_chunks + c) * (D + 2);
-        dst[2 + i] = a0;
-        dst[3 + i] = a1;
-    }
+    float* dst = part + (((size_t)t * Hq + g * G) * max_chunks + c) * (D + 2);
+    auto next_q = [&](int h0, float (&qn)[HPASS][PER]) {
+        if (ROPE)
+            rope_q<PER, HPASS>(xg + (size_t)g * G * D, wq, cv, sv, ri.eps, h0, G, qo, c == 0 && warp == 0, qn);
+        else
+            load_q<PER, HPASS>(qg, h0, G, qn);
+    };
+    chunk_partials<PER, THREADS, HPASS>(ks, vs, sc, len, G, scale, qv, next_q, dst, (size_t)max_chunks * (D + 2));
     // The last of the token's chunks to finish merges them all: its
     // partials, and the others' (made visible by their fences), are read
     // from L2.
@@ -322,12 +336,11 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
     combine_chunks<PER, THREADS>(part, t * Hq + g * G, G, ctx, max_chunks, reinterpret_cast<float*>(smem_raw), out);
 }
 
-// Two shapes of block: for a grid of few blocks (batch-1 decode), 256
-// threads and the scores of four heads per pass over the keys, which
-// shortens the chain of latencies; for many blocks, 128 threads and one
-// head per pass, fewer registers and more blocks per SM. q as given
-// (attn_chunk*), or, in the few-block shape, made here from the QKV output
-// (attn_rope_chunk, whose q is null, as the others' RopeIn pointers are).
+// Grids of few blocks (small decode batches): 256 threads and the scores of
+// four heads per pass over the keys, which shortens the chain of
+// latencies. q as given (attn_chunk), or made here from the QKV output
+// (attn_rope_chunk, whose q is null, as attn_chunk's RopeIn pointers are).
+// Larger decode batches take attn_span, prompts attn_tile (below).
 #define ATTN_CASE(DD, THREADS, HPASS, ROPE)                                                                     \
     case DD:                                                                                                    \
         attn_chunk_body<DD, THREADS, HPASS, ROPE>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,  \
@@ -350,8 +363,121 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
         }                                                                                                       \
     }
 ATTN_KERNEL(attn_chunk, 256, 4, false)
-ATTN_KERNEL(attn_chunk_many, 128, 1, false)
 ATTN_KERNEL(attn_rope_chunk, 256, 4, true)
+
+// ---- large decode batches ---------------------------------------------------
+// One token per sequence and many blocks: a block per (token, kv head) and
+// SPAN consecutive chunks, 128 threads and one head a pass. While a chunk
+// is summed, the next one's keys and values are copying into the other of
+// two shared-memory stages, so the copies of one block overlap its own
+// arithmetic, and the layout is read once for SPAN chunks. Each chunk's
+// partials are attn_chunk_body's, as is the merge.
+
+#define SPAN 4
+#define SPAN_THREADS 128
+
+template <int PER>
+__device__ __forceinline__ void attn_span_body(const __nv_bfloat16* q, const __nv_bfloat16* kc,
+                                               const __nv_bfloat16* vc, const u32* pos, const u32* seq,
+                                               const u32* tables, int max_blocks, int bs, int Hq, int Hkv,
+                                               float scale, int max_chunks, float* part, u32* done,
+                                               __nv_bfloat16* out) {
+    const int D = PER * 32;
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    __nv_bfloat16* stages = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // 2 x (keys, values)
+    float* sc = reinterpret_cast<float*>(stages + 4 * CHUNK * D);
+    __shared__ u32 slot_of[SPAN * CHUNK];
+    int tg = blockIdx.x, t = tg / Hkv, g = tg % Hkv;
+    int G = Hq / Hkv;
+    int tid = threadIdx.x, lane = tid % 32;
+    u32 pt = pos[t], st = seq[t];
+    int ctx = (int)pt + 1;
+    int chunks = (ctx + CHUNK - 1) / CHUNK;
+    int c0 = blockIdx.y * SPAN;
+    if (c0 >= chunks) {
+        start_dependents();
+        return;
+    }
+    int c1 = min(chunks, c0 + SPAN);
+    int start = c0 * CHUNK, npos = min(ctx, c1 * CHUNK) - start;
+    const u32* table = tables + (size_t)st * max_blocks;
+    for (int j = tid; j < npos; j += SPAN_THREADS) {
+        int p = start + j;
+        slot_of[j] = table[p / bs] * (u32)bs + (u32)(p % bs);
+    }
+    __syncthreads();
+    auto chunk_len = [&](int c) { return min(CHUNK, ctx - c * CHUNK); };
+    const int pieces = D / 8;
+    auto copy_rows = [&](int c, int r0, int r1) {
+        __nv_bfloat16* ks = stages + ((c - c0) & 1) * 2 * CHUNK * D;
+        const u32* so = slot_of + (c - c0) * CHUNK;
+        for (int i = r0 * pieces + tid; i < r1 * pieces; i += SPAN_THREADS) {
+            int r = i / pieces, o = (i % pieces) * 8;
+            size_t src = ((size_t)so[r] * Hkv + g) * D + o;
+            copy16_async(ks + r * D + o, kc + src);
+            copy16_async(ks + CHUNK * D + r * D + o, vc + src);
+        }
+    };
+    // Rows before the token's own position are older than this step
+    // (dependent_launch.cuh): the first chunk's are copied before the wait.
+    int old = min(chunk_len(c0), (int)pt - start);
+    copy_rows(c0, 0, old);
+    wait_for_producers();
+    start_dependents();
+    copy_rows(c0, old, chunk_len(c0));
+    copies_commit();
+    const __nv_bfloat16* qg = q + ((size_t)t * Hq + g * G) * D + lane * PER;
+    auto next_q = [&](int h0, float (&qn)[1][PER]) { load_q<PER, 1>(qg, h0, G, qn); };
+    for (int c = c0; c < c1; c++) {
+        if (c + 1 < c1) {
+            copy_rows(c + 1, 0, chunk_len(c + 1));
+            copies_commit();
+            copies_wait_groups<1>();
+        } else {
+            copies_wait();
+        }
+        __syncthreads();
+        float qv[1][PER];
+        load_q<PER, 1>(qg, 0, G, qv);
+        const __nv_bfloat16* ks = stages + ((c - c0) & 1) * 2 * CHUNK * D;
+        float* dst = part + (((size_t)t * Hq + g * G) * max_chunks + c) * (D + 2);
+        chunk_partials<PER, SPAN_THREADS, 1>(ks, ks + CHUNK * D, sc, chunk_len(c), G, scale, qv, next_q, dst,
+                                             (size_t)max_chunks * (D + 2));
+        // Every thread is done with this stage before it is refilled.
+        __syncthreads();
+    }
+    // The last of the token's spans to finish merges every chunk.
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) {
+        int spans = (chunks + SPAN - 1) / SPAN;
+        last = atomicAdd(done + tg, 1u) == (u32)(spans - 1);
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (tid == 0) done[tg] = 0;
+    combine_chunks<PER, SPAN_THREADS>(part, t * Hq + g * G, G, ctx, max_chunks, reinterpret_cast<float*>(smem_raw),
+                                      out);
+}
+
+#define SPAN_CASE(DD)                                                                                          \
+    case DD:                                                                                                   \
+        attn_span_body<DD>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale, max_chunks, part, done, \
+                           out);                                                                               \
+        break;
+extern "C" __global__ void __launch_bounds__(SPAN_THREADS)
+    attn_span(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, const u32* pos,
+              const u32* seq, const u32* tables, int max_blocks, int bs, int Hq, int Hkv, int D, float scale,
+              int max_chunks, float* part, u32* done, __nv_bfloat16* out) {
+    switch (D / 32) {
+        SPAN_CASE(1)
+        SPAN_CASE(2)
+        SPAN_CASE(4)
+        SPAN_CASE(8)
+    }
+}
 
 // ---- query tiles -----------------------------------------------------------
 // Batches that are not one token per sequence (prompts, chunks of them, and

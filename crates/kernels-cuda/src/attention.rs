@@ -12,10 +12,11 @@ use crate::{CudaBackend, Scratch};
 /// Positions per split; must equal qwen_kernels_cpu::ATTN_CHUNK and CHUNK in attention.cu.
 const CHUNK: usize = 64;
 const _: () = assert!(CHUNK == qwen_kernels_cpu::ATTN_CHUNK);
-/// Grids of up to this many blocks take attn_chunk (256 threads, built for
-/// latency), larger ones attn_chunk_many (128 threads, more blocks per SM);
-/// the thread counts must match ATTN_KERNEL's in attention.cu.
+/// Decode grids of up to this many (token, kv head, chunk) blocks take
+/// attn_chunk (256 threads, built for latency), larger ones attn_span.
 const FEW_BLOCKS: usize = 512;
+/// Chunks per attn_span block; SPAN in attention.cu.
+const SPAN: usize = 4;
 /// Query rows (token, q head) per pass of attn_tile; TILE_ROWS in attention.cu.
 const TILE_ROWS: usize = 32;
 const _: () = assert!(qwen_tensor::QUERY_TILE == 16); // TILE_TOKENS in attention.cu
@@ -53,10 +54,97 @@ impl CudaBackend {
         scale: f32,
         out: &mut T,
     ) -> Result<()> {
-        if meta.num_tokens > 0 && seqs(meta) != meta.num_tokens {
+        let tokens = meta.num_tokens;
+        if tokens > 0 && seqs(meta) != tokens {
             return self.attention_tiles(q, k_cache, v_cache, meta, geo, scale, out);
         }
+        let chunks = meta.max_context.div_ceil(CHUNK).max(1);
+        if tokens * geo.num_kv_heads * chunks > FEW_BLOCKS {
+            return self.attention_spans(q, k_cache, v_cache, meta, geo, scale, out);
+        }
         self.attention_launch(QFrom::Given, q, k_cache, v_cache, meta, geo, scale, out)
+    }
+
+    /// Attention for a large decode batch (attn_span): a block per (token,
+    /// kv head) and SPAN chunks, copying a chunk while it sums the one
+    /// before.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_spans(
+        &self,
+        q: &T,
+        k_cache: &T,
+        v_cache: &T,
+        meta: &BatchMeta<CudaBackend>,
+        geo: AttnGeometry,
+        scale: f32,
+        out: &mut T,
+    ) -> Result<()> {
+        const OP: &str = "attention";
+        let tokens = meta.num_tokens;
+        let d = geo.head_dim;
+        check_attention(OP, q, k_cache, v_cache, tokens, geo, out)?;
+        check_head_dim(OP, geo)?;
+        let max_chunks = meta.max_context.div_ceil(CHUNK).max(1);
+        // Two stages of a chunk's keys and values, then the group's scores;
+        // the merging block keeps a factor per (q head, chunk) there.
+        let group = geo.num_q_heads / geo.num_kv_heads;
+        let smem = (4 * CHUNK * d * 2 + group * CHUNK * 4).max(group * max_chunks * 4);
+        // (attn_span's static shared memory is under 2 KB.)
+        if smem + 2048 > self.dev.smem_optin {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "context of {} positions is too long for head_dim {d} with {group} q heads per kv head",
+                    meta.max_context
+                ),
+            ));
+        }
+        let (mb, bs) = (int(OP, meta.max_blocks)?, int(OP, geo.block_size)?);
+        let (hq, hkv, di, mc) = (
+            int(OP, geo.num_q_heads)?,
+            int(OP, geo.num_kv_heads)?,
+            int(OP, d)?,
+            int(OP, max_chunks)?,
+        );
+        let mut cfg = grid(
+            (
+                (tokens * geo.num_kv_heads) as u32,
+                max_chunks.div_ceil(SPAN) as u32,
+                1,
+            ),
+            (128, 1, 1),
+        );
+        cfg.shared_mem_bytes = smem as u32;
+        let part_shape = [tokens * geo.num_q_heads * max_chunks * (d + 2)];
+        self.with_scratch(Scratch::AttnPartials, &part_shape, DType::F32, |part| {
+            // Spans finished per (token, kv head): zero when created, and set
+            // back to zero by the block that merges them.
+            let done_shape = [tokens * geo.num_kv_heads];
+            self.with_scratch(Scratch::AttnDone, &done_shape, DType::U32, |done| {
+                let mut b = self.launch(self.kernel("attn_span"));
+                b.arg(bf16s(OP, "q", q)?)
+                    .arg(bf16s(OP, "k_cache", k_cache)?)
+                    .arg(bf16s(OP, "v_cache", v_cache)?)
+                    .arg(u32s(OP, "positions", &meta.positions)?)
+                    .arg(u32s(OP, "seq_of_token", &meta.seq_of_token)?)
+                    .arg(u32s(OP, "block_tables", &meta.block_tables)?)
+                    .arg(&mb)
+                    .arg(&bs)
+                    .arg(&hq)
+                    .arg(&hkv)
+                    .arg(&di)
+                    .arg(&scale)
+                    .arg(&mc)
+                    .arg(f32s_mut(OP, "partials", part)?)
+                    .arg(u32s_mut(OP, "done", done)?)
+                    .arg(bf16s_mut(OP, "out", out)?);
+                // SAFETY: argument order and types match attn_span in attention.cu; one
+                // token per sequence (checked by the caller); the partials hold
+                // max_chunks entries for every (token, q head), done one counter per
+                // (token, kv head), and the dynamic shared memory is sized above.
+                unsafe { b.launch(cfg) }.map_err(dev)
+            })
+        })
     }
 
     /// Attention by query tile (attn_tile), for batches that are not one
@@ -248,12 +336,11 @@ impl CudaBackend {
                 ),
             ));
         }
-        let blocks = tokens * geo.num_kv_heads * max_chunks;
         let rope = matches!(from, QFrom::Rope(_));
-        let (name, threads) = match (blocks <= FEW_BLOCKS, rope) {
-            (_, true) => ("attn_rope_chunk", 256),
-            (true, false) => ("attn_chunk", 256),
-            (false, false) => ("attn_chunk_many", 128),
+        let (name, threads) = if rope {
+            ("attn_rope_chunk", 256)
+        } else {
+            ("attn_chunk", 256)
         };
         let f = self.kernel(name);
         // One token per sequence: rows before each token's own position are

@@ -45,17 +45,16 @@ const MODULES: &[(&str, &str, &[&str])] = &[
             "split_hi_lo",
         ],
     ),
-    ("gemm", include_str!("gemm.cu"), &["gemm_tc", "gemm_tc_n64"]),
+    (
+        "gemm",
+        include_str!("gemm.cu"),
+        &["gemm_tc", "gemm_tc_n64", "gemm_tc_n32"],
+    ),
     ("rope", include_str!("rope.cu"), &["qk_norm_rope_store"]),
     (
         "attention",
         include_str!("attention.cu"),
-        &[
-            "attn_chunk",
-            "attn_chunk_many",
-            "attn_rope_chunk",
-            "attn_tile",
-        ],
+        &["attn_chunk", "attn_rope_chunk", "attn_tile", "attn_span"],
     ),
     ("activation", include_str!("activation.cu"), &["silu_mul"]),
     (
@@ -76,9 +75,12 @@ const LARGE_DYNAMIC_SMEM: &[&str] = &[
     "rms_norm_bf16",
     "rms_norm_f32",
     "attn_chunk",
-    "attn_chunk_many",
     "attn_rope_chunk",
     "attn_tile",
+    "attn_span",
+    "gemm_tc",
+    "gemm_tc_n64",
+    "gemm_tc_n32",
 ];
 
 /// Above 48 KB a kernel must opt in to dynamic shared memory; done once at

@@ -7,11 +7,12 @@
 // that differs from the CPU spec (the tensor cores' own accumulation); the
 // twin tests bound the difference.
 
-#define GM 64   // rows per block
-#define GN 128  // most weight rows (output columns) per block; gemm_tc_n64 takes 64
-#define GK 32   // k per shared-memory stage
-#define GPAD 8  // bf16 of padding per shared row: 80-byte rows, no ldmatrix bank conflicts
+#define GM 64      // rows per block
+#define GN 128     // most weight rows (output columns) per block; gemm_tc_n64/_n32 take 64/32
+#define GK 32      // k per shared-memory stage
+#define GPAD 8     // bf16 of padding per shared row: 80-byte rows, no ldmatrix bank conflicts
 #define GS (GK + GPAD)
+#define GSTAGES 3  // stages in flight: a tile's k loop waits on bandwidth, not latency
 
 __device__ __forceinline__ void cp16(void* smem, const void* gmem, bool valid) {
     unsigned s = (unsigned)__cvta_generic_to_shared(smem);
@@ -58,13 +59,14 @@ __device__ __forceinline__ void mma16816(float* d, const unsigned* a, unsigned b
 }
 
 // 4 warps, 2 x 2, each owning 32 rows x BN/2 columns of the block's tile.
-// The tile's width changes which block computes an element, never the
-// sequence of k-steps that sums it.
+// The tile's width changes which block computes an element, and the stages
+// only when its operands arrive, never the sequence of k-steps that sums it.
+// Shared memory (dynamic): GSTAGES stages of GM + BN rows of GS bf16.
 template <bool VEC, int BN>
 __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K,
-                                          int N, int add, __nv_bfloat16 (*As)[GM * GS],
-                                          __nv_bfloat16 (*Bs)[GN * GS]) {
+                                          int N, int add, __nv_bfloat16* smem) {
     const int NT = BN / 16;  // 8-column mma tiles per warp
+    const int STAGE = (GM + BN) * GS;
     int m0 = blockIdx.y * GM, n0 = blockIdx.x * BN;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int wm = (warp / 2) * 32, wn = (warp % 2) * (BN / 2);
@@ -76,20 +78,25 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
     int tiles = (K + GK - 1) / GK;
-    load_tile<GM, VEC>(As[0], x, T, K, m0, 0);
-    load_tile<BN, VEC>(Bs[0], w, N, K, n0, 0);
-    asm volatile("cp.async.commit_group;\n" ::);
-    for (int kt = 0; kt < tiles; kt++) {
-        int cur = kt & 1;
-        if (kt + 1 < tiles) {
-            load_tile<GM, VEC>(As[cur ^ 1], x, T, K, m0, (kt + 1) * GK);
-            load_tile<BN, VEC>(Bs[cur ^ 1], w, N, K, n0, (kt + 1) * GK);
+    // Every stage commits a group, empty past the end, so that "all but
+    // the newest GSTAGES - 2" always means tile kt has landed.
+    auto issue = [&](int kt) {
+        if (kt < tiles) {
+            __nv_bfloat16* st = smem + (kt % GSTAGES) * STAGE;
+            load_tile<GM, VEC>(st, x, T, K, m0, kt * GK);
+            load_tile<BN, VEC>(st + GM * GS, w, N, K, n0, kt * GK);
         }
         asm volatile("cp.async.commit_group;\n" ::);
-        asm volatile("cp.async.wait_group 1;\n" ::);
+    };
+#pragma unroll
+    for (int s = 0; s < GSTAGES - 1; s++) issue(s);
+    for (int kt = 0; kt < tiles; kt++) {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(GSTAGES - 2));
+        // Also: every warp is done with the stage the next issue refills.
         __syncthreads();
-        const __nv_bfloat16* a_s = As[cur];
-        const __nv_bfloat16* b_s = Bs[cur];
+        issue(kt + GSTAGES - 1);
+        const __nv_bfloat16* a_s = smem + (kt % GSTAGES) * STAGE;
+        const __nv_bfloat16* b_s = a_s + GM * GS;
 #pragma unroll
         for (int ks = 0; ks < GK; ks += 16) {
             unsigned a[2][4];
@@ -107,7 +114,6 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
                 }
             }
         }
-        __syncthreads();
     }
 #pragma unroll
     for (int i = 0; i < 2; i++)
@@ -127,13 +133,12 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
 template <int BN>
 __device__ __forceinline__ void gemm_entry(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K,
                                            int N, int add) {
-    // Declared here, not in gemm_body, so both K variants share one 30 KB.
-    __shared__ __align__(16) __nv_bfloat16 As[2][GM * GS];
-    __shared__ __align__(16) __nv_bfloat16 Bs[2][GN * GS];
+    extern __shared__ __align__(16) unsigned char gemm_smem[];
+    __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(gemm_smem);
     if ((K & 7) == 0)
-        gemm_body<true, BN>(x, w, out, T, K, N, add, As, Bs);
+        gemm_body<true, BN>(x, w, out, T, K, N, add, smem);
     else
-        gemm_body<false, BN>(x, w, out, T, K, N, add, As, Bs);
+        gemm_body<false, BN>(x, w, out, T, K, N, add, smem);
 }
 
 extern "C" __global__ void __launch_bounds__(128) gemm_tc(const __nv_bfloat16* x, const __nv_bfloat16* w,
@@ -149,4 +154,11 @@ extern "C" __global__ void __launch_bounds__(128) gemm_tc_n64(const __nv_bfloat1
     wait_for_producers();
     start_dependents();
     gemm_entry<64>(x, w, out, T, K, N, add);
+}
+
+extern "C" __global__ void __launch_bounds__(128) gemm_tc_n32(const __nv_bfloat16* x, const __nv_bfloat16* w,
+                                                              float* out, int T, int K, int N, int add) {
+    wait_for_producers();
+    start_dependents();
+    gemm_entry<32>(x, w, out, T, K, N, add);
 }

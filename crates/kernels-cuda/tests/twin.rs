@@ -558,6 +558,11 @@ fn qk_norm_rope_and_attention() {
         // Qwen3-14B's group of 5: a second, partial pass of query heads.
         (40, 8, 128, vec![(150, 1), (33, 2)]),
         (8, 1, 256, vec![(200, 2)]),
+        // Large decode batches (attn_span: spans of 4 chunks, two stages):
+        // groups of 5 and 1, head widths 32 and 256.
+        (40, 8, 128, (0..16).map(|i| (1 + 97 * i, 1)).collect()),
+        (4, 2, 32, (0..64).map(|i| (300 + 5 * i, 1)).collect()),
+        (8, 1, 256, (0..64).map(|i| (600 + 3 * i, 1)).collect()),
         // Query tiles (prompt runs cut into 16 tokens): a chunk of a prompt
         // beside decode tokens, 17-token runs, and groups of 8 and 5 whose
         // tile rows take several passes of 32 (the last one partial).
