@@ -100,6 +100,15 @@ impl BatchLayout {
         tiles
     }
 
+    /// Whether `tiles` (from [`query_tiles`](Self::query_tiles)) is one
+    /// tile per token, in token order.
+    pub fn tiles_are_tokens(tiles: &[u32]) -> bool {
+        tiles
+            .chunks(2)
+            .enumerate()
+            .all(|(i, p)| p[0] == i as u32 && p[1] == 1)
+    }
+
     /// Longest context any token of the batch attends over.
     pub fn max_context(&self) -> usize {
         self.positions
@@ -125,6 +134,9 @@ pub struct BatchMeta<B: Backend> {
     pub query_tiles: Tensor<B>,
     pub num_tokens: usize,
     pub num_query_tiles: usize,
+    /// Every query tile is one token, in token order (a decode batch):
+    /// a decode step's update then leaves `query_tiles` as it is.
+    pub tiles_are_tokens: bool,
     pub max_blocks: usize,
     pub max_context: usize,
 }
@@ -153,5 +165,8 @@ mod tests {
             vec![0, 16, 16, 16, 32, 3, 35, 1, 36, 2, 38, 2]
         );
         assert!(BatchLayout::default().query_tiles().is_empty());
+        assert!(!BatchLayout::tiles_are_tokens(&l.query_tiles()));
+        assert!(BatchLayout::tiles_are_tokens(&[0, 1, 1, 1, 2, 1]));
+        assert!(!BatchLayout::tiles_are_tokens(&[0, 1, 2, 1]));
     }
 }

@@ -93,6 +93,7 @@ pub trait Backend: Sized + Send + Sync {
             query_tiles: self.upload(HostSlice::U32(&tiles), &[tiles.len() / 2, 2])?,
             num_tokens: t,
             num_query_tiles: tiles.len() / 2,
+            tiles_are_tokens: BatchLayout::tiles_are_tokens(&tiles),
             max_blocks: layout.max_blocks,
             max_context: layout.max_context(),
         })
@@ -115,7 +116,11 @@ pub trait Backend: Sized + Send + Sync {
         self.write(&mut meta.slots, HostSlice::U32(&layout.slots()))?;
         self.write(&mut meta.seq_of_token, HostSlice::U32(&layout.seq_of_token))?;
         self.write(&mut meta.block_tables, HostSlice::U32(&layout.block_tables))?;
-        self.write(&mut meta.query_tiles, HostSlice::U32(&tiles))?;
+        let single = BatchLayout::tiles_are_tokens(&tiles);
+        if !(single && meta.tiles_are_tokens) {
+            self.write(&mut meta.query_tiles, HostSlice::U32(&tiles))?;
+            meta.tiles_are_tokens = single;
+        }
         meta.max_context = layout.max_context();
         Ok(())
     }

@@ -1,0 +1,50 @@
+//! The batch metadata a backend keeps between forward passes: `update_batch`
+//! must leave it exactly as `upload_batch` would make it, including the
+//! query tiles it may skip rewriting for decode steps.
+
+use qwen_kernels_cpu::CpuBackend;
+use qwen_tensor::{Backend, BatchLayout, BatchMeta, HostVec};
+
+fn layout(positions: &[u32], seqs: &[u32], n_seqs: usize) -> BatchLayout {
+    BatchLayout {
+        positions: positions.to_vec(),
+        seq_of_token: seqs.to_vec(),
+        block_tables: (0..n_seqs as u32 * 4).collect(),
+        max_blocks: 4,
+        block_size: 16,
+    }
+}
+
+fn tiles(b: &CpuBackend, m: &BatchMeta<CpuBackend>) -> Vec<u32> {
+    match b.download(&m.query_tiles).unwrap() {
+        HostVec::U32(v) => v,
+        other => panic!("query tiles are {other:?}"),
+    }
+}
+
+#[test]
+fn update_batch_keeps_query_tiles_current() {
+    let b = CpuBackend::new();
+    // Three tokens of one prompt, then three decode tokens, twice.
+    let prompt = layout(&[0, 1, 2], &[0, 0, 0], 1);
+    let decode = layout(&[3, 9, 5], &[0, 1, 2], 3);
+    let decode2 = layout(&[4, 10, 6], &[0, 1, 2], 3);
+    let mut m = b.upload_batch(&prompt).unwrap();
+    assert_eq!(tiles(&b, &m), vec![0, 3]);
+    for l in [&decode, &decode2, &prompt, &decode] {
+        b.update_batch(&mut m, l).unwrap();
+        assert_eq!(tiles(&b, &m), l.query_tiles());
+        assert_eq!(m.num_query_tiles, l.query_tiles().len() / 2);
+        assert_eq!(
+            m.tiles_are_tokens,
+            BatchLayout::tiles_are_tokens(&l.query_tiles())
+        );
+    }
+    // Same token count, same tile count, different tiles: rewritten.
+    let two_runs = layout(&[0, 1, 7], &[0, 0, 1], 2);
+    let other_runs = layout(&[5, 0, 1], &[0, 1, 1], 2);
+    b.update_batch(&mut m, &two_runs).unwrap();
+    assert_eq!(tiles(&b, &m), vec![0, 2, 2, 1]);
+    b.update_batch(&mut m, &other_runs).unwrap();
+    assert_eq!(tiles(&b, &m), vec![0, 1, 1, 2]);
+}
