@@ -48,7 +48,7 @@ const MODULES: &[(&str, &str, &[&str])] = &[
     (
         "gemm",
         include_str!("gemm.cu"),
-        &["gemm_tc", "gemm_tc_n64", "gemm_tc_n32"],
+        &["gemm_tc", "gemm_tc_n64", "gemm_tc_n32", "gemm_splits_sum"],
     ),
     ("rope", include_str!("rope.cu"), &["qk_norm_rope_store"]),
     (

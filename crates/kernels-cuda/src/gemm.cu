@@ -1,8 +1,10 @@
 // Batch-invariant tensor-core GEMM for prompt rows: out[t, n] (+)= x[t, :] . w[n, :]
 // with bf16 inputs and f32 accumulation (mma.sync m16n8k16). Every output
 // element sums its K in the same fixed sequence of 16-wide steps (tile by
-// tile in increasing k, no split-K), and a row's products never meet another
-// row's, so a row's result depends only on that row and w: not on how many
+// tile in increasing k, within each of a number of K shares that depends on
+// the weight's shape alone, the shares then added in order), and a row's
+// products never meet another row's, so a row's result depends only on
+// that row and w: not on how many
 // rows the batch has nor where the row sits in it. This is the one matmul
 // that differs from the CPU spec (the tensor cores' own accumulation); the
 // twin tests bound the difference.
@@ -62,9 +64,14 @@ __device__ __forceinline__ void mma16816(float* d, const unsigned* a, unsigned b
 // The tile's width changes which block computes an element, and the stages
 // only when its operands arrive, never the sequence of k-steps that sums it.
 // Shared memory (dynamic): GSTAGES stages of GM + BN rows of GS bf16.
+//
+// Split K (gridDim.z > 1, fixed by K and N, never by T): block z sums its
+// share of the k-tiles from +0.0 and stores them in part[z]; gemm_splits_sum
+// then adds the shares in z order. One row's sums still never meet another
+// row's, and their order does not depend on the batch.
 template <bool VEC, int BN>
 __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K,
-                                          int N, int add, __nv_bfloat16* smem) {
+                                          int N, int add, float* part, __nv_bfloat16* smem) {
     const int NT = BN / 16;  // 8-column mma tiles per warp
     const int STAGE = (GM + BN) * GS;
     int m0 = blockIdx.y * GM, n0 = blockIdx.x * BN;
@@ -77,7 +84,8 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
         for (int j = 0; j < NT; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
-    int tiles = (K + GK - 1) / GK;
+    int all_tiles = (K + GK - 1) / GK, per = (all_tiles + gridDim.z - 1) / gridDim.z;
+    int kt0 = blockIdx.z * per, tiles = min(all_tiles, kt0 + per);
     // Every stage commits a group, empty past the end, so that "all but
     // the newest GSTAGES - 2" always means tile kt has landed.
     auto issue = [&](int kt) {
@@ -89,8 +97,8 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
         asm volatile("cp.async.commit_group;\n" ::);
     };
 #pragma unroll
-    for (int s = 0; s < GSTAGES - 1; s++) issue(s);
-    for (int kt = 0; kt < tiles; kt++) {
+    for (int s = 0; s < GSTAGES - 1; s++) issue(kt0 + s);
+    for (int kt = kt0; kt < tiles; kt++) {
         asm volatile("cp.async.wait_group %0;\n" ::"n"(GSTAGES - 2));
         // Also: every warp is done with the stage the next issue refills.
         __syncthreads();
@@ -125,40 +133,47 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
                 int c = n0 + wn + j * 8 + (lane % 4) * 2 + e % 2;
                 if (r < T && c < N) {
                     size_t o = (size_t)r * N + c;
-                    out[o] = add ? out[o] + acc[i][j][e] : acc[i][j][e];
+                    if (part)
+                        part[(size_t)blockIdx.z * T * N + o] = acc[i][j][e];
+                    else
+                        out[o] = add ? out[o] + acc[i][j][e] : acc[i][j][e];
                 }
             }
 }
 
 template <int BN>
 __device__ __forceinline__ void gemm_entry(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K,
-                                           int N, int add) {
+                                           int N, int add, float* part) {
     extern __shared__ __align__(16) unsigned char gemm_smem[];
     __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(gemm_smem);
     if ((K & 7) == 0)
-        gemm_body<true, BN>(x, w, out, T, K, N, add, smem);
+        gemm_body<true, BN>(x, w, out, T, K, N, add, part, smem);
     else
-        gemm_body<false, BN>(x, w, out, T, K, N, add, smem);
+        gemm_body<false, BN>(x, w, out, T, K, N, add, part, smem);
 }
 
-extern "C" __global__ void __launch_bounds__(128) gemm_tc(const __nv_bfloat16* x, const __nv_bfloat16* w,
-                                                          float* out, int T, int K, int N, int add) {
-    wait_for_producers();
-    start_dependents();
-    gemm_entry<128>(x, w, out, T, K, N, add);
-}
+// gemm_tc_n64 and gemm_tc_n32 take narrower tiles, for GEMMs too small to
+// fill the GPU with 128-wide ones.
+#define GEMM_KERNEL(NAME, BN)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) NAME(const __nv_bfloat16* x, const __nv_bfloat16* w,       \
+                                                           float* out, int T, int K, int N, int add, float* part) { \
+        wait_for_producers();                                                                                   \
+        start_dependents();                                                                                     \
+        gemm_entry<BN>(x, w, out, T, K, N, add, part);                                                          \
+    }
+GEMM_KERNEL(gemm_tc, 128)
+GEMM_KERNEL(gemm_tc_n64, 64)
+GEMM_KERNEL(gemm_tc_n32, 32)
 
-// Narrow tiles, for GEMMs too small to fill the GPU with 128-wide ones.
-extern "C" __global__ void __launch_bounds__(128) gemm_tc_n64(const __nv_bfloat16* x, const __nv_bfloat16* w,
-                                                              float* out, int T, int K, int N, int add) {
+// out[i] (+)= ((part[0][i] + part[1][i]) + ...) + part[splits - 1][i]: the
+// split shares of gemm_body, added in split order.
+extern "C" __global__ void __launch_bounds__(256) gemm_splits_sum(const float* part, float* out, int splits, int len,
+                                                                  int add) {
     wait_for_producers();
     start_dependents();
-    gemm_entry<64>(x, w, out, T, K, N, add);
-}
-
-extern "C" __global__ void __launch_bounds__(128) gemm_tc_n32(const __nv_bfloat16* x, const __nv_bfloat16* w,
-                                                              float* out, int T, int K, int N, int add) {
-    wait_for_producers();
-    start_dependents();
-    gemm_entry<32>(x, w, out, T, K, N, add);
+    int i = blockIdx.x * 256 + threadIdx.x;
+    if (i >= len) return;
+    float total = part[i];
+    for (int z = 1; z < splits; z++) total = total + part[(size_t)z * len + i];
+    out[i] = add ? out[i] + total : total;
 }

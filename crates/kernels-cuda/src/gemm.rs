@@ -5,11 +5,11 @@
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
-use qwen_tensor::Result;
+use qwen_tensor::{DType, Result};
 
-use crate::device::dev;
+use crate::device::{dev, f32s_mut};
 use crate::launch::{grid, int};
-use crate::CudaBackend;
+use crate::{CudaBackend, Scratch};
 
 /// Rows and columns of `out` per block, as GM and GN in gemm.cu
 /// (gemm_tc_n64 and gemm_tc_n32 take 64 and 32 columns).
@@ -25,6 +25,22 @@ const GSTAGES: u32 = 3;
 /// 32-wide 37.4; o_proj 36.2 and 27.2).
 const FEW_BLOCKS: u32 = 264;
 const ONE_WAVE: u32 = 132;
+
+/// Shares of K summed apart (split K): a function of the weight's shape
+/// only, so that a row's sums never depend on its batch. Projections of at
+/// most 2,048 columns (Qwen3-0.6B's o_proj and down, 1,024) give too few
+/// tiles to fill the GPU at decode batch sizes; each share keeps at least
+/// 512 of K.
+pub(crate) fn k_splits(k: usize, n: usize) -> u32 {
+    let want = if n <= 1024 {
+        4
+    } else if n <= 2048 {
+        2
+    } else {
+        1
+    };
+    want.min((k / 512).max(1) as u32)
+}
 
 impl CudaBackend {
     /// `out[t, n] (+)= Σ_k x[t, k]·w[n, k]` for the first `t` rows of `x`
@@ -48,7 +64,8 @@ impl CudaBackend {
         }
         let (ti, ki, ni, addi) = (int(op, t)?, int(op, k)?, int(op, n)?, add as i32);
         let row_tiles = (t as u32).div_ceil(GM);
-        let blocks = |bn: u32| (n as u32).div_ceil(bn) * row_tiles;
+        let splits = k_splits(k, n);
+        let blocks = |bn: u32| (n as u32).div_ceil(bn) * row_tiles * splits;
         let (name, bn) = if blocks(GN) >= FEW_BLOCKS {
             ("gemm_tc", GN)
         } else if blocks(GN / 2) >= ONE_WAVE {
@@ -56,20 +73,48 @@ impl CudaBackend {
         } else {
             ("gemm_tc_n32", GN / 4)
         };
-        let mut cfg = grid(((n as u32).div_ceil(bn), row_tiles, 1), (128, 1, 1));
+        let mut cfg = grid(((n as u32).div_ceil(bn), row_tiles, splits), (128, 1, 1));
         cfg.shared_mem_bytes = GSTAGES * (GM + bn) * GS * 2;
-        let mut b = self.launch(self.kernel(name));
-        b.arg(x)
-            .arg(w)
-            .arg(out)
-            .arg(&ti)
-            .arg(&ki)
-            .arg(&ni)
-            .arg(&addi);
-        // SAFETY: argument order and types match gemm_tc{,_n64,_n32} in gemm.cu; the
-        // caller checked the slices' sizes, the kernel guards every access
-        // by T, K and N, and the dynamic shared memory holds its stages.
-        unsafe { b.launch(cfg) }.map_err(dev)?;
-        Ok(())
+        let f = self.kernel(name);
+        if splits == 1 {
+            let mut b = self.launch(f);
+            b.arg(x)
+                .arg(w)
+                .arg(&mut *out)
+                .arg(&ti)
+                .arg(&ki)
+                .arg(&ni)
+                .arg(&addi)
+                .arg(&0u64);
+            // SAFETY: argument order and types match gemm_tc{,_n64,_n32} in gemm.cu
+            // (a null `part`: no split); the caller checked the slices' sizes, the
+            // kernel guards every access by T, K and N, and the dynamic shared
+            // memory holds its stages.
+            return unsafe { b.launch(cfg) }.map_err(dev);
+        }
+        let len = t * n;
+        let li = int(op, len)?;
+        let si = splits as i32;
+        // Rounded up so that nearby batch sizes reuse one buffer.
+        let shape = [(splits as usize * len).next_power_of_two()];
+        self.with_scratch(Scratch::GemmSplits, &shape, DType::F32, |part| {
+            let part = f32s_mut(op, "splits", part)?;
+            let mut b = self.launch(f);
+            b.arg(x)
+                .arg(w)
+                .arg(&mut *out)
+                .arg(&ti)
+                .arg(&ki)
+                .arg(&ni)
+                .arg(&addi)
+                .arg(&mut *part);
+            // SAFETY: as above, with `part` holding splits·t·n floats.
+            unsafe { b.launch(cfg) }.map_err(dev)?;
+            let mut b = self.launch(self.kernel("gemm_splits_sum"));
+            b.arg(&*part).arg(&mut *out).arg(&si).arg(&li).arg(&addi);
+            // SAFETY: argument order and types match gemm_splits_sum; `part` holds
+            // splits·len floats and `out` len.
+            unsafe { b.launch(grid(((len as u32).div_ceil(256), 1, 1), (256, 1, 1))) }.map_err(dev)
+        })
     }
 }

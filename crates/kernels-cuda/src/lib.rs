@@ -79,10 +79,11 @@ pub(crate) enum Scratch {
     ArgmaxIndices = 6,
     ArgmaxOut = 7,
     AttnDone = 8,
+    GemmSplits = 9,
 }
 
 /// How many [`Scratch`] slots there are.
-const SCRATCH_SLOTS: usize = 9;
+const SCRATCH_SLOTS: usize = 10;
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -174,6 +174,10 @@ fn tensor_core_matmul_within_bound() {
         (65, 65, 200, 70),
         (9, 1, 1024, 3072),
         (20, 13, 37, 130),
+        // K in unequal shares (split K): 3 shares of 50 tiles, and 2 of a
+        // K that is not a multiple of 8.
+        (70, 70, 1600, 500),
+        (33, 20, 1031, 300),
     ] {
         g.set_tensor_core_rows(tc);
         let x = r.bf16s(t * k, 1.0);
