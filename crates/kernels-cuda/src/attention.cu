@@ -122,6 +122,44 @@ __device__ __forceinline__ void rope_q(const float* x, const float w[PER], const
     }
 }
 
+// One score row of a chunk, by one warp: m_c = the max of sh[0, len)
+// (exact in any order), sh[p] = exp(sh[p] - m_c), and l_c = the sum of
+// those in increasing p from +0.0; lane 0 writes m_c and l_c to dst[0, 1].
+__device__ __forceinline__ void softmax_row(float* sh, int len, float* dst) {
+    int lane = threadIdx.x % 32;
+    float m = __int_as_float(0xff800000);
+    if (lane < len) m = sh[lane];
+    if (lane + 32 < len) m = fmaxf(m, sh[lane + 32]);
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane < len) sh[lane] = q_exp(sh[lane] - m);
+    if (lane + 32 < len) sh[lane + 32] = q_exp(sh[lane + 32] - m);
+    __syncwarp();
+    if (lane == 0) {
+        float l = 0.0f;
+#pragma unroll 16
+        for (int j = 0; j < len; j++) l = l + sh[j];
+        dst[0] = m;
+        dst[1] = l;
+    }
+}
+
+// Rows [r0, r1) of a chunk's keys and values (cache slots in `slot_of`, kv
+// head g) copied into shared memory rows `stride` bf16 apart, in 16-byte
+// pieces (D is a multiple of 32), every copy in flight before any is
+// waited for.
+template <int THREADS>
+__device__ __forceinline__ void copy_kv_rows(__nv_bfloat16* ks, __nv_bfloat16* vs, int stride, const u32* slot_of,
+                                             int r0, int r1, const __nv_bfloat16* kc, const __nv_bfloat16* vc,
+                                             int Hkv, int g, int D) {
+    const int pieces = D / 8;
+    for (int i = r0 * pieces + threadIdx.x; i < r1 * pieces; i += THREADS) {
+        int r = i / pieces, o = (i % pieces) * 8;
+        size_t src = ((size_t)slot_of[r] * Hkv + g) * D + o;
+        copy16_async(ks + r * stride + o, kc + src);
+        copy16_async(vs + r * stride + o, vc + src);
+    }
+}
+
 // One chunk's partials for the G q heads of a (token, kv head), from its
 // `len` keys and values in shared memory: m_c, l_c and o_c of head hh go to
 // dst[hh·stride ..]. `qv` holds the first pass's q (HPASS heads);
@@ -172,23 +210,7 @@ __device__ __forceinline__ void chunk_partials(const __nv_bfloat16* ks, const __
     __syncthreads();
     // Per head: the max (exact in any order), e_p = exp(s_p - m), and l = sum
     // of e_p in increasing p.
-    for (int hh = warp; hh < G; hh += WARPS) {
-        float* sh = sc + hh * CHUNK;
-        float m = __int_as_float(0xff800000);
-        if (lane < len) m = sh[lane];
-        if (lane + 32 < len) m = fmaxf(m, sh[lane + 32]);
-        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-        if (lane < len) sh[lane] = q_exp(sh[lane] - m);
-        if (lane + 32 < len) sh[lane + 32] = q_exp(sh[lane + 32] - m);
-        __syncwarp();
-        if (lane == 0) {
-            float l = 0.0f;
-#pragma unroll 16
-            for (int j = 0; j < len; j++) l = l + sh[j];
-            dst[hh * stride] = m;
-            dst[hh * stride + 1] = l;
-        }
-    }
+    for (int hh = warp; hh < G; hh += WARPS) softmax_row(sc + hh * CHUNK, len, dst + hh * stride);
     __syncthreads();
     // o[i] = sum of e_p * v_p[i] in increasing p: each thread two adjacent
     // dimensions of one head at a time.
@@ -256,16 +278,8 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
     // Rows of D bf16 in 16-byte pieces (D is a multiple of 32), copied
     // straight to shared memory: every copy is in flight before any is
     // waited for. Rows from `old` on may be this step's.
-    const int pieces = D / 8;
     int old = decode ? min(len, (int)pt - start) : 0;
-    auto copy_rows = [&](int r0, int r1) {
-        for (int i = r0 * pieces + tid; i < r1 * pieces; i += THREADS) {
-            int r = i / pieces, o = (i % pieces) * 8;
-            size_t src = ((size_t)slot_of[r] * Hkv + g) * D + o;
-            copy16_async(ks + r * D + o, kc + src);
-            copy16_async(vs + r * D + o, vc + src);
-        }
-    };
+    auto copy_rows = [&](int r0, int r1) { copy_kv_rows<THREADS>(ks, vs, D, slot_of, r0, r1, kc, vc, Hkv, g, D); };
     copy_rows(0, old);
     // This lane's norm weights and rotation pairs' cosines and sines.
     float wq[PER], wk[PER], cv[PER], sv[PER];
@@ -407,16 +421,9 @@ __device__ __forceinline__ void attn_span_body(const __nv_bfloat16* q, const __n
     }
     __syncthreads();
     auto chunk_len = [&](int c) { return min(CHUNK, ctx - c * CHUNK); };
-    const int pieces = D / 8;
     auto copy_rows = [&](int c, int r0, int r1) {
         __nv_bfloat16* ks = stages + ((c - c0) & 1) * 2 * CHUNK * D;
-        const u32* so = slot_of + (c - c0) * CHUNK;
-        for (int i = r0 * pieces + tid; i < r1 * pieces; i += SPAN_THREADS) {
-            int r = i / pieces, o = (i % pieces) * 8;
-            size_t src = ((size_t)so[r] * Hkv + g) * D + o;
-            copy16_async(ks + r * D + o, kc + src);
-            copy16_async(ks + CHUNK * D + r * D + o, vc + src);
-        }
+        copy_kv_rows<SPAN_THREADS>(ks, ks + CHUNK * D, D, slot_of + (c - c0) * CHUNK, r0, r1, kc, vc, Hkv, g, D);
     };
     // Rows before the token's own position are older than this step
     // (dependent_launch.cuh): the first chunk's are copied before the wait.
@@ -597,13 +604,7 @@ __device__ __forceinline__ void attn_tile_body(const __nv_bfloat16* q, const __n
     wait_for_producers();
     start_dependents();
     __syncthreads();
-    const int pieces = D / 8;
-    for (int i = tid; i < len * pieces; i += TILE_THREADS) {
-        int r = i / pieces, o = (i % pieces) * 8;
-        size_t src = ((size_t)slot_of[r] * Hkv + g) * D + o;
-        copy16_async(ks + r * KS + o, kc + src);
-        copy16_async(vs + r * KS + o, vc + src);
-    }
+    copy_kv_rows<TILE_THREADS>(ks, vs, KS, slot_of, 0, len, kc, vc, Hkv, g, D);
     int R = n * G;  // rows: token-major, then the group's q heads
     for (int r0 = 0; r0 < R; r0 += TILE_ROWS) {
         int rows = min(TILE_ROWS, R - r0);
@@ -672,22 +673,9 @@ __device__ __forceinline__ void attn_tile_body(const __nv_bfloat16* q, const __n
         // Per row: m_c, e_p = exp(s_p - m_c), and l_c summed in increasing p.
         for (int r = warp; r < rows; r += WARPS) {
             int rr = r0 + r, lr = len_of[rr / G];
-            if (lr == 0) continue;
-            float* sh = sc + r * CHUNK;
-            float m = __int_as_float(0xff800000);
-            if (lane < lr) m = sh[lane];
-            if (lane + 32 < lr) m = fmaxf(m, sh[lane + 32]);
-            for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-            if (lane < lr) sh[lane] = q_exp(sh[lane] - m);
-            if (lane + 32 < lr) sh[lane + 32] = q_exp(sh[lane + 32] - m);
-            __syncwarp();
-            if (lane == 0) {
-                float l = 0.0f;
-                for (int j = 0; j < lr; j++) l = l + sh[j];
-                float* dst = part + (((size_t)(t0 + rr / G) * Hq + g * G + rr % G) * max_chunks + c) * (D + 2);
-                dst[0] = m;
-                dst[1] = l;
-            }
+            if (lr > 0)
+                softmax_row(sc + r * CHUNK, lr,
+                            part + (((size_t)(t0 + rr / G) * Hq + g * G + rr % G) * max_chunks + c) * (D + 2));
         }
         __syncthreads();
         // o_c[i] = sum of e_p·v_p[i] in increasing p: a warp per four rows,
@@ -761,8 +749,8 @@ __device__ __forceinline__ void attn_tile_body(const __nv_bfloat16* q, const __n
         break;
 extern "C" __global__ void __launch_bounds__(TILE_THREADS, 3)
     attn_tile(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, const u32* pos,
-              const u32* seq, const u32* tables, const u32* tiles, int max_blocks, int bs, int Hq, int Hkv, int D,
-              float scale, int max_chunks, float* part, u32* done, __nv_bfloat16* out) {
+              const u32* seq, const u32* tables, int max_blocks, int bs, int Hq, int Hkv, int D, float scale,
+              int max_chunks, float* part, u32* done, __nv_bfloat16* out, const u32* tiles) {
     switch (D / 32) {
         TILE_CASE(1)
         TILE_CASE(2)

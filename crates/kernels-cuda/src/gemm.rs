@@ -76,40 +76,36 @@ impl CudaBackend {
         let mut cfg = grid(((n as u32).div_ceil(bn), row_tiles, splits), (128, 1, 1));
         cfg.shared_mem_bytes = GSTAGES * (GM + bn) * GS * 2;
         let f = self.kernel(name);
-        if splits == 1 {
+        // `part`: where the split shares go (null: no split).
+        let gemm = |out: &mut CudaSlice<f32>, part: Option<&mut CudaSlice<f32>>| -> Result<()> {
             let mut b = self.launch(f);
             b.arg(x)
                 .arg(w)
-                .arg(&mut *out)
+                .arg(out)
                 .arg(&ti)
                 .arg(&ki)
                 .arg(&ni)
-                .arg(&addi)
-                .arg(&0u64);
-            // SAFETY: argument order and types match gemm_tc{,_n64,_n32} in gemm.cu
-            // (a null `part`: no split); the caller checked the slices' sizes, the
-            // kernel guards every access by T, K and N, and the dynamic shared
-            // memory holds its stages.
-            return unsafe { b.launch(cfg) }.map_err(dev);
+                .arg(&addi);
+            match part {
+                Some(p) => b.arg(p),
+                None => b.arg(&0u64),
+            };
+            // SAFETY: argument order and types match gemm_tc{,_n64,_n32} in gemm.cu;
+            // the caller checked the slices' sizes, the kernel guards every access
+            // by T, K and N, `part` (when given) holds splits·t·n floats, and the
+            // dynamic shared memory holds the kernel's stages.
+            unsafe { b.launch(cfg) }.map_err(dev)
+        };
+        if splits == 1 {
+            return gemm(out, None);
         }
         let len = t * n;
-        let li = int(op, len)?;
-        let si = splits as i32;
+        let (li, si) = (int(op, len)?, splits as i32);
         // Rounded up so that nearby batch sizes reuse one buffer.
         let shape = [(splits as usize * len).next_power_of_two()];
         self.with_scratch(Scratch::GemmSplits, &shape, DType::F32, |part| {
             let part = f32s_mut(op, "splits", part)?;
-            let mut b = self.launch(f);
-            b.arg(x)
-                .arg(w)
-                .arg(&mut *out)
-                .arg(&ti)
-                .arg(&ki)
-                .arg(&ni)
-                .arg(&addi)
-                .arg(&mut *part);
-            // SAFETY: as above, with `part` holding splits·t·n floats.
-            unsafe { b.launch(cfg) }.map_err(dev)?;
+            gemm(&mut *out, Some(&mut *part))?;
             let mut b = self.launch(self.kernel("gemm_splits_sum"));
             b.arg(&*part).arg(&mut *out).arg(&si).arg(&li).arg(&addi);
             // SAFETY: argument order and types match gemm_splits_sum; `part` holds
