@@ -78,6 +78,7 @@ impl BatchLayout {
             })
             .collect()
     }
+
     /// The batch's tokens cut into query tiles, as `(first token, count)`
     /// pairs flattened: runs of consecutive tokens of one sequence at
     /// consecutive positions (a prompt or a chunk of one), each cut into
