@@ -8,6 +8,7 @@ using std::isnan;
 #define __device__
 #define __global__
 #define __forceinline__ inline
+#define __noinline__
 #define __shared__
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))

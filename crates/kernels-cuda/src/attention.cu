@@ -146,7 +146,7 @@ __device__ __forceinline__ void softmax_row(float* sh, int len, float* dst) {
 // Rows [r0, r1) of a chunk's keys and values (cache slots in `slot_of`, kv
 // head g) copied into shared memory rows `stride` bf16 apart, in 16-byte
 // pieces (D is a multiple of 32), every copy in flight before any is
-// waited for.
+// waited for. A null `ks` or `vs` skips those.
 template <int THREADS>
 __device__ __forceinline__ void copy_kv_rows(__nv_bfloat16* ks, __nv_bfloat16* vs, int stride, const u32* slot_of,
                                              int r0, int r1, const __nv_bfloat16* kc, const __nv_bfloat16* vc,
@@ -155,8 +155,8 @@ __device__ __forceinline__ void copy_kv_rows(__nv_bfloat16* ks, __nv_bfloat16* v
     for (int i = r0 * pieces + threadIdx.x; i < r1 * pieces; i += THREADS) {
         int r = i / pieces, o = (i % pieces) * 8;
         size_t src = ((size_t)slot_of[r] * Hkv + g) * D + o;
-        copy16_async(ks + r * stride + o, kc + src);
-        copy16_async(vs + r * stride + o, vc + src);
+        if (ks) copy16_async(ks + r * stride + o, kc + src);
+        if (vs) copy16_async(vs + r * stride + o, vc + src);
     }
 }
 
@@ -381,14 +381,23 @@ ATTN_KERNEL(attn_rope_chunk, 256, 4, true)
 
 // ---- large decode batches ---------------------------------------------------
 // One token per sequence and many blocks: a block per (token, kv head) and
-// SPAN consecutive chunks, 128 threads and one head a pass. While a chunk
-// is summed, the next one's keys and values are copying into the other of
-// two shared-memory stages, so the copies of one block overlap its own
-// arithmetic, and the layout is read once for SPAN chunks. Each chunk's
-// partials are attn_chunk_body's, as is the merge.
+// SPAN consecutive chunks, 128 threads and one head a pass. Keys take two
+// shared-memory stages and values one: the next chunk's keys copy while a
+// chunk is summed, its values once this chunk's are used, and the layout
+// is read once for SPAN chunks. 48 KB of shared memory and at most 128
+// registers let four blocks share an SM. Each chunk's partials are
+// attn_chunk_body's, as is the merge.
 
 #define SPAN 4
 #define SPAN_THREADS 128
+
+// The merge, kept out of line: its registers would otherwise count
+// against every block of the kernel, not only the one that merges.
+template <int PER>
+__device__ __noinline__ void span_merge(const float* part, int th0, int G, int ctx, int max_chunks, float* fac,
+                                        __nv_bfloat16* out) {
+    combine_chunks<PER, SPAN_THREADS>(part, th0, G, ctx, max_chunks, fac, out);
+}
 
 template <int PER>
 __device__ __forceinline__ void attn_span_body(const __nv_bfloat16* q, const __nv_bfloat16* kc,
@@ -398,8 +407,9 @@ __device__ __forceinline__ void attn_span_body(const __nv_bfloat16* q, const __n
                                                __nv_bfloat16* out) {
     const int D = PER * 32;
     extern __shared__ __align__(16) unsigned char smem_raw[];
-    __nv_bfloat16* stages = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // 2 x (keys, values)
-    float* sc = reinterpret_cast<float*>(stages + 4 * CHUNK * D);
+    __nv_bfloat16* kst = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // 2 stages of keys
+    __nv_bfloat16* vst = kst + 2 * CHUNK * D;                          // values
+    float* sc = reinterpret_cast<float*>(vst + CHUNK * D);
     __shared__ u32 slot_of[SPAN * CHUNK];
     int tg = blockIdx.x, t = tg / Hkv, g = tg % Hkv;
     int G = Hq / Hkv;
@@ -421,37 +431,37 @@ __device__ __forceinline__ void attn_span_body(const __nv_bfloat16* q, const __n
     }
     __syncthreads();
     auto chunk_len = [&](int c) { return min(CHUNK, ctx - c * CHUNK); };
-    auto copy_rows = [&](int c, int r0, int r1) {
-        __nv_bfloat16* ks = stages + ((c - c0) & 1) * 2 * CHUNK * D;
-        copy_kv_rows<SPAN_THREADS>(ks, ks + CHUNK * D, D, slot_of + (c - c0) * CHUNK, r0, r1, kc, vc, Hkv, g, D);
+    auto keys = [&](int c) { return kst + ((c - c0) & 1) * CHUNK * D; };
+    auto copy_rows = [&](int c, __nv_bfloat16* ks, __nv_bfloat16* vs, int r0, int r1) {
+        copy_kv_rows<SPAN_THREADS>(ks, vs, D, slot_of + (c - c0) * CHUNK, r0, r1, kc, vc, Hkv, g, D);
     };
     // Rows before the token's own position are older than this step
     // (dependent_launch.cuh): the first chunk's are copied before the wait.
     int old = min(chunk_len(c0), (int)pt - start);
-    copy_rows(c0, 0, old);
+    copy_rows(c0, keys(c0), vst, 0, old);
     wait_for_producers();
     start_dependents();
-    copy_rows(c0, old, chunk_len(c0));
+    copy_rows(c0, keys(c0), vst, old, chunk_len(c0));
     copies_commit();
     const __nv_bfloat16* qg = q + ((size_t)t * Hq + g * G) * D + lane * PER;
     auto next_q = [&](int h0, float (&qn)[1][PER]) { load_q<PER, 1>(qg, h0, G, qn); };
+    // Copy groups, oldest first: chunk c's keys (or c0's keys and values),
+    // c's values, c + 1's keys; every group is committed, empty or not.
     for (int c = c0; c < c1; c++) {
-        if (c + 1 < c1) {
-            copy_rows(c + 1, 0, chunk_len(c + 1));
-            copies_commit();
-            copies_wait_groups<1>();
-        } else {
-            copies_wait();
-        }
+        if (c + 1 < c1) copy_rows(c + 1, keys(c + 1), nullptr, 0, chunk_len(c + 1));
+        copies_commit();
+        copies_wait_groups<1>();
         __syncthreads();
         float qv[1][PER];
         load_q<PER, 1>(qg, 0, G, qv);
-        const __nv_bfloat16* ks = stages + ((c - c0) & 1) * 2 * CHUNK * D;
         float* dst = part + (((size_t)t * Hq + g * G) * max_chunks + c) * (D + 2);
-        chunk_partials<PER, SPAN_THREADS, 1>(ks, ks + CHUNK * D, sc, chunk_len(c), G, scale, qv, next_q, dst,
+        chunk_partials<PER, SPAN_THREADS, 1>(keys(c), vst, sc, chunk_len(c), G, scale, qv, next_q, dst,
                                              (size_t)max_chunks * (D + 2));
-        // Every thread is done with this stage before it is refilled.
+        // Every thread is done with these keys and values before they are
+        // overwritten.
         __syncthreads();
+        if (c + 1 < c1) copy_rows(c + 1, nullptr, vst, 0, chunk_len(c + 1));
+        copies_commit();
     }
     // The last of the token's spans to finish merges every chunk.
     __shared__ bool last;
@@ -465,8 +475,7 @@ __device__ __forceinline__ void attn_span_body(const __nv_bfloat16* q, const __n
     if (!last) return;
     __threadfence();
     if (tid == 0) done[tg] = 0;
-    combine_chunks<PER, SPAN_THREADS>(part, t * Hq + g * G, G, ctx, max_chunks, reinterpret_cast<float*>(smem_raw),
-                                      out);
+    span_merge<PER>(part, t * Hq + g * G, G, ctx, max_chunks, reinterpret_cast<float*>(smem_raw), out);
 }
 
 #define SPAN_CASE(DD)                                                                                          \
@@ -474,7 +483,7 @@ __device__ __forceinline__ void attn_span_body(const __nv_bfloat16* q, const __n
         attn_span_body<DD>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale, max_chunks, part, done, \
                            out);                                                                               \
         break;
-extern "C" __global__ void __launch_bounds__(SPAN_THREADS)
+extern "C" __global__ void __launch_bounds__(SPAN_THREADS, 4)
     attn_span(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, const u32* pos,
               const u32* seq, const u32* tables, int max_blocks, int bs, int Hq, int Hkv, int D, float scale,
               int max_chunks, float* part, u32* done, __nv_bfloat16* out) {
