@@ -384,9 +384,9 @@ ATTN_KERNEL(attn_rope_chunk, 256, 4, true)
 // SPAN consecutive chunks, 128 threads and one head a pass. Keys take two
 // shared-memory stages and values one: the next chunk's keys copy while a
 // chunk is summed, its values once this chunk's are used, and the layout
-// is read once for SPAN chunks. 48 KB of shared memory and at most 128
-// registers let four blocks share an SM. Each chunk's partials are
-// attn_chunk_body's, as is the merge.
+// is read once for SPAN chunks, q once for all. 48 KB of keys and values
+// (head_dim 128) and at most 128 registers let four blocks share an SM.
+// Each chunk's partials are attn_chunk_body's, as is the merge.
 
 #define SPAN 4
 #define SPAN_THREADS 128
@@ -410,6 +410,7 @@ __device__ __forceinline__ void attn_span_body(const __nv_bfloat16* q, const __n
     __nv_bfloat16* kst = reinterpret_cast<__nv_bfloat16*>(smem_raw);  // 2 stages of keys
     __nv_bfloat16* vst = kst + 2 * CHUNK * D;                          // values
     float* sc = reinterpret_cast<float*>(vst + CHUNK * D);
+    float* qs = sc + (Hq / Hkv) * CHUNK;  // the group's q, widened once for every chunk
     __shared__ u32 slot_of[SPAN * CHUNK];
     int tg = blockIdx.x, t = tg / Hkv, g = tg % Hkv;
     int G = Hq / Hkv;
@@ -443,8 +444,12 @@ __device__ __forceinline__ void attn_span_body(const __nv_bfloat16* q, const __n
     start_dependents();
     copy_rows(c0, keys(c0), vst, old, chunk_len(c0));
     copies_commit();
-    const __nv_bfloat16* qg = q + ((size_t)t * Hq + g * G) * D + lane * PER;
-    auto next_q = [&](int h0, float (&qn)[1][PER]) { load_q<PER, 1>(qg, h0, G, qn); };
+    const __nv_bfloat16* qg = q + ((size_t)t * Hq + g * G) * D;
+    for (int i = tid; i < G * D; i += SPAN_THREADS) qs[i] = bf(qg[i]);
+    auto next_q = [&](int h0, float (&qn)[1][PER]) {
+#pragma unroll
+        for (int e = 0; e < PER; e++) qn[0][e] = qs[h0 * D + lane * PER + e];
+    };
     // Copy groups, oldest first: chunk c's keys (or c0's keys and values),
     // c's values, c + 1's keys; every group is committed, empty or not.
     for (int c = c0; c < c1; c++) {
@@ -453,7 +458,7 @@ __device__ __forceinline__ void attn_span_body(const __nv_bfloat16* q, const __n
         copies_wait_groups<1>();
         __syncthreads();
         float qv[1][PER];
-        load_q<PER, 1>(qg, 0, G, qv);
+        next_q(0, qv);
         float* dst = part + (((size_t)t * Hq + g * G) * max_chunks + c) * (D + 2);
         chunk_partials<PER, SPAN_THREADS, 1>(keys(c), vst, sc, chunk_len(c), G, scale, qv, next_q, dst,
                                              (size_t)max_chunks * (D + 2));

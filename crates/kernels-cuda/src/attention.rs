@@ -222,10 +222,11 @@ impl CudaBackend {
         out: &mut T,
     ) -> Result<()> {
         let (d, chunks) = (geo.head_dim, max_chunks(meta));
-        // Two stages of a chunk's keys, one of its values, then the group's
-        // scores; the merging block keeps a factor per (q head, chunk) there.
+        // Two stages of a chunk's keys, one of its values, the group's
+        // scores and q; the merging block keeps a factor per (q head, chunk)
+        // there.
         let group = geo.num_q_heads / geo.num_kv_heads;
-        let smem = (3 * CHUNK * d * 2 + group * CHUNK * 4).max(group * chunks * 4);
+        let smem = (3 * CHUNK * d * 2 + group * CHUNK * 4 + group * d * 4).max(group * chunks * 4);
         if smem + STATIC_SMEM > self.dev.smem_optin {
             return Err(too_long(meta, geo));
         }
