@@ -25,6 +25,7 @@ inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 __nv_bfloat16 __float2bfloat16_rn(float);
 float __bfloat162float(__nv_bfloat16);
+unsigned short __bfloat16_as_ushort(__nv_bfloat16);
 float __low2float(__nv_bfloat162);
 float __high2float(__nv_bfloat162);
 float __int_as_float(int);

@@ -16,8 +16,9 @@ pub const TC_FACTOR: f64 = 1e-5;
 pub enum Contract {
     /// Same bits.
     Exact,
-    /// Tensor-core GEMM: `|Δ| ≤ TC_FACTOR·mag + ulp(reference)` per element,
-    /// `mag[i] = Σ_k |x_k·w_k|` of that element.
+    /// Tensor-core op: `|Δ| ≤ TC_FACTOR·mag + ulp(reference)` per element
+    /// (the ulp of the reference's type: f32, or bf16 for the attention
+    /// output); for a GEMM `mag[i] = Σ_k |x_k·w_k|` of that element.
     TensorCore(Vec<f32>),
     /// `‖tested − reference‖₂ / ‖reference‖₂ ≤ bound`, for references that
     /// compute in another precision (Hugging Face in f32).
@@ -94,6 +95,11 @@ pub fn compare(tested: &HostVec, reference: &HostVec, contract: &Contract) -> St
         HostVec::BF16(_) | HostVec::F16(_) => 0x8000,
         _ => 0x8000_0000,
     };
+    // One rounding step of the reference's type (both sides round once).
+    let eps = match reference {
+        HostVec::BF16(_) => 2f64.powi(-7),
+        _ => f32::EPSILON as f64,
+    };
     let mut s = Stats {
         n: a.len(),
         ..Default::default()
@@ -127,7 +133,7 @@ pub fn compare(tested: &HostVec, reference: &HostVec, contract: &Contract) -> St
             s.worst = Some(i);
         }
         if let Contract::TensorCore(mag) = contract {
-            let ulp = (b[i].abs().max(f32::MIN_POSITIVE) as f64) * f32::EPSILON as f64;
+            let ulp = (b[i].abs().max(f32::MIN_POSITIVE) as f64) * eps;
             let bound = TC_FACTOR * mag[i] as f64 + ulp;
             // A NaN bound (a NaN input) counts as beyond it.
             if matches!(

@@ -370,6 +370,60 @@ impl Magnitudes<'_> {
     }
 }
 
+/// The scale of the tensor-core attention bound of activation `name`
+/// (`layers.L.attn`) for every element, from the tested backend's q and
+/// caches of the step (canonical: cache rows in position order), in units
+/// of `TC_FACTOR` (`qwen_kernels_cpu::attention_tc_magnitudes`).
+fn attention_magnitudes(
+    name: &str,
+    acts: &[(String, Act)],
+    cfg: &model_qwen3::config::Qwen3Config,
+    start: usize,
+) -> Result<Vec<f32>, String> {
+    let l = layer_of(name).ok_or("attention outside a layer")?;
+    let get = |op: &str| {
+        let n = format!("layers.{l}.{op}");
+        acts.iter()
+            .find(|(a, _)| *a == n)
+            .map(|(_, act)| act)
+            .ok_or_else(|| format!("no activation {n} to bound {name} with"))
+    };
+    let (q, k, v) = (get("q")?, get("k_cache")?, get("v_cache")?);
+    let len = k.shape.first().copied().unwrap_or(0);
+    let t = q.shape.first().copied().unwrap_or(0);
+    if len < start + t || len == 0 {
+        return Err(format!(
+            "{name}: {len} cache rows for positions {start}..{}",
+            start + t
+        ));
+    }
+    // The canonical caches are one sequence's rows in order: one block.
+    let geo = qwen_tensor::AttnGeometry {
+        num_q_heads: cfg.num_attention_heads,
+        num_kv_heads: cfg.num_key_value_heads,
+        head_dim: cfg.head_dim,
+        block_size: len,
+    };
+    let layout = qwen_tensor::BatchLayout {
+        positions: (start..start + t).map(|p| p as u32).collect(),
+        seq_of_token: vec![0; t],
+        block_tables: vec![0],
+        max_blocks: 1,
+        block_size: len,
+    };
+    let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+    let mag = qwen_kernels_cpu::attention_tc_magnitudes(
+        geo,
+        &layout,
+        &q.data.to_f32(),
+        &k.data.to_f32(),
+        &v.data.to_f32(),
+        scale,
+    );
+    let unit = qwen_kernels_cpu::TC_ATTENTION_FACTOR / crate::compare::TC_FACTOR;
+    Ok(mag.into_iter().map(|m| (m as f64 * unit) as f32).collect())
+}
+
 /// What to compare the tested backend with.
 pub enum Against<'a> {
     /// The CPU twin, op by op (and as a whole pipeline for the drift column).
@@ -587,7 +641,7 @@ pub fn run<B: Backend>(
             );
             if opts.tensor_core_prompts {
                 println!(
-                    "contract: exact ops must match bit for bit; the prompt's projections run on tensor cores and must stay within {:.0e}·Σ|x·w| + 1 ulp per element",
+                    "contract: exact ops must match bit for bit; the prompt's projections run on tensor cores and must stay within {:.0e}·Σ|x·w| + 1 ulp per element, its attention within 1e-5·(4·max_j a_j + 3)·Σ_j w_j|v_j| + 1 bf16 ulp (qwen_kernels_cpu::attention_tc_magnitudes)",
                     crate::compare::TC_FACTOR
                 );
             } else {
@@ -680,6 +734,8 @@ pub fn run<B: Backend>(
                     }
                     let contract = if tc_step && is_gemm(name) {
                         Contract::TensorCore(mags.of(name, cfg, &by_name)?)
+                    } else if tc_step && op_of(name) == "attn" {
+                        Contract::TensorCore(attention_magnitudes(name, &acts, cfg, start)?)
                     } else {
                         Contract::Exact
                     };

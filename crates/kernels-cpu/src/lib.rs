@@ -22,6 +22,7 @@
 
 mod activation;
 mod attention;
+mod attention_bound;
 mod embedding;
 mod matmul;
 mod norm;
@@ -32,6 +33,7 @@ mod storage;
 
 pub use activation::silu_mul;
 pub use attention::{attention, ATTN_CHUNK};
+pub use attention_bound::{attention_tc_magnitudes, TC_ATTENTION_FACTOR};
 pub use embedding::{embedding, gather_rows};
 pub use matmul::{logits, matmul, matmul_add, rms_norm_matmul, widen};
 pub use norm::rms_norm;

@@ -578,7 +578,7 @@ __device__ __forceinline__ void attn_tile_body(const __nv_bfloat16* q, const __n
                                                const __nv_bfloat16* vc, const u32* pos, const u32* seq,
                                                const u32* tables, const u32* tiles, int max_blocks, int bs, int Hq,
                                                int Hkv, float scale, int max_chunks, float* part, u32* done,
-                                               __nv_bfloat16* out) {
+                                               __nv_bfloat16* out, int row0) {
     const int D = PER * 32, KS = D + 8, WARPS = TILE_THREADS / 32;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem_raw);
@@ -589,6 +589,15 @@ __device__ __forceinline__ void attn_tile_body(const __nv_bfloat16* q, const __n
     __shared__ int len_of[TILE_TOKENS];
     int tile = blockIdx.x / Hkv, g = blockIdx.x % Hkv, c = blockIdx.y;
     int t0 = (int)tiles[2 * tile], n = (int)tiles[2 * tile + 1];
+    // Rows before row0 are attn_tc's: a tile's later rows are a tile too.
+    if (t0 + n <= row0) {
+        start_dependents();
+        return;
+    }
+    if (t0 < row0) {
+        n -= row0 - t0;
+        t0 = row0;
+    }
     if (n == 1) {
         // A token alone (a decode token beside prompts): the per-token
         // kernel's body, 256 threads and four heads a pass, as attn_chunk.
@@ -759,12 +768,12 @@ __device__ __forceinline__ void attn_tile_body(const __nv_bfloat16* q, const __n
 #define TILE_CASE(DD)                                                                                          \
     case DD:                                                                                                   \
         attn_tile_body<DD>(q, kc, vc, pos, seq, tables, tiles, max_blocks, bs, Hq, Hkv, scale, max_chunks, part, \
-                           done, out);                                                                         \
+                           done, out, row0);                                                                   \
         break;
 extern "C" __global__ void __launch_bounds__(TILE_THREADS, 3)
     attn_tile(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc, const u32* pos,
               const u32* seq, const u32* tables, int max_blocks, int bs, int Hq, int Hkv, int D, float scale,
-              int max_chunks, float* part, u32* done, __nv_bfloat16* out, const u32* tiles) {
+              int max_chunks, float* part, u32* done, __nv_bfloat16* out, const u32* tiles, int row0) {
     switch (D / 32) {
         TILE_CASE(1)
         TILE_CASE(2)

@@ -2,11 +2,13 @@
 //! last block of each (token or query tile, kv head) to finish. Small
 //! decode batches take attn_chunk (with one token per sequence, q/k-norm
 //! and RoPE in the same kernel: attn_rope_chunk), large ones attn_span,
-//! and batches with prompt tokens attn_tile.
+//! and batches with prompt tokens attn_tile. Rows announced for the tensor
+//! cores go to attention_tc.rs first.
 
 use cudarc::driver::LaunchConfig;
 use qwen_tensor::{check_attention, AttnGeometry, BatchMeta, DType, Result};
 
+use crate::attention_tc::check_tiles;
 use crate::device::{bf16s, bf16s_mut, dev, f32s, f32s_mut, u32s, u32s_mut, T};
 use crate::launch::{grid, int, shape_err, Launch};
 use crate::rope::check_head_dim;
@@ -83,8 +85,19 @@ impl CudaBackend {
         if meta.num_tokens == 0 {
             return Ok(());
         }
+        // Prompt rows (the leading ones) on the tensor cores; the others,
+        // if any, by tile with those rows left out, so that every row takes
+        // the one path its kind names whatever the batch.
+        let tc = self.tensor_core_rows(meta.num_tokens);
+        if tc > 0 {
+            self.attention_tensor_cores(q, k_cache, v_cache, meta, geo, scale, tc, out)?;
+            if tc == meta.num_tokens {
+                return Ok(());
+            }
+            return self.attention_tiles(q, k_cache, v_cache, meta, geo, scale, tc, out);
+        }
         if seqs(meta) != meta.num_tokens {
-            self.attention_tiles(q, k_cache, v_cache, meta, geo, scale, out)
+            self.attention_tiles(q, k_cache, v_cache, meta, geo, scale, 0, out)
         } else if few_decode_blocks(meta, geo) {
             self.attention_chunks(None, q, k_cache, v_cache, meta, geo, scale, out)
         } else {
@@ -109,7 +122,7 @@ impl CudaBackend {
         out: &mut T,
     ) -> Result<()> {
         let tokens = meta.num_tokens;
-        if tokens == 0 || !few_decode_blocks(meta, geo) {
+        if tokens == 0 || !few_decode_blocks(meta, geo) || self.tensor_core_rows(tokens) > 0 {
             self.qk_norm_rope_store_impl(
                 r.qkv, r.q_norm, r.k_norm, r.eps, r.rope, meta, geo, q_out, k_cache, v_cache,
             )?;
@@ -262,7 +275,8 @@ impl CudaBackend {
     /// Attention by query tile (attn_tile), for batches that are not one
     /// token per sequence: each chunk of keys is read once per tile of a
     /// prompt instead of once per token (a token alone takes attn_chunk's
-    /// body in the same kernel).
+    /// body in the same kernel). Rows before `row0` are left alone (the
+    /// tensor cores' rows).
     #[allow(clippy::too_many_arguments)]
     fn attention_tiles(
         &self,
@@ -272,15 +286,10 @@ impl CudaBackend {
         meta: &BatchMeta<CudaBackend>,
         geo: AttnGeometry,
         scale: f32,
+        row0: usize,
         out: &mut T,
     ) -> Result<()> {
-        let tiles = meta.num_query_tiles;
-        if meta.query_tiles.shape() != [tiles, 2] || tiles == 0 || tiles > meta.num_tokens {
-            return Err(shape_err(
-                OP,
-                format!("{tiles} query tiles for {} tokens", meta.num_tokens),
-            ));
-        }
+        let tiles = check_tiles(meta)?;
         let (d, chunks) = (geo.head_dim, max_chunks(meta));
         // Keys and values (rows padded by 8), TILE_ROWS f32 q rows and their
         // scores; or, in a merging block, a factor per chunk for each of 8
@@ -297,11 +306,13 @@ impl CudaBackend {
             (256, 1, 1),
         );
         cfg.shared_mem_bytes = smem as u32;
+        let row0 = int(OP, row0)?;
         let extra = |b: &mut Launch<'_>| -> Result<()> {
-            b.arg(u32s(OP, "query_tiles", &meta.query_tiles)?);
+            b.arg(u32s(OP, "query_tiles", &meta.query_tiles)?)
+                .arg(&row0);
             Ok(())
         };
-        // SAFETY: attn_tile takes the query tiles after `out`; they come from
+        // SAFETY: attn_tile takes the query tiles and row0 after `out`; they come from
         // BatchLayout::query_tiles (checked above to be `tiles` pairs, at most
         // one per token), each of at most TILE_TOKENS consecutive positions of
         // one sequence; the grid is one block per (tile, kv head, chunk), and

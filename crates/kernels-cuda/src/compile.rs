@@ -11,6 +11,7 @@ use qwen_tensor::{Error, Result};
 const NUMERICS: &str = include_str!("numerics.cuh");
 const DEPENDENT_LAUNCH: &str = include_str!("dependent_launch.cuh");
 const ASYNC_COPY: &str = include_str!("async_copy.cuh");
+const TENSOR_CORE: &str = include_str!("tensor_core.cuh");
 
 /// Options every kernel is compiled with: no FMA contraction, IEEE division
 /// and sqrt, denormals kept, exactly as the CPU spec computes.
@@ -84,7 +85,7 @@ fn nvrtc_version() -> String {
 /// Compiles (or loads from the cache) one kernel module's PTX.
 pub fn compile(name: &str, src: &str, arch: &str) -> Result<Ptx> {
     let include = cuda_include_dir()?;
-    let full = format!("{NUMERICS}\n{DEPENDENT_LAUNCH}\n{ASYNC_COPY}\n{src}");
+    let full = format!("{NUMERICS}\n{DEPENDENT_LAUNCH}\n{ASYNC_COPY}\n{TENSOR_CORE}\n{src}");
     let opts = format!("{:?}", options(arch, Path::new("")).options);
     let key = fnv1a(&[
         full.as_bytes(),

@@ -56,6 +56,11 @@ const MODULES: &[(&str, &str, &[&str])] = &[
         include_str!("attention.cu"),
         &["attn_chunk", "attn_rope_chunk", "attn_tile", "attn_span"],
     ),
+    (
+        "attention_tc",
+        include_str!("attention_tc.cu"),
+        crate::attention_tc::KERNELS,
+    ),
     ("activation", include_str!("activation.cu"), &["silu_mul"]),
     (
         "sampling",
@@ -70,7 +75,8 @@ const MODULES: &[(&str, &str, &[&str])] = &[
 ];
 
 /// Kernels whose dynamic shared memory grows with the shape (a norm row in
-/// f32, an attention chunk's keys and values) and may pass 48 KB.
+/// f32, an attention chunk's keys and values) and may pass 48 KB; so do
+/// all of attention_tc.cu's.
 const LARGE_DYNAMIC_SMEM: &[&str] = &[
     "rms_norm_bf16",
     "rms_norm_f32",
@@ -159,7 +165,7 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
         let module = ctx.load_module(ptx).map_err(dev)?;
         for &n in names.iter() {
             let f = module.load_function(n).map_err(dev)?;
-            if LARGE_DYNAMIC_SMEM.contains(&n) {
+            if LARGE_DYNAMIC_SMEM.contains(&n) || crate::attention_tc::KERNELS.contains(&n) {
                 allow_all_dynamic_smem(&f, smem_optin)?;
             }
             kernels.insert(n, f);

@@ -18,6 +18,7 @@
 
 mod activation;
 mod attention;
+mod attention_tc;
 mod compile;
 mod device;
 mod embedding;

@@ -4,7 +4,7 @@
 //! a message, where there is no GPU.
 
 use half::bf16;
-use qwen_kernels_cpu::CpuBackend;
+use qwen_kernels_cpu::{attention_tc_magnitudes, CpuBackend, TC_ATTENTION_FACTOR};
 use qwen_kernels_cuda::CudaBackend;
 use qwen_tensor::{
     AttnGeometry, Backend, BatchLayout, DType, HostSlice, HostVec, SampleParams, Tensor,
@@ -942,5 +942,214 @@ fn sample_time_per_row() {
         let us = start.elapsed().as_secs_f64() * 1e6 / reps as f64;
         let what = ["peaked", "flat", "", "", "", "typical"][kind];
         println!("sample {what}, top_k {top_k}: B {rows}, V {v}: {us:.0} µs per call");
+    }
+}
+
+/// Attention of the rows announced as prompt rows runs on the tensor
+/// cores, within the bound `qwen_kernels_cpu::attention_tc_magnitudes`
+/// states (1e-5·mag + 2⁻⁷·|cpu|) of the CPU spec; the rows after them
+/// keep the exact kernels and match bit for bit, also inside a query tile
+/// the boundary cuts and in one-token-per-sequence batches.
+#[test]
+fn tensor_core_attention_within_bound() {
+    let Some(mut g) = gpu() else { return };
+    g.set_exact(false);
+    let cpu = CpuBackend::new();
+    let mut r = Rng::new("tensor-core attention");
+    let bs = 16;
+    // (q heads, kv heads, head_dim, sequences as (context, new tokens),
+    // tensor-core rows).
+    type Case = (usize, usize, usize, Vec<(usize, usize)>, usize);
+    let cases: Vec<Case> = vec![
+        (16, 8, 128, vec![(300, 300)], 300),
+        (32, 8, 128, vec![(1000, 20), (64, 64)], 84),
+        // The boundary inside a 16-token tile, and beside decode tokens.
+        (16, 8, 128, vec![(300, 40), (33, 1), (90, 17), (1, 1)], 45),
+        (40, 8, 128, vec![(70, 20), (17, 17)], 30),
+        (64, 8, 128, vec![(100, 40)], 40),
+        (4, 2, 32, vec![(150, 150), (3, 2)], 151),
+        (12, 4, 64, vec![(129, 2)], 1),
+        (8, 1, 256, vec![(200, 2)], 2),
+        // A group of 16: rows in passes of 128.
+        (16, 1, 128, vec![(50, 20)], 20),
+        // One token per sequence: some, or all, on the tensor cores.
+        (16, 8, 128, (0..64).map(|i| (100 + 37 * i, 1)).collect(), 10),
+        (16, 8, 128, (0..64).map(|i| (1 + 29 * i, 1)).collect(), 64),
+    ];
+    let mut worst = 0.0f64;
+    for (hq, hkv, d, ctxs, tc) in cases {
+        let geo = AttnGeometry {
+            num_q_heads: hq,
+            num_kv_heads: hkv,
+            head_dim: d,
+            block_size: bs,
+        };
+        let (layout, blocks) = layout(&mut r, &ctxs, bs);
+        let t = layout.num_tokens();
+        let q = r.bf16s(t * geo.q_width(), 1.0);
+        let mut kc = r.bf16s(blocks * bs * hkv * d, 1.0);
+        for (i, k) in kc.iter_mut().enumerate() {
+            if i % d == 1 {
+                *k = bf16::from_f32(k.to_f32() * 96.5); // Qwen3's huge k_norm channels
+            }
+        }
+        let vc = r.bf16s(blocks * bs * hkv * d, 1.0);
+        let scale = 1.0 / (d as f32).sqrt();
+        let c = cpu.run(geo, &layout, blocks, &q, &kc, &vc, scale);
+        g.set_tensor_core_rows(tc);
+        let gg = g.run(geo, &layout, blocks, &q, &kc, &vc, scale);
+        g.set_tensor_core_rows(0);
+        let what = format!("{hq}/{hkv} heads, d {d}, {t} tokens, {tc} on tensor cores");
+        let f = |v: &[bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+        let mag = attention_tc_magnitudes(geo, &layout, &f(&q), &f(&kc), &f(&vc), scale);
+        let (cb, gb, cf, gf) = (c.to_bits(), gg.to_bits(), c.to_f32(), gg.to_f32());
+        let row = hq * d;
+        for i in 0..cf.len() {
+            if i >= tc * row {
+                assert_eq!(cb[i], gb[i], "{what}: exact row element {i}");
+                continue;
+            }
+            let diff = (cf[i] as f64 - gf[i] as f64).abs();
+            let allowed =
+                TC_ATTENTION_FACTOR * mag[i] as f64 + 2f64.powi(-7) * (cf[i] as f64).abs();
+            assert!(
+                diff <= allowed,
+                "{what}: element {i} (token {}): cpu {} gpu {}, bound {allowed:.3e}",
+                i / row,
+                cf[i],
+                gf[i]
+            );
+            if diff > 0.0 {
+                worst = worst.max(diff / allowed);
+            }
+        }
+    }
+    println!("tensor-core attention: worst |gpu - cpu| / bound = {worst:.3e}");
+}
+
+/// Attention alone (no RoPE) on one backend, q and the caches given.
+trait AttnRunner {
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        geo: AttnGeometry,
+        layout: &BatchLayout,
+        blocks: usize,
+        q: &[bf16],
+        kc: &[bf16],
+        vc: &[bf16],
+        scale: f32,
+    ) -> HostVec;
+}
+
+impl<B: Backend> AttnRunner for B {
+    fn run(
+        &self,
+        geo: AttnGeometry,
+        layout: &BatchLayout,
+        blocks: usize,
+        q: &[bf16],
+        kc: &[bf16],
+        vc: &[bf16],
+        scale: f32,
+    ) -> HostVec {
+        let t = layout.num_tokens();
+        let meta = self.upload_batch(layout).unwrap();
+        let qt = self
+            .upload(HostSlice::BF16(q), &[t, geo.q_width()])
+            .unwrap();
+        let shape = geo.cache_shape(blocks);
+        let kt = self.upload(HostSlice::BF16(kc), &shape).unwrap();
+        let vt = self.upload(HostSlice::BF16(vc), &shape).unwrap();
+        let mut out = poisoned(self, &[t, geo.q_width()], DType::BF16);
+        self.attention(&qt, &kt, &vt, &meta, geo, scale, &mut out)
+            .unwrap();
+        self.download(&out).unwrap()
+    }
+}
+
+/// A tensor-core attention row depends on nothing but the row: a prompt's
+/// rows give the same bits as one batch, in chunks that start mid-tile,
+/// behind other sequences' rows, and one token at a time among other
+/// sequences' decode tokens.
+#[test]
+fn tensor_core_attention_is_batch_invariant() {
+    let Some(mut g) = gpu() else { return };
+    g.set_exact(false);
+    let mut r = Rng::new("tensor-core attention invariance");
+    let bs = 16;
+    for (hq, hkv, d) in [(16, 8, 128), (32, 8, 128), (4, 2, 32)] {
+        let geo = AttnGeometry {
+            num_q_heads: hq,
+            num_kv_heads: hkv,
+            head_dim: d,
+            block_size: bs,
+        };
+        // Sequence 0: a 300-token prompt; sequences 1..: others of 90.
+        let (len, others) = (300, 5);
+        let (base, blocks) = layout(
+            &mut r,
+            &std::iter::once((len, len))
+                .chain((0..others).map(|_| (90, 90)))
+                .collect::<Vec<_>>(),
+            bs,
+        );
+        let kc = r.bf16s(blocks * bs * hkv * d, 1.0);
+        let vc = r.bf16s(blocks * bs * hkv * d, 1.0);
+        // q of sequence 0's positions, and of the others' (row 300 + 90s + p).
+        let qw = geo.q_width();
+        let qall = r.bf16s(base.num_tokens() * qw, 1.0);
+        let scale = 1.0 / (d as f32).sqrt();
+        // A batch of (sequence, positions) runs; returns sequence 0's rows by position.
+        let batch = |runs: &[(usize, std::ops::Range<usize>)]| -> Vec<(usize, Vec<u32>)> {
+            let mut l = BatchLayout {
+                max_blocks: base.max_blocks,
+                block_size: bs,
+                block_tables: base.block_tables.clone(),
+                ..Default::default()
+            };
+            let mut q = Vec::new();
+            for (s, ps) in runs {
+                for p in ps.clone() {
+                    l.positions.push(p as u32);
+                    l.seq_of_token.push(*s as u32);
+                    let row = if *s == 0 { p } else { len + 90 * (s - 1) + p };
+                    q.extend_from_slice(&qall[row * qw..][..qw]);
+                }
+            }
+            g.set_tensor_core_rows(l.num_tokens());
+            let out = g.run(geo, &l, blocks, &q, &kc, &vc, scale).to_bits();
+            g.set_tensor_core_rows(0);
+            let mut rows = Vec::new();
+            let mut i = 0;
+            for (s, ps) in runs {
+                for p in ps.clone() {
+                    if *s == 0 {
+                        rows.push((p, out[i * qw..][..qw].to_vec()));
+                    }
+                    i += 1;
+                }
+            }
+            rows
+        };
+        let whole: Vec<Vec<u32>> = batch(&[(0, 0..len)]).into_iter().map(|(_, v)| v).collect();
+        let arrangements: Vec<Vec<(usize, std::ops::Range<usize>)>> = vec![
+            vec![(0, 0..37)],
+            vec![(0, 37..120), (1, 0..90)],
+            vec![(2, 0..7), (0, 120..300), (3, 50..90)],
+            (0..others)
+                .map(|s| (s + 1, 89..90))
+                .chain([(0, 200..201)])
+                .collect(),
+            vec![(0, 299..300)],
+        ];
+        for runs in arrangements {
+            for (p, bits) in batch(&runs) {
+                assert_eq!(
+                    bits, whole[p],
+                    "{hq}/{hkv} d {d}: position {p} differs in {runs:?} from the whole prompt"
+                );
+            }
+        }
     }
 }

@@ -66,11 +66,11 @@ pub trait Backend: Sized + Send + Sync {
     /// Replays a graph made by [`capture`](Self::capture).
     fn replay(&self, graph: &Self::Graph) -> Result<()>;
 
-    /// Says that the first `rows` token rows of the projections that follow
-    /// (until the next call) are prompt tokens. A backend with tensor cores
-    /// may run those rows there: a result within the bound its twin tests
-    /// state rather than the spec's bits, but one that depends only on the
-    /// row itself, never on the batch around it. Every other row takes the
+    /// Says that the first `rows` token rows of the projections and the
+    /// attention that follow (until the next call) are prompt tokens. A
+    /// backend with tensor cores may run those rows there: a result within
+    /// the bound its twin tests state rather than the spec's bits, but one
+    /// that depends only on the row itself, never on the batch around it. Every other row takes the
     /// exact path. `0` (the default) keeps every row exact. Backends without
     /// such a path ignore it.
     fn set_tensor_core_rows(&self, rows: usize) {

@@ -1,0 +1,265 @@
+// Causal attention on the tensor cores for the rows announced as prompt
+// rows (Backend::set_tensor_core_rows), by query tile: a block per (tile of
+// up to 16 consecutive positions of one sequence, kv head) takes every key
+// of the sequence, in steps of TC_KEYS positions from position 0, each
+// warp a fixed quarter of every step, as mma.sync m16n8k16 (bf16 in, f32
+// out) with an online softmax, the warps merged in order at the end. Like
+// gemm.cu it differs from the CPU spec (attention.rs) by summation order
+// and the rounding of the weights p: p = hi + lo, both bf16 (|p - hi - lo|
+// <= 2^-17 p), so the result stays within the bound tests/twin.rs states.
+//
+// A row's result depends only on the row: the steps and their quarters
+// are fixed by absolute position, a tensor-core product never mixes rows,
+// a key past the row's
+// position adds an exact zero, and a step with none of its keys leaves the
+// row's max, sum and output untouched (factor exactly 1). So a prompt row
+// gives the same bits in any tile, batch or chunking, and a generated
+// token recomputed after a preemption (as a prompt-like row) equals itself.
+
+#define TC_KEYS 64     // keys a step; fixed, as the partition of a row's sums
+#define TC_PAD 8       // bf16 of padding a shared row: ldmatrix without bank conflicts
+// Warps come in fours: warp w takes keys [16(w % 4), 16(w % 4) + 16) of
+// every step for the pass's rows [16(w / 4), 16(w / 4) + 16). A block has
+// RGP such row groups a pass: one for decode tokens (a token's G rows fit
+// 16), two for prompt tiles.
+
+// Dynamic shared memory: 16·RGP q rows, then two stages of TC_KEYS keys and
+// TC_KEYS values, every row D + TC_PAD bf16; the stages then hold the
+// warps' partial results for the merge. Rows r of a tile are token-major
+// (token r / G, q head g·G + r % G), 16·RGP a pass over the keys.
+//
+// Each warp keeps, for its 16 rows, a running max, sum and output over its
+// own quarter of every step's keys (online softmax); the four quarters are
+// merged in order at the end: M = max m_w, f_w = exp(m_w − M),
+// L = Σ l_w·f_w, O = Σ o_w·f_w, out = bf16(O / L).
+template <int D, int RGP>
+__device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_bfloat16* kc,
+                                             const __nv_bfloat16* vc, const u32* pos, const u32* seq,
+                                             const u32* tables, const u32* tiles, int max_blocks, int bs, int Hq,
+                                             int Hkv, float scale, int tc_rows, __nv_bfloat16* out) {
+    const int THREADS = 128 * RGP, ROWS = 16 * RGP;
+    const int KS = D + TC_PAD, DT = D / 8, PIECES = TC_KEYS * (D / 8) / THREADS;
+    const float NEG_INF = __int_as_float(0xff800000);
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    int kq = warp % 4, rg = warp / 4;  // key quarter, row group
+    __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);
+    __nv_bfloat16* ks = qs + ROWS * KS;
+    __nv_bfloat16* vs = ks + 2 * TC_KEYS * KS;
+    float* part = reinterpret_cast<float*>(ks);  // after the keys: [quarter][row][D] outputs, then [quarter][row] m, l
+    int tile = blockIdx.x / Hkv, g = blockIdx.x % Hkv;
+    int t0 = (int)tiles[2 * tile], n = (int)tiles[2 * tile + 1];
+    // Only rows below tc_rows are this kernel's (the rest take attn_tile).
+    if (t0 >= tc_rows) {
+        start_dependents();
+        return;
+    }
+    n = min(n, tc_rows - t0);
+    int G = Hq / Hkv, R = n * G;
+    int ctx = (int)pos[t0 + n - 1] + 1;  // the tile's last token sees the most
+    int steps = (ctx + TC_KEYS - 1) / TC_KEYS;
+    const u32* table = tables + (size_t)seq[t0] * max_blocks;
+    // This step's rows (and q) are written by the kernel ahead.
+    wait_for_producers();
+    start_dependents();
+
+    // Keys and values of step s into stage st: the slots first (independent
+    // loads), then every copy; rows past the context are zeroed (a weight
+    // of zero must not meet a stale NaN).
+    auto copy_step = [&](int s, int st) {
+        int k0 = s * TC_KEYS, len = min(TC_KEYS, ctx - k0);
+        __nv_bfloat16* kd = ks + st * TC_KEYS * KS;
+        __nv_bfloat16* vd = vs + st * TC_KEYS * KS;
+        u32 slot[PIECES];
+#pragma unroll
+        for (int x = 0; x < PIECES; x++) {
+            int r = (tid + x * THREADS) / (D / 8), p = k0 + r;
+            slot[x] = r < len ? table[p / bs] * (u32)bs + (u32)(p % bs) : 0;
+        }
+#pragma unroll
+        for (int x = 0; x < PIECES; x++) {
+            int i = tid + x * THREADS, r = i / (D / 8), o = (i % (D / 8)) * 8;
+            if (r < len) {
+                size_t src = ((size_t)slot[x] * Hkv + g) * D + o;
+                copy16_async(kd + r * KS + o, kc + src);
+                copy16_async(vd + r * KS + o, vc + src);
+            } else {
+                *reinterpret_cast<uint4*>(kd + r * KS + o) = make_uint4(0, 0, 0, 0);
+                *reinterpret_cast<uint4*>(vd + r * KS + o) = make_uint4(0, 0, 0, 0);
+            }
+        }
+    };
+
+    for (int r_base = 0; r_base < R; r_base += ROWS) {
+        for (int i = tid; i < ROWS * (D / 8); i += THREADS) {
+            int r = i / (D / 8), o = (i % (D / 8)) * 8, rr = r_base + r;
+            __nv_bfloat16* dst = qs + r * KS + o;
+            if (rr < R)
+                copy16_async(dst, q + ((size_t)(t0 + rr / G) * Hq + g * G + rr % G) * D + o);
+            else
+                *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+        }
+        copy_step(0, 0);
+        copies_commit();
+        // This thread's two rows (lane / 4 and lane / 4 + 8 of the warp's
+        // 16): their positions; a padding row takes the tile's last one and
+        // is never stored.
+        int prow[2];
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            int rr = r_base + rg * 16 + lane / 4 + 8 * i;
+            prow[i] = (int)pos[t0 + (rr < R ? rr / G : n - 1)];
+        }
+        float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+        float o[DT][4];
+#pragma unroll
+        for (int j = 0; j < DT; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) o[j][e] = 0.0f;
+
+        for (int s = 0; s < steps; s++) {
+            int st = s & 1;
+            // Every step commits a group (empty at the end), so that "all
+            // but the newest" always means step s has landed.
+            if (s + 1 < steps) copy_step(s + 1, st ^ 1);
+            copies_commit();
+            copies_wait_groups<1>();
+            __syncthreads();
+            const __nv_bfloat16* kst = ks + (st * TC_KEYS + kq * 16) * KS;
+            const __nv_bfloat16* vst = vs + (st * TC_KEYS + kq * 16) * KS;
+            // Scores of the warp's 16 keys: S = q . k over D in 16-wide steps.
+            float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                unsigned a[4], b[4];
+                ldmatrix4(a, qs + (rg * 16 + lane % 16) * KS + kk * 16 + (lane / 16) * 8);
+                ldmatrix4(b, kst + ((lane / 16) * 8 + lane % 8) * KS + kk * 16 + ((lane / 8) % 2) * 8);
+                mma16816(sc[0], a, b[0], b[1]);
+                mma16816(sc[1], a, b[2], b[3]);
+            }
+            // Scale, mask keys past each row's position, and the maxima
+            // (exact in any order; a row's 4 threads meet).
+            int key0 = s * TC_KEYS + kq * 16 + 2 * (lane % 4);
+            float mb[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float v = sc[j][e] * scale;
+                    v = key0 + j * 8 + (e % 2) <= prow[e / 2] ? v : NEG_INF;
+                    sc[j][e] = v;
+                    mb[e / 2] = fmaxf(mb[e / 2], v);
+                }
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                mb[i] = fmaxf(mb[i], __shfl_xor_sync(0xffffffffu, mb[i], 1));
+                mb[i] = fmaxf(mb[i], __shfl_xor_sync(0xffffffffu, mb[i], 2));
+                float mn = fmaxf(m[i], mb[i]);
+                // An unchanged max (no key of the row here) scales by exactly 1.
+                float f = mn == m[i] ? 1.0f : q_exp(m[i] - mn);
+                m[i] = mn;
+                l[i] = l[i] * f;
+#pragma unroll
+                for (int j = 0; j < DT; j++) {
+                    o[j][2 * i] = o[j][2 * i] * f;
+                    o[j][2 * i + 1] = o[j][2 * i + 1] * f;
+                }
+            }
+            // p = exp(s − m), zero for masked keys; this thread's share of
+            // the row sums in a fixed order.
+#pragma unroll
+            for (int j = 0; j < 2; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float p = sc[j][e] == NEG_INF ? 0.0f : q_exp(sc[j][e] - m[e / 2]);
+                    sc[j][e] = p;
+                    l[e / 2] = l[e / 2] + p;
+                }
+            // o += (p_hi + p_lo) . v: the two score tiles are the A fragment
+            // of the warp's 16 keys.
+            unsigned ph[4], pl[4];
+#pragma unroll
+            for (int x = 0; x < 4; x++) {
+                const float* c = sc[x / 2] + 2 * (x % 2);
+                ph[x] = pack_bf16x2(c[0], c[1]);
+                float h0 = __bfloat162float(__float2bfloat16_rn(c[0]));
+                float h1 = __bfloat162float(__float2bfloat16_rn(c[1]));
+                pl[x] = pack_bf16x2(c[0] - h0, c[1] - h1);
+            }
+#pragma unroll
+            for (int j = 0; j < DT; j += 2) {
+                unsigned b[4];
+                ldmatrix4_trans(b, vst + (((lane / 8) % 2) * 8 + lane % 8) * KS + j * 8 + (lane / 16) * 8);
+                mma16816(o[j], ph, b[0], b[1]);
+                mma16816(o[j], pl, b[0], b[1]);
+                mma16816(o[j + 1], ph, b[2], b[3]);
+                mma16816(o[j + 1], pl, b[2], b[3]);
+            }
+            // Every warp is done with the stage the next step refills.
+            __syncthreads();
+        }
+        // The warps' partials to shared memory (the stages are free now).
+        float* pm = part + 4 * ROWS * D;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            int r = rg * 16 + lane / 4 + 8 * i;
+            float li = l[i];
+            li = li + __shfl_xor_sync(0xffffffffu, li, 1);
+            li = li + __shfl_xor_sync(0xffffffffu, li, 2);
+            if (lane % 4 == 0) {
+                pm[(kq * ROWS + r) * 2] = m[i];
+                pm[(kq * ROWS + r) * 2 + 1] = li;
+            }
+#pragma unroll
+            for (int j = 0; j < DT; j++) {
+                float* dst = part + (kq * ROWS + r) * D + j * 8 + 2 * (lane % 4);
+                dst[0] = o[j][2 * i];
+                dst[1] = o[j][2 * i + 1];
+            }
+        }
+        __syncthreads();
+        // The merge, an output element a thread at a time.
+        for (int e = tid; e < ROWS * D; e += THREADS) {
+            int r = e / D, i = e % D, rr = r_base + r;
+            if (rr >= R) continue;
+            float mw[4], mx = NEG_INF;
+#pragma unroll
+            for (int w = 0; w < 4; w++) {
+                mw[w] = pm[(w * ROWS + r) * 2];
+                mx = fmaxf(mx, mw[w]);
+            }
+            float L = 0.0f, O = 0.0f;
+#pragma unroll
+            for (int w = 0; w < 4; w++) {
+                float f = q_exp(mw[w] - mx);  // a warp that saw no key: exp(-inf) = 0
+                L = L + pm[(w * ROWS + r) * 2 + 1] * f;
+                O = O + part[(w * ROWS + r) * D + i] * f;
+            }
+            out[((size_t)(t0 + rr / G) * Hq + g * G + rr % G) * D + i] = __float2bfloat16_rn(O / L);
+        }
+        // The next pass refills q and the stages.
+        __syncthreads();
+    }
+}
+
+// One kernel per head width and row groups, so that each gets the
+// registers its own body needs (one switch over all of them took 254 for
+// every width, one block an SM). Bounds: at most 128 registers a thread,
+// four blocks of one row group or two of two an SM, except for head_dim
+// 256, whose output tile alone is 128 registers.
+#define TC_KERNEL(DD, RG, MINB)                                                                                \
+    extern "C" __global__ void __launch_bounds__(128 * RG, MINB)                                                \
+        attn_tc_d##DD##_r##RG(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc,        \
+                              const u32* pos, const u32* seq, const u32* tables, const u32* tiles,             \
+                              int max_blocks, int bs, int Hq, int Hkv, float scale, int tc_rows,               \
+                              __nv_bfloat16* out) {                                                            \
+        attn_tc_body<DD, RG>(q, kc, vc, pos, seq, tables, tiles, max_blocks, bs, Hq, Hkv, scale, tc_rows, out); \
+    }
+TC_KERNEL(32, 1, 4)
+TC_KERNEL(32, 2, 2)
+TC_KERNEL(64, 1, 4)
+TC_KERNEL(64, 2, 2)
+TC_KERNEL(128, 1, 4)
+TC_KERNEL(128, 2, 2)
+TC_KERNEL(256, 1, 1)
+TC_KERNEL(256, 2, 1)

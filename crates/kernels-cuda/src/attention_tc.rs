@@ -1,0 +1,116 @@
+//! Launcher for attention_tc.cu: the leading `tc_rows` rows of a batch
+//! (prompt rows, `Backend::set_tensor_core_rows`) on the tensor cores, a
+//! block per (query tile, kv head); attention.rs runs the rows after them.
+
+use qwen_tensor::{AttnGeometry, BatchMeta, Result};
+
+use crate::device::{bf16s, bf16s_mut, dev, u32s};
+use crate::launch::{grid, int, shape_err};
+use crate::{device::T, CudaBackend};
+
+const OP: &str = "attention";
+/// Keys a step and shared-row padding; TC_KEYS and TC_PAD in attention_tc.cu.
+const TC_KEYS: usize = 64;
+const TC_PAD: usize = 8;
+
+/// attention_tc.cu's kernels: head_dim 32, 64, 128 or 256, one or two row
+/// groups a pass.
+pub(crate) const KERNELS: &[&str] = &[
+    "attn_tc_d32_r1",
+    "attn_tc_d32_r2",
+    "attn_tc_d64_r1",
+    "attn_tc_d64_r2",
+    "attn_tc_d128_r1",
+    "attn_tc_d128_r2",
+    "attn_tc_d256_r1",
+    "attn_tc_d256_r2",
+];
+
+/// The query tiles of `meta`, checked as far as the host can: `tiles`
+/// pairs, at most one per token.
+pub(crate) fn check_tiles(meta: &BatchMeta<CudaBackend>) -> Result<usize> {
+    let tiles = meta.num_query_tiles;
+    if meta.query_tiles.shape() != [tiles, 2] || tiles == 0 || tiles > meta.num_tokens {
+        return Err(shape_err(
+            OP,
+            format!("{tiles} query tiles for {} tokens", meta.num_tokens),
+        ));
+    }
+    Ok(tiles)
+}
+
+impl CudaBackend {
+    /// Attention of the batch's first `tc_rows` rows on the tensor cores
+    /// (arguments already checked by the caller).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn attention_tensor_cores(
+        &self,
+        q: &T,
+        k_cache: &T,
+        v_cache: &T,
+        meta: &BatchMeta<CudaBackend>,
+        geo: AttnGeometry,
+        scale: f32,
+        tc_rows: usize,
+        out: &mut T,
+    ) -> Result<()> {
+        let tiles = check_tiles(meta)?;
+        let (d, group) = (geo.head_dim, geo.num_q_heads / geo.num_kv_heads);
+        // Row groups of 16 a pass: one where every tile is a token (its
+        // group's rows fit one), else two. Either way each row's sums are
+        // the same (attention_tc.cu), so the choice is free.
+        let groups = if meta.tiles_are_tokens || group == 1 {
+            1
+        } else {
+            2
+        };
+        // q rows, two stages of keys and values (which the merge reuses).
+        let smem = (16 * groups + 4 * TC_KEYS) * (d + TC_PAD) * 2;
+        if smem > self.dev.smem_optin {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "head_dim {d} needs {smem} bytes of shared memory for tensor-core attention"
+                ),
+            ));
+        }
+        let mut cfg = grid(
+            ((tiles * geo.num_kv_heads) as u32, 1, 1),
+            (128 * groups as u32, 1, 1),
+        );
+        cfg.shared_mem_bytes = smem as u32;
+        // check_head_dim (the caller's) allows exactly these widths.
+        let width = match d {
+            32 => 0,
+            64 => 1,
+            128 => 2,
+            256 => 3,
+            _ => return Err(shape_err(OP, format!("head_dim {d}"))),
+        };
+        let mut b = self.launch(self.kernel(KERNELS[2 * width + groups - 1]));
+        b.arg(bf16s(OP, "q", q)?)
+            .arg(bf16s(OP, "k_cache", k_cache)?)
+            .arg(bf16s(OP, "v_cache", v_cache)?)
+            .arg(u32s(OP, "positions", &meta.positions)?)
+            .arg(u32s(OP, "seq_of_token", &meta.seq_of_token)?)
+            .arg(u32s(OP, "block_tables", &meta.block_tables)?)
+            .arg(u32s(OP, "query_tiles", &meta.query_tiles)?)
+            .arg(&int(OP, meta.max_blocks)?)
+            .arg(&int(OP, geo.block_size)?)
+            .arg(&int(OP, geo.num_q_heads)?)
+            .arg(&int(OP, geo.num_kv_heads)?)
+            .arg(&scale)
+            .arg(&int(OP, tc_rows)?)
+            .arg(bf16s_mut(OP, "out", out)?);
+        // SAFETY: the arguments are the attn_tc kernels' parameters in order
+        // (the kernel of this head_dim and row-group count); the grid
+        // is one block per (query tile, kv head), the tiles coming from
+        // BatchLayout::query_tiles (at most one per token, checked above),
+        // each of at most 16 consecutive positions of one sequence; the
+        // shared memory holds 16 q rows a row group and two stages of
+        // TC_KEYS keys and values, as attention_tc.cu lays it out (the
+        // merge's partials, (64·head_dim + 128) floats a row group, fit in
+        // the stages); 128 threads a row group, as the kernel reads them.
+        unsafe { b.launch(cfg) }.map_err(dev)
+    }
+}
