@@ -1,14 +1,15 @@
 // Causal attention on the tensor cores for the rows announced as prompt
 // rows (Backend::set_tensor_core_rows), by query tile: a block per (tile of
-// up to 16 consecutive positions of one sequence, kv head) takes every key
-// of the sequence, in steps of TC_KEYS positions from position 0, each
-// warp a fixed quarter of every step, as mma.sync m16n8k16 (bf16 in, f32
-// out) with an online softmax, the warps merged in order at the end. Like
+// up to 16 consecutive positions of one sequence, kv head, span of TC_SPAN
+// keys) takes the span's keys in steps of TC_KEYS positions, each warp a
+// fixed quarter of every step, as mma.sync m16n8k16 (bf16 in, f32 out)
+// with an online softmax, the warps merged in order at the end, and a
+// row's spans (if it has more than one) by the tile's last block. Like
 // gemm.cu it differs from the CPU spec (attention.rs) by summation order
 // and the rounding of the weights p: p = hi + lo, both bf16 (|p - hi - lo|
 // <= 2^-17 p), so the result stays within the bound tests/twin.rs states.
 //
-// A row's result depends only on the row: the steps and their quarters
+// A row's result depends only on the row: the spans, steps and quarters
 // are fixed by absolute position, a tensor-core product never mixes rows,
 // a key past the row's
 // position adds an exact zero, and a step with none of its keys leaves the
@@ -17,6 +18,7 @@
 // token recomputed after a preemption (as a prompt-like row) equals itself.
 
 #define TC_KEYS 64     // keys a step; fixed, as the partition of a row's sums
+#define TC_SPAN 512    // keys a block; fixed too (spans of one row merge in order)
 #define TC_PAD 8       // bf16 of padding a shared row: ldmatrix without bank conflicts
 // Warps come in fours: warp w takes keys [16(w % 4), 16(w % 4) + 16) of
 // every step for the pass's rows [16(w / 4), 16(w / 4) + 16). A block has
@@ -36,7 +38,8 @@ template <int D, int RGP>
 __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_bfloat16* kc,
                                              const __nv_bfloat16* vc, const u32* pos, const u32* seq,
                                              const u32* tables, const u32* tiles, int max_blocks, int bs, int Hq,
-                                             int Hkv, float scale, int tc_rows, __nv_bfloat16* out) {
+                                             int Hkv, float scale, int tc_rows, int max_spans, float* spans,
+                                             u32* done, __nv_bfloat16* out) {
     const int THREADS = 128 * RGP, ROWS = 16 * RGP;
     const int KS = D + TC_PAD, DT = D / 8, PIECES = TC_KEYS * (D / 8) / THREADS;
     const float NEG_INF = __int_as_float(0xff800000);
@@ -57,7 +60,14 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
     n = min(n, tc_rows - t0);
     int G = Hq / Hkv, R = n * G;
     int ctx = (int)pos[t0 + n - 1] + 1;  // the tile's last token sees the most
-    int steps = (ctx + TC_KEYS - 1) / TC_KEYS;
+    // This block's span of keys [k_begin, k_end) (blockIdx.y).
+    int k_begin = blockIdx.y * TC_SPAN;
+    if (k_begin >= ctx) {
+        start_dependents();
+        return;
+    }
+    int k_end = min(ctx, k_begin + TC_SPAN), nspans = (ctx + TC_SPAN - 1) / TC_SPAN;
+    int s0 = k_begin / TC_KEYS, steps = (k_end + TC_KEYS - 1) / TC_KEYS;
     const u32* table = tables + (size_t)seq[t0] * max_blocks;
     // This step's rows (and q) are written by the kernel ahead.
     wait_for_producers();
@@ -67,7 +77,7 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
     // loads), then every copy; rows past the context are zeroed (a weight
     // of zero must not meet a stale NaN).
     auto copy_step = [&](int s, int st) {
-        int k0 = s * TC_KEYS, len = min(TC_KEYS, ctx - k0);
+        int k0 = s * TC_KEYS, len = min(TC_KEYS, k_end - k0);
         __nv_bfloat16* kd = ks + st * TC_KEYS * KS;
         __nv_bfloat16* vd = vs + st * TC_KEYS * KS;
         u32 slot[PIECES];
@@ -99,7 +109,7 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             else
                 *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
         }
-        copy_step(0, 0);
+        copy_step(s0, 0);
         copies_commit();
         // This thread's two rows (lane / 4 and lane / 4 + 8 of the warp's
         // 16): their positions; a padding row takes the tile's last one and
@@ -117,8 +127,8 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
 #pragma unroll
             for (int e = 0; e < 4; e++) o[j][e] = 0.0f;
 
-        for (int s = 0; s < steps; s++) {
-            int st = s & 1;
+        for (int s = s0; s < steps; s++) {
+            int st = (s - s0) & 1;
             // Every step commits a group (empty at the end), so that "all
             // but the newest" always means step s has landed.
             if (s + 1 < steps) copy_step(s + 1, st ^ 1);
@@ -218,10 +228,13 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             }
         }
         __syncthreads();
-        // The merge, an output element a thread at a time.
+        // The quarters' merge, an output element a thread at a time: the
+        // row's output if this span is all it has, else the span's partials.
         for (int e = tid; e < ROWS * D; e += THREADS) {
             int r = e / D, i = e % D, rr = r_base + r;
             if (rr >= R) continue;
+            int t = t0 + rr / G, h = g * G + rr % G, row_ctx = (int)pos[t] + 1;
+            if (row_ctx <= k_begin) continue;  // no key of the row here
             float mw[4], mx = NEG_INF;
 #pragma unroll
             for (int w = 0; w < 4; w++) {
@@ -231,14 +244,50 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             float L = 0.0f, O = 0.0f;
 #pragma unroll
             for (int w = 0; w < 4; w++) {
-                float f = q_exp(mw[w] - mx);  // a warp that saw no key: exp(-inf) = 0
+                float f = q_exp(mw[w] - mx);  // a quarter that saw no key: exp(-inf) = 0
                 L = L + pm[(w * ROWS + r) * 2 + 1] * f;
                 O = O + part[(w * ROWS + r) * D + i] * f;
             }
-            out[((size_t)(t0 + rr / G) * Hq + g * G + rr % G) * D + i] = __float2bfloat16_rn(O / L);
+            if (row_ctx <= TC_SPAN) {
+                out[((size_t)t * Hq + h) * D + i] = __float2bfloat16_rn(O / L);
+            } else {
+                float* dst = spans + (((size_t)t * Hq + h) * max_spans + blockIdx.y) * (D + 2);
+                dst[2 + i] = O;
+                if (i == 0) {
+                    dst[0] = mx;
+                    dst[1] = L;
+                }
+            }
         }
         // The next pass refills q and the stages.
         __syncthreads();
+    }
+    if (nspans == 1) return;
+    // The last of the tile's span blocks to finish merges the spans of every
+    // row that has more than one, in span order: M = max m_c, f_c =
+    // exp(m_c − M), L = Σ l_c·f_c, O = Σ o_c·f_c, out = bf16(O / L).
+    __shared__ bool last;
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) last = atomicAdd(done + blockIdx.x, 1u) == (u32)(nspans - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    if (tid == 0) done[blockIdx.x] = 0;
+    for (int e = tid; e < R * D; e += THREADS) {
+        int rr = e / D, i = e % D;
+        int t = t0 + rr / G, h = g * G + rr % G, row_spans = ((int)pos[t] + TC_SPAN) / TC_SPAN;
+        if (row_spans == 1) continue;
+        const float* p = spans + ((size_t)t * Hq + h) * max_spans * (D + 2);
+        float mx = NEG_INF;
+        for (int c = 0; c < row_spans; c++) mx = fmaxf(mx, __ldcg(p + c * (D + 2)));
+        float L = 0.0f, O = 0.0f;
+        for (int c = 0; c < row_spans; c++) {
+            float f = q_exp(__ldcg(p + c * (D + 2)) - mx);
+            L = L + __ldcg(p + c * (D + 2) + 1) * f;
+            O = O + __ldcg(p + c * (D + 2) + 2 + i) * f;
+        }
+        out[((size_t)t * Hq + h) * D + i] = __float2bfloat16_rn(O / L);
     }
 }
 
@@ -252,8 +301,9 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
         attn_tc_d##DD##_r##RG(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc,        \
                               const u32* pos, const u32* seq, const u32* tables, const u32* tiles,             \
                               int max_blocks, int bs, int Hq, int Hkv, float scale, int tc_rows,               \
-                              __nv_bfloat16* out) {                                                            \
-        attn_tc_body<DD, RG>(q, kc, vc, pos, seq, tables, tiles, max_blocks, bs, Hq, Hkv, scale, tc_rows, out); \
+                              int max_spans, float* spans, u32* done, __nv_bfloat16* out) {                    \
+        attn_tc_body<DD, RG>(q, kc, vc, pos, seq, tables, tiles, max_blocks, bs, Hq, Hkv, scale, tc_rows,        \
+                             max_spans, spans, done, out);                                                     \
     }
 TC_KERNEL(32, 1, 4)
 TC_KERNEL(32, 2, 2)

@@ -2,15 +2,17 @@
 //! (prompt rows, `Backend::set_tensor_core_rows`) on the tensor cores, a
 //! block per (query tile, kv head); attention.rs runs the rows after them.
 
-use qwen_tensor::{AttnGeometry, BatchMeta, Result};
+use qwen_tensor::{AttnGeometry, BatchMeta, DType, Result};
 
-use crate::device::{bf16s, bf16s_mut, dev, u32s};
+use crate::device::{bf16s, bf16s_mut, dev, f32s_mut, u32s, u32s_mut, T};
 use crate::launch::{grid, int, shape_err};
-use crate::{device::T, CudaBackend};
+use crate::{CudaBackend, Scratch};
 
 const OP: &str = "attention";
-/// Keys a step and shared-row padding; TC_KEYS and TC_PAD in attention_tc.cu.
+/// Keys a step and a block, and shared-row padding; TC_KEYS, TC_SPAN and
+/// TC_PAD in attention_tc.cu.
 const TC_KEYS: usize = 64;
+const TC_SPAN: usize = 512;
 const TC_PAD: usize = 8;
 
 /// attention_tc.cu's kernels: head_dim 32, 64, 128 or 256, one or two row
@@ -74,8 +76,12 @@ impl CudaBackend {
                 ),
             ));
         }
+        // Spans of TC_SPAN keys a block; rows of more than one merge them
+        // through `spans` (per row and span: max, sum, D outputs) and a
+        // counter per (tile, kv head), both left alone when one span does.
+        let max_spans = meta.max_context.div_ceil(TC_SPAN).max(1);
         let mut cfg = grid(
-            ((tiles * geo.num_kv_heads) as u32, 1, 1),
+            ((tiles * geo.num_kv_heads) as u32, max_spans as u32, 1),
             (128 * groups as u32, 1, 1),
         );
         cfg.shared_mem_bytes = smem as u32;
@@ -87,30 +93,58 @@ impl CudaBackend {
             256 => 3,
             _ => return Err(shape_err(OP, format!("head_dim {d}"))),
         };
-        let mut b = self.launch(self.kernel(KERNELS[2 * width + groups - 1]));
-        b.arg(bf16s(OP, "q", q)?)
-            .arg(bf16s(OP, "k_cache", k_cache)?)
-            .arg(bf16s(OP, "v_cache", v_cache)?)
-            .arg(u32s(OP, "positions", &meta.positions)?)
-            .arg(u32s(OP, "seq_of_token", &meta.seq_of_token)?)
-            .arg(u32s(OP, "block_tables", &meta.block_tables)?)
-            .arg(u32s(OP, "query_tiles", &meta.query_tiles)?)
-            .arg(&int(OP, meta.max_blocks)?)
-            .arg(&int(OP, geo.block_size)?)
-            .arg(&int(OP, geo.num_q_heads)?)
-            .arg(&int(OP, geo.num_kv_heads)?)
-            .arg(&scale)
-            .arg(&int(OP, tc_rows)?)
-            .arg(bf16s_mut(OP, "out", out)?);
-        // SAFETY: the arguments are the attn_tc kernels' parameters in order
-        // (the kernel of this head_dim and row-group count); the grid
-        // is one block per (query tile, kv head), the tiles coming from
-        // BatchLayout::query_tiles (at most one per token, checked above),
-        // each of at most 16 consecutive positions of one sequence; the
-        // shared memory holds 16 q rows a row group and two stages of
-        // TC_KEYS keys and values, as attention_tc.cu lays it out (the
-        // merge's partials, (64·head_dim + 128) floats a row group, fit in
-        // the stages); 128 threads a row group, as the kernel reads them.
-        unsafe { b.launch(cfg) }.map_err(dev)
+        let mut launch = |spans: Option<(&mut T, &mut T)>| -> Result<()> {
+            let mut b = self.launch(self.kernel(KERNELS[2 * width + groups - 1]));
+            b.arg(bf16s(OP, "q", q)?)
+                .arg(bf16s(OP, "k_cache", k_cache)?)
+                .arg(bf16s(OP, "v_cache", v_cache)?)
+                .arg(u32s(OP, "positions", &meta.positions)?)
+                .arg(u32s(OP, "seq_of_token", &meta.seq_of_token)?)
+                .arg(u32s(OP, "block_tables", &meta.block_tables)?)
+                .arg(u32s(OP, "query_tiles", &meta.query_tiles)?)
+                .arg(&int(OP, meta.max_blocks)?)
+                .arg(&int(OP, geo.block_size)?)
+                .arg(&int(OP, geo.num_q_heads)?)
+                .arg(&int(OP, geo.num_kv_heads)?)
+                .arg(&scale)
+                .arg(&int(OP, tc_rows)?)
+                .arg(&int(OP, max_spans)?);
+            match spans {
+                Some((part, done)) => {
+                    b.arg(f32s_mut(OP, "spans", part)?)
+                        .arg(u32s_mut(OP, "done", done)?);
+                }
+                None => {
+                    b.arg(&0u64).arg(&0u64);
+                }
+            }
+            b.arg(bf16s_mut(OP, "out", out)?);
+            // SAFETY: the arguments are the attn_tc kernels' parameters in
+            // order (the kernel of this head_dim and row-group count); the
+            // grid is one block per (query tile, kv head, span), the tiles
+            // coming from BatchLayout::query_tiles (at most one per token,
+            // checked above), each of at most 16 consecutive positions of one
+            // sequence, and no context longer than max_context, so that
+            // without `spans` (null) every tile has one span and the kernel
+            // reads neither pointer; with them, `spans` holds max_spans
+            // entries of head_dim + 2 floats per (token, q head) and `done`
+            // a counter per (tile, kv head). The shared memory holds 16 q
+            // rows a row group and two stages of TC_KEYS keys and values, as
+            // attention_tc.cu lays it out (the quarters' partials, (64·head_dim
+            // + 128) floats a row group, fit in the stages); 128 threads a row
+            // group, as the kernel reads them.
+            unsafe { b.launch(cfg) }.map_err(dev)
+        };
+        if max_spans == 1 {
+            return launch(None);
+        }
+        let part_shape = [meta.num_tokens * geo.num_q_heads * max_spans * (d + 2)];
+        self.with_scratch(Scratch::TcSpans, &part_shape, DType::F32, |part| {
+            // Zero when created; the merging block sets its counter back.
+            let done_shape = [tiles * geo.num_kv_heads];
+            self.with_scratch(Scratch::TcDone, &done_shape, DType::U32, |done| {
+                launch(Some((part, done)))
+            })
+        })
     }
 }

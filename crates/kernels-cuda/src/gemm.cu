@@ -59,7 +59,10 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
                                           int N, int add, float* part, __nv_bfloat16* smem) {
     const int NT = BN / 16;  // 8-column mma tiles per warp
     const int STAGE = (GM + BN) * GS;
-    int m0 = blockIdx.y * GM, n0 = blockIdx.x * BN;
+    // Row tiles vary fastest: the blocks of one weight tile run together,
+    // so a weight larger than L2 (the vocabulary projection) is read from
+    // memory once, not once per row tile.
+    int m0 = blockIdx.x * GM, n0 = blockIdx.y * BN;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     int wm = (warp / 2) * 32, wn = (warp % 2) * (BN / 2);
     float acc[2][NT][4];

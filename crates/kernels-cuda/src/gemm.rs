@@ -73,7 +73,14 @@ impl CudaBackend {
         } else {
             ("gemm_tc_n32", GN / 4)
         };
-        let mut cfg = grid(((n as u32).div_ceil(bn), row_tiles, splits), (128, 1, 1));
+        let col_tiles = (n as u32).div_ceil(bn);
+        if col_tiles > 65_535 {
+            return Err(crate::launch::shape_err(
+                op,
+                format!("{n} columns are too many for one tensor-core GEMM"),
+            ));
+        }
+        let mut cfg = grid((row_tiles, col_tiles, splits), (128, 1, 1));
         cfg.shared_mem_bytes = GSTAGES * (GM + bn) * GS * 2;
         let f = self.kernel(name);
         // `part`: where the split shares go (null: no split).

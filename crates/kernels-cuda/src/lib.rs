@@ -81,10 +81,12 @@ pub(crate) enum Scratch {
     ArgmaxOut = 7,
     AttnDone = 8,
     GemmSplits = 9,
+    TcSpans = 10,
+    TcDone = 11,
 }
 
 /// How many [`Scratch`] slots there are.
-const SCRATCH_SLOTS: usize = 10;
+const SCRATCH_SLOTS: usize = 12;
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -1069,9 +1069,9 @@ impl<B: Backend> AttnRunner for B {
 }
 
 /// A tensor-core attention row depends on nothing but the row: a prompt's
-/// rows give the same bits as one batch, in chunks that start mid-tile,
-/// behind other sequences' rows, and one token at a time among other
-/// sequences' decode tokens.
+/// rows give the same bits as one batch, in chunks that start mid-tile or
+/// straddle a span of keys, behind other sequences' rows, and one token at
+/// a time among other sequences' decode tokens.
 #[test]
 fn tensor_core_attention_is_batch_invariant() {
     let Some(mut g) = gpu() else { return };
@@ -1085,8 +1085,9 @@ fn tensor_core_attention_is_batch_invariant() {
             head_dim: d,
             block_size: bs,
         };
-        // Sequence 0: a 300-token prompt; sequences 1..: others of 90.
-        let (len, others) = (300, 5);
+        // Sequence 0: a 700-token prompt (two spans of 512 keys); sequences
+        // 1..: others of 90.
+        let (len, others) = (700, 5);
         let (base, blocks) = layout(
             &mut r,
             &std::iter::once((len, len))
@@ -1137,11 +1138,17 @@ fn tensor_core_attention_is_batch_invariant() {
             vec![(0, 0..37)],
             vec![(0, 37..120), (1, 0..90)],
             vec![(2, 0..7), (0, 120..300), (3, 50..90)],
+            vec![(0, 300..505), (4, 0..90)],
+            vec![(0, 505..700)],
             (0..others)
                 .map(|s| (s + 1, 89..90))
                 .chain([(0, 200..201)])
                 .collect(),
-            vec![(0, 299..300)],
+            (0..others)
+                .map(|s| (s + 1, 89..90))
+                .chain([(0, 600..601)])
+                .collect(),
+            vec![(0, 699..700)],
         ];
         for runs in arrangements {
             for (p, bits) in batch(&runs) {
