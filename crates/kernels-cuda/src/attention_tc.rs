@@ -12,7 +12,7 @@ const OP: &str = "attention";
 /// Keys a step and a block, and shared-row padding; TC_KEYS, TC_SPAN and
 /// TC_PAD in attention_tc.cu.
 const TC_KEYS: usize = 64;
-const TC_SPAN: usize = 512;
+const TC_SPAN: usize = 1024;
 const TC_PAD: usize = 8;
 
 /// attention_tc.cu's kernels: head_dim 32, 64, 128 or 256, one or two row

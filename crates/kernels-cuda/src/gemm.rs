@@ -16,7 +16,8 @@ use crate::{CudaBackend, Scratch};
 const GM: u32 = 64;
 const GN: u32 = 128;
 /// k per stage, padded shared rows, and stages, as GK, GS and GSTAGES.
-const GS: u32 = 32 + 8;
+const GK: u32 = 64;
+const GS: u32 = GK + 8;
 const GSTAGES: u32 = 3;
 /// Below this many 128-wide blocks (two per H100 SM) the 64-wide kernel
 /// runs, and below this many of those (one per SM) the 32-wide one: narrower

@@ -963,6 +963,8 @@ fn tensor_core_attention_within_bound() {
     let cases: Vec<Case> = vec![
         (16, 8, 128, vec![(300, 300)], 300),
         (32, 8, 128, vec![(1000, 20), (64, 64)], 84),
+        // Rows in one span of 1,024 keys and in two.
+        (16, 8, 128, vec![(1100, 100)], 100),
         // The boundary inside a 16-token tile, and beside decode tokens.
         (16, 8, 128, vec![(300, 40), (33, 1), (90, 17), (1, 1)], 45),
         (40, 8, 128, vec![(70, 20), (17, 17)], 30),
@@ -1085,9 +1087,9 @@ fn tensor_core_attention_is_batch_invariant() {
             head_dim: d,
             block_size: bs,
         };
-        // Sequence 0: a 700-token prompt (two spans of 512 keys); sequences
+        // Sequence 0: a 1,300-token prompt (two spans of 1,024 keys); sequences
         // 1..: others of 90.
-        let (len, others) = (700, 5);
+        let (len, others) = (1300, 5);
         let (base, blocks) = layout(
             &mut r,
             &std::iter::once((len, len))
@@ -1139,16 +1141,17 @@ fn tensor_core_attention_is_batch_invariant() {
             vec![(0, 37..120), (1, 0..90)],
             vec![(2, 0..7), (0, 120..300), (3, 50..90)],
             vec![(0, 300..505), (4, 0..90)],
-            vec![(0, 505..700)],
+            vec![(0, 505..1100)],
+            vec![(1, 3..90), (0, 1100..1300)],
             (0..others)
                 .map(|s| (s + 1, 89..90))
                 .chain([(0, 200..201)])
                 .collect(),
             (0..others)
                 .map(|s| (s + 1, 89..90))
-                .chain([(0, 600..601)])
+                .chain([(0, 1050..1051)])
                 .collect(),
-            vec![(0, 699..700)],
+            vec![(0, 1299..1300)],
         ];
         for runs in arrangements {
             for (p, bits) in batch(&runs) {
