@@ -199,24 +199,48 @@ pub fn logits_of_every_prompt_match_hf<B: Backend>(m: &Qwen3<B>) {
     }
 }
 
-/// Greedy decoding through the KV cache gives HF's f32 tokens. Some steps
-/// are near-ties (the `unicode` prompt's second step has its top two logits
-/// 0.0019 apart, about 2e-4 relative): bf16 activations put ±0.01 of noise on
-/// the logits, which is why the logits projection keeps its input in f32.
+/// Greedy decoding through the KV cache gives HF's f32 tokens, with each
+/// step's top-k logits within tolerance, up to a near-tie. Some steps are
+/// near-ties (the `unicode` prompt's second step has its top two logits
+/// 0.0019 apart, about 2e-4 relative): bf16 activations put about ±0.01 of
+/// noise on the logits (which is why the logits projection keeps its input
+/// in f32), so there either of the tied tokens is right, and a backend
+/// whose rounding differs from the CPU's (tensor-core prompt rows) may take
+/// the other one. A token that differs from HF's must therefore be one HF
+/// scored within `TIE` of its own pick; the sequences part there, and the
+/// rest of that prompt is not compared.
 pub fn greedy_decode_matches_hf_f32<B: Backend>(m: &Qwen3<B>) {
+    const TIE: f32 = 0.01;
     let g = Golden::load();
     let steps = g.prompts[0].greedy_f32.len();
     for p in &g.prompts {
         let (toks, step_logits) = greedy(m, &p.ids, steps);
-        assert_eq!(
-            toks, p.greedy_f32,
-            "{}: greedy tokens differ from HF f32",
-            p.name
-        );
         let (_, vals) = g.f32(&p.name, "greedy_topk_values_f32");
         let (_, idx) = g.idx(&p.name, "greedy_topk_indices_f32");
         for (s, row) in step_logits.iter().enumerate() {
             let r = s * g.topk..(s + 1) * g.topk;
+            if toks[s] != p.greedy_f32[s] {
+                let hf_score = |t: u32| {
+                    idx[r.clone()]
+                        .iter()
+                        .position(|&i| i == t)
+                        .map(|k| vals[r.start + k])
+                };
+                let (ours, best) = (hf_score(toks[s]), vals[r.start]);
+                assert!(
+                    ours.is_some_and(|v| best - v <= TIE),
+                    "{}: greedy tokens differ from HF f32 at step {s} where HF has no near-tie: ours {:?}, HF {:?} (HF scores ours {ours:?}, its own {best})",
+                    p.name,
+                    &toks[..=s],
+                    &p.greedy_f32[..=s]
+                );
+                println!(
+                    "{}: step {s} is a near-tie in HF f32 ({best} vs {:?} for our token); sequences part here",
+                    p.name,
+                    ours
+                );
+                break;
+            }
             check_topk(
                 row,
                 &vals[r.clone()],
