@@ -20,6 +20,9 @@ pub enum Contract {
     /// (the ulp of the reference's type: f32, or bf16 for the attention
     /// output); for a GEMM `mag[i] = Σ_k |x_k·w_k|` of that element.
     TensorCore(Vec<f32>),
+    /// Tensor-core attention: the same test, `mag` from
+    /// `qwen_kernels_cpu::attention_tc_magnitudes` in units of `TC_FACTOR`.
+    TensorCoreAttention(Vec<f32>),
     /// `‖tested − reference‖₂ / ‖reference‖₂ ≤ bound`, for references that
     /// compute in another precision (Hugging Face in f32).
     RelL2(f64),
@@ -31,6 +34,7 @@ impl Contract {
         match self {
             Contract::Exact => "exact".into(),
             Contract::TensorCore(_) => format!("tc {TC_FACTOR:.0e}Σ|xw|"),
+            Contract::TensorCoreAttention(_) => "tc attn bound".to_string(),
             Contract::RelL2(b) => format!("relL2<={b:.0e}"),
         }
     }
@@ -132,7 +136,7 @@ pub fn compare(tested: &HostVec, reference: &HostVec, contract: &Contract) -> St
             worst_d = d;
             s.worst = Some(i);
         }
-        if let Contract::TensorCore(mag) = contract {
+        if let Contract::TensorCore(mag) | Contract::TensorCoreAttention(mag) = contract {
             let ulp = (b[i].abs().max(f32::MIN_POSITIVE) as f64) * eps;
             let bound = TC_FACTOR * mag[i] as f64 + ulp;
             // A NaN bound (a NaN input) counts as beyond it.
@@ -154,7 +158,7 @@ pub fn compare(tested: &HostVec, reference: &HostVec, contract: &Contract) -> St
     };
     s.ok = match contract {
         Contract::Exact => s.differing == 0,
-        Contract::TensorCore(_) => s.beyond_bound == 0,
+        Contract::TensorCore(_) | Contract::TensorCoreAttention(_) => s.beyond_bound == 0,
         // Written so that NaN fails.
         Contract::RelL2(bound) => s.rel_l2 <= *bound,
     };
@@ -209,6 +213,22 @@ mod tests {
         assert!(!s.ok);
         let s = compare(&t, &r, &Contract::TensorCore(vec![1.0, 10.0]));
         assert!(s.ok, "{s:?}");
+    }
+
+    #[test]
+    fn tensor_core_attention_allows_one_bf16_step() {
+        // 1.5 and its bf16 neighbours: one step (2⁻⁷) is within the
+        // rounding allowance of a bf16 reference, two are not (mag 0).
+        let r = bf(&[1.5]);
+        let one = bf(&[1.5 + 2f32.powi(-7)]);
+        let two = bf(&[1.5 + 2.0 * 2f32.powi(-7)]);
+        let c = Contract::TensorCoreAttention(vec![0.0]);
+        assert!(compare(&one, &r, &c).ok);
+        let s = compare(&two, &r, &c);
+        assert_eq!((s.ok, s.beyond_bound), (false, 1));
+        // A magnitude widens the bound by TC_FACTOR·mag.
+        let wide = Contract::TensorCoreAttention(vec![(2f64.powi(-7) / TC_FACTOR) as f32]);
+        assert!(compare(&two, &r, &wide).ok);
     }
 
     #[test]

@@ -735,7 +735,9 @@ pub fn run<B: Backend>(
                     let contract = if tc_step && is_gemm(name) {
                         Contract::TensorCore(mags.of(name, cfg, &by_name)?)
                     } else if tc_step && op_of(name) == "attn" {
-                        Contract::TensorCore(attention_magnitudes(name, &acts, cfg, start)?)
+                        Contract::TensorCoreAttention(attention_magnitudes(
+                            name, &acts, cfg, start,
+                        )?)
                     } else {
                         Contract::Exact
                     };
