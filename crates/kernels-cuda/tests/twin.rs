@@ -487,6 +487,20 @@ fn layout(r: &mut Rng, contexts: &[(usize, usize)], bs: usize) -> (BatchLayout, 
     (l, total)
 }
 
+fn geometry(
+    num_q_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+) -> AttnGeometry {
+    AttnGeometry {
+        num_q_heads,
+        num_kv_heads,
+        head_dim,
+        block_size,
+    }
+}
+
 struct AttnCase {
     geo: AttnGeometry,
     layout: BatchLayout,
@@ -586,12 +600,7 @@ fn qk_norm_rope_and_attention() {
         (64, 8, 128, vec![(1000, 1)]),
     ];
     for (hq, hkv, d, ctxs) in cases {
-        let geo = AttnGeometry {
-            num_q_heads: hq,
-            num_kv_heads: hkv,
-            head_dim: d,
-            block_size: bs,
-        };
+        let geo = geometry(hq, hkv, d, bs);
         let (layout, blocks) = layout(&mut r, &ctxs, bs);
         let t = layout.num_tokens();
         let max_pos = layout.max_context();
@@ -980,12 +989,7 @@ fn tensor_core_attention_within_bound() {
     ];
     let mut worst = 0.0f64;
     for (hq, hkv, d, ctxs, tc) in cases {
-        let geo = AttnGeometry {
-            num_q_heads: hq,
-            num_kv_heads: hkv,
-            head_dim: d,
-            block_size: bs,
-        };
+        let geo = geometry(hq, hkv, d, bs);
         let (layout, blocks) = layout(&mut r, &ctxs, bs);
         let t = layout.num_tokens();
         let q = r.bf16s(t * geo.q_width(), 1.0);
@@ -997,9 +1001,9 @@ fn tensor_core_attention_within_bound() {
         }
         let vc = r.bf16s(blocks * bs * hkv * d, 1.0);
         let scale = 1.0 / (d as f32).sqrt();
-        let c = cpu.run(geo, &layout, blocks, &q, &kc, &vc, scale);
+        let c = attention_only(&cpu, geo, &layout, blocks, &q, &kc, &vc, scale);
         g.set_tensor_core_rows(tc);
-        let gg = g.run(geo, &layout, blocks, &q, &kc, &vc, scale);
+        let gg = attention_only(&g, geo, &layout, blocks, &q, &kc, &vc, scale);
         g.set_tensor_core_rows(0);
         let what = format!("{hq}/{hkv} heads, d {d}, {t} tokens, {tc} on tensor cores");
         let f = |v: &[bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
@@ -1030,44 +1034,27 @@ fn tensor_core_attention_within_bound() {
 }
 
 /// Attention alone (no RoPE) on one backend, q and the caches given.
-trait AttnRunner {
-    #[allow(clippy::too_many_arguments)]
-    fn run(
-        &self,
-        geo: AttnGeometry,
-        layout: &BatchLayout,
-        blocks: usize,
-        q: &[bf16],
-        kc: &[bf16],
-        vc: &[bf16],
-        scale: f32,
-    ) -> HostVec;
-}
-
-impl<B: Backend> AttnRunner for B {
-    fn run(
-        &self,
-        geo: AttnGeometry,
-        layout: &BatchLayout,
-        blocks: usize,
-        q: &[bf16],
-        kc: &[bf16],
-        vc: &[bf16],
-        scale: f32,
-    ) -> HostVec {
-        let t = layout.num_tokens();
-        let meta = self.upload_batch(layout).unwrap();
-        let qt = self
-            .upload(HostSlice::BF16(q), &[t, geo.q_width()])
-            .unwrap();
-        let shape = geo.cache_shape(blocks);
-        let kt = self.upload(HostSlice::BF16(kc), &shape).unwrap();
-        let vt = self.upload(HostSlice::BF16(vc), &shape).unwrap();
-        let mut out = poisoned(self, &[t, geo.q_width()], DType::BF16);
-        self.attention(&qt, &kt, &vt, &meta, geo, scale, &mut out)
-            .unwrap();
-        self.download(&out).unwrap()
-    }
+#[allow(clippy::too_many_arguments)]
+fn attention_only<B: Backend>(
+    b: &B,
+    geo: AttnGeometry,
+    layout: &BatchLayout,
+    blocks: usize,
+    q: &[bf16],
+    kc: &[bf16],
+    vc: &[bf16],
+    scale: f32,
+) -> HostVec {
+    let t = layout.num_tokens();
+    let meta = b.upload_batch(layout).unwrap();
+    let qt = b.upload(HostSlice::BF16(q), &[t, geo.q_width()]).unwrap();
+    let shape = geo.cache_shape(blocks);
+    let kt = b.upload(HostSlice::BF16(kc), &shape).unwrap();
+    let vt = b.upload(HostSlice::BF16(vc), &shape).unwrap();
+    let mut out = poisoned(b, &[t, geo.q_width()], DType::BF16);
+    b.attention(&qt, &kt, &vt, &meta, geo, scale, &mut out)
+        .unwrap();
+    b.download(&out).unwrap()
 }
 
 /// A tensor-core attention row depends on nothing but the row: a prompt's
@@ -1081,12 +1068,7 @@ fn tensor_core_attention_is_batch_invariant() {
     let mut r = Rng::new("tensor-core attention invariance");
     let bs = 16;
     for (hq, hkv, d) in [(16, 8, 128), (32, 8, 128), (4, 2, 32)] {
-        let geo = AttnGeometry {
-            num_q_heads: hq,
-            num_kv_heads: hkv,
-            head_dim: d,
-            block_size: bs,
-        };
+        let geo = geometry(hq, hkv, d, bs);
         // Sequence 0: a 1,300-token prompt (two spans of 1,024 keys); sequences
         // 1..: others of 90.
         let (len, others) = (1300, 5);
@@ -1121,7 +1103,7 @@ fn tensor_core_attention_is_batch_invariant() {
                 }
             }
             g.set_tensor_core_rows(l.num_tokens());
-            let out = g.run(geo, &l, blocks, &q, &kc, &vc, scale).to_bits();
+            let out = attention_only(&g, geo, &l, blocks, &q, &kc, &vc, scale).to_bits();
             g.set_tensor_core_rows(0);
             let mut rows = Vec::new();
             let mut i = 0;
