@@ -7,7 +7,8 @@
 // row's spans (if it has more than one) by the tile's last block. Like
 // gemm.cu it differs from the CPU spec (attention.rs) by summation order
 // and the rounding of the weights p: p = hi + lo, both bf16 (|p - hi - lo|
-// <= 2^-17 p), so the result stays within the bound tests/twin.rs states.
+// <= 2^-17 p), so the result stays within the bound
+// qwen_kernels_cpu::attention_tc_magnitudes states (tests/twin.rs checks it).
 //
 // A row's result depends only on the row: the spans, steps and quarters
 // are fixed by absolute position, a tensor-core product never mixes rows,
