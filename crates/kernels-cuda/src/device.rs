@@ -48,7 +48,13 @@ const MODULES: &[(&str, &str, &[&str])] = &[
     (
         "gemm",
         include_str!("gemm.cu"),
-        &["gemm_tc", "gemm_tc_n64", "gemm_tc_n32", "gemm_splits_sum"],
+        &[
+            "gemm_tc",
+            "gemm_tc_n64",
+            "gemm_tc_n32",
+            "gemm_tc_m128",
+            "gemm_splits_sum",
+        ],
     ),
     ("rope", include_str!("rope.cu"), &["qk_norm_rope_store"]),
     (
@@ -87,6 +93,7 @@ const LARGE_DYNAMIC_SMEM: &[&str] = &[
     "gemm_tc",
     "gemm_tc_n64",
     "gemm_tc_n32",
+    "gemm_tc_m128",
 ];
 
 /// Above 48 KB a kernel must opt in to dynamic shared memory; done once at

@@ -9,8 +9,7 @@
 // that differs from the CPU spec (the tensor cores' own accumulation); the
 // twin tests bound the difference.
 
-#define GM 64      // rows per block
-#define GN 128     // most weight rows (output columns) per block; gemm_tc_n64/_n32 take 64/32
+// Tiles: BM rows of x by BN rows of w (output columns) a block, by kernel (GEMM_KERNEL below).
 #define GK 64      // k per shared-memory stage (32: 3% less throughput, small batches slower)
 #define GPAD 8     // bf16 of padding per shared row: rows 16 bytes off a bank line, no ldmatrix conflicts
 #define GS (GK + GPAD)
@@ -45,29 +44,30 @@ __device__ __forceinline__ void load_tile(__nv_bfloat16* smem, const __nv_bfloat
     }
 }
 
-// 4 warps, 2 x 2, each owning 32 rows x BN/2 columns of the block's tile.
+// 4 warps, 2 x 2, each owning BM/2 rows x BN/2 columns of the block's tile.
 // The tile's width changes which block computes an element, and the stages
 // only when its operands arrive, never the sequence of k-steps that sums it.
-// Shared memory (dynamic): GSTAGES stages of GM + BN rows of GS bf16.
+// Shared memory (dynamic): GSTAGES stages of BM + BN rows of GS bf16.
 //
 // Split K (gridDim.z > 1, fixed by K and N, never by T): block z sums its
 // share of the k-tiles from +0.0 and stores them in part[z]; gemm_splits_sum
 // then adds the shares in z order. One row's sums still never meet another
 // row's, and their order does not depend on the batch.
-template <bool VEC, int BN>
+template <bool VEC, int BM, int BN>
 __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K,
                                           int N, int add, float* part, __nv_bfloat16* smem) {
+    const int MI = BM / 32;  // 16-row mma tiles per warp
     const int NT = BN / 16;  // 8-column mma tiles per warp
-    const int STAGE = (GM + BN) * GS;
+    const int STAGE = (BM + BN) * GS;
     // Row tiles vary fastest: the blocks of one weight tile run together,
     // so a weight larger than L2 (the vocabulary projection) is read from
     // memory once, not once per row tile.
-    int m0 = blockIdx.x * GM, n0 = blockIdx.y * BN;
+    int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int wm = (warp / 2) * 32, wn = (warp % 2) * (BN / 2);
-    float acc[2][NT][4];
+    int wm = (warp / 2) * (BM / 2), wn = (warp % 2) * (BN / 2);
+    float acc[MI][NT][4];
 #pragma unroll
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < MI; i++)
 #pragma unroll
         for (int j = 0; j < NT; j++)
 #pragma unroll
@@ -79,8 +79,8 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
     auto issue = [&](int kt) {
         if (kt < tiles) {
             __nv_bfloat16* st = smem + (kt % GSTAGES) * STAGE;
-            load_tile<GM, VEC>(st, x, T, K, m0, kt * GK);
-            load_tile<BN, VEC>(st + GM * GS, w, N, K, n0, kt * GK);
+            load_tile<BM, VEC>(st, x, T, K, m0, kt * GK);
+            load_tile<BN, VEC>(st + BM * GS, w, N, K, n0, kt * GK);
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
@@ -92,19 +92,19 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
         __syncthreads();
         issue(kt + GSTAGES - 1);
         const __nv_bfloat16* a_s = smem + (kt % GSTAGES) * STAGE;
-        const __nv_bfloat16* b_s = a_s + GM * GS;
+        const __nv_bfloat16* b_s = a_s + BM * GS;
 #pragma unroll
         for (int ks = 0; ks < GK; ks += 16) {
-            unsigned a[2][4];
+            unsigned a[MI][4];
 #pragma unroll
-            for (int i = 0; i < 2; i++)
+            for (int i = 0; i < MI; i++)
                 ldmatrix4(a[i], a_s + (wm + i * 16 + lane % 16) * GS + ks + (lane / 16) * 8);
 #pragma unroll
             for (int j = 0; j < NT; j += 2) {
                 unsigned b[4];
                 ldmatrix4(b, b_s + (wn + j * 8 + (lane / 16) * 8 + lane % 8) * GS + ks + ((lane / 8) % 2) * 8);
 #pragma unroll
-                for (int i = 0; i < 2; i++) {
+                for (int i = 0; i < MI; i++) {
                     mma16816(acc[i][j], a[i], b[0], b[1]);
                     mma16816(acc[i][j + 1], a[i], b[2], b[3]);
                 }
@@ -112,7 +112,7 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
         }
     }
 #pragma unroll
-    for (int i = 0; i < 2; i++)
+    for (int i = 0; i < MI; i++)
 #pragma unroll
         for (int j = 0; j < NT; j++)
 #pragma unroll
@@ -129,29 +129,30 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
             }
 }
 
-template <int BN>
+template <int BM, int BN>
 __device__ __forceinline__ void gemm_entry(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K,
                                            int N, int add, float* part) {
     extern __shared__ __align__(16) unsigned char gemm_smem[];
     __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(gemm_smem);
     if ((K & 7) == 0)
-        gemm_body<true, BN>(x, w, out, T, K, N, add, part, smem);
+        gemm_body<true, BM, BN>(x, w, out, T, K, N, add, part, smem);
     else
-        gemm_body<false, BN>(x, w, out, T, K, N, add, part, smem);
+        gemm_body<false, BM, BN>(x, w, out, T, K, N, add, part, smem);
 }
 
-// gemm_tc_n64 and gemm_tc_n32 take narrower tiles, for GEMMs too small to
-// fill the GPU with 128-wide ones.
-#define GEMM_KERNEL(NAME, BN)                                                                                   \
+// One kernel per tile shape: narrow tiles for GEMMs too small to fill the
+// GPU with wide ones, wide ones where they cut the re-reads of x and w.
+#define GEMM_KERNEL(NAME, BM, BN)                                                                               \
     extern "C" __global__ void __launch_bounds__(128) NAME(const __nv_bfloat16* x, const __nv_bfloat16* w,       \
                                                            float* out, int T, int K, int N, int add, float* part) { \
         wait_for_producers();                                                                                   \
         start_dependents();                                                                                     \
-        gemm_entry<BN>(x, w, out, T, K, N, add, part);                                                          \
+        gemm_entry<BM, BN>(x, w, out, T, K, N, add, part);                                                      \
     }
-GEMM_KERNEL(gemm_tc, 128)
-GEMM_KERNEL(gemm_tc_n64, 64)
-GEMM_KERNEL(gemm_tc_n32, 32)
+GEMM_KERNEL(gemm_tc, 64, 128)
+GEMM_KERNEL(gemm_tc_n64, 64, 64)
+GEMM_KERNEL(gemm_tc_n32, 64, 32)
+GEMM_KERNEL(gemm_tc_m128, 128, 128)
 
 // out[i] (+)= ((part[0][i] + part[1][i]) + ...) + part[splits - 1][i]: the
 // split shares of gemm_body, added in split order.

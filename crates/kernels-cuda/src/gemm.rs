@@ -11,21 +11,64 @@ use crate::device::{dev, f32s_mut};
 use crate::launch::{grid, int};
 use crate::{CudaBackend, Scratch};
 
-/// Rows and columns of `out` per block, as GM and GN in gemm.cu
-/// (gemm_tc_n64 and gemm_tc_n32 take 64 and 32 columns).
-const GM: u32 = 64;
-const GN: u32 = 128;
+/// A tile shape of gemm.cu: its kernel, and the rows of x (BM) and of w
+/// (BN, output columns) a block takes.
+struct Tile {
+    name: &'static str,
+    bm: u32,
+    bn: u32,
+}
+
+const N32: Tile = Tile {
+    name: "gemm_tc_n32",
+    bm: 64,
+    bn: 32,
+};
+const N64: Tile = Tile {
+    name: "gemm_tc_n64",
+    bm: 64,
+    bn: 64,
+};
+const N128: Tile = Tile {
+    name: "gemm_tc",
+    bm: 64,
+    bn: 128,
+};
+const M128: Tile = Tile {
+    name: "gemm_tc_m128",
+    bm: 128,
+    bn: 128,
+};
+
 /// k per stage, padded shared rows, and stages, as GK, GS and GSTAGES.
 const GK: u32 = 64;
 const GS: u32 = GK + 8;
 const GSTAGES: u32 = 3;
-/// Below this many 128-wide blocks (two per H100 SM) the 64-wide kernel
-/// runs, and below this many of those (one per SM) the 32-wide one: narrower
-/// tiles read each row's activations more often, so they only pay where
-/// the wider ones leave SMs idle (measured at 256 rows: qkv 64-wide 25.9 us,
-/// 32-wide 37.4; o_proj 36.2 and 27.2).
-const FEW_BLOCKS: u32 = 264;
-const ONE_WAVE: u32 = 132;
+
+/// The tile for `t` rows by `n` columns in `splits` K shares. Any tile
+/// sums each output in the same k order, so the choice may follow the row
+/// count without changing a row's bits. Measured on the H100 (criterion,
+/// Qwen3-0.6B shapes, BENCHMARKS.md): 128 x 128 tiles from 256 rows where
+/// they make at least 512 blocks (2,048 rows: gate_up 176 -> 148 us, qkv
+/// 121 -> 108; the vocabulary projection at 256 rows 535 -> 410), 64 x 128
+/// from two blocks an SM, then 64 x 64 from one wave (two for split K: at
+/// 256 rows o_proj 23.6 -> 18.5 us and down 29.8 -> 24.8 with 64 x 32),
+/// else 64 x 32: narrower tiles read each row's activations more often, so
+/// they only pay where the wider ones leave SMs idle.
+fn choose_tile(t: u32, n: u32, splits: u32) -> &'static Tile {
+    // An H100's SMs; 512 blocks of 128 x 128 are about two waves of two an SM.
+    const SMS: u32 = 132;
+    let blocks = |tile: &Tile| n.div_ceil(tile.bn) * t.div_ceil(tile.bm) * splits;
+    if t >= 256 && blocks(&M128) >= 512 {
+        &M128
+    } else if blocks(&N128) >= 2 * SMS {
+        &N128
+    } else if blocks(&N64) >= SMS * splits.min(2) {
+        &N64
+    } else {
+        &N32
+    }
+}
 
 /// Shares of K summed apart (split K): a function of the weight's shape
 /// only, so that a row's sums never depend on its batch. Projections of at
@@ -64,17 +107,9 @@ impl CudaBackend {
             return Ok(());
         }
         let (ti, ki, ni, addi) = (int(op, t)?, int(op, k)?, int(op, n)?, add as i32);
-        let row_tiles = (t as u32).div_ceil(GM);
         let splits = k_splits(k, n);
-        let blocks = |bn: u32| (n as u32).div_ceil(bn) * row_tiles * splits;
-        let (name, bn) = if blocks(GN) >= FEW_BLOCKS {
-            ("gemm_tc", GN)
-        } else if blocks(GN / 2) >= ONE_WAVE {
-            ("gemm_tc_n64", GN / 2)
-        } else {
-            ("gemm_tc_n32", GN / 4)
-        };
-        let col_tiles = (n as u32).div_ceil(bn);
+        let tile = choose_tile(t as u32, n as u32, splits);
+        let (row_tiles, col_tiles) = ((t as u32).div_ceil(tile.bm), (n as u32).div_ceil(tile.bn));
         if col_tiles > 65_535 {
             return Err(crate::launch::shape_err(
                 op,
@@ -82,8 +117,8 @@ impl CudaBackend {
             ));
         }
         let mut cfg = grid((row_tiles, col_tiles, splits), (128, 1, 1));
-        cfg.shared_mem_bytes = GSTAGES * (GM + bn) * GS * 2;
-        let f = self.kernel(name);
+        cfg.shared_mem_bytes = GSTAGES * (tile.bm + tile.bn) * GS * 2;
+        let f = self.kernel(tile.name);
         // `part`: where the split shares go (null: no split).
         let gemm = |out: &mut CudaSlice<f32>, part: Option<&mut CudaSlice<f32>>| -> Result<()> {
             let mut b = self.launch(f);
@@ -98,7 +133,7 @@ impl CudaBackend {
                 Some(p) => b.arg(p),
                 None => b.arg(&0u64),
             };
-            // SAFETY: argument order and types match gemm_tc{,_n64,_n32} in gemm.cu;
+            // SAFETY: argument order and types match every GEMM_KERNEL in gemm.cu;
             // the caller checked the slices' sizes, the kernel guards every access
             // by T, K and N, `part` (when given) holds splits·t·n floats, and the
             // dynamic shared memory holds the kernel's stages.

@@ -178,6 +178,8 @@ fn tensor_core_matmul_within_bound() {
         // K that is not a multiple of 8.
         (70, 70, 1600, 500),
         (33, 20, 1031, 300),
+        // Enough rows and columns for 128 x 128 tiles, the last one partial.
+        (600, 590, 256, 16_384),
     ] {
         g.set_tensor_core_rows(tc);
         let x = r.bf16s(t * k, 1.0);
@@ -214,17 +216,24 @@ fn tensor_core_matmul_within_bound() {
 }
 
 /// A prompt row's tensor-core result depends on nothing but that row: the
-/// same bits alone, in a batch of 200 at any place, in batches whose size
-/// leaves a partial tile, and whichever tile width the batch size picks.
+/// same bits alone, in a batch of 200 (or 600) at any place, in batches
+/// whose size leaves a partial tile, and whichever tile shape the batch
+/// size picks.
 #[test]
 fn tensor_core_matmul_is_batch_invariant() {
     let Some(mut g) = gpu() else { return };
     g.set_exact(false);
     let mut r = Rng::new("tensor-core invariance");
     // (64, 9000): the full batch takes 128-wide tiles, small sub-batches
-    // 64-wide ones.
-    for (k, n) in [(1024, 4096), (3072, 1024), (37, 130), (64, 9000)] {
-        let t = 200;
+    // 64-wide ones; (256, 16384): the full batch and the sub-batches of
+    // 512 take 128 x 128 tiles, the latter starting mid-tile.
+    for (k, n, t) in [
+        (1024, 4096, 200),
+        (3072, 1024, 200),
+        (37, 130, 200),
+        (64, 9000, 200),
+        (256, 16_384, 600),
+    ] {
         let x = r.bf16s(t * k, 1.0);
         let w = r.bf16s(n * k, 0.05);
         let acc = vec![0.0f32; t * n];
@@ -232,7 +241,11 @@ fn tensor_core_matmul_is_batch_invariant() {
         let (full, _) = matmul_on(&g, &x, &w, &acc, t, k, n);
         let full = full.to_bits();
         // Sub-batches starting at various rows, of various sizes.
-        for (start, len) in [(0, 1), (137, 1), (5, 63), (64, 64), (150, 50), (1, 199)] {
+        let mut subs = vec![(0, 1), (137, 1), (5, 63), (64, 64), (150, 50), (1, 199)];
+        if t == 600 {
+            subs.extend([(0, 512), (88, 512), (300, 300)]);
+        }
+        for (start, len) in subs {
             g.set_tensor_core_rows(len);
             let xs = &x[start * k..(start + len) * k];
             let (part, _) = matmul_on(&g, xs, &w, &acc[..len * n], len, k, n);
