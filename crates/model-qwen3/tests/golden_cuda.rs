@@ -66,6 +66,24 @@ fn cuda_tensor_core_decode_is_batch_invariant() {
     common::batch_of_64_is_invariant(&m);
 }
 
+/// Preemption on the GPU (default mode): a preempted request's recompute
+/// runs its prompt rows on the tensor cores and its generated tokens on
+/// the exact kernels again, as they first ran, so its tokens do not change.
+#[test]
+fn cuda_preemption_leaves_greedy_output_unchanged() {
+    let Some(m) = gpu_model(false) else { return };
+    common::preemption_leaves_greedy_output_unchanged(&m, false);
+    common::preemption_leaves_greedy_output_unchanged(&m, true);
+}
+
+/// The same with every row on the tensor cores (`--tensor-core-decode`).
+#[test]
+fn cuda_tensor_core_decode_preemption_leaves_greedy_output_unchanged() {
+    let Some(m) = gpu_model(false) else { return };
+    m.set_tensor_core_decode(true);
+    common::preemption_leaves_greedy_output_unchanged(&m, false);
+}
+
 #[test]
 fn cuda_prefill_in_one_pass_equals_token_by_token() {
     let Some(m) = gpu_model(true) else { return };

@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use common::{random_ids, tiny_dir, Golden};
 use model_qwen3::scheduler::{greedy, Finished, Request, SampleRow, StopReason};
 use model_qwen3::{KvCache, Qwen3, Scheduler, SchedulerConfig};
@@ -118,91 +116,14 @@ fn a_batch_of_64_gives_each_prompt_its_tokens_alone() {
     common::batch_of_64_is_invariant(&model());
 }
 
-/// Greedy decoding that checks it is asked for each request's tokens in
-/// order, once each: the history it is shown must have grown by exactly
-/// the token it returned last time.
-fn counting_greedy<'a>(
-    be: &'a CpuBackend,
-    seen: &'a mut HashMap<u64, usize>,
-) -> impl FnMut(&mut Tensor<CpuBackend>, &[SampleRow<'_>]) -> model_qwen3::Result<Vec<u32>> + 'a {
-    move |logits, rows| {
-        for r in rows {
-            let n = seen.entry(r.id).or_insert(0);
-            assert_eq!(
-                r.generated().len(),
-                *n,
-                "request {} asked again for a token it has",
-                r.id
-            );
-            *n += 1;
-        }
-        Ok(be.argmax(logits)?)
-    }
-}
-
-fn preemption_case(prefix_caching: bool) {
-    let m = model();
-    let vocab = m.config().vocab_size;
-    let prompts: Vec<Vec<u32>> = (0..6)
-        .map(|k| random_ids(77 + k, 20 + 6 * k as usize, vocab))
-        .collect();
-    let max_new = 28;
-    let want: Vec<Vec<u32>> = prompts.iter().map(|p| alone(&m, p, max_new)).collect();
-
-    // 9 blocks (144 positions) hold two of these sequences grown to full
-    // length (47 to 77 positions each), but three or four prompts at once.
-    let cfg = SchedulerConfig {
-        max_num_seqs: 6,
-        max_num_batched_tokens: 64,
-        prefix_caching,
-    };
-    let mut s = Scheduler::new(&m, cache(&m, 9), cfg).unwrap();
-    for p in &prompts {
-        s.add_request(request(p, max_new)).unwrap();
-    }
-    let mut seen = HashMap::new();
-    let done = s.run(&mut counting_greedy(m.backend(), &mut seen)).unwrap();
-    let st = s.stats();
-    assert!(
-        st.preemptions > 0,
-        "the cache was big enough: no preemption"
-    );
-    assert_eq!(
-        done.iter().map(|f| f.preemptions as u64).sum::<u64>(),
-        st.preemptions
-    );
-    for (f, w) in done.iter().zip(&want) {
-        assert_eq!(
-            f.tokens, *w,
-            "request {}: tokens changed by preemption",
-            f.id
-        );
-        assert_eq!(seen[&f.id], max_new);
-    }
-    if !prefix_caching {
-        // A preempted request recomputed its prompt and generated tokens.
-        let f = done.iter().find(|f| f.preemptions > 0).unwrap();
-        assert!(
-            f.prefill_tokens > f.prompt_len,
-            "request {}: prefilled {} tokens for a {}-token prompt after {} preemptions",
-            f.id,
-            f.prefill_tokens,
-            f.prompt_len,
-            f.preemptions
-        );
-    }
-    assert_eq!(st.generated_tokens, 6 * max_new as u64);
-    assert_eq!(s.cache().free_blocks(), 9);
-}
-
 #[test]
 fn preemption_leaves_greedy_output_unchanged() {
-    preemption_case(false);
+    common::preemption_leaves_greedy_output_unchanged(&model(), false);
 }
 
 #[test]
 fn preemption_with_prefix_caching_leaves_greedy_output_unchanged() {
-    preemption_case(true);
+    common::preemption_leaves_greedy_output_unchanged(&model(), true);
 }
 
 /// Runs `a`, then (after `a_steps` steps, or once `a` finished when `None`)

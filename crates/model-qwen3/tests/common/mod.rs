@@ -1,11 +1,12 @@
 //! Shared loading of the tiny reference checkpoint and its golden outputs.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
-use model_qwen3::scheduler::{Request, StopReason};
+use model_qwen3::scheduler::{Request, SampleRow, StopReason};
 use model_qwen3::{KvCache, Logits, Qwen3, Scheduler, SchedulerConfig, Sequence};
-use qwen_tensor::Backend;
+use qwen_tensor::{Backend, Tensor};
 
 /// The repo's tiny checkpoint, found relative to this crate: through the
 /// run-time `CARGO_MANIFEST_DIR` (set by cargo, and by scripts/gpu-run.sh
@@ -349,4 +350,88 @@ pub fn batch_of_64_is_invariant<B: Backend>(m: &Qwen3<B>) {
             f.id
         );
     }
+}
+
+/// Greedy decoding that checks it is asked for each request's tokens in
+/// order, once each: the history it is shown must have grown by exactly
+/// the token it returned last time.
+pub fn counting_greedy<'a, B: Backend>(
+    be: &'a B,
+    seen: &'a mut HashMap<u64, usize>,
+) -> impl FnMut(&mut Tensor<B>, &[SampleRow<'_>]) -> model_qwen3::Result<Vec<u32>> + 'a {
+    move |logits, rows| {
+        for r in rows {
+            let n = seen.entry(r.id).or_insert(0);
+            assert_eq!(
+                r.generated().len(),
+                *n,
+                "request {} asked again for a token it has",
+                r.id
+            );
+            *n += 1;
+        }
+        Ok(be.argmax(logits)?)
+    }
+}
+
+/// Preemption: six requests through a cache of 9 blocks (144 positions),
+/// which holds two of them grown to full length but three or four prompts
+/// at once, so the scheduler must preempt and later recompute. Every
+/// request still gets exactly the greedy tokens it gets alone, and is
+/// asked for each token once; without prefix caching a preempted request
+/// prefills more than its prompt (its generated tokens again).
+pub fn preemption_leaves_greedy_output_unchanged<B: Backend>(m: &Qwen3<B>, prefix_caching: bool) {
+    let vocab = m.config().vocab_size;
+    let prompts: Vec<Vec<u32>> = (0..6)
+        .map(|k| random_ids(77 + k, 20 + 6 * k as usize, vocab))
+        .collect();
+    let max_new = 28;
+    let want: Vec<Vec<u32>> = prompts.iter().map(|p| greedy(m, p, max_new).0).collect();
+    let cfg = SchedulerConfig {
+        max_num_seqs: 6,
+        max_num_batched_tokens: 64,
+        prefix_caching,
+    };
+    let mut s = Scheduler::new(m, m.new_cache(9 * 16).unwrap(), cfg).unwrap();
+    for p in &prompts {
+        s.add_request(Request {
+            prompt: p.clone(),
+            max_new_tokens: max_new,
+            stop_ids: Vec::new(),
+        })
+        .unwrap();
+    }
+    let mut seen = HashMap::new();
+    let done = s.run(&mut counting_greedy(m.backend(), &mut seen)).unwrap();
+    let st = s.stats();
+    assert!(
+        st.preemptions > 0,
+        "the cache was big enough: no preemption"
+    );
+    assert_eq!(
+        done.iter().map(|f| f.preemptions as u64).sum::<u64>(),
+        st.preemptions
+    );
+    for (f, w) in done.iter().zip(&want) {
+        assert_eq!(
+            f.tokens, *w,
+            "request {}: tokens changed by preemption",
+            f.id
+        );
+        assert_eq!(seen[&f.id], max_new);
+    }
+    if !prefix_caching {
+        // A preempted request recomputed its prompt and generated tokens.
+        let f = done.iter().find(|f| f.preemptions > 0).unwrap();
+        assert!(
+            f.prefill_tokens > f.prompt_len,
+            "request {}: prefilled {} tokens for a {}-token prompt after {} preemptions",
+            f.id,
+            f.prefill_tokens,
+            f.prompt_len,
+            f.preemptions
+        );
+    }
+    assert_eq!(st.generated_tokens, 6 * max_new as u64);
+    assert_eq!(s.cache().free_blocks(), 9);
 }
