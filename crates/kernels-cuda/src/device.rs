@@ -42,6 +42,8 @@ const MODULES: &[(&str, &str, &[&str])] = &[
             "matmul_f32x",
             "matmul_f32x_t1",
             "matmul_silu_t1",
+            "matmul_bf16_tiled",
+            "matmul_f32x_tiled",
             "split_hi_lo",
         ],
     ),

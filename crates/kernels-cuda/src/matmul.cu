@@ -146,6 +146,89 @@ MATMUL(matmul_bf16, __nv_bfloat16, TOKEN_TILE, 1)
 MATMUL(matmul_f32x, float, TOKEN_TILE, 1)
 MATMUL(matmul_f32x_t1, float, 1, 1)
 
+// Many tokens at once (exact decode batches, exact prompts): a block of
+// TILE_WARPS warps takes TILE_WARPS weight rows against TILE_TOKENS tokens,
+// the tokens' x staged in shared memory as f32 a slab of TILE_SLAB at a
+// time, so a token's x is widened once a block instead of once a row, and
+// each weight element loaded once for TILE_TOKENS tokens. The sums are
+// dot_rows' (lane l, element e of every chunk, chunks in order, then
+// row_combine). Needs K % TILE_SLAB == 0 (matmul.rs checks). Shared
+// layout of a chunk: elements 0-3 of every lane, then 4-7, so that a
+// warp's 16-byte reads of one half touch consecutive banks.
+#define TILE_WARPS 8
+#define TILE_TOKENS 8
+#define TILE_SLAB 1024
+template <typename X>
+__device__ __forceinline__ void project_tiled(const X* x, const __nv_bfloat16* w, float* out, int row0, int T, int K,
+                                              int N, int add) {
+    __shared__ __align__(16) float xs[TILE_TOKENS * TILE_SLAB];
+    int lane = threadIdx.x, warp = threadIdx.y, tid = warp * 32 + lane;
+    int n = blockIdx.x * TILE_WARPS + warp;
+    int t0 = row0 + blockIdx.y * TILE_TOKENS, tt = min(TILE_TOKENS, T - t0);
+    const __nv_bfloat16* wr = w + (size_t)min(n, N - 1) * K;
+    float acc[TILE_TOKENS][8];
+#pragma unroll
+    for (int i = 0; i < TILE_TOKENS; i++)
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[i][e] = 0.0f;
+    const int CH = TILE_SLAB / 256;
+    for (int base = 0; base < K; base += TILE_SLAB) {
+        uint4 raw[CH];
+#pragma unroll
+        for (int u = 0; u < CH; u++) raw[u] = *reinterpret_cast<const uint4*>(wr + base + u * 256 + 8 * lane);
+        if (base == 0) {
+            wait_for_producers();
+            start_dependents();
+        }
+        // Every warp is done with the slab before.
+        __syncthreads();
+        for (int p = tid; p < TILE_TOKENS * (TILE_SLAB / 8); p += 32 * TILE_WARPS) {
+            int i = p / (TILE_SLAB / 8), c = (p / 32) % CH, l = p % 32;
+            float f[8];
+            if (i < tt)
+                load8_x(x + (size_t)(t0 + i) * K + base + c * 256 + 8 * l, f, true);
+            else
+#pragma unroll
+                for (int e = 0; e < 8; e++) f[e] = 0.0f;
+            float* d = xs + i * TILE_SLAB + c * 256 + 4 * l;
+            *reinterpret_cast<float4*>(d) = make_float4(f[0], f[1], f[2], f[3]);
+            *reinterpret_cast<float4*>(d + 128) = make_float4(f[4], f[5], f[6], f[7]);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int u = 0; u < CH; u++) {
+            float wf[8];
+            widen8(raw[u], wf);
+#pragma unroll
+            for (int i = 0; i < TILE_TOKENS; i++) {
+                const float* xr = xs + i * TILE_SLAB + u * 256 + 4 * lane;
+                float4 a = *reinterpret_cast<const float4*>(xr);
+                float4 b = *reinterpret_cast<const float4*>(xr + 128);
+                float xv[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[i][e] = acc[i][e] + wf[e] * xv[e];
+            }
+        }
+    }
+    if (n >= N) return;
+#pragma unroll
+    for (int i = 0; i < TILE_TOKENS; i++) {
+        float r = row_combine(acc[i]);
+        if (i < tt && lane == 0) {
+            size_t o = (size_t)(t0 + i) * N + n;
+            out[o] = add ? out[o] + r : r;
+        }
+    }
+}
+
+#define MATMUL_TILED(NAME, X)                                                                                \
+    extern "C" __global__ void __launch_bounds__(32 * TILE_WARPS)                                           \
+        NAME(const X* x, const __nv_bfloat16* w, float* out, int row0, int T, int K, int N, int add) {       \
+        project_tiled<X>(x, w, out, row0, T, K, N, add);                                                    \
+    }
+MATMUL_TILED(matmul_bf16_tiled, __nv_bfloat16)
+MATMUL_TILED(matmul_f32x_tiled, float)
+
 // The single-token bf16 projection streams each warp's weight row through a
 // ring of RING_STAGES batches in shared memory (async_copy.cuh): a batch of
 // a row in flight while the one before is summed, at no register cost.

@@ -9,6 +9,11 @@ use crate::{CudaBackend, Scratch};
 /// Weight rows per block (one warp each); tokens per warp as in matmul.cu.
 const ROWS: u32 = 4;
 const TOKEN_TILE: u32 = 4;
+/// The tiled kernel's rows (warps) and tokens a block, and the k of one
+/// staged slab: TILE_WARPS, TILE_TOKENS and TILE_SLAB in matmul.cu.
+const TILED_ROWS: u32 = 8;
+const TILED_TOKENS: u32 = 8;
+const TILED_SLAB: usize = 1024;
 /// Gate/up weights from which one token takes matmul_silu_t1 rather than
 /// the projection then silu_mul. Measured on the H100 (BENCHMARKS.md): the
 /// one kernel gains 1.6% on 8B (201 MB of gate/up) and loses 2.3% on 0.6B
@@ -62,8 +67,42 @@ impl CudaBackend {
             add as i32,
         );
         // One row (batch-1 decode) takes the kernel with a single token's
-        // accumulators: the same sums, fewer registers.
+        // accumulators: the same sums, fewer registers. Several rows take
+        // the tiled kernel where K is whole slabs: x staged once a block.
         let single = t - row0 == 1;
+        let f32_x = x.dtype() == DType::F32;
+        if !single && k % TILED_SLAB == 0 {
+            let cfg = grid(
+                (
+                    (n as u32).div_ceil(TILED_ROWS),
+                    ((t - row0) as u32).div_ceil(TILED_TOKENS),
+                    1,
+                ),
+                (32, TILED_ROWS, 1),
+            );
+            let mut b = self.launch(self.kernel(if f32_x {
+                "matmul_f32x_tiled"
+            } else {
+                "matmul_bf16_tiled"
+            }));
+            if f32_x {
+                b.arg(f32s(op, "x", x)?);
+            } else {
+                b.arg(bf16s(op, "x", x)?);
+            }
+            b.arg(bf16s(op, "w", w)?)
+                .arg(f32s_mut(op, "out", out)?)
+                .arg(&r0)
+                .arg(&ti)
+                .arg(&ki)
+                .arg(&ni)
+                .arg(&addi);
+            // SAFETY: argument order and types match matmul_{bf16,f32x}_tiled in
+            // matmul.cu; shapes checked, K a whole number of slabs (every load
+            // in bounds and 16-byte aligned in the whole-allocation tensors).
+            unsafe { b.launch(cfg) }.map_err(dev)?;
+            return Ok(());
+        }
         let cfg = grid(
             (
                 (n as u32).div_ceil(ROWS),
@@ -72,7 +111,6 @@ impl CudaBackend {
             ),
             (32, ROWS, 1),
         );
-        let f32_x = x.dtype() == DType::F32;
         let mut b = self.launch(self.kernel(match (f32_x, single) {
             (true, false) => "matmul_f32x",
             (true, true) => "matmul_f32x_t1",

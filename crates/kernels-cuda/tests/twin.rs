@@ -123,10 +123,11 @@ fn matmul_and_matmul_add() {
     let Some(g) = gpu() else { return };
     let cpu = CpuBackend::new();
     let mut r = Rng::new("matmul");
-    // (tokens, K, N): Qwen3-0.6B and 8B projections at batch 1 and 64, odd
-    // sizes. At one token: 8B's down projection (more weight batches than
-    // the ring has stages), rows with a tail past the last full chunk, a
-    // row shorter than one chunk, and rows not a multiple of 8 long.
+    // (tokens, K, N): Qwen3-0.6B and 8B projections at batch 1 and 64 (the
+    // tiled kernel: K whole slabs of 1,024), odd sizes. At one token: 8B's
+    // down projection (more weight batches than the ring has stages), rows
+    // with a tail past the last full chunk, a row shorter than one chunk,
+    // and rows not a multiple of 8 long.
     for (t, k, n) in [
         (1, 1024, 4096),
         (1, 12_288, 300),
@@ -138,6 +139,8 @@ fn matmul_and_matmul_add() {
         (1, 4096, 6144),
         (64, 4096, 4096),
         (256, 1024, 512),
+        // The tiled kernel with a partial tile of tokens and of rows.
+        (13, 2048, 1001),
         (3, 1000, 77),
         (5, 37, 9),
         (2, 264, 130),
