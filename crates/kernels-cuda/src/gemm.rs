@@ -19,26 +19,16 @@ struct Tile {
     bn: u32,
 }
 
-const N32: Tile = Tile {
-    name: "gemm_tc_n32",
-    bm: 64,
-    bn: 32,
-};
-const N64: Tile = Tile {
-    name: "gemm_tc_n64",
-    bm: 64,
-    bn: 64,
-};
-const N128: Tile = Tile {
-    name: "gemm_tc",
-    bm: 64,
-    bn: 128,
-};
-const M128: Tile = Tile {
-    name: "gemm_tc_m128",
-    bm: 128,
-    bn: 128,
-};
+impl Tile {
+    const fn new(name: &'static str, bm: u32, bn: u32) -> Tile {
+        Tile { name, bm, bn }
+    }
+}
+
+const N32: Tile = Tile::new("gemm_tc_n32", 64, 32);
+const N64: Tile = Tile::new("gemm_tc_n64", 64, 64);
+const N128: Tile = Tile::new("gemm_tc", 64, 128);
+const M128: Tile = Tile::new("gemm_tc_m128", 128, 128);
 
 /// k per stage, padded shared rows, and stages, as GK, GS and GSTAGES.
 const GK: u32 = 64;

@@ -20,6 +20,26 @@ const TILED_SLAB: usize = 1024;
 /// (12.6 MB), whose step is a chain of short kernels.
 const SILU_KERNEL_MIN_BYTES: usize = 64 << 20;
 
+/// The exact projection kernel for x of f32 or bf16, one row or several,
+/// and row length `k`, with the weight rows (warps) and tokens a block
+/// takes. One row (batch-1 decode) takes the kernel with a single token's
+/// accumulators: the same sums, fewer registers. Several rows take the
+/// tiled kernel where K is whole slabs: x staged once a block.
+fn exact_kernel(f32_x: bool, single: bool, k: usize) -> (&'static str, u32, u32) {
+    match (f32_x, single) {
+        (true, false) if k.is_multiple_of(TILED_SLAB) => {
+            ("matmul_f32x_tiled", TILED_ROWS, TILED_TOKENS)
+        }
+        (false, false) if k.is_multiple_of(TILED_SLAB) => {
+            ("matmul_bf16_tiled", TILED_ROWS, TILED_TOKENS)
+        }
+        (true, false) => ("matmul_f32x", ROWS, TOKEN_TILE),
+        (true, true) => ("matmul_f32x_t1", ROWS, TOKEN_TILE),
+        (false, false) => ("matmul_bf16", ROWS, TOKEN_TILE),
+        (false, true) => ("matmul_bf16_t1", ROWS, TOKEN_TILE),
+    }
+}
+
 impl CudaBackend {
     /// `out (+)= x · wᵀ`; x bf16 or f32 `[T, K]`, w bf16 `[N, K]`. The
     /// leading [`tensor_core_rows`](Self::tensor_core_rows) rows of a bf16
@@ -66,58 +86,17 @@ impl CudaBackend {
             int(op, n)?,
             add as i32,
         );
-        // One row (batch-1 decode) takes the kernel with a single token's
-        // accumulators: the same sums, fewer registers. Several rows take
-        // the tiled kernel where K is whole slabs: x staged once a block.
-        let single = t - row0 == 1;
-        let f32_x = x.dtype() == DType::F32;
-        if !single && k % TILED_SLAB == 0 {
-            let cfg = grid(
-                (
-                    (n as u32).div_ceil(TILED_ROWS),
-                    ((t - row0) as u32).div_ceil(TILED_TOKENS),
-                    1,
-                ),
-                (32, TILED_ROWS, 1),
-            );
-            let mut b = self.launch(self.kernel(if f32_x {
-                "matmul_f32x_tiled"
-            } else {
-                "matmul_bf16_tiled"
-            }));
-            if f32_x {
-                b.arg(f32s(op, "x", x)?);
-            } else {
-                b.arg(bf16s(op, "x", x)?);
-            }
-            b.arg(bf16s(op, "w", w)?)
-                .arg(f32s_mut(op, "out", out)?)
-                .arg(&r0)
-                .arg(&ti)
-                .arg(&ki)
-                .arg(&ni)
-                .arg(&addi);
-            // SAFETY: argument order and types match matmul_{bf16,f32x}_tiled in
-            // matmul.cu; shapes checked, K a whole number of slabs (every load
-            // in bounds and 16-byte aligned in the whole-allocation tensors).
-            unsafe { b.launch(cfg) }.map_err(dev)?;
-            return Ok(());
-        }
+        let (name, rows, tokens) = exact_kernel(x.dtype() == DType::F32, t - row0 == 1, k);
         let cfg = grid(
             (
-                (n as u32).div_ceil(ROWS),
-                ((t - row0) as u32).div_ceil(TOKEN_TILE),
+                (n as u32).div_ceil(rows),
+                ((t - row0) as u32).div_ceil(tokens),
                 1,
             ),
-            (32, ROWS, 1),
+            (32, rows, 1),
         );
-        let mut b = self.launch(self.kernel(match (f32_x, single) {
-            (true, false) => "matmul_f32x",
-            (true, true) => "matmul_f32x_t1",
-            (false, false) => "matmul_bf16",
-            (false, true) => "matmul_bf16_t1",
-        }));
-        if f32_x {
+        let mut b = self.launch(self.kernel(name));
+        if x.dtype() == DType::F32 {
             b.arg(f32s(op, "x", x)?);
         } else {
             b.arg(bf16s(op, "x", x)?);
@@ -129,7 +108,10 @@ impl CudaBackend {
             .arg(&ki)
             .arg(&ni)
             .arg(&addi);
-        // SAFETY: argument order and types match matmul_{bf16,f32x}{,_t1} in matmul.cu; shapes checked.
+        // SAFETY: argument order and types match matmul_{bf16,f32x}{,_t1,_tiled}
+        // in matmul.cu; shapes checked; the tiled kernels only get K in whole
+        // slabs (every load in bounds and 16-byte aligned in the
+        // whole-allocation tensors).
         unsafe { b.launch(cfg) }.map_err(dev)?;
         Ok(())
     }
@@ -234,5 +216,23 @@ impl CudaBackend {
                 })
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exact_kernel;
+
+    #[test]
+    fn several_rows_of_whole_slabs_take_the_tiled_kernel() {
+        assert_eq!(
+            exact_kernel(false, false, 3072),
+            ("matmul_bf16_tiled", 8, 8)
+        );
+        assert_eq!(exact_kernel(true, false, 1024), ("matmul_f32x_tiled", 8, 8));
+        assert_eq!(exact_kernel(false, false, 1000), ("matmul_bf16", 4, 4));
+        assert_eq!(exact_kernel(true, false, 37), ("matmul_f32x", 4, 4));
+        assert_eq!(exact_kernel(false, true, 1024), ("matmul_bf16_t1", 4, 4));
+        assert_eq!(exact_kernel(true, true, 4096), ("matmul_f32x_t1", 4, 4));
     }
 }
