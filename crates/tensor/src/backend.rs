@@ -79,24 +79,7 @@ pub trait Backend: Sized + Send + Sync {
 
     /// Uploads a batch layout for one forward pass.
     fn upload_batch(&self, layout: &BatchLayout) -> Result<BatchMeta<Self>> {
-        let t = layout.num_tokens();
-        let s = layout.num_seqs();
-        let tiles = layout.query_tiles();
-        Ok(BatchMeta {
-            positions: self.upload(HostSlice::U32(&layout.positions), &[t])?,
-            slots: self.upload(HostSlice::U32(&layout.slots()), &[t])?,
-            seq_of_token: self.upload(HostSlice::U32(&layout.seq_of_token), &[t])?,
-            block_tables: self.upload(
-                HostSlice::U32(&layout.block_tables),
-                &[s, layout.max_blocks],
-            )?,
-            query_tiles: self.upload(HostSlice::U32(&tiles), &[tiles.len() / 2, 2])?,
-            num_tokens: t,
-            num_query_tiles: tiles.len() / 2,
-            tiles_are_tokens: BatchLayout::tiles_are_tokens(&tiles),
-            max_blocks: layout.max_blocks,
-            max_context: layout.max_context(),
-        })
+        upload_batch_tiles(self, layout, layout.query_tiles())
     }
 
     /// Refreshes `meta` for a new layout, overwriting its tensors in place
@@ -109,7 +92,7 @@ pub trait Backend: Sized + Send + Sync {
             || meta.block_tables.shape() != [s, layout.max_blocks]
             || meta.num_query_tiles != tiles.len() / 2
         {
-            *meta = self.upload_batch(layout)?;
+            *meta = upload_batch_tiles(self, layout, tiles)?;
             return Ok(());
         }
         self.write(&mut meta.positions, HostSlice::U32(&layout.positions))?;
@@ -282,4 +265,29 @@ pub trait Backend: Sized + Send + Sync {
         params: &[SampleParams],
         uniform: &[f32],
     ) -> Result<Vec<u32>>;
+}
+
+/// [`Backend::upload_batch`] with the layout's query tiles already formed.
+fn upload_batch_tiles<B: Backend>(
+    b: &B,
+    layout: &BatchLayout,
+    tiles: Vec<u32>,
+) -> Result<BatchMeta<B>> {
+    let t = layout.num_tokens();
+    let s = layout.num_seqs();
+    Ok(BatchMeta {
+        positions: b.upload(HostSlice::U32(&layout.positions), &[t])?,
+        slots: b.upload(HostSlice::U32(&layout.slots()), &[t])?,
+        seq_of_token: b.upload(HostSlice::U32(&layout.seq_of_token), &[t])?,
+        block_tables: b.upload(
+            HostSlice::U32(&layout.block_tables),
+            &[s, layout.max_blocks],
+        )?,
+        query_tiles: b.upload(HostSlice::U32(&tiles), &[tiles.len() / 2, 2])?,
+        num_tokens: t,
+        num_query_tiles: tiles.len() / 2,
+        tiles_are_tokens: BatchLayout::tiles_are_tokens(&tiles),
+        max_blocks: layout.max_blocks,
+        max_context: layout.max_context(),
+    })
 }
