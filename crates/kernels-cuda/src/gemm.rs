@@ -147,3 +147,26 @@ impl CudaBackend {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{choose_tile, k_splits};
+
+    /// The tiles the Qwen3-0.6B shapes get (BENCHMARKS.md has the sweep).
+    #[test]
+    fn tiles_follow_rows_and_blocks() {
+        let name = |t: u32, k: usize, n: usize| choose_tile(t, n as u32, k_splits(k, n)).name;
+        // 2,048 rows: 128 x 128 wherever it makes 512 blocks.
+        assert_eq!(name(2048, 1024, 4096), "gemm_tc_m128");
+        assert_eq!(name(2048, 3072, 1024), "gemm_tc_m128");
+        // 256 rows: the vocabulary projection on 128 x 128, qkv on 64 x 64,
+        // the split-K o_proj and down on 64 x 32.
+        assert_eq!(name(256, 1024, 151_936), "gemm_tc_m128");
+        assert_eq!(name(256, 1024, 4096), "gemm_tc_n64");
+        assert_eq!(name(256, 2048, 1024), "gemm_tc_n32");
+        assert_eq!(name(256, 3072, 1024), "gemm_tc_n32");
+        // Fewer rows than a 128-row tile fills.
+        assert_eq!(name(64, 1024, 151_936), "gemm_tc");
+        assert_eq!(name(1, 1024, 4096), "gemm_tc_n32");
+    }
+}
