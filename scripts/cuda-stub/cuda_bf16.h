@@ -23,6 +23,7 @@ struct dim3_ { unsigned x, y, z; };
 extern dim3_ threadIdx, blockIdx, blockDim, gridDim;
 inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return {a, b, c, d}; }
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline float2 make_float2(float a, float b) { return {a, b}; }
 __nv_bfloat16 __float2bfloat16_rn(float);
 float __bfloat162float(__nv_bfloat16);
 unsigned short __bfloat16_as_ushort(__nv_bfloat16);

@@ -21,50 +21,106 @@ __device__ __forceinline__ void cp16(void* smem, const void* gmem, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
 }
 
-// Loads rows [r0, r0 + R) x columns [k0, k0 + GK) of a row-major [rows, K]
-// matrix into smem[R][GS], zero outside the matrix. Vector path: K % 8 == 0.
-template <int R, bool VEC>
-__device__ __forceinline__ void load_tile(__nv_bfloat16* smem, const __nv_bfloat16* g, int rows, int K, int r0,
-                                          int k0) {
-    if (VEC) {
-        // R rows x GK / 8 chunks of 8 bf16.
+// A block's share of one stage's copies: rows [r0, r0 + R) x columns
+// [k0, k0 + GK) of a row-major [rows, K] matrix into smem[R][GS], zero
+// outside the matrix. The vector path (K % 8 == 0) works out each of the
+// thread's chunks once (row, offset, pointer) and then only moves k0.
+template <int R, int THREADS, bool VEC>
+struct TileLoader {
+    static constexpr int CHUNKS = R * (GK / 8);
+    static constexpr int PER = (CHUNKS + THREADS - 1) / THREADS;
+    const __nv_bfloat16* src[PER];
+    int dst[PER];
+    int kk[PER];
+    bool row_ok[PER];
+    const __nv_bfloat16* g;
+    int rows, K, r0;
+
+    __device__ __forceinline__ TileLoader(const __nv_bfloat16* g_, int rows_, int K_, int r0_)
+        : g(g_), rows(rows_), K(K_), r0(r0_) {
+        if (VEC) {
 #pragma unroll
-        for (int c = threadIdx.x; c < R * (GK / 8); c += 128) {
-            int r = c / (GK / 8), kk = (c % (GK / 8)) * 8;
-            bool ok = r0 + r < rows && k0 + kk < K;
-            const __nv_bfloat16* src = ok ? g + (size_t)(r0 + r) * K + k0 + kk : g;
-            cp16(smem + r * GS + kk, src, ok);
-        }
-    } else {
-        for (int c = threadIdx.x; c < R * GK; c += 128) {
-            int r = c / GK, kk = c % GK;
-            bool ok = r0 + r < rows && k0 + kk < K;
-            smem[r * GS + kk] = ok ? g[(size_t)(r0 + r) * K + k0 + kk] : __float2bfloat16_rn(0.0f);
+            for (int x = 0; x < PER; x++) {
+                int c = threadIdx.x + x * THREADS, r = c / (GK / 8);
+                kk[x] = (c % (GK / 8)) * 8;
+                row_ok[x] = c < CHUNKS && r0 + r < rows;
+                dst[x] = r * GS + kk[x];
+                src[x] = row_ok[x] ? g + (size_t)(r0 + r) * K + kk[x] : g;
+            }
         }
     }
+
+    __device__ __forceinline__ void load(__nv_bfloat16* smem, int k0) const {
+        if (VEC) {
+#pragma unroll
+            for (int x = 0; x < PER; x++) {
+                if (CHUNKS % THREADS != 0 && threadIdx.x + x * THREADS >= CHUNKS) continue;
+                bool ok = row_ok[x] && k0 + kk[x] < K;
+                cp16(smem + dst[x], ok ? src[x] + k0 : g, ok);
+            }
+        } else {
+            for (int c = threadIdx.x; c < R * GK; c += THREADS) {
+                int r = c / GK, k = c % GK;
+                bool ok = r0 + r < rows && k0 + k < K;
+                smem[r * GS + k] = ok ? g[(size_t)(r0 + r) * K + k0 + k] : __float2bfloat16_rn(0.0f);
+            }
+        }
+    }
+};
+
+// d += a . b as mma16816, but free of `volatile`: it reads only its
+// operands, so the compiler may interleave it with the next step's
+// fragment loads. The accumulator is an input, so each output's k-steps
+// still run in program order.
+__device__ __forceinline__ void mma16816_pure(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// 4 warps, 2 x 2, each owning BM/2 rows x BN/2 columns of the block's tile.
-// The tile's width changes which block computes an element, and the stages
-// only when its operands arrive, never the sequence of k-steps that sums it.
+// WM x WN warps, each owning BM/WM rows x BN/WN columns of the block's
+// tile. The tile's shape changes which block and warp compute an element,
+// and the stages only when its operands arrive, never the sequence of
+// k-steps that sums it: every output adds its 16-wide k-steps in
+// increasing k into one f32 accumulator from +0.0.
 // Shared memory (dynamic): GSTAGES stages of BM + BN rows of GS bf16.
 //
 // Split K (gridDim.z > 1, fixed by K and N, never by T): block z sums its
 // share of the k-tiles from +0.0 and stores them in part[z]; gemm_splits_sum
 // then adds the shares in z order. One row's sums still never meet another
 // row's, and their order does not depend on the batch.
-template <bool VEC, int BM, int BN>
+template <bool VEC, int BM, int BN, int WM, int WN>
 __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K,
                                           int N, int add, float* part, __nv_bfloat16* smem) {
-    const int MI = BM / 32;  // 16-row mma tiles per warp
-    const int NT = BN / 16;  // 8-column mma tiles per warp
-    const int STAGE = (BM + BN) * GS;
+    constexpr int THREADS = 32 * WM * WN;
+    constexpr int MI = BM / WM / 16;  // 16-row mma tiles per warp
+    constexpr int NT = BN / WN / 8;   // 8-column mma tiles per warp (even)
+    constexpr int STAGE = (BM + BN) * GS;
     // Row tiles vary fastest: the blocks of one weight tile run together,
     // so a weight larger than L2 (the vocabulary projection) is read from
     // memory once, not once per row tile.
     int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int wm = (warp / 2) * (BM / 2), wn = (warp % 2) * (BN / 2);
+    int wm = (warp / WN) * (BM / WM), wn = (warp % WN) * (BN / WN);
+    int all_tiles = (K + GK - 1) / GK, per = (all_tiles + gridDim.z - 1) / gridDim.z;
+    int kt0 = blockIdx.z * per, tiles = min(all_tiles, kt0 + per);
+    TileLoader<BN, THREADS, VEC> wl(w, N, K, n0);
+    // The weight's first stages need nothing from the kernel ahead: they
+    // are copied before the wait, x's after it. Group s then holds stage
+    // s's x (and, for s = 0, every early weight stage), so "all but the
+    // newest GSTAGES - 2 groups" still means tile kt has landed.
+#pragma unroll
+    for (int s = 0; s < GSTAGES - 1; s++)
+        if (kt0 + s < tiles) wl.load(smem + ((kt0 + s) % GSTAGES) * STAGE + BM * GS, (kt0 + s) * GK);
+    wait_for_producers();
+    start_dependents();
+    TileLoader<BM, THREADS, VEC> xl(x, T, K, m0);
+#pragma unroll
+    for (int s = 0; s < GSTAGES - 1; s++) {
+        if (kt0 + s < tiles) xl.load(smem + ((kt0 + s) % GSTAGES) * STAGE, (kt0 + s) * GK);
+        asm volatile("cp.async.commit_group;\n" ::);
+    }
     float acc[MI][NT][4];
 #pragma unroll
     for (int i = 0; i < MI; i++)
@@ -72,87 +128,98 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
         for (int j = 0; j < NT; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
-    int all_tiles = (K + GK - 1) / GK, per = (all_tiles + gridDim.z - 1) / gridDim.z;
-    int kt0 = blockIdx.z * per, tiles = min(all_tiles, kt0 + per);
-    // Every stage commits a group, empty past the end, so that "all but
-    // the newest GSTAGES - 2" always means tile kt has landed.
-    auto issue = [&](int kt) {
-        if (kt < tiles) {
-            __nv_bfloat16* st = smem + (kt % GSTAGES) * STAGE;
-            load_tile<BM, VEC>(st, x, T, K, m0, kt * GK);
-            load_tile<BN, VEC>(st + BM * GS, w, N, K, n0, kt * GK);
-        }
-        asm volatile("cp.async.commit_group;\n" ::);
-    };
-#pragma unroll
-    for (int s = 0; s < GSTAGES - 1; s++) issue(kt0 + s);
     for (int kt = kt0; kt < tiles; kt++) {
         asm volatile("cp.async.wait_group %0;\n" ::"n"(GSTAGES - 2));
-        // Also: every warp is done with the stage the next issue refills.
+        // Also: every warp is done with the stage the next copies refill.
         __syncthreads();
-        issue(kt + GSTAGES - 1);
+        {
+            int nk = kt + GSTAGES - 1;
+            if (nk < tiles) {
+                __nv_bfloat16* st = smem + (nk % GSTAGES) * STAGE;
+                xl.load(st, nk * GK);
+                wl.load(st + BM * GS, nk * GK);
+            }
+            asm volatile("cp.async.commit_group;\n" ::);
+        }
         const __nv_bfloat16* a_s = smem + (kt % GSTAGES) * STAGE;
         const __nv_bfloat16* b_s = a_s + BM * GS;
-#pragma unroll
-        for (int ks = 0; ks < GK; ks += 16) {
-            unsigned a[MI][4];
+        // Fragments of k-step ks + 1 load while ks multiplies.
+        unsigned a[2][MI][4], b[2][NT / 2][4];
+        auto frags = [&](int ks, int buf) {
 #pragma unroll
             for (int i = 0; i < MI; i++)
-                ldmatrix4(a[i], a_s + (wm + i * 16 + lane % 16) * GS + ks + (lane / 16) * 8);
+                ldmatrix4(a[buf][i], a_s + (wm + i * 16 + lane % 16) * GS + ks + (lane / 16) * 8);
 #pragma unroll
-            for (int j = 0; j < NT; j += 2) {
-                unsigned b[4];
-                ldmatrix4(b, b_s + (wn + j * 8 + (lane / 16) * 8 + lane % 8) * GS + ks + ((lane / 8) % 2) * 8);
+            for (int j = 0; j < NT / 2; j++)
+                ldmatrix4(b[buf][j], b_s + (wn + j * 16 + (lane / 16) * 8 + lane % 8) * GS + ks + ((lane / 8) % 2) * 8);
+        };
+        frags(0, 0);
 #pragma unroll
-                for (int i = 0; i < MI; i++) {
-                    mma16816(acc[i][j], a[i], b[0], b[1]);
-                    mma16816(acc[i][j + 1], a[i], b[2], b[3]);
+        for (int ks = 0; ks < GK / 16; ks++) {
+            if (ks + 1 < GK / 16) frags((ks + 1) * 16, (ks + 1) % 2);
+#pragma unroll
+            for (int i = 0; i < MI; i++)
+#pragma unroll
+                for (int j = 0; j < NT / 2; j++) {
+                    mma16816_pure(acc[i][2 * j], a[ks % 2][i], b[ks % 2][j][0], b[ks % 2][j][1]);
+                    mma16816_pure(acc[i][2 * j + 1], a[ks % 2][i], b[ks % 2][j][2], b[ks % 2][j][3]);
                 }
-            }
         }
     }
+    // Each thread holds column pairs (c, c + 1): stored as one float2 where
+    // both fit and the address is 8-byte aligned.
+    float* dst_base = part ? part + (size_t)blockIdx.z * T * N : out;
+    bool pairs = (N % 2) == 0 && (reinterpret_cast<size_t>(dst_base) & 7) == 0;
 #pragma unroll
     for (int i = 0; i < MI; i++)
 #pragma unroll
         for (int j = 0; j < NT; j++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int r = m0 + wm + i * 16 + lane / 4 + (e / 2) * 8;
-                int c = n0 + wn + j * 8 + (lane % 4) * 2 + e % 2;
-                if (r < T && c < N) {
-                    size_t o = (size_t)r * N + c;
-                    if (part)
-                        part[(size_t)blockIdx.z * T * N + o] = acc[i][j][e];
-                    else
-                        out[o] = add ? out[o] + acc[i][j][e] : acc[i][j][e];
+            for (int h = 0; h < 2; h++) {
+                int r = m0 + wm + i * 16 + lane / 4 + h * 8;
+                int c = n0 + wn + j * 8 + (lane % 4) * 2;
+                if (r >= T) continue;
+                float v0 = acc[i][j][2 * h], v1 = acc[i][j][2 * h + 1];
+                float* d = dst_base + (size_t)r * N + c;
+                bool acc_out = add && !part;
+                if (pairs && c + 1 < N) {
+                    float2 v = make_float2(v0, v1);
+                    if (acc_out) {
+                        float2 o = *reinterpret_cast<float2*>(d);
+                        v = make_float2(o.x + v0, o.y + v1);
+                    }
+                    *reinterpret_cast<float2*>(d) = v;
+                } else {
+                    if (c < N) d[0] = acc_out ? d[0] + v0 : v0;
+                    if (c + 1 < N) d[1] = acc_out ? d[1] + v1 : v1;
                 }
             }
 }
 
-template <int BM, int BN>
+template <int BM, int BN, int WM, int WN>
 __device__ __forceinline__ void gemm_entry(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K,
                                            int N, int add, float* part) {
     extern __shared__ __align__(16) unsigned char gemm_smem[];
     __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(gemm_smem);
     if ((K & 7) == 0)
-        gemm_body<true, BM, BN>(x, w, out, T, K, N, add, part, smem);
+        gemm_body<true, BM, BN, WM, WN>(x, w, out, T, K, N, add, part, smem);
     else
-        gemm_body<false, BM, BN>(x, w, out, T, K, N, add, part, smem);
+        gemm_body<false, BM, BN, WM, WN>(x, w, out, T, K, N, add, part, smem);
 }
 
 // One kernel per tile shape: narrow tiles for GEMMs too small to fill the
 // GPU with wide ones, wide ones where they cut the re-reads of x and w.
-#define GEMM_KERNEL(NAME, BM, BN)                                                                               \
-    extern "C" __global__ void __launch_bounds__(128) NAME(const __nv_bfloat16* x, const __nv_bfloat16* w,       \
-                                                           float* out, int T, int K, int N, int add, float* part) { \
-        wait_for_producers();                                                                                   \
-        start_dependents();                                                                                     \
-        gemm_entry<BM, BN>(x, w, out, T, K, N, add, part);                                                      \
+// The body waits for the kernel ahead itself (after its first weight copies).
+#define GEMM_KERNEL(NAME, BM, BN, WM, WN)                                                                      \
+    extern "C" __global__ void __launch_bounds__(32 * WM * WN)                                                  \
+        NAME(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K, int N, int add,          \
+             float* part) {                                                                                     \
+        gemm_entry<BM, BN, WM, WN>(x, w, out, T, K, N, add, part);                                              \
     }
-GEMM_KERNEL(gemm_tc, 64, 128)
-GEMM_KERNEL(gemm_tc_n64, 64, 64)
-GEMM_KERNEL(gemm_tc_n32, 64, 32)
-GEMM_KERNEL(gemm_tc_m128, 128, 128)
+GEMM_KERNEL(gemm_tc, 64, 128, 2, 2)
+GEMM_KERNEL(gemm_tc_n64, 64, 64, 2, 2)
+GEMM_KERNEL(gemm_tc_n32, 64, 32, 2, 2)
+GEMM_KERNEL(gemm_tc_m128, 128, 128, 2, 2)
 
 // out[i] (+)= ((part[0][i] + part[1][i]) + ...) + part[splits - 1][i]: the
 // split shares of gemm_body, added in split order.

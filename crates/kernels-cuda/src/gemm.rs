@@ -29,6 +29,8 @@ const N32: Tile = Tile::new("gemm_tc_n32", 64, 32);
 const N64: Tile = Tile::new("gemm_tc_n64", 64, 64);
 const N128: Tile = Tile::new("gemm_tc", 64, 128);
 const M128: Tile = Tile::new("gemm_tc_m128", 128, 128);
+/// Threads a block: every tile's kernel has 2 x 2 warps.
+const THREADS: u32 = 128;
 
 /// k per stage, padded shared rows, and stages, as GK, GS and GSTAGES.
 const GK: u32 = 64;
@@ -37,23 +39,23 @@ const GSTAGES: u32 = 3;
 
 /// The tile for `t` rows by `n` columns in `splits` K shares. Any tile
 /// sums each output in the same k order, so the choice may follow the row
-/// count without changing a row's bits. Measured on the H100 (criterion,
-/// Qwen3-0.6B shapes, BENCHMARKS.md): 128 x 128 tiles from 256 rows where
-/// they make at least 512 blocks (2,048 rows: gate_up 176 -> 148 us, qkv
-/// 121 -> 108; the vocabulary projection at 256 rows 535 -> 410), 64 x 128
-/// from two blocks an SM, then 64 x 64 from one wave (two for split K: at
-/// 256 rows o_proj 23.6 -> 18.5 us and down 29.8 -> 24.8 with 64 x 32),
-/// else 64 x 32: narrower tiles read each row's activations more often, so
-/// they only pay where the wider ones leave SMs idle.
+/// count without changing a row's bits. The widest tile that still makes
+/// enough blocks: wider tiles read x and w fewer times and keep more
+/// products in flight a warp, narrower ones fill more SMs. The thresholds
+/// come from a sweep of every tile on the Qwen3-0.6B shapes at 64, 256 and
+/// 2,048 rows (criterion, H100, BENCHMARKS.md): 128 x 128 from 96 blocks
+/// (256 rows: gate_up 22.2 -> 18.1 us against 64 x 128; qkv's 64 blocks
+/// are slower, 17.2 against 13.2), 64 x 128 from 64 (256 rows: o_proj 13.3
+/// against 17.4 on 64 x 64; 64 rows: qkv's 32 blocks 12.0 against 8.9 on
+/// 64 x 32), 64 x 64 from 96 (64 rows: gate_up 10.1 against 11.1 on 64 x
+/// 32, qkv's 64 blocks 9.6 against 8.9).
 fn choose_tile(t: u32, n: u32, splits: u32) -> &'static Tile {
-    // An H100's SMs; 512 blocks of 128 x 128 are about two waves of two an SM.
-    const SMS: u32 = 132;
     let blocks = |tile: &Tile| n.div_ceil(tile.bn) * t.div_ceil(tile.bm) * splits;
-    if t >= 256 && blocks(&M128) >= 512 {
+    if t >= 128 && blocks(&M128) >= 96 {
         &M128
-    } else if blocks(&N128) >= 2 * SMS {
+    } else if blocks(&N128) >= 64 {
         &N128
-    } else if blocks(&N64) >= SMS * splits.min(2) {
+    } else if blocks(&N64) >= 96 {
         &N64
     } else {
         &N32
@@ -106,7 +108,7 @@ impl CudaBackend {
                 format!("{n} columns are too many for one tensor-core GEMM"),
             ));
         }
-        let mut cfg = grid((row_tiles, col_tiles, splits), (128, 1, 1));
+        let mut cfg = grid((row_tiles, col_tiles, splits), (THREADS, 1, 1));
         cfg.shared_mem_bytes = GSTAGES * (tile.bm + tile.bn) * GS * 2;
         let f = self.kernel(tile.name);
         // `part`: where the split shares go (null: no split).
@@ -156,17 +158,31 @@ mod tests {
     #[test]
     fn tiles_follow_rows_and_blocks() {
         let name = |t: u32, k: usize, n: usize| choose_tile(t, n as u32, k_splits(k, n)).name;
-        // 2,048 rows: 128 x 128 wherever it makes 512 blocks.
-        assert_eq!(name(2048, 1024, 4096), "gemm_tc_m128");
-        assert_eq!(name(2048, 3072, 1024), "gemm_tc_m128");
-        // 256 rows: the vocabulary projection on 128 x 128, qkv on 64 x 64,
-        // the split-K o_proj and down on 64 x 32.
+        // 2,048 rows: 128 x 128 for every projection.
+        for (k, n) in [
+            (1024, 4096),
+            (2048, 1024),
+            (1024, 6144),
+            (3072, 1024),
+            (1024, 151_936),
+        ] {
+            assert_eq!(name(2048, k, n), "gemm_tc_m128");
+        }
+        // 256 rows: 128 x 128 for gate_up and the vocabulary projection,
+        // 64 x 128 for qkv and the split-K o_proj and down.
+        assert_eq!(name(256, 1024, 6144), "gemm_tc_m128");
         assert_eq!(name(256, 1024, 151_936), "gemm_tc_m128");
-        assert_eq!(name(256, 1024, 4096), "gemm_tc_n64");
-        assert_eq!(name(256, 2048, 1024), "gemm_tc_n32");
-        assert_eq!(name(256, 3072, 1024), "gemm_tc_n32");
-        // Fewer rows than a 128-row tile fills.
+        assert_eq!(name(256, 1024, 4096), "gemm_tc");
+        assert_eq!(name(256, 2048, 1024), "gemm_tc");
+        assert_eq!(name(256, 3072, 1024), "gemm_tc");
+        // 64 rows: 64 x 64 for gate_up, 64 x 32 for the others but the
+        // vocabulary projection, whose 64 x 128 tiles are plenty.
+        assert_eq!(name(64, 1024, 6144), "gemm_tc_n64");
+        assert_eq!(name(64, 1024, 4096), "gemm_tc_n32");
+        assert_eq!(name(64, 2048, 1024), "gemm_tc_n32");
+        assert_eq!(name(64, 3072, 1024), "gemm_tc_n32");
         assert_eq!(name(64, 1024, 151_936), "gemm_tc");
+        // A single row.
         assert_eq!(name(1, 1024, 4096), "gemm_tc_n32");
     }
 }
