@@ -6,7 +6,8 @@
 //! store in the same op), which also reads the f32 QKV rows, both norm
 //! weights and a rope row per token, and writes q and the new k/v rows.
 //! Ids ending in `/tc` run the prompt rows (every row of a decode step) on
-//! the tensor cores (attention_tc.cu), the rest exact.
+//! the tensor cores (attention_tc.cu), the rest exact; `/tc-all` runs every
+//! row of the mixed step there, as `--tensor-core-decode` does.
 //!
 //! Bytes: q read and out written (bf16), each sequence's K and V cache read
 //! once (bf16, `context × kv_heads × head_dim` each; q heads sharing a kv
@@ -70,23 +71,26 @@ fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
             if dev.backend.name() != "cpu" {
                 let prompt_rows: usize =
                     seqs.iter().filter(|&&(_, n)| n > 1).map(|&(_, n)| n).sum();
-                let tc = if name.starts_with("decode") {
-                    t
-                } else {
-                    prompt_rows
-                };
-                dev.backend.set_tensor_core_rows(tc);
-                h.bench(
-                    dev,
-                    "attention",
-                    &format!("{}/{name}/tc", m.name),
-                    work,
-                    |i| {
-                        let c = i % k.len();
-                        dev.backend
-                            .attention(&q, &k[c], &v[c], &meta, geo, scale, &mut out)
-                    },
-                );
+                let mut variants = vec![("tc", prompt_rows)];
+                if name.starts_with("decode") {
+                    variants = vec![("tc", t)];
+                } else if prompt_rows < t {
+                    variants.push(("tc-all", t));
+                }
+                for (suffix, tc) in variants {
+                    dev.backend.set_tensor_core_rows(tc);
+                    h.bench(
+                        dev,
+                        "attention",
+                        &format!("{}/{name}/{suffix}", m.name),
+                        work,
+                        |i| {
+                            let c = i % k.len();
+                            dev.backend
+                                .attention(&q, &k[c], &v[c], &meta, geo, scale, &mut out)
+                        },
+                    );
+                }
                 dev.backend.set_tensor_core_rows(0);
             }
             if !name.starts_with("decode") {
