@@ -75,16 +75,79 @@ pub fn attention(
         let kvh = h / group;
         let slot = |p: usize| (table[p / bs] as usize * bs + p % bs) * hkv * d + kvh * d;
         let qh = &qs[t * hq * d + h * d..t * hq * d + (h + 1) * d];
-        attend_one(
-            qh,
+        let (ctx, key, value) = (
             pos[t] as usize + 1,
-            scale,
             |p| &kc[slot(p)..slot(p) + d],
             |p| &vc[slot(p)..slot(p) + d],
-            o,
         );
+        #[cfg(target_arch = "x86_64")]
+        {
+            if d == 128 && std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports AVX-512F (checked just above); q,
+                // every key and value row and `o` hold head_dim = 128 values.
+                unsafe { attend_one_d128_avx512(qh, ctx, scale, key, value, o) };
+                return;
+            }
+        }
+        attend_one(qh, ctx, scale, key, value, o);
     });
     Ok(())
+}
+
+/// [`attend_one`] for head_dim 128 with AVX-512, the same bits: scores by
+/// [`head_dot_d128`], `o_c` accumulated as 8 vectors (`e·v` a multiply then
+/// an add, in increasing p). The rest (max, exp, the chunk merge) is the
+/// scalar code's.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn attend_one_d128_avx512<'a>(
+    q: &[bf16],
+    ctx: usize,
+    scale: f32,
+    key: impl Fn(usize) -> &'a [bf16],
+    value: impl Fn(usize) -> &'a [bf16],
+    out: &mut [bf16],
+) {
+    use std::arch::x86_64::*;
+    const D: usize = 128;
+    assert!(q.len() == D && out.len() == D);
+    // SAFETY: q holds 128 values (asserted).
+    let qv = widen_d128(q);
+    let chunks = ctx.div_ceil(ATTN_CHUNK);
+    let mut m = vec![0.0f32; chunks];
+    let mut l = vec![0.0f32; chunks];
+    let mut o = vec![0.0f32; chunks * D];
+    let mut scores = [0.0f32; ATTN_CHUNK];
+    for c in 0..chunks {
+        let start = c * ATTN_CHUNK;
+        let len = ATTN_CHUNK.min(ctx - start);
+        for (j, sc) in scores[..len].iter_mut().enumerate() {
+            let k = key(start + j);
+            *sc = head_dot_d128(&qv, k) * scale;
+        }
+        let mc = scores[..len]
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut lc = 0.0f32;
+        let mut oc = [_mm512_setzero_ps(); 8];
+        for (j, &sc) in scores[..len].iter().enumerate() {
+            let e = exp(sc - mc);
+            lc += e;
+            let v = value(start + j);
+            let (ev, vv) = (_mm512_set1_ps(e), widen_d128(v));
+            for (acc, vv) in oc.iter_mut().zip(vv) {
+                *acc = _mm512_add_ps(*acc, _mm512_mul_ps(ev, vv));
+            }
+        }
+        for (i, acc) in oc.iter().enumerate() {
+            // SAFETY: o holds chunks·128 floats; this writes 16 of chunk c's.
+            unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(c * D + 16 * i), *acc) };
+        }
+        m[c] = mc;
+        l[c] = lc;
+    }
+    merge_chunks(&m, &l, &o, out);
 }
 
 /// One query head over `ctx` positions; `key(p)`/`value(p)` give the cache rows.
@@ -125,10 +188,73 @@ fn attend_one<'a>(
         m[c] = mc;
         l[c] = lc;
     }
+    merge_chunks(&m, &l, &o, out);
+}
+
+/// 128 bf16 widened to f32 (bits shifted up, as `widen`), 16 a vector.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn widen_d128(x: &[bf16]) -> [std::arch::x86_64::__m512; 8] {
+    use std::arch::x86_64::*;
+    assert!(x.len() == 128);
+    std::array::from_fn(|m| {
+        // SAFETY: 16·m + 16 <= 128 values (asserted).
+        let v = unsafe { _mm256_loadu_si256(x.as_ptr().add(16 * m).cast::<__m256i>()) };
+        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)))
+    })
+}
+
+/// `head_reduce(128, |i| q[i]·widen(k[i]))` with AVX-512, the same bits:
+/// the 128 products are 8 vectors; two rounds of permutes deal them out so
+/// that vector `X_i` holds element `4t + i` of every lane `t` (32 lanes of
+/// 4 elements), `((0 + X_0) + X_1) + X_2) + X_3` is each lane's sum in the
+/// spec's order, and the lanes then halve (16, 8, 4, 2, 1) as the
+/// butterfly does.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+fn head_dot_d128(qv: &[std::arch::x86_64::__m512; 8], k: &[bf16]) -> f32 {
+    use std::arch::x86_64::*;
+    let kv = widen_d128(k);
+    let pr: [__m512; 8] = std::array::from_fn(|i| _mm512_mul_ps(qv[i], kv[i]));
+    // Round one: from vectors (2u, 2u + 1) = elements 32u..32u + 32, lanes
+    // 8u..8u + 8: [x0 | x1] (a) and [x2 | x3] (b) of those lanes.
+    let idx_a = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+    let idx_b = _mm512_setr_epi32(2, 6, 10, 14, 18, 22, 26, 30, 3, 7, 11, 15, 19, 23, 27, 31);
+    let a: [__m512; 4] =
+        std::array::from_fn(|u| _mm512_permutex2var_ps(pr[2 * u], idx_a, pr[2 * u + 1]));
+    let b: [__m512; 4] =
+        std::array::from_fn(|u| _mm512_permutex2var_ps(pr[2 * u], idx_b, pr[2 * u + 1]));
+    // Round two: 128-bit quarters (0, 1) of two round-one vectors give
+    // element 4t of lanes 16h..16h + 16, quarters (2, 3) element 4t + 1
+    // (4t + 2 and 4t + 3 from the b vectors).
+    let half = |h: usize| {
+        let x0 = _mm512_shuffle_f32x4::<0x44>(a[2 * h], a[2 * h + 1]);
+        let x1 = _mm512_shuffle_f32x4::<0xEE>(a[2 * h], a[2 * h + 1]);
+        let x2 = _mm512_shuffle_f32x4::<0x44>(b[2 * h], b[2 * h + 1]);
+        let x3 = _mm512_shuffle_f32x4::<0xEE>(b[2 * h], b[2 * h + 1]);
+        let s = _mm512_add_ps(_mm512_setzero_ps(), x0);
+        _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s, x1), x2), x3)
+    };
+    // Butterfly: lanes j += j + 16, then + 8, + 4, + 2, + 1.
+    let s16 = _mm512_add_ps(half(0), half(1));
+    let s8 = _mm256_add_ps(
+        _mm512_castps512_ps256(s16),
+        _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(s16))),
+    );
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps::<0x01>(s2, s2)))
+}
+
+/// The spec's merge of a row's chunks: `M = max m_c`, `w_c = exp(m_c − M)`,
+/// `L = Σ l_c·w_c`, `O[i] = Σ o_c[i]·w_c` in increasing c from +0.0,
+/// `out[i] = bf16_rne(O[i] / L)`.
+fn merge_chunks(m: &[f32], l: &[f32], o: &[f32], out: &mut [bf16]) {
+    let d = out.len();
     let big_m = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut big_l = 0.0f32;
     let mut acc = vec![0.0f32; d];
-    for c in 0..chunks {
+    for c in 0..m.len() {
         let w = exp(m[c] - big_m);
         big_l += l[c] * w;
         for (a, &oc) in acc.iter_mut().zip(&o[c * d..(c + 1) * d]) {
@@ -137,5 +263,120 @@ fn attend_one<'a>(
     }
     for (dst, a) in out.iter_mut().zip(acc) {
         *dst = bf16::from_f32(a / big_l);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The AVX-512 score is `head_reduce`'s, bit for bit, on products whose
+    /// sums depend on the order (magnitudes over 24 binades), signed zeros,
+    /// infinities.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_head_dot_is_head_reduce() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut z = 77u64;
+        let mut next = move || {
+            z = z
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            z
+        };
+        for round in 0..2000 {
+            let mut val = |i: usize| {
+                let r = next();
+                let v = ((r >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                    * 2f32.powi(((r >> 16) % 24) as i32 - 12);
+                match (round % 50, i % 29) {
+                    (1, 3) => -0.0,
+                    (2, 5) => f32::INFINITY,
+                    _ => v,
+                }
+            };
+            let q: Vec<bf16> = (0..128).map(|i| bf16::from_f32(val(i))).collect();
+            let mut k: Vec<bf16> = (0..128).map(|i| bf16::from_f32(val(i))).collect();
+            if round % 50 == 3 {
+                // Every product -0 (q's signs flipped to match): the spec's
+                // lanes start at +0, so the score is +0.
+                for (kv, qv) in k.iter_mut().zip(&q) {
+                    *kv = if qv.is_sign_negative() {
+                        bf16::ZERO
+                    } else {
+                        bf16::NEG_ZERO
+                    };
+                }
+            }
+            let want = head_reduce(128, |i| widen(q[i]) * widen(k[i]));
+            // SAFETY: AVX-512F is available (checked above).
+            let got = unsafe { head_dot_d128(&widen_d128(&q), &k) };
+            if want.is_nan() {
+                assert!(got.is_nan(), "round {round}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "round {round}");
+            }
+        }
+    }
+
+    /// The AVX-512 head_dim-128 path gives the scalar spec's bits: contexts
+    /// inside one chunk, on chunk edges and over many chunks; keys with
+    /// Qwen3's huge k_norm channels; rows of signed-zero products; an
+    /// infinite score (NaN weights) stays NaN on both paths.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_head_128_is_the_spec() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut z = 424242u64;
+        let mut rnd = move || {
+            z = z
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        const D: usize = 128;
+        for (case, ctx) in [1usize, 5, 64, 65, 200, 513, 1100, 300, 77]
+            .into_iter()
+            .enumerate()
+        {
+            let q: Vec<bf16> = (0..D)
+                .map(|i| match (case, i % 17) {
+                    (7, 3) => bf16::NEG_ZERO,
+                    _ => bf16::from_f32(rnd() * 4.0),
+                })
+                .collect();
+            let keys: Vec<bf16> = (0..ctx * D)
+                .map(|i| {
+                    let v = rnd() * 2.0;
+                    match (case, i % D) {
+                        // A signed-zero row: every product is +-0.
+                        (6, _) if i / D == 3 => bf16::NEG_ZERO,
+                        (_, 1) => bf16::from_f32(v * 96.5),
+                        (8, 9) if i / D == 40 => bf16::INFINITY,
+                        _ => bf16::from_f32(v),
+                    }
+                })
+                .collect();
+            let values: Vec<bf16> = (0..ctx * D).map(|_| bf16::from_f32(rnd() * 3.0)).collect();
+            let key = |p: usize| &keys[p * D..(p + 1) * D];
+            let value = |p: usize| &values[p * D..(p + 1) * D];
+            let scale = 1.0 / (D as f32).sqrt();
+            let mut want = vec![bf16::ZERO; D];
+            attend_one(&q, ctx, scale, key, value, &mut want);
+            let mut got = vec![bf16::ZERO; D];
+            // SAFETY: AVX-512F is available (checked above); every row holds 128.
+            unsafe { attend_one_d128_avx512(&q, ctx, scale, key, value, &mut got) };
+            for i in 0..D {
+                if want[i].is_nan() {
+                    assert!(got[i].is_nan(), "ctx {ctx} element {i}");
+                } else {
+                    assert_eq!(got[i].to_bits(), want[i].to_bits(), "ctx {ctx} element {i}");
+                }
+            }
+        }
     }
 }

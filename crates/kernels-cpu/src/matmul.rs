@@ -154,6 +154,12 @@ fn dot_row(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
+        if dst.len() == 1 && std::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports AVX-512F (checked just above), which
+            // implies AVX2; x holds the token's k values and wrow k weights.
+            dst[0] = unsafe { dot_row_t1_avx512(wrow, x, k) };
+            return;
+        }
         if std::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU supports AVX2 (checked just above); the function
             // is the same safe Rust code compiled with 8-wide vectors. No FMA
@@ -175,6 +181,49 @@ unsafe fn dot_row_avx2(
 ) {
     // SAFETY: this function only runs where AVX2 is available.
     dot_row_generic(wrow, x, k, dst, acc, |a| unsafe { combine_lanes_avx2(a) })
+}
+
+/// One token's dot product (decode) with the 256 lanes in sixteen 16-wide
+/// registers: lane `j` still adds `widen(w[k]) * x[k]` for `k ≡ j (mod
+/// 256)` in increasing k from +0.0, a separate multiply and add (no FMA),
+/// but nothing is cleared, loaded or stored per chunk, so the loop keeps
+/// up with the weight stream. The partial last chunk (k not a multiple of
+/// 256) and the lane combine are the AVX2 path's.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn dot_row_t1_avx512(wrow: &[bf16], x: &[f32], k: usize) -> f32 {
+    use std::arch::x86_64::*;
+    assert!(wrow.len() >= k && x.len() >= k);
+    let full = k / ROW_LANES * ROW_LANES;
+    let (wp, xp) = (wrow.as_ptr().cast::<u16>(), x.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); ROW_LANES / 16];
+    let mut base = 0;
+    while base < full {
+        for (i, a) in acc.iter_mut().enumerate() {
+            let o = base + 16 * i;
+            // SAFETY: o + 16 <= full <= k, within both slices (asserted).
+            let (wv, xv) = unsafe {
+                (
+                    _mm256_loadu_si256(wp.add(o).cast::<__m256i>()),
+                    _mm512_loadu_ps(xp.add(o)),
+                )
+            };
+            // bf16 -> f32: the bits shifted up, as `widen`.
+            let wf = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(wv)));
+            *a = _mm512_add_ps(*a, _mm512_mul_ps(wf, xv));
+        }
+        base += ROW_LANES;
+    }
+    let mut lanes = [0.0f32; ROW_LANES];
+    for (i, a) in acc.iter().enumerate() {
+        // SAFETY: 16·i + 16 <= 256 lanes.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr().add(16 * i), *a) };
+    }
+    for ((l, &wv), &xv) in lanes.iter_mut().zip(&wrow[full..k]).zip(&x[full..k]) {
+        *l += widen(wv) * xv;
+    }
+    // SAFETY: AVX2 is enabled for this function.
+    unsafe { combine_lanes_avx2(&mut lanes) }
 }
 
 /// [`combine_lanes`] with AVX2: each block of 8 groups is transposed so the
@@ -371,6 +420,65 @@ mod tests {
             for (ti, d) in dst.iter().enumerate() {
                 let want = row_reduce(k, |j| widen(w[j]) * x[ti * k + j]);
                 assert_eq!(d.to_bits(), want.to_bits(), "k={k} token {ti}");
+            }
+            // One token takes its own path (AVX-512 where there is one).
+            let mut one = [0.0f32; 1];
+            dot_row(&w, &x, k, &mut one, &mut [[0.0; ROW_LANES]; TOKEN_TILE]);
+            let want = row_reduce(k, |j| widen(w[j]) * x[j]);
+            assert_eq!(one[0].to_bits(), want.to_bits(), "k={k} one token");
+        }
+    }
+
+    /// The single-token path on values whose sums depend on the order
+    /// (mixed magnitudes), signed zeros (a lane of -0 products stays +0),
+    /// infinities and NaN, against the scalar spec.
+    #[test]
+    fn one_token_dot_row_is_the_spec_on_special_values() {
+        let mut z = 987654321u64;
+        let mut next = || {
+            z = z
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            z
+        };
+        for (round, k) in [1024usize, 3072, 300, 256, 100, 2048, 1024, 512]
+            .into_iter()
+            .enumerate()
+        {
+            let w: Vec<bf16> = (0..k)
+                .map(|i| {
+                    let r = next();
+                    let v = ((r >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+                        * 10f32.powi(((r >> 20) % 12) as i32 - 6);
+                    match (round, i % 97) {
+                        (1, 5) => bf16::NEG_ZERO,
+                        (2, 9) => bf16::INFINITY,
+                        (3, 11) => bf16::NAN,
+                        _ => bf16::from_f32(v),
+                    }
+                })
+                .collect();
+            let x: Vec<f32> = (0..k)
+                .map(|i| {
+                    let r = next();
+                    let v = (r >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                    // Round 4: every product is a signed zero (lanes start at +0).
+                    if round == 4 {
+                        -0.0
+                    } else if i % 13 == 0 {
+                        v * 1e4
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            let mut one = [0.0f32; 1];
+            dot_row(&w, &x, k, &mut one, &mut [[0.0; ROW_LANES]; TOKEN_TILE]);
+            let want = row_reduce(k, |j| widen(w[j]) * x[j]);
+            if want.is_nan() {
+                assert!(one[0].is_nan(), "round {round}");
+            } else {
+                assert_eq!(one[0].to_bits(), want.to_bits(), "round {round} k={k}");
             }
         }
     }
