@@ -154,10 +154,15 @@ fn dot_row(
 ) {
     #[cfg(target_arch = "x86_64")]
     {
-        if dst.len() == 1 && std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports AVX-512F (checked just above), which
-            // implies AVX2; x holds the token's k values and wrow k weights.
-            dst[0] = unsafe { dot_row_t1_avx512(wrow, x, k) };
+        if std::is_x86_feature_detected!("avx512f") {
+            // Token by token, the weight row staying in L1 after the first:
+            // each token's 256 lanes fit the registers, where a tile of
+            // tokens' lanes would not.
+            for (ti, d) in dst.iter_mut().enumerate() {
+                // SAFETY: the CPU supports AVX-512F (checked just above), which
+                // implies AVX2; x holds each token's k values, wrow k weights.
+                *d = unsafe { dot_row_t1_avx512(wrow, &x[ti * k..(ti + 1) * k], k) };
+            }
             return;
         }
         if std::is_x86_feature_detected!("avx2") {
@@ -183,7 +188,7 @@ unsafe fn dot_row_avx2(
     dot_row_generic(wrow, x, k, dst, acc, |a| unsafe { combine_lanes_avx2(a) })
 }
 
-/// One token's dot product (decode) with the 256 lanes in sixteen 16-wide
+/// One token's dot product with the 256 lanes in sixteen 16-wide
 /// registers: lane `j` still adds `widen(w[k]) * x[k]` for `k ≡ j (mod
 /// 256)` in increasing k from +0.0, a separate multiply and add (no FMA),
 /// but nothing is cleared, loaded or stored per chunk, so the loop keeps
@@ -415,13 +420,35 @@ mod tests {
                     ))
                 })
                 .collect();
-            let mut dst = [0.0f32; 3];
-            dot_row(&w, &x, k, &mut dst, &mut [[0.0; ROW_LANES]; TOKEN_TILE]);
-            for (ti, d) in dst.iter().enumerate() {
-                let want = row_reduce(k, |j| widen(w[j]) * x[ti * k + j]);
-                assert_eq!(d.to_bits(), want.to_bits(), "k={k} token {ti}");
+            // The dispatching entry, and each lower path where the CPU has it
+            // (the dispatcher takes AVX-512 where it can).
+            type Path = fn(&[bf16], &[f32], usize, &mut [f32]);
+            let mut paths: Vec<(&str, Path)> = vec![
+                ("dispatch", |w, x, k, d| {
+                    dot_row(w, x, k, d, &mut [[0.0; ROW_LANES]; TOKEN_TILE])
+                }),
+                ("generic", |w, x, k, d| {
+                    let acc = &mut [[0.0; ROW_LANES]; TOKEN_TILE];
+                    dot_row_generic(w, x, k, d, acc, combine_lanes)
+                }),
+            ];
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                paths.push(("avx2", |w, x, k, d| {
+                    let acc = &mut [[0.0; ROW_LANES]; TOKEN_TILE];
+                    // SAFETY: AVX2 is available (checked where this is pushed).
+                    unsafe { dot_row_avx2(w, x, k, d, acc) }
+                }));
             }
-            // One token takes its own path (AVX-512 where there is one).
+            for (name, path) in paths {
+                let mut dst = [0.0f32; 3];
+                path(&w, &x, k, &mut dst);
+                for (ti, d) in dst.iter().enumerate() {
+                    let want = row_reduce(k, |j| widen(w[j]) * x[ti * k + j]);
+                    assert_eq!(d.to_bits(), want.to_bits(), "{name}: k={k} token {ti}");
+                }
+            }
+            // One token alone (the decode shape).
             let mut one = [0.0f32; 1];
             dot_row(&w, &x, k, &mut one, &mut [[0.0; ROW_LANES]; TOKEN_TILE]);
             let want = row_reduce(k, |j| widen(w[j]) * x[j]);
