@@ -269,6 +269,7 @@ fn merge_chunks(m: &[f32], l: &[f32], o: &[f32], out: &mut [bf16]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::Lcg;
 
     /// The AVX-512 score is `head_reduce`'s, bit for bit, on products whose
     /// sums depend on the order (magnitudes over 24 binades), signed zeros,
@@ -279,16 +280,10 @@ mod tests {
         if !std::is_x86_feature_detected!("avx512f") {
             return;
         }
-        let mut z = 77u64;
-        let mut next = move || {
-            z = z
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            z
-        };
+        let mut rng = Lcg(77);
         for round in 0..2000 {
             let mut val = |i: usize| {
-                let r = next();
+                let r = rng.bits();
                 let v = ((r >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
                     * 2f32.powi(((r >> 16) % 24) as i32 - 12);
                 match (round % 50, i % 29) {
@@ -331,13 +326,8 @@ mod tests {
         if !std::is_x86_feature_detected!("avx512f") {
             return;
         }
-        let mut z = 424242u64;
-        let mut rnd = move || {
-            z = z
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
+        let mut rng = Lcg(424242);
+        let mut rnd = move || rng.unit() - 0.5;
         const D: usize = 128;
         for (case, ctx) in [1usize, 5, 64, 65, 200, 513, 1100, 300, 77]
             .into_iter()

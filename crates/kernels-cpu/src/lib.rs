@@ -30,6 +30,8 @@ pub mod numerics;
 mod rope;
 mod sampling;
 mod storage;
+#[cfg(test)]
+mod test_rng;
 
 pub use activation::silu_mul;
 pub use attention::{attention, ATTN_CHUNK};

@@ -365,6 +365,7 @@ fn combine_lanes(a: &mut [f32; ROW_LANES]) -> f32 {
 mod tests {
     use super::*;
     use crate::numerics::row_reduce;
+    use crate::test_rng::Lcg;
 
     /// The AVX2 lane combine adds the same pairs as the spec, bit for bit,
     /// on values whose sums depend on the order (mixed magnitudes, signed
@@ -376,13 +377,11 @@ mod tests {
         if !std::is_x86_feature_detected!("avx2") {
             return;
         }
-        let mut z = 12345u64;
+        let mut rng = Lcg(12345);
         for round in 0..200 {
             let mut a = [0.0f32; ROW_LANES];
             for (j, v) in a.iter_mut().enumerate() {
-                z = z
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                let z = rng.bits();
                 let u = (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
                 *v = u * 10f32.powi(((z >> 20) % 16) as i32 - 8);
                 if round % 10 == 1 && j % 37 == 3 {
@@ -461,20 +460,14 @@ mod tests {
     /// infinities and NaN, against the scalar spec.
     #[test]
     fn one_token_dot_row_is_the_spec_on_special_values() {
-        let mut z = 987654321u64;
-        let mut next = || {
-            z = z
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            z
-        };
+        let mut rng = Lcg(987654321);
         for (round, k) in [1024usize, 3072, 300, 256, 100, 2048, 1024, 512]
             .into_iter()
             .enumerate()
         {
             let w: Vec<bf16> = (0..k)
                 .map(|i| {
-                    let r = next();
+                    let r = rng.bits();
                     let v = ((r >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
                         * 10f32.powi(((r >> 20) % 12) as i32 - 6);
                     match (round, i % 97) {
@@ -487,7 +480,7 @@ mod tests {
                 .collect();
             let x: Vec<f32> = (0..k)
                 .map(|i| {
-                    let r = next();
+                    let r = rng.bits();
                     let v = (r >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
                     // Round 4: every product is a signed zero (lanes start at +0).
                     if round == 4 {

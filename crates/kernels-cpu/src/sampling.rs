@@ -346,6 +346,7 @@ fn sample_row(row: &[f32], p: &SampleParams, u: f32) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_rng::Lcg;
     use crate::CpuBackend;
     use qwen_tensor::{Backend, DType, HostSlice, HostVec};
 
@@ -392,21 +393,6 @@ mod tests {
             .collect();
         let s: f64 = e.iter().sum();
         e.iter().map(|v| v / s).collect()
-    }
-
-    /// Tiny deterministic generator for test inputs.
-    struct Lcg(u64);
-    impl Lcg {
-        fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            self.0 >> 33
-        }
-        fn unit(&mut self) -> f32 {
-            (self.next() >> 7) as f32 / (1u64 << 24) as f32
-        }
     }
 
     /// The spec of [`sample`] transcribed literally: full sort, no selection,
