@@ -230,7 +230,7 @@ __device__ __forceinline__ void chunk_partials(const __nv_bfloat16* ks, const __
     }
 }
 
-// One block per (token t, kv head g, chunk blockIdx.y), `done` counting the
+// One block per (token t, kv head g, chunk c), `done` counting the
 // (t, g)'s finished chunks: the chunk's keys and values are read once, with wide loads all in flight together, into shared memory,
 // and serve every q head of the GQA group. Dynamic shared memory:
 // 2·CHUNK·D bf16 (keys, values), then G·CHUNK f32 scores.
@@ -251,14 +251,13 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
                                                 const u32* pos, const u32* seq,
                                                 const u32* tables, int max_blocks, int bs, int Hq, int Hkv,
                                                 float scale, int max_chunks, float* part, int t, int g,
-                                                u32* done, __nv_bfloat16* out, int decode, RopeIn ri) {
+                                                u32* done, __nv_bfloat16* out, int decode, RopeIn ri, int c) {
     const int D = PER * 32, WARPS = THREADS / 32;
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem_raw);
     __nv_bfloat16* vs = ks + CHUNK * D;
     float* sc = reinterpret_cast<float*>(vs + CHUNK * D);
     __shared__ u32 slot_of[CHUNK];
-    int c = blockIdx.y;
     int G = Hq / Hkv;
     int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     u32 pt = pos[t], st = seq[t];
@@ -359,7 +358,7 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
     case DD:                                                                                                    \
         attn_chunk_body<DD, THREADS, HPASS, ROPE>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,  \
                                                   max_chunks, part, blockIdx.x / Hkv, blockIdx.x % Hkv,         \
-                                                  done + blockIdx.x, out, decode, ri);                          \
+                                                  done + blockIdx.x, out, decode, ri, blockIdx.y);              \
         break;
 #define ATTN_KERNEL(NAME, THREADS, HPASS, ROPE)                                                                \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                       \
@@ -604,7 +603,7 @@ __device__ __forceinline__ void attn_tile_body(const __nv_bfloat16* q, const __n
         attn_chunk_body<PER, TILE_THREADS, 4, false>(q, const_cast<__nv_bfloat16*>(kc),
                                                      const_cast<__nv_bfloat16*>(vc), pos, seq, tables, max_blocks,
                                                      bs, Hq, Hkv, scale, max_chunks, part, t0, g, done + blockIdx.x,
-                                                     out, 0, RopeIn{});
+                                                     out, 0, RopeIn{}, c);
         return;
     }
     int G = Hq / Hkv;

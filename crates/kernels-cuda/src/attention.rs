@@ -16,7 +16,7 @@ use crate::{CudaBackend, Scratch};
 
 const OP: &str = "attention";
 /// Positions per split; must equal qwen_kernels_cpu::ATTN_CHUNK and CHUNK in attention.cu.
-const CHUNK: usize = 64;
+pub(crate) const CHUNK: usize = 64;
 const _: () = assert!(CHUNK == qwen_kernels_cpu::ATTN_CHUNK);
 /// Decode grids of up to this many (token, kv head, chunk) blocks take
 /// attn_chunk (256 threads, built for latency), larger ones attn_span.
@@ -39,12 +39,12 @@ pub(crate) struct RopeArgs<'a> {
 }
 
 /// One batch's sequence count (the rows of its block tables).
-fn seqs(meta: &BatchMeta<CudaBackend>) -> usize {
+pub(crate) fn seqs(meta: &BatchMeta<CudaBackend>) -> usize {
     meta.block_tables.shape().first().copied().unwrap_or(0)
 }
 
 /// Chunks of the batch's longest context.
-fn max_chunks(meta: &BatchMeta<CudaBackend>) -> usize {
+pub(crate) fn max_chunks(meta: &BatchMeta<CudaBackend>) -> usize {
     meta.max_context.div_ceil(CHUNK).max(1)
 }
 

@@ -21,21 +21,22 @@ pub enum CudaStorage {
 
 pub(crate) type T = Tensor<CudaBackend>;
 
-/// Every kernel module: (file name, source, kernels it defines).
-const MODULES: &[(&str, &str, &[&str])] = &[
+/// Every kernel module: (name, source files in order, kernels it defines).
+/// A module of several files uses the device functions of the ones before.
+const MODULES: &[(&str, &[&str], &[&str])] = &[
     (
         "embedding",
-        include_str!("embedding.cu"),
+        &[include_str!("embedding.cu")],
         &["embedding", "gather_rows"],
     ),
     (
         "norm",
-        include_str!("norm.cu"),
+        &[include_str!("norm.cu")],
         &["rms_norm_bf16", "rms_norm_f32"],
     ),
     (
         "matmul",
-        include_str!("matmul.cu"),
+        &[include_str!("matmul.cu")],
         &[
             "matmul_bf16",
             "matmul_bf16_t1",
@@ -49,7 +50,7 @@ const MODULES: &[(&str, &str, &[&str])] = &[
     ),
     (
         "gemm",
-        include_str!("gemm.cu"),
+        &[include_str!("gemm.cu")],
         &[
             "gemm_tc",
             "gemm_tc_n64",
@@ -58,21 +59,34 @@ const MODULES: &[(&str, &str, &[&str])] = &[
             "gemm_splits_sum",
         ],
     ),
-    ("rope", include_str!("rope.cu"), &["qk_norm_rope_store"]),
+    ("rope", &[include_str!("rope.cu")], &["qk_norm_rope_store"]),
     (
         "attention",
-        include_str!("attention.cu"),
+        &[include_str!("attention.cu")],
         &["attn_chunk", "attn_rope_chunk", "attn_tile", "attn_span"],
     ),
     (
         "attention_tc",
-        include_str!("attention_tc.cu"),
+        &[include_str!("attention_tc.cu")],
         crate::attention_tc::KERNELS,
     ),
-    ("activation", include_str!("activation.cu"), &["silu_mul"]),
+    (
+        "activation",
+        &[include_str!("activation.cu")],
+        &["silu_mul"],
+    ),
+    (
+        "layer",
+        &[
+            include_str!("norm.cu"),
+            include_str!("attention.cu"),
+            include_str!("layer.cu"),
+        ],
+        &["decoder_layer_t1"],
+    ),
     (
         "sampling",
-        include_str!("sampling.cu"),
+        &[include_str!("sampling.cu")],
         &[
             "argmax_slices",
             "argmax_finish",
@@ -96,6 +110,7 @@ const LARGE_DYNAMIC_SMEM: &[&str] = &[
     "gemm_tc_n64",
     "gemm_tc_n32",
     "gemm_tc_m128",
+    "decoder_layer_t1",
 ];
 
 /// Above 48 KB a kernel must opt in to dynamic shared memory; done once at
@@ -121,6 +136,13 @@ pub(crate) struct Device {
     pub dependent_launch: bool,
     /// Shared memory a block may have, static and dynamic together.
     pub smem_optin: usize,
+    /// Streaming multiprocessors: the grid of a kernel that keeps one
+    /// block on each (layer.cu).
+    pub sm_count: usize,
+    /// Whether a batch-1 decode layer may run as one kernel (layer.rs):
+    /// off unless `QWEN_CUDA_LAYER_KERNEL=1` (it measures slower than the
+    /// kernels one by one; BENCHMARKS.md).
+    pub layer_kernel: bool,
 }
 
 /// Maps a driver error to ours, keeping out-of-memory distinct.
@@ -169,8 +191,11 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         .map_err(dev)?;
     let mut kernels = HashMap::new();
-    for (file, src, names) in MODULES {
-        let ptx = compile::compile(file, src, &arch)?;
+    let sm_count = ctx
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(dev)?;
+    for (file, parts, names) in MODULES {
+        let ptx = compile::compile(file, &parts.concat(), &arch)?;
         let module = ctx.load_module(ptx).map_err(dev)?;
         for &n in names.iter() {
             let f = module.load_function(n).map_err(dev)?;
@@ -188,6 +213,8 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
         name,
         dependent_launch: dependent_launch(major),
         smem_optin: smem_optin.max(0) as usize,
+        sm_count: sm_count.max(0) as usize,
+        layer_kernel: std::env::var("QWEN_CUDA_LAYER_KERNEL").is_ok_and(|v| v == "1"),
     })
 }
 

@@ -31,7 +31,7 @@ pub(crate) fn int(op: &'static str, v: usize) -> Result<i32> {
 }
 
 /// The most parameters any kernel of ours takes.
-const MAX_ARGS: usize = 24;
+const MAX_ARGS: usize = 40;
 
 /// One kernel parameter as the 8 bytes the driver copies it from: a device
 /// pointer, or a 4-byte scalar in the low bytes (x86-64 is little-endian,

@@ -24,6 +24,7 @@ mod device;
 mod embedding;
 mod gemm;
 mod launch;
+mod layer;
 mod matmul;
 mod norm;
 mod rope;
@@ -34,8 +35,8 @@ pub use compile::cuda_include_dir;
 pub use device::CudaStorage;
 
 use qwen_tensor::{
-    AttnGeometry, Backend, BatchMeta, DType, Error, HostSlice, HostVec, Result, SampleParams,
-    Tensor,
+    AttnGeometry, Backend, BatchMeta, DType, Error, HostSlice, HostVec, LayerActs, LayerInputs,
+    LayerWeights, Result, SampleParams, Tensor,
 };
 
 use device::{dev, Device, T};
@@ -83,10 +84,11 @@ pub(crate) enum Scratch {
     GemmSplits = 9,
     TcSpans = 10,
     TcDone = 11,
+    LayerSync = 12,
 }
 
 /// How many [`Scratch`] slots there are.
-const SCRATCH_SLOTS: usize = 12;
+const SCRATCH_SLOTS: usize = 13;
 
 impl std::fmt::Debug for CudaBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -127,6 +129,14 @@ impl CudaBackend {
     /// announced by `Backend::set_tensor_core_rows` run on the tensor cores.
     pub fn set_exact(&mut self, exact: bool) {
         self.exact = exact;
+    }
+
+    /// `true`: a batch-1 decode layer of a suitable shape (Qwen3-0.6B's)
+    /// runs as one kernel (layer.cu), with the same bits as the ops one by
+    /// one. Off by default: it measures slower so far (BENCHMARKS.md);
+    /// `QWEN_CUDA_LAYER_KERNEL=1` turns it on at start.
+    pub fn set_layer_kernel(&mut self, on: bool) {
+        self.dev.layer_kernel = on;
     }
 
     /// Runs `f` on the scratch tensor of `slot`, reallocated only when the
@@ -400,6 +410,18 @@ impl Backend for CudaBackend {
             rope,
         };
         self.rope_attention_impl(r, meta, geo, scale, q_out, k_cache, v_cache, out)
+    }
+
+    fn decoder_layer(
+        &self,
+        w: &LayerWeights<'_, Self>,
+        inp: LayerInputs<'_, Self>,
+        x: &mut T,
+        k_cache: &mut T,
+        v_cache: &mut T,
+        acts: LayerActs<'_, Self>,
+    ) -> Result<()> {
+        self.decoder_layer_impl(w, inp, x, k_cache, v_cache, acts)
     }
 
     fn silu_mul(&self, gate_up: &T, out: &mut T) -> Result<()> {

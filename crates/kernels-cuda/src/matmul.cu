@@ -30,15 +30,6 @@ __device__ __forceinline__ uint4 load8_raw(const __nv_bfloat16* p, bool vec) {
                       h[6] | ((u32)h[7] << 16));
 }
 
-__device__ __forceinline__ void widen8(uint4 u, float* f) {
-    u32 w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        f[2 * i] = __uint_as_float(w[i] << 16);
-        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-}
-
 // NB chunks of 256 from `base` into the lanes: every chunk's weights are
 // loaded before any is used, so each thread keeps NB 16-byte loads in
 // flight; they are still added in increasing chunk order, as the spec

@@ -60,6 +60,16 @@ __device__ __forceinline__ float head_combine(float v) {
     return v;
 }
 
+// Eight consecutive bf16, as one 16-byte load holds them, widened to f32.
+__device__ __forceinline__ void widen8(uint4 u, float* f) {
+    u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
 // Eight consecutive bf16 widened to f32; one 16-byte load when aligned.
 __device__ __forceinline__ void load8_bf16(const __nv_bfloat16* p, float* f, bool vec) {
     if (vec) {

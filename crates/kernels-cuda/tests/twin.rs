@@ -7,7 +7,8 @@ use half::bf16;
 use qwen_kernels_cpu::{attention_tc_magnitudes, CpuBackend, TC_ATTENTION_FACTOR};
 use qwen_kernels_cuda::CudaBackend;
 use qwen_tensor::{
-    AttnGeometry, Backend, BatchLayout, DType, HostSlice, HostVec, SampleParams, Tensor,
+    AttnGeometry, Backend, BatchLayout, DType, HostSlice, HostVec, LayerActs, LayerInputs,
+    LayerWeights, SampleParams, Tensor,
 };
 
 /// The GPU in exact mode: every op, GEMMs included, must match the CPU bits.
@@ -1157,6 +1158,167 @@ fn tensor_core_attention_is_batch_invariant() {
                     bits, whole[p],
                     "{hq}/{hkv} d {d}: position {p} differs in {runs:?} from the whole prompt"
                 );
+            }
+        }
+    }
+}
+
+/// One decoder layer's weights on the host, random at the given shape
+/// (k_norm with one of Qwen3's huge channels).
+struct LayerHost {
+    input_norm: Vec<f32>,
+    qkv: Vec<bf16>,
+    q_norm: Vec<f32>,
+    k_norm: Vec<f32>,
+    o_proj: Vec<bf16>,
+    post_norm: Vec<f32>,
+    gate_up: Vec<bf16>,
+    down: Vec<bf16>,
+}
+
+fn layer_host(r: &mut Rng, geo: AttnGeometry, h: usize, i: usize) -> LayerHost {
+    let (d, qw) = (geo.head_dim, geo.q_width());
+    let mut k_norm = r.f32s(d, 1.0);
+    k_norm[3] = 96.5;
+    LayerHost {
+        input_norm: r.f32s(h, 1.0),
+        qkv: r.bf16s(geo.qkv_width() * h, 0.05),
+        q_norm: r.f32s(d, 1.0),
+        k_norm,
+        o_proj: r.bf16s(h * qw, 0.03),
+        post_norm: r.f32s(h, 1.0),
+        gate_up: r.bf16s(2 * i * h, 0.05),
+        down: r.bf16s(h * i, 0.03),
+    }
+}
+
+/// `layers` decoder layers in sequence over one token (x, every layer's
+/// caches), through `Backend::decoder_layer`: returns x after each layer,
+/// then each layer's k and v caches, q, attention output and act.
+fn layers_on<B: Backend>(
+    b: &B,
+    layers: &[LayerHost],
+    geo: AttnGeometry,
+    (h, i): (usize, usize),
+    c: &AttnCase,
+    x0: &[f32],
+) -> Vec<HostVec> {
+    let up_f = |v: &[f32], s: &[usize]| b.upload(HostSlice::F32(v), s).unwrap();
+    let up_b = |v: &[bf16], s: &[usize]| b.upload(HostSlice::BF16(v), s).unwrap();
+    let meta = b.upload_batch(&c.layout).unwrap();
+    let max_pos = c.rope.len() / geo.head_dim;
+    let rope = up_f(&c.rope, &[max_pos, geo.head_dim]);
+    let mut x = up_f(x0, &[1, h]);
+    let mut out = Vec::new();
+    let mut tail = Vec::new();
+    for l in layers {
+        let w = [
+            up_f(&l.input_norm, &[h]),
+            up_b(&l.qkv, &[geo.qkv_width(), h]),
+            up_f(&l.q_norm, &[geo.head_dim]),
+            up_f(&l.k_norm, &[geo.head_dim]),
+            up_b(&l.o_proj, &[h, geo.q_width()]),
+            up_f(&l.post_norm, &[h]),
+            up_b(&l.gate_up, &[2 * i, h]),
+            up_b(&l.down, &[h, i]),
+        ];
+        let lw = LayerWeights {
+            input_norm: &w[0],
+            qkv: &w[1],
+            q_norm: &w[2],
+            k_norm: &w[3],
+            o_proj: &w[4],
+            post_attention_norm: &w[5],
+            gate_up: &w[6],
+            down: &w[7],
+        };
+        let shape = geo.cache_shape(c.blocks);
+        let mut kc = up_b(&c.kc, &shape);
+        let mut vc = up_b(&c.vc, &shape);
+        let mut qkv = poisoned(b, &[1, geo.qkv_width()], DType::F32);
+        let mut q = poisoned(b, &[1, geo.q_width()], DType::BF16);
+        let mut attn = poisoned(b, &[1, geo.q_width()], DType::BF16);
+        let mut gate_up = poisoned(b, &[1, 2 * i], DType::F32);
+        let mut act = poisoned(b, &[1, i], DType::BF16);
+        let inp = LayerInputs {
+            rope: &rope,
+            eps: 1e-6,
+            meta: &meta,
+            geo,
+            scale: 1.0 / (geo.head_dim as f32).sqrt(),
+        };
+        let acts = LayerActs {
+            qkv: &mut qkv,
+            q: &mut q,
+            attn: &mut attn,
+            gate_up: &mut gate_up,
+            act: &mut act,
+        };
+        b.decoder_layer(&lw, inp, &mut x, &mut kc, &mut vc, acts)
+            .unwrap();
+        out.push(b.download(&x).unwrap());
+        for t in [&kc, &vc, &qkv, &q, &attn, &act] {
+            tail.push(b.download(t).unwrap());
+        }
+    }
+    out.extend(tail);
+    out
+}
+
+#[test]
+fn decoder_layer_at_one_token() {
+    let Some(mut g) = gpu() else { return };
+    g.set_layer_kernel(true);
+    let cpu = CpuBackend::new();
+    let mut r = Rng::new("decoder_layer");
+    let bs = 16;
+    // Qwen3-0.6B's layer (one kernel on the GPU at one token) and an odd
+    // shape that takes the ops one by one; contexts of one position, a
+    // partial chunk, many chunks, and more (kv head, chunk) pairs than SMs.
+    let shapes = [(16, 8, 1024, 3072), (4, 2, 96, 80)];
+    for (hq, hkv, h, i) in shapes {
+        let d = if h == 96 { 32 } else { 128 };
+        let geo = geometry(hq, hkv, d, bs);
+        for ctx in [1, 100, 700, 3000] {
+            let (layout, blocks) = layout(&mut r, &[(ctx, 1)], bs);
+            let mut rope = vec![0.0f32; ctx * d];
+            for (p, row) in rope.chunks_mut(d).enumerate() {
+                for j in 0..d / 2 {
+                    let a = p as f64 * 1e6f64.powf(-(2.0 * j as f64) / d as f64);
+                    row[j] = a.cos() as f32;
+                    row[d / 2 + j] = a.sin() as f32;
+                }
+            }
+            let case = AttnCase {
+                geo,
+                qkv: Vec::new(),
+                qn: Vec::new(),
+                kn: Vec::new(),
+                kc: r.bf16s(blocks * bs * hkv * d, 1.0),
+                vc: r.bf16s(blocks * bs * hkv * d, 1.0),
+                rope,
+                layout,
+                blocks,
+            };
+            let layers: Vec<LayerHost> = (0..3).map(|_| layer_host(&mut r, geo, h, i)).collect();
+            let x0 = r.f32s(h, 3.0);
+            let c = layers_on(&cpu, &layers, geo, (h, i), &case, &x0);
+            let names = ["k_cache", "v_cache", "qkv", "q", "attn", "act"];
+            // Twice: the second run reuses the barrier and chunk counters
+            // the first left behind.
+            for run in ["first", "second"] {
+                let gg = layers_on(&g, &layers, geo, (h, i), &case, &x0);
+                for (j, (cv, gv)) in c.iter().zip(&gg).enumerate() {
+                    let name = if j < layers.len() {
+                        format!("x after layer {j}")
+                    } else {
+                        let k = j - layers.len();
+                        format!("layer {} {}", k / names.len(), names[k % names.len()])
+                    };
+                    let what =
+                        format!("{name} ({run} run): {hq}/{hkv} heads, h {h}, i {i}, ctx {ctx}");
+                    same_bits(&what, cv, gv);
+                }
             }
         }
     }

@@ -7,7 +7,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use qwen_tensor::{AttnGeometry, Backend, BatchLayout, BatchMeta, DType, HostSlice, Tensor};
+use qwen_tensor::{
+    AttnGeometry, Backend, BatchLayout, BatchMeta, DType, HostSlice, LayerActs, LayerInputs,
+    LayerWeights, Tensor,
+};
 
 use crate::config::Qwen3Config;
 use crate::kv_cache::{KvCache, Sequence, DEFAULT_BLOCK_SIZE};
@@ -470,34 +473,54 @@ impl<B: Backend> Qwen3<B> {
         emit(&|| "embed".into(), x)?;
         for (li, l) in self.layers.iter().enumerate() {
             let name = |op: &'static str| move || format!("layers.{li}.{op}");
+            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
+            if !tapped {
+                // Nobody listens: the layer as one op, which a backend may
+                // run in one pass (the same ops as below, bit for bit).
+                let w = LayerWeights {
+                    input_norm: &l.input_norm,
+                    qkv: &l.qkv,
+                    q_norm: &l.q_norm,
+                    k_norm: &l.k_norm,
+                    o_proj: &l.o_proj,
+                    post_attention_norm: &l.post_attention_norm,
+                    gate_up: &l.gate_up,
+                    down: &l.down,
+                };
+                let inp = LayerInputs {
+                    rope: &self.rope,
+                    eps,
+                    meta,
+                    geo,
+                    scale,
+                };
+                let acts = LayerActs {
+                    qkv,
+                    q,
+                    attn,
+                    gate_up,
+                    act,
+                };
+                be.decoder_layer(&w, inp, x, kc, vc, acts)?;
+                continue;
+            }
             be.rms_norm_matmul(x, &l.input_norm, eps, &l.qkv, qkv)?;
             emit(&name("qkv"), qkv)?;
-            let (kc, vc) = (&mut cache.k[li], &mut cache.v[li]);
             let (qn, kn, rope) = (&l.q_norm, &l.k_norm, &self.rope);
-            if tapped {
-                // A listener sees q and the caches before attention reads
-                // them; the fused op below is these two in sequence.
-                be.qk_norm_rope_store(qkv, qn, kn, eps, rope, meta, geo, q, kc, vc)?;
-                emit(&name("q"), q)?;
-                emit(&name("k_cache"), kc)?;
-                emit(&name("v_cache"), vc)?;
-                be.attention(q, kc, vc, meta, geo, scale, attn)?;
-            } else {
-                be.qk_norm_rope_attention(
-                    qkv, qn, kn, eps, rope, meta, geo, scale, q, kc, vc, attn,
-                )?;
-            }
+            // A listener sees q and the caches before attention reads them
+            // (qk_norm_rope_attention is these two in sequence).
+            be.qk_norm_rope_store(qkv, qn, kn, eps, rope, meta, geo, q, kc, vc)?;
+            emit(&name("q"), q)?;
+            emit(&name("k_cache"), kc)?;
+            emit(&name("v_cache"), vc)?;
+            be.attention(q, kc, vc, meta, geo, scale, attn)?;
             emit(&name("attn"), attn)?;
             be.matmul_add(attn, &l.o_proj, x)?;
             emit(&name("attn_residual"), x)?;
-            if tapped {
-                // A listener sees the projection before the gate.
-                be.rms_norm_matmul(x, &l.post_attention_norm, eps, &l.gate_up, gate_up)?;
-                emit(&name("gate_up"), gate_up)?;
-                be.silu_mul(gate_up, act)?;
-            } else {
-                be.rms_norm_matmul_silu(x, &l.post_attention_norm, eps, &l.gate_up, gate_up, act)?;
-            }
+            // A listener sees the projection before the gate.
+            be.rms_norm_matmul(x, &l.post_attention_norm, eps, &l.gate_up, gate_up)?;
+            emit(&name("gate_up"), gate_up)?;
+            be.silu_mul(gate_up, act)?;
             emit(&name("act"), act)?;
             be.matmul_add(act, &l.down, x)?;
             emit(&name("out"), x)?;

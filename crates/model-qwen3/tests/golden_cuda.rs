@@ -150,3 +150,33 @@ fn cuda_cache_too_large_is_a_clear_error() {
         "{e}"
     );
 }
+
+#[test]
+fn cuda_one_kernel_layers_decode_like_cpu() {
+    // Layers of the Qwen3-0.6B shape, which decode one token with one
+    // kernel a layer on the GPU when asked (kernels-cuda's layer.cu): two of them
+    // with random weights and a small vocabulary, greedy for 70 steps
+    // (past a 64-position attention chunk), against the CPU bit for bit.
+    let Some(mut g) = CudaBackend::new(0).ok() else {
+        assert!(std::env::var_os("QWEN_REQUIRE_GPU").is_none(), "no GPU");
+        println!("skipping CUDA golden test: no GPU");
+        return;
+    };
+    // The prompt pass on the exact kernels too, so the caches match.
+    g.set_exact(true);
+    g.set_layer_kernel(true);
+    let mut cfg = model_qwen3::dummy::dummy_config("qwen3-0.6b").unwrap();
+    cfg.num_hidden_layers = 2;
+    cfg.vocab_size = 2048;
+    let w = model_qwen3::dummy::random_weights(&cfg, 5, &mut |_, _| {});
+    let gm = Qwen3::from_host(g, cfg.clone(), &w).unwrap();
+    let cm = Qwen3::from_host(CpuBackend::new(), cfg, &w).unwrap();
+    let ids: Vec<u32> = (0..9).map(|i| (i * 211 + 7) % 2048).collect();
+    let (ct, cl) = greedy(&cm, &ids, 70);
+    let (gt, gl) = greedy(&gm, &ids, 70);
+    assert_eq!(ct, gt, "tokens");
+    for (s, (a, b)) in cl.iter().zip(&gl).enumerate() {
+        let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "decode step {s}: logits differ between cpu and cuda");
+    }
+}

@@ -8,7 +8,10 @@
 //! Ops write into tensors the caller allocated, and take whole batches:
 //! `T` below is the number of tokens in the batch, across all sequences.
 
-use crate::{AttnGeometry, BatchLayout, BatchMeta, DType, HostSlice, HostVec, Result, Tensor};
+use crate::{
+    decoder_layer_ops, AttnGeometry, BatchLayout, BatchMeta, DType, HostSlice, HostVec, LayerActs,
+    LayerInputs, LayerWeights, Result, Tensor,
+};
 
 /// Per-row sampling parameters for [`Backend::sample`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -231,6 +234,23 @@ pub trait Backend: Sized + Send + Sync {
         v_cache: &mut Tensor<Self>,
         out: &mut Tensor<Self>,
     ) -> Result<()>;
+
+    /// One decoder layer: [`decoder_layer_ops`] (RMSNorm + QKV, q/k-norm +
+    /// RoPE + cache store + attention, output projection + residual,
+    /// RMSNorm + gate/up + SiLU, down projection + residual) bit for bit,
+    /// as one op so that a backend may run the layer in one pass. `x` f32
+    /// `[T, H]` is updated in place.
+    fn decoder_layer(
+        &self,
+        w: &LayerWeights<'_, Self>,
+        inp: LayerInputs<'_, Self>,
+        x: &mut Tensor<Self>,
+        k_cache: &mut Tensor<Self>,
+        v_cache: &mut Tensor<Self>,
+        acts: LayerActs<'_, Self>,
+    ) -> Result<()> {
+        decoder_layer_ops(self, w, inp, x, k_cache, v_cache, acts)
+    }
 
     /// `out = bf16(silu(gate) * up)`: gate_up f32 `[T, 2I]` (gate then up), out bf16 `[T, I]`.
     fn silu_mul(&self, gate_up: &Tensor<Self>, out: &mut Tensor<Self>) -> Result<()>;

@@ -30,6 +30,7 @@ mod backend;
 mod checks;
 mod dtype;
 mod error;
+mod layer;
 mod tensor;
 
 pub use attention::{AttnGeometry, BatchLayout, BatchMeta, QUERY_TILE};
@@ -41,4 +42,5 @@ pub use checks::{
 pub use dtype::{DType, HostSlice, HostVec};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
+pub use layer::{decoder_layer_ops, LayerActs, LayerInputs, LayerWeights};
 pub use tensor::{expect_2d, expect_dtype, expect_shape, Tensor};

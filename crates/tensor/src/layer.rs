@@ -1,0 +1,82 @@
+//! One Qwen3 decoder layer as a single backend op: the weights and the
+//! activation buffers it takes, and the composition of the per-op calls
+//! that defines its numerics (the CPU backend runs exactly that; another
+//! backend may fuse the layer but must return the same bits).
+
+use crate::{AttnGeometry, Backend, BatchMeta, Result, Tensor};
+
+/// One decoder layer's weights, shaped as the ops that read them expect.
+pub struct LayerWeights<'a, B: Backend> {
+    /// f32 `[H]`, the RMSNorm before attention.
+    pub input_norm: &'a Tensor<B>,
+    /// bf16 `[(Hq + 2 Hkv) * D, H]`, q, k and v rows fused.
+    pub qkv: &'a Tensor<B>,
+    /// f32 `[D]`, per-head q RMSNorm.
+    pub q_norm: &'a Tensor<B>,
+    /// f32 `[D]`, per-head k RMSNorm.
+    pub k_norm: &'a Tensor<B>,
+    /// bf16 `[H, Hq * D]`.
+    pub o_proj: &'a Tensor<B>,
+    /// f32 `[H]`, the RMSNorm before the MLP.
+    pub post_attention_norm: &'a Tensor<B>,
+    /// bf16 `[2I, H]`, gate rows then up rows.
+    pub gate_up: &'a Tensor<B>,
+    /// bf16 `[H, I]`.
+    pub down: &'a Tensor<B>,
+}
+
+/// The per-layer inputs that are not weights: the rotation table, the norm
+/// epsilon, the batch layout, the attention geometry and score scale.
+pub struct LayerInputs<'a, B: Backend> {
+    /// f32 `[max_pos, D]` (cos in the first D/2 columns, sin in the rest).
+    pub rope: &'a Tensor<B>,
+    pub eps: f32,
+    pub meta: &'a BatchMeta<B>,
+    pub geo: AttnGeometry,
+    pub scale: f32,
+}
+
+/// Activation buffers of one layer: after the op, `qkv`, `q`, `attn` and
+/// `act` hold what the composed ops leave there; `gate_up` is a workspace
+/// whose contents afterwards are unspecified.
+pub struct LayerActs<'a, B: Backend> {
+    /// f32 `[T, (Hq + 2 Hkv) * D]`.
+    pub qkv: &'a mut Tensor<B>,
+    /// bf16 `[T, Hq * D]`.
+    pub q: &'a mut Tensor<B>,
+    /// bf16 `[T, Hq * D]`.
+    pub attn: &'a mut Tensor<B>,
+    /// f32 `[T, 2I]`.
+    pub gate_up: &'a mut Tensor<B>,
+    /// bf16 `[T, I]`.
+    pub act: &'a mut Tensor<B>,
+}
+
+/// The decoder layer as five ops in sequence: what
+/// [`Backend::decoder_layer`] computes on every backend, bit for bit.
+/// `x` (f32 `[T, H]`, the residual stream) is updated in place; the layer's
+/// k and v rows of this batch are stored in the caches.
+pub fn decoder_layer_ops<B: Backend>(
+    be: &B,
+    w: &LayerWeights<'_, B>,
+    inp: LayerInputs<'_, B>,
+    x: &mut Tensor<B>,
+    k_cache: &mut Tensor<B>,
+    v_cache: &mut Tensor<B>,
+    a: LayerActs<'_, B>,
+) -> Result<()> {
+    let LayerInputs {
+        rope,
+        eps,
+        meta,
+        geo,
+        scale,
+    } = inp;
+    be.rms_norm_matmul(x, w.input_norm, eps, w.qkv, a.qkv)?;
+    be.qk_norm_rope_attention(
+        a.qkv, w.q_norm, w.k_norm, eps, rope, meta, geo, scale, a.q, k_cache, v_cache, a.attn,
+    )?;
+    be.matmul_add(a.attn, w.o_proj, x)?;
+    be.rms_norm_matmul_silu(x, w.post_attention_norm, eps, w.gate_up, a.gate_up, a.act)?;
+    be.matmul_add(a.act, w.down, x)
+}

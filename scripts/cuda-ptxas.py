@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Compiles every CUDA module as compile.rs does (shared headers prepended,
+the same NVRTC options) with NVRTC from PyPI, then runs ptxas on the PTX
+for sm_90 and prints each kernel's registers, spills and shared memory.
+Catches what scripts/cuda-syntax.sh cannot (asm operands, PTX, register
+pressure) on a machine without a GPU. Setup, once:
+  pip install --target /tmp/cudapy nvidia-cuda-nvrtc-cu12 nvidia-cuda-nvcc-cu12 nvidia-cuda-runtime-cu12
+Usage: scripts/cuda-ptxas.py [--root /tmp/cudapy] [module ...]
+"""
+import argparse, ctypes, os, subprocess, sys, tempfile
+
+SRC = os.path.join(os.path.dirname(__file__), "..", "crates", "kernels-cuda", "src")
+HEADERS = ["numerics.cuh", "dependent_launch.cuh", "async_copy.cuh", "tensor_core.cuh"]
+# Modules built from several files (device.rs's MODULES): the extra files first.
+PARTS = {"layer": ["norm.cu", "attention.cu", "layer.cu"]}
+
+
+def read(name):
+    with open(os.path.join(SRC, name)) as f:
+        return f.read()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--root", default="/tmp/cudapy")
+    ap.add_argument("modules", nargs="*")
+    a = ap.parse_args()
+    nv = os.path.join(a.root, "nvidia")
+    lib = ctypes.CDLL(os.path.join(nv, "cuda_nvrtc", "lib", "libnvrtc.so.12"))
+    inc = os.path.join(nv, "cuda_runtime", "include")
+    ptxas = os.path.join(nv, "cuda_nvcc", "bin", "ptxas")
+    mods = a.modules or sorted(
+        [f[:-3] for f in os.listdir(SRC) if f.endswith(".cu")] + [m for m in PARTS if m + ".cu" not in os.listdir(SRC)]
+    )
+    failed = False
+    for m in mods:
+        parts = PARTS.get(m, [m + ".cu"])
+        src = "\n".join(read(h) for h in HEADERS) + "\n" + "\n".join(read(p) for p in parts)
+        prog = ctypes.c_void_p()
+        lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), (m + ".cu").encode(), 0, None, None)
+        opts = [b"--ftz=false", b"--prec-sqrt=true", b"--prec-div=true", b"--fmad=false",
+                b"--gpu-architecture=compute_90", b"--std=c++17", b"-I" + inc.encode()]
+        arr = (ctypes.c_char_p * len(opts))(*opts)
+        rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
+        n = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(n))
+        log = ctypes.create_string_buffer(n.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        if rc != 0:
+            print(f"== {m}: NVRTC failed\n{log.value.decode()}")
+            failed = True
+            continue
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(n))
+        ptx = ctypes.create_string_buffer(n.value)
+        lib.nvrtcGetPTX(prog, ptx)
+        with tempfile.NamedTemporaryFile("wb", suffix=".ptx", delete=False) as f:
+            f.write(ptx.value)
+        r = subprocess.run([ptxas, "-arch=sm_90", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+        os.unlink(f.name)
+        print(f"== {m}")
+        for line in (r.stdout + r.stderr).splitlines():
+            if "Compiling entry" in line or "Used" in line or "spill" in line and "0 bytes spill" not in line or "error" in line.lower():
+                print("  " + line.strip().replace("ptxas info    : ", ""))
+        failed |= r.returncode != 0
+    sys.exit(1 if failed else 0)
+
+
+main()
