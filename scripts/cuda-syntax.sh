@@ -11,8 +11,11 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 fail=0
 for cu in "$src"/*.cu; do
+  # Modules of several files (device.rs's MODULES): the files before it.
+  before=()
+  [ "$(basename "$cu")" = layer.cu ] && before=("$src/norm.cu" "$src/attention.cu")
   # Inline PTX is target code: stand a no-op in for each asm statement.
-  cat "$src/numerics.cuh" "$src/dependent_launch.cuh" "$src/async_copy.cuh" "$src/tensor_core.cuh" "$cu" |
+  cat "$src/numerics.cuh" "$src/dependent_launch.cuh" "$src/async_copy.cuh" "$src/tensor_core.cuh" "${before[@]}" "$cu" |
     sed -E 's/asm volatile\(/ASM_STUB(/' >"$tmp/$(basename "$cu").cpp"
   if ! g++ -std=c++17 -fsyntax-only -Wno-attributes -include scripts/cuda-stub/cuda_bf16.h \
     -D'ASM_STUB(...)=((void)0)' -I scripts/cuda-stub "$tmp/$(basename "$cu").cpp"; then
