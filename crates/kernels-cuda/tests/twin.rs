@@ -530,6 +530,20 @@ struct AttnCase {
     rope: Vec<f32>,
 }
 
+/// Qwen3's rotation table (rope_theta 1e6) for positions `0..max_pos`:
+/// cosines in the first d/2 columns of a row, sines in the rest.
+fn rope_table(max_pos: usize, d: usize) -> Vec<f32> {
+    let mut rope = vec![0.0f32; max_pos * d];
+    for (p, row) in rope.chunks_mut(d).enumerate() {
+        for i in 0..d / 2 {
+            let a = p as f64 * 1e6f64.powf(-(2.0 * i as f64) / d as f64);
+            row[i] = a.cos() as f32;
+            row[d / 2 + i] = a.sin() as f32;
+        }
+    }
+    rope
+}
+
 /// q/k-norm + RoPE + cache store, then attention: as two ops, or as the
 /// fused `qk_norm_rope_attention` (`fused`).
 fn attn_on<B: Backend>(b: &B, c: &AttnCase, fused: bool) -> [HostVec; 4] {
@@ -620,15 +634,7 @@ fn qk_norm_rope_and_attention() {
         let geo = geometry(hq, hkv, d, bs);
         let (layout, blocks) = layout(&mut r, &ctxs, bs);
         let t = layout.num_tokens();
-        let max_pos = layout.max_context();
-        let mut rope = vec![0.0f32; max_pos * d];
-        for (p, row) in rope.chunks_mut(d).enumerate() {
-            for i in 0..d / 2 {
-                let a = p as f64 * 1e6f64.powf(-(2.0 * i as f64) / d as f64);
-                row[i] = a.cos() as f32;
-                row[d / 2 + i] = a.sin() as f32;
-            }
-        }
+        let rope = rope_table(layout.max_context(), d);
         let mut kn = r.f32s(d, 1.0);
         kn[1] = 96.5; // Qwen3's huge k_norm channels
         let case = AttnCase {
@@ -1281,14 +1287,7 @@ fn decoder_layer_at_one_token() {
         let geo = geometry(hq, hkv, d, bs);
         for ctx in [1, 100, 700, 3000] {
             let (layout, blocks) = layout(&mut r, &[(ctx, 1)], bs);
-            let mut rope = vec![0.0f32; ctx * d];
-            for (p, row) in rope.chunks_mut(d).enumerate() {
-                for j in 0..d / 2 {
-                    let a = p as f64 * 1e6f64.powf(-(2.0 * j as f64) / d as f64);
-                    row[j] = a.cos() as f32;
-                    row[d / 2 + j] = a.sin() as f32;
-                }
-            }
+            let rope = rope_table(ctx, d);
             let case = AttnCase {
                 geo,
                 qkv: Vec::new(),
