@@ -76,15 +76,6 @@ const MODULES: &[(&str, &[&str], &[&str])] = &[
         &["silu_mul"],
     ),
     (
-        "layer",
-        &[
-            include_str!("norm.cu"),
-            include_str!("attention.cu"),
-            include_str!("layer.cu"),
-        ],
-        &["decoder_layer_t1"],
-    ),
-    (
         "sampling",
         &[include_str!("sampling.cu")],
         &[
@@ -95,6 +86,19 @@ const MODULES: &[(&str, &[&str], &[&str])] = &[
         ],
     ),
 ];
+
+/// The opt-in one-kernel decoder layer, compiled and loaded only when
+/// asked for (`CudaBackend::set_layer_kernel`): it carries norm.cu and
+/// attention.cu again, whose device functions it calls.
+const LAYER_MODULE: (&str, &[&str], &[&str]) = (
+    "layer",
+    &[
+        include_str!("norm.cu"),
+        include_str!("attention.cu"),
+        include_str!("layer.cu"),
+    ],
+    &["decoder_layer_t1"],
+);
 
 /// Kernels whose dynamic shared memory grows with the shape (a norm row in
 /// f32, an attention chunk's keys and values) and may pass 48 KB; so do
@@ -132,6 +136,8 @@ pub(crate) struct Device {
     pub stream: Arc<CudaStream>,
     pub kernels: HashMap<&'static str, CudaFunction>,
     pub name: String,
+    /// The architecture kernels are compiled for, e.g. "sm_90".
+    pub arch: String,
     /// Whether kernels go out with programmatic dependent launch.
     pub dependent_launch: bool,
     /// Shared memory a block may have, static and dynamic together.
@@ -139,9 +145,10 @@ pub(crate) struct Device {
     /// Streaming multiprocessors: the grid of a kernel that keeps one
     /// block on each (layer.cu).
     pub sm_count: usize,
-    /// Whether a batch-1 decode layer may run as one kernel (layer.rs):
-    /// off unless `QWEN_CUDA_LAYER_KERNEL=1` (it measures slower than the
-    /// kernels one by one; BENCHMARKS.md).
+    /// Whether a batch-1 decode layer may run as one kernel (layer.rs; its
+    /// module is then loaded): off unless `QWEN_CUDA_LAYER_KERNEL=1` or
+    /// `set_layer_kernel` (it measures slower than the kernels one by one;
+    /// BENCHMARKS.md).
     pub layer_kernel: bool,
 }
 
@@ -194,28 +201,63 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
     let sm_count = ctx
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(dev)?;
-    for (file, parts, names) in MODULES {
-        let ptx = compile::compile(file, &parts.concat(), &arch)?;
-        let module = ctx.load_module(ptx).map_err(dev)?;
-        for &n in names.iter() {
-            let f = module.load_function(n).map_err(dev)?;
-            if LARGE_DYNAMIC_SMEM.contains(&n) || crate::attention_tc::KERNELS.contains(&n) {
-                allow_all_dynamic_smem(&f, smem_optin)?;
-            }
-            kernels.insert(n, f);
-        }
+    for m in MODULES {
+        load_module(&ctx, *m, &arch, smem_optin, &mut kernels)?;
     }
     let name = ctx.name().map_err(dev)?;
-    Ok(Device {
+    let mut d = Device {
         ctx,
         stream,
         kernels,
         name,
+        arch,
         dependent_launch: dependent_launch(major),
         smem_optin: smem_optin.max(0) as usize,
         sm_count: sm_count.max(0) as usize,
-        layer_kernel: std::env::var("QWEN_CUDA_LAYER_KERNEL").is_ok_and(|v| v == "1"),
-    })
+        layer_kernel: false,
+    };
+    if std::env::var("QWEN_CUDA_LAYER_KERNEL").is_ok_and(|v| v == "1") {
+        d.enable_layer_kernel()?;
+    }
+    Ok(d)
+}
+
+/// Compiles (or takes from the cache) one module and adds its kernels.
+fn load_module(
+    ctx: &Arc<CudaContext>,
+    (file, parts, names): (&str, &[&str], &[&'static str]),
+    arch: &str,
+    smem_optin: i32,
+    kernels: &mut HashMap<&'static str, CudaFunction>,
+) -> Result<()> {
+    let ptx = compile::compile(file, &parts.concat(), arch)?;
+    let module = ctx.load_module(ptx).map_err(dev)?;
+    for &n in names.iter() {
+        let f = module.load_function(n).map_err(dev)?;
+        if LARGE_DYNAMIC_SMEM.contains(&n) || crate::attention_tc::KERNELS.contains(&n) {
+            allow_all_dynamic_smem(&f, smem_optin)?;
+        }
+        kernels.insert(n, f);
+    }
+    Ok(())
+}
+
+impl Device {
+    /// Loads the one-kernel layer (once) and lets layer.rs use it.
+    pub(crate) fn enable_layer_kernel(&mut self) -> Result<()> {
+        if !self.kernels.contains_key("decoder_layer_t1") {
+            let optin = i32::try_from(self.smem_optin).unwrap_or(i32::MAX);
+            load_module(
+                &self.ctx,
+                LAYER_MODULE,
+                &self.arch,
+                optin,
+                &mut self.kernels,
+            )?;
+        }
+        self.layer_kernel = true;
+        Ok(())
+    }
 }
 
 /// Programmatic dependent launch needs compute capability 9.0 (Hopper);

@@ -132,11 +132,18 @@ impl CudaBackend {
     }
 
     /// `true`: a batch-1 decode layer of a suitable shape (Qwen3-0.6B's)
-    /// runs as one kernel (layer.cu), with the same bits as the ops one by
-    /// one. Off by default: it measures slower so far (BENCHMARKS.md);
-    /// `QWEN_CUDA_LAYER_KERNEL=1` turns it on at start.
-    pub fn set_layer_kernel(&mut self, on: bool) {
-        self.dev.layer_kernel = on;
+    /// runs as one kernel (layer.cu, compiled on first use), with the same
+    /// bits as the ops one by one. Off by default: it measures slower so
+    /// far (BENCHMARKS.md); `QWEN_CUDA_LAYER_KERNEL=1` turns it on at start.
+    /// Its grid barriers need every block resident at once, one per SM:
+    /// a GPU shared with other processes' kernels could stall it.
+    pub fn set_layer_kernel(&mut self, on: bool) -> Result<()> {
+        if on {
+            self.dev.enable_layer_kernel()
+        } else {
+            self.dev.layer_kernel = false;
+            Ok(())
+        }
     }
 
     /// Runs `f` on the scratch tensor of `slot`, reallocated only when the

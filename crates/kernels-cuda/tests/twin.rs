@@ -1274,7 +1274,7 @@ fn layers_on<B: Backend>(
 #[test]
 fn decoder_layer_at_one_token() {
     let Some(mut g) = gpu() else { return };
-    g.set_layer_kernel(true);
+    g.set_layer_kernel(true).unwrap();
     let cpu = CpuBackend::new();
     let mut r = Rng::new("decoder_layer");
     let bs = 16;

@@ -164,7 +164,7 @@ fn cuda_one_kernel_layers_decode_like_cpu() {
     };
     // The prompt pass on the exact kernels too, so the caches match.
     g.set_exact(true);
-    g.set_layer_kernel(true);
+    g.set_layer_kernel(true).unwrap();
     let mut cfg = model_qwen3::dummy::dummy_config("qwen3-0.6b").unwrap();
     cfg.num_hidden_layers = 2;
     cfg.vocab_size = 2048;
