@@ -68,18 +68,7 @@ struct TileLoader {
     }
 };
 
-// d += a . b as mma16816, but free of `volatile`: it reads only its
-// operands, so the compiler may interleave it with the next step's
-// fragment loads. The accumulator is an input, so each output's k-steps
-// still run in program order.
-__device__ __forceinline__ void mma16816_pure(float* d, const unsigned* a, unsigned b0, unsigned b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// WM x WN warps, each owning BM/WM rows x BN/WN columns of the block's
+// A 2 x 2 grid of warps, each owning BM/2 rows x BN/2 columns of the block's
 // tile. The tile's shape changes which block and warp compute an element,
 // and the stages only when its operands arrive, never the sequence of
 // k-steps that sums it: every output adds its 16-wide k-steps in
@@ -90,10 +79,13 @@ __device__ __forceinline__ void mma16816_pure(float* d, const unsigned* a, unsig
 // share of the k-tiles from +0.0 and stores them in part[z]; gemm_splits_sum
 // then adds the shares in z order. One row's sums still never meet another
 // row's, and their order does not depend on the batch.
-template <bool VEC, int BM, int BN, int WM, int WN>
+#define GEMM_WM 2
+#define GEMM_WN 2
+#define GEMM_THREADS (32 * GEMM_WM * GEMM_WN)
+template <bool VEC, int BM, int BN>
 __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K,
                                           int N, int add, float* part, __nv_bfloat16* smem) {
-    constexpr int THREADS = 32 * WM * WN;
+    constexpr int WM = GEMM_WM, WN = GEMM_WN, THREADS = GEMM_THREADS;
     constexpr int MI = BM / WM / 16;  // 16-row mma tiles per warp
     constexpr int NT = BN / WN / 8;   // 8-column mma tiles per warp (even)
     constexpr int STAGE = (BM + BN) * GS;
@@ -161,8 +153,8 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
             for (int i = 0; i < MI; i++)
 #pragma unroll
                 for (int j = 0; j < NT / 2; j++) {
-                    mma16816_pure(acc[i][2 * j], a[ks % 2][i], b[ks % 2][j][0], b[ks % 2][j][1]);
-                    mma16816_pure(acc[i][2 * j + 1], a[ks % 2][i], b[ks % 2][j][2], b[ks % 2][j][3]);
+                    mma16816(acc[i][2 * j], a[ks % 2][i], b[ks % 2][j][0], b[ks % 2][j][1]);
+                    mma16816(acc[i][2 * j + 1], a[ks % 2][i], b[ks % 2][j][2], b[ks % 2][j][3]);
                 }
         }
     }
@@ -196,30 +188,30 @@ __device__ __forceinline__ void gemm_body(const __nv_bfloat16* x, const __nv_bfl
             }
 }
 
-template <int BM, int BN, int WM, int WN>
+template <int BM, int BN>
 __device__ __forceinline__ void gemm_entry(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K,
                                            int N, int add, float* part) {
     extern __shared__ __align__(16) unsigned char gemm_smem[];
     __nv_bfloat16* smem = reinterpret_cast<__nv_bfloat16*>(gemm_smem);
     if ((K & 7) == 0)
-        gemm_body<true, BM, BN, WM, WN>(x, w, out, T, K, N, add, part, smem);
+        gemm_body<true, BM, BN>(x, w, out, T, K, N, add, part, smem);
     else
-        gemm_body<false, BM, BN, WM, WN>(x, w, out, T, K, N, add, part, smem);
+        gemm_body<false, BM, BN>(x, w, out, T, K, N, add, part, smem);
 }
 
 // One kernel per tile shape: narrow tiles for GEMMs too small to fill the
 // GPU with wide ones, wide ones where they cut the re-reads of x and w.
 // The body waits for the kernel ahead itself (after its first weight copies).
-#define GEMM_KERNEL(NAME, BM, BN, WM, WN)                                                                      \
-    extern "C" __global__ void __launch_bounds__(32 * WM * WN)                                                  \
+#define GEMM_KERNEL(NAME, BM, BN)                                                                              \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS)                                                  \
         NAME(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K, int N, int add,          \
              float* part) {                                                                                     \
-        gemm_entry<BM, BN, WM, WN>(x, w, out, T, K, N, add, part);                                              \
+        gemm_entry<BM, BN>(x, w, out, T, K, N, add, part);                                                      \
     }
-GEMM_KERNEL(gemm_tc, 64, 128, 2, 2)
-GEMM_KERNEL(gemm_tc_n64, 64, 64, 2, 2)
-GEMM_KERNEL(gemm_tc_n32, 64, 32, 2, 2)
-GEMM_KERNEL(gemm_tc_m128, 128, 128, 2, 2)
+GEMM_KERNEL(gemm_tc, 64, 128)
+GEMM_KERNEL(gemm_tc_n64, 64, 64)
+GEMM_KERNEL(gemm_tc_n32, 64, 32)
+GEMM_KERNEL(gemm_tc_m128, 128, 128)
 
 // out[i] (+)= ((part[0][i] + part[1][i]) + ...) + part[splits - 1][i]: the
 // split shares of gemm_body, added in split order.

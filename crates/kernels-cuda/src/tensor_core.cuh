@@ -20,9 +20,11 @@ __device__ __forceinline__ void ldmatrix4_trans(unsigned* r, const __nv_bfloat16
 }
 
 // d (16x8 f32) += a (16x16 bf16, row-major fragment) . b (16x8 bf16, column-major fragment).
+// Not `volatile`: it reads only its operands, so the compiler may
+// interleave it with the next step's fragment loads; d is an input too,
+// so the products into one accumulator still run in program order.
 __device__ __forceinline__ void mma16816(float* d, const unsigned* a, unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
