@@ -36,8 +36,9 @@ pub fn attention(
     out: &mut T,
 ) -> Result<()> {
     const OP: &str = "attention";
-    let tokens = meta.num_tokens;
+    let tokens = meta.num_tokens();
     let cache_slots = check_attention(OP, q, k_cache, v_cache, tokens, geo, out)?;
+    qwen_tensor::check_batch(OP, meta, geo, None, cache_slots)?;
     let (hq, hkv, d, bs) = (
         geo.num_q_heads,
         geo.num_kv_heads,
@@ -47,10 +48,10 @@ pub fn attention(
     let qs = bf16s(OP, "q", q)?;
     let kc = bf16s(OP, "k_cache", k_cache)?;
     let vc = bf16s(OP, "v_cache", v_cache)?;
-    let pos = u32s(OP, "positions", &meta.positions)?;
-    let seq = u32s(OP, "seq_of_token", &meta.seq_of_token)?;
-    let tables = u32s(OP, "block_tables", &meta.block_tables)?;
-    let mb = meta.max_blocks;
+    let pos = u32s(OP, "positions", meta.positions())?;
+    let seq = u32s(OP, "seq_of_token", meta.seq_of_token())?;
+    let tables = u32s(OP, "block_tables", meta.block_tables())?;
+    let mb = meta.max_blocks();
     for t in 0..tokens {
         let s = seq[t] as usize;
         let ctx = pos[t] as usize + 1;

@@ -34,16 +34,17 @@ pub fn qk_norm_rope_store(
     const OP: &str = "qk_norm_rope_store";
     let d = geo.head_dim;
     let (hq, hkv) = (geo.num_q_heads, geo.num_kv_heads);
-    let tokens = meta.num_tokens;
+    let tokens = meta.num_tokens();
     let (max_pos, cache_slots) = qwen_tensor::check_qk_norm_rope(
         OP, qkv, q_norm, k_norm, rope, tokens, geo, q_out, k_cache, v_cache,
     )?;
+    qwen_tensor::check_batch(OP, meta, geo, Some(max_pos), cache_slots)?;
     let qkv = f32s(OP, "qkv", qkv)?;
     let qn = f32s(OP, "q_norm", q_norm)?;
     let kn = f32s(OP, "k_norm", k_norm)?;
     let rope = f32s(OP, "rope", rope)?;
-    let pos = u32s(OP, "positions", &meta.positions)?;
-    let slots = u32s(OP, "slots", &meta.slots)?;
+    let pos = u32s(OP, "positions", meta.positions())?;
+    let slots = u32s(OP, "slots", meta.slots())?;
     if let Some(&p) = pos.iter().find(|&&p| p as usize >= max_pos) {
         return Err(shape_err(
             OP,

@@ -6,7 +6,7 @@
 //! cores go to attention_tc.rs first.
 
 use cudarc::driver::LaunchConfig;
-use qwen_tensor::{check_attention, AttnGeometry, BatchMeta, DType, Result};
+use qwen_tensor::{check_attention, check_batch, AttnGeometry, BatchMeta, DType, Result};
 
 use crate::attention_tc::check_tiles;
 use crate::device::{bf16s, bf16s_mut, dev, f32s, f32s_mut, u32s, u32s_mut, T};
@@ -40,18 +40,18 @@ pub(crate) struct RopeArgs<'a> {
 
 /// One batch's sequence count (the rows of its block tables).
 pub(crate) fn seqs(meta: &BatchMeta<CudaBackend>) -> usize {
-    meta.block_tables.shape().first().copied().unwrap_or(0)
+    meta.block_tables().shape().first().copied().unwrap_or(0)
 }
 
 /// Chunks of the batch's longest context.
 pub(crate) fn max_chunks(meta: &BatchMeta<CudaBackend>) -> usize {
-    meta.max_context.div_ceil(CHUNK).max(1)
+    meta.max_context().div_ceil(CHUNK).max(1)
 }
 
 /// Whether a batch is a small decode batch: one token per sequence and a
 /// grid of at most FEW_BLOCKS (token, kv head, chunk) blocks.
 fn few_decode_blocks(meta: &BatchMeta<CudaBackend>, geo: AttnGeometry) -> bool {
-    let tokens = meta.num_tokens;
+    let tokens = meta.num_tokens();
     seqs(meta) == tokens && tokens * geo.num_kv_heads * max_chunks(meta) <= FEW_BLOCKS
 }
 
@@ -63,7 +63,8 @@ fn too_long(meta: &BatchMeta<CudaBackend>, geo: AttnGeometry) -> qwen_tensor::Er
         OP,
         format!(
             "context of {} positions is too long for head_dim {} with {group} q heads per kv head",
-            meta.max_context, geo.head_dim
+            meta.max_context(),
+            geo.head_dim
         ),
     )
 }
@@ -80,23 +81,24 @@ impl CudaBackend {
         scale: f32,
         out: &mut T,
     ) -> Result<()> {
-        check_attention(OP, q, k_cache, v_cache, meta.num_tokens, geo, out)?;
+        let cache_slots = check_attention(OP, q, k_cache, v_cache, meta.num_tokens(), geo, out)?;
+        check_batch(OP, meta, geo, None, cache_slots)?;
         check_head_dim(OP, geo)?;
-        if meta.num_tokens == 0 {
+        if meta.num_tokens() == 0 {
             return Ok(());
         }
         // Prompt rows (the leading ones) on the tensor cores; the others,
         // if any, by tile with those rows left out, so that every row takes
         // the one path its kind names whatever the batch.
-        let tc = self.tensor_core_rows(meta.num_tokens);
+        let tc = self.tensor_core_rows(meta.num_tokens());
         if tc > 0 {
             self.attention_tensor_cores(q, k_cache, v_cache, meta, geo, scale, tc, out)?;
-            if tc == meta.num_tokens {
+            if tc == meta.num_tokens() {
                 return Ok(());
             }
             return self.attention_tiles(q, k_cache, v_cache, meta, geo, scale, tc, out);
         }
-        if seqs(meta) != meta.num_tokens {
+        if seqs(meta) != meta.num_tokens() {
             self.attention_tiles(q, k_cache, v_cache, meta, geo, scale, 0, out)
         } else if few_decode_blocks(meta, geo) {
             self.attention_chunks(None, q, k_cache, v_cache, meta, geo, scale, out)
@@ -121,14 +123,14 @@ impl CudaBackend {
         v_cache: &mut T,
         out: &mut T,
     ) -> Result<()> {
-        let tokens = meta.num_tokens;
+        let tokens = meta.num_tokens();
         if tokens == 0 || !few_decode_blocks(meta, geo) || self.tensor_core_rows(tokens) > 0 {
             self.qk_norm_rope_store_impl(
                 r.qkv, r.q_norm, r.k_norm, r.eps, r.rope, meta, geo, q_out, k_cache, v_cache,
             )?;
             return self.attention_impl(q_out, k_cache, v_cache, meta, geo, scale, out);
         }
-        qwen_tensor::check_qk_norm_rope(
+        let (rope_rows, cache_slots) = qwen_tensor::check_qk_norm_rope(
             "qk_norm_rope_attention",
             r.qkv,
             r.q_norm,
@@ -141,6 +143,7 @@ impl CudaBackend {
             v_cache,
         )?;
         check_attention(OP, q_out, k_cache, v_cache, tokens, geo, out)?;
+        check_batch(OP, meta, geo, Some(rope_rows), cache_slots)?;
         check_head_dim(OP, geo)?;
         // The kernel writes q_out and the caches through these pointers;
         // the exclusive borrows above keep anyone else from them meanwhile.
@@ -173,7 +176,7 @@ impl CudaBackend {
         }
         let mut cfg = grid(
             (
-                (meta.num_tokens * geo.num_kv_heads) as u32,
+                (meta.num_tokens() * geo.num_kv_heads) as u32,
                 chunks as u32,
                 1,
             ),
@@ -202,7 +205,7 @@ impl CudaBackend {
                         .arg(f32s(OP, "k_norm", r.k_norm)?)
                         .arg(&r.eps)
                         .arg(f32s(OP, "rope", r.rope)?);
-                    b.arg(u32s(OP, "slots", &meta.slots)?)
+                    b.arg(u32s(OP, "slots", meta.slots())?)
                         .arg(bf16s(OP, "q_out", q)?);
                 }
             }
@@ -245,7 +248,7 @@ impl CudaBackend {
         }
         let mut cfg = grid(
             (
-                (meta.num_tokens * geo.num_kv_heads) as u32,
+                (meta.num_tokens() * geo.num_kv_heads) as u32,
                 chunks.div_ceil(SPAN) as u32,
                 1,
             ),
@@ -308,7 +311,7 @@ impl CudaBackend {
         cfg.shared_mem_bytes = smem as u32;
         let row0 = int(OP, row0)?;
         let extra = |b: &mut Launch<'_>| -> Result<()> {
-            b.arg(u32s(OP, "query_tiles", &meta.query_tiles)?)
+            b.arg(u32s(OP, "query_tiles", meta.query_tiles())?)
                 .arg(&row0);
             Ok(())
         };
@@ -359,8 +362,8 @@ impl CudaBackend {
         out: &mut T,
         extra: impl FnOnce(&mut Launch<'_>) -> Result<()>,
     ) -> Result<()> {
-        let (tokens, d, chunks) = (meta.num_tokens, geo.head_dim, max_chunks(meta));
-        let (mb, bs) = (int(OP, meta.max_blocks)?, int(OP, geo.block_size)?);
+        let (tokens, d, chunks) = (meta.num_tokens(), geo.head_dim, max_chunks(meta));
+        let (mb, bs) = (int(OP, meta.max_blocks())?, int(OP, geo.block_size)?);
         let (hq, hkv, di, mc) = (
             int(OP, geo.num_q_heads)?,
             int(OP, geo.num_kv_heads)?,
@@ -380,9 +383,9 @@ impl CudaBackend {
                 };
                 b.arg(bf16s(OP, "k_cache", k_cache)?)
                     .arg(bf16s(OP, "v_cache", v_cache)?)
-                    .arg(u32s(OP, "positions", &meta.positions)?)
-                    .arg(u32s(OP, "seq_of_token", &meta.seq_of_token)?)
-                    .arg(u32s(OP, "block_tables", &meta.block_tables)?)
+                    .arg(u32s(OP, "positions", meta.positions())?)
+                    .arg(u32s(OP, "seq_of_token", meta.seq_of_token())?)
+                    .arg(u32s(OP, "block_tables", meta.block_tables())?)
                     .arg(&mb)
                     .arg(&bs)
                     .arg(&hq)

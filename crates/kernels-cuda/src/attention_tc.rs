@@ -31,11 +31,11 @@ pub(crate) const KERNELS: &[&str] = &[
 /// The query tiles of `meta`, checked as far as the host can: `tiles`
 /// pairs, at most one per token.
 pub(crate) fn check_tiles(meta: &BatchMeta<CudaBackend>) -> Result<usize> {
-    let tiles = meta.num_query_tiles;
-    if meta.query_tiles.shape() != [tiles, 2] || tiles == 0 || tiles > meta.num_tokens {
+    let tiles = meta.num_query_tiles();
+    if meta.query_tiles().shape() != [tiles, 2] || tiles == 0 || tiles > meta.num_tokens() {
         return Err(shape_err(
             OP,
-            format!("{tiles} query tiles for {} tokens", meta.num_tokens),
+            format!("{tiles} query tiles for {} tokens", meta.num_tokens()),
         ));
     }
     Ok(tiles)
@@ -61,7 +61,7 @@ impl CudaBackend {
         // Row groups of 16 a pass: one where every tile is a token (its
         // group's rows fit one), else two. Either way each row's sums are
         // the same (attention_tc.cu), so the choice is free.
-        let groups = if meta.tiles_are_tokens || group == 1 {
+        let groups = if meta.tiles_are_tokens() || group == 1 {
             1
         } else {
             2
@@ -79,7 +79,7 @@ impl CudaBackend {
         // Spans of TC_SPAN keys a block; rows of more than one merge them
         // through `spans` (per row and span: max, sum, D outputs) and a
         // counter per (tile, kv head), both left alone when one span does.
-        let max_spans = meta.max_context.div_ceil(TC_SPAN).max(1);
+        let max_spans = meta.max_context().div_ceil(TC_SPAN).max(1);
         let mut cfg = grid(
             ((tiles * geo.num_kv_heads) as u32, max_spans as u32, 1),
             (128 * groups as u32, 1, 1),
@@ -98,11 +98,11 @@ impl CudaBackend {
             b.arg(bf16s(OP, "q", q)?)
                 .arg(bf16s(OP, "k_cache", k_cache)?)
                 .arg(bf16s(OP, "v_cache", v_cache)?)
-                .arg(u32s(OP, "positions", &meta.positions)?)
-                .arg(u32s(OP, "seq_of_token", &meta.seq_of_token)?)
-                .arg(u32s(OP, "block_tables", &meta.block_tables)?)
-                .arg(u32s(OP, "query_tiles", &meta.query_tiles)?)
-                .arg(&int(OP, meta.max_blocks)?)
+                .arg(u32s(OP, "positions", meta.positions())?)
+                .arg(u32s(OP, "seq_of_token", meta.seq_of_token())?)
+                .arg(u32s(OP, "block_tables", meta.block_tables())?)
+                .arg(u32s(OP, "query_tiles", meta.query_tiles())?)
+                .arg(&int(OP, meta.max_blocks())?)
                 .arg(&int(OP, geo.block_size)?)
                 .arg(&int(OP, geo.num_q_heads)?)
                 .arg(&int(OP, geo.num_kv_heads)?)
@@ -138,7 +138,7 @@ impl CudaBackend {
         if max_spans == 1 {
             return launch(None);
         }
-        let part_shape = [meta.num_tokens * geo.num_q_heads * max_spans * (d + 2)];
+        let part_shape = [meta.num_tokens() * geo.num_q_heads * max_spans * (d + 2)];
         self.with_scratch(Scratch::TcSpans, &part_shape, DType::F32, |part| {
             // Zero when created; the merging block sets its counter back.
             let done_shape = [tiles * geo.num_kv_heads];

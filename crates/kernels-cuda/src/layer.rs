@@ -7,8 +7,8 @@
 
 use cudarc::driver::LaunchConfig;
 use qwen_tensor::{
-    check_attention, check_norm_projection, check_projection, check_qk_norm_rope, check_silu_mul,
-    decoder_layer_ops, DType, LayerActs, LayerInputs, LayerWeights, Result,
+    check_attention, check_batch, check_norm_projection, check_projection, check_qk_norm_rope,
+    check_silu_mul, decoder_layer_ops, DType, LayerActs, LayerInputs, LayerWeights, Result,
 };
 
 use crate::attention::{max_chunks, seqs, CHUNK};
@@ -75,9 +75,10 @@ impl CudaBackend {
     ) -> Result<()> {
         let (meta, geo) = (inp.meta, inp.geo);
         let (t, h, _) = check_norm_projection(OP, x, w.input_norm, w.qkv, a.qkv)?;
-        check_qk_norm_rope(
+        let (rope_rows, cache_slots) = check_qk_norm_rope(
             OP, a.qkv, w.q_norm, w.k_norm, inp.rope, t, geo, a.q, k_cache, v_cache,
         )?;
+        check_batch(OP, meta, geo, Some(rope_rows), cache_slots)?;
         check_attention(OP, a.q, k_cache, v_cache, t, geo, a.attn)?;
         let (_, qw, _) = check_projection(OP, a.attn, w.o_proj, x)?;
         check_norm_projection(OP, x, w.post_attention_norm, w.gate_up, a.gate_up)?;
@@ -94,7 +95,7 @@ impl CudaBackend {
             max_chunks(meta),
             self.dev.smem_optin,
         );
-        let one_token = t == 1 && meta.num_tokens == 1 && seqs(meta) == 1;
+        let one_token = t == 1 && meta.num_tokens() == 1 && seqs(meta) == 1;
         let fits = self.dev.layer_kernel
             && self.dev.sm_count > 0
             && one_token
@@ -138,11 +139,11 @@ impl CudaBackend {
                         .arg(f32s(OP, "q_norm", w.q_norm)?)
                         .arg(f32s(OP, "k_norm", w.k_norm)?)
                         .arg(f32s(OP, "rope", inp.rope)?)
-                        .arg(u32s(OP, "slots", &meta.slots)?)
-                        .arg(u32s(OP, "positions", &meta.positions)?)
-                        .arg(u32s(OP, "seq_of_token", &meta.seq_of_token)?)
-                        .arg(u32s(OP, "block_tables", &meta.block_tables)?)
-                        .arg(&int(OP, meta.max_blocks)?)
+                        .arg(u32s(OP, "slots", meta.slots())?)
+                        .arg(u32s(OP, "positions", meta.positions())?)
+                        .arg(u32s(OP, "seq_of_token", meta.seq_of_token())?)
+                        .arg(u32s(OP, "block_tables", meta.block_tables())?)
+                        .arg(&int(OP, meta.max_blocks())?)
                         .arg(&int(OP, geo.block_size)?)
                         .arg(bf16s_mut(OP, "k_cache", k_cache)?)
                         .arg(bf16s_mut(OP, "v_cache", v_cache)?)

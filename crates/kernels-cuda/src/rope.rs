@@ -23,10 +23,11 @@ impl CudaBackend {
     ) -> Result<()> {
         const OP: &str = "qk_norm_rope_store";
         let d = geo.head_dim;
-        let tokens = meta.num_tokens;
-        qwen_tensor::check_qk_norm_rope(
+        let tokens = meta.num_tokens();
+        let (rope_rows, cache_slots) = qwen_tensor::check_qk_norm_rope(
             OP, qkv, q_norm, k_norm, rope, tokens, geo, q_out, k_cache, v_cache,
         )?;
+        qwen_tensor::check_batch(OP, meta, geo, Some(rope_rows), cache_slots)?;
         check_head_dim(OP, geo)?;
         if tokens == 0 {
             return Ok(());
@@ -43,16 +44,17 @@ impl CudaBackend {
             .arg(f32s(OP, "k_norm", k_norm)?)
             .arg(&eps)
             .arg(f32s(OP, "rope", rope)?)
-            .arg(u32s(OP, "positions", &meta.positions)?)
-            .arg(u32s(OP, "slots", &meta.slots)?)
+            .arg(u32s(OP, "positions", meta.positions())?)
+            .arg(u32s(OP, "slots", meta.slots())?)
             .arg(bf16s_mut(OP, "q_out", q_out)?)
             .arg(bf16s_mut(OP, "k_cache", k_cache)?)
             .arg(bf16s_mut(OP, "v_cache", v_cache)?)
             .arg(&hq)
             .arg(&hkv)
             .arg(&di);
-        // SAFETY: argument order and types match qk_norm_rope_store in rope.cu; the
-        // batch layout's slots and positions were built from the same cache geometry.
+        // SAFETY: argument order and types match qk_norm_rope_store in rope.cu;
+        // every position has a rope row and every slot is in the caches
+        // (check_batch, on the bounds upload_batch recorded for these tensors).
         unsafe { b.launch(grid((tokens as u32, heads, 1), (32, 1, 1))) }.map_err(dev)?;
         Ok(())
     }

@@ -1322,3 +1322,66 @@ fn decoder_layer_at_one_token() {
         }
     }
 }
+
+/// Which of these fail on backend `b`: uploading layouts with a position
+/// past its block-table row or a missing row, then q/k-norm + RoPE and
+/// attention with a rope table or caches too small for the batch, or
+/// blocks of another size.
+fn bad_batch_results<B: Backend>(b: &B) -> Vec<bool> {
+    let l = |pos: u32, seq: u32| BatchLayout {
+        positions: vec![pos],
+        seq_of_token: vec![seq],
+        block_tables: vec![3, 0, 1, 2],
+        max_blocks: 4,
+        block_size: 16,
+    };
+    let mut res = vec![
+        b.upload_batch(&l(70, 0)).is_ok(),
+        b.upload_batch(&l(3, 1)).is_ok(),
+    ];
+    let meta = b.upload_batch(&l(40, 0)).unwrap();
+    let geo = geometry(2, 1, 32, 16);
+    for (rope_rows, blocks, bs) in [(41, 4, 16), (40, 4, 16), (41, 3, 16), (41, 8, 8)] {
+        let geo = AttnGeometry {
+            block_size: bs,
+            ..geo
+        };
+        let z = |s: &[usize], d| b.zeros(s, d).unwrap();
+        let qkv = z(&[1, geo.qkv_width()], DType::F32);
+        let (qn, kn) = (z(&[32], DType::F32), z(&[32], DType::F32));
+        let rope = z(&[rope_rows, 32], DType::F32);
+        let (mut q, mut out) = (z(&[1, 64], DType::BF16), z(&[1, 64], DType::BF16));
+        let mut kc = z(&geo.cache_shape(blocks), DType::BF16);
+        let mut vc = z(&geo.cache_shape(blocks), DType::BF16);
+        let (mut q2, mut out2) = (z(&[1, 64], DType::BF16), z(&[1, 64], DType::BF16));
+        res.push(
+            b.qk_norm_rope_store(
+                &qkv, &qn, &kn, 1e-6, &rope, &meta, geo, &mut q, &mut kc, &mut vc,
+            )
+            .is_ok(),
+        );
+        res.push(b.attention(&q, &kc, &vc, &meta, geo, 1.0, &mut out).is_ok());
+        res.push(
+            b.qk_norm_rope_attention(
+                &qkv, &qn, &kn, 1e-6, &rope, &meta, geo, 1.0, &mut q2, &mut kc, &mut vc, &mut out2,
+            )
+            .is_ok(),
+        );
+    }
+    b.synchronize().unwrap();
+    res
+}
+
+#[test]
+fn bad_batches_are_errors_as_on_the_cpu() {
+    // Uploads: both bad. Then per case (rope, attention, fused): all fine;
+    // rope one row short; caches one block short; blocks of 8, not 16.
+    let c = bad_batch_results(&CpuBackend::new());
+    let want = [
+        false, false, true, true, true, false, true, false, false, false, false, false, false,
+        false,
+    ];
+    assert_eq!(c, want);
+    let Some(g) = gpu() else { return };
+    assert_eq!(bad_batch_results(&g), c);
+}

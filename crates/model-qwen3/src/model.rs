@@ -290,14 +290,14 @@ impl<B: Backend> Qwen3<B> {
             Entry::Occupied(e) => {
                 let g = e.into_mut();
                 be.update_batch(&mut g.ws.meta, &layout)?;
-                g.ws.meta.max_context = capacity;
+                g.ws.meta.set_context_capacity(capacity);
                 be.write(&mut g.ws.ids, HostSlice::U32(&ids))?;
                 be.replay(&g.graph)?;
                 g.logits.clone()
             }
             Entry::Vacant(v) => {
                 let mut ws = self.workspace_for(&layout, &ids)?;
-                ws.meta.max_context = capacity;
+                ws.meta.set_context_capacity(capacity);
                 let mut logits = be.zeros(&[t, self.cfg.vocab_size], DType::F32)?;
                 let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
                 let eps = self.cfg.rms_norm_eps;
@@ -366,7 +366,7 @@ impl<B: Backend> Qwen3<B> {
             .workspace
             .lock()
             .map_err(|_| ModelError::Request("a previous forward pass panicked".into()))?;
-        if guard.as_ref().is_some_and(|w| w.meta.num_tokens != t) {
+        if guard.as_ref().is_some_and(|w| w.meta.num_tokens() != t) {
             *guard = None;
         }
         let ws = match guard.as_mut() {

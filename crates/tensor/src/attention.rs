@@ -110,6 +110,53 @@ impl BatchLayout {
             .all(|(i, p)| p[0] == i as u32 && p[1] == 1)
     }
 
+    /// Checks that every token names a sequence row of the block tables
+    /// and that its context's blocks are in that row; returns one past the
+    /// largest cache slot the contexts reach (0 for no tokens).
+    pub fn checked_slots_end(&self) -> crate::Result<usize> {
+        let bad = |msg: String| crate::Error::Shape {
+            op: "batch layout",
+            msg,
+        };
+        let t = self.positions.len();
+        if self.seq_of_token.len() != t {
+            return Err(bad(format!(
+                "{t} positions but {} sequence indices",
+                self.seq_of_token.len()
+            )));
+        }
+        if t == 0 {
+            return Ok(0);
+        }
+        if self.block_size == 0 || self.max_blocks == 0 {
+            return Err(bad(
+                "block size and blocks per sequence must be positive".into()
+            ));
+        }
+        if !self.block_tables.len().is_multiple_of(self.max_blocks) {
+            return Err(bad(format!(
+                "{} block table entries are not rows of {}",
+                self.block_tables.len(),
+                self.max_blocks
+            )));
+        }
+        let seqs = self.num_seqs();
+        let mut end = 0usize;
+        for (&p, &s) in self.positions.iter().zip(&self.seq_of_token) {
+            let blocks = p as usize / self.block_size + 1;
+            if s as usize >= seqs || blocks > self.max_blocks {
+                return Err(bad(format!(
+                    "position {p} of sequence {s}: no block table entry ({seqs} rows of {})",
+                    self.max_blocks
+                )));
+            }
+            let row = &self.block_tables[s as usize * self.max_blocks..][..blocks];
+            let top = row.iter().map(|&b| b as usize).max().unwrap_or(0);
+            end = end.max((top + 1) * self.block_size);
+        }
+        Ok(end)
+    }
+
     /// Longest context any token of the batch attends over.
     pub fn max_context(&self) -> usize {
         self.positions
@@ -121,25 +168,89 @@ impl BatchLayout {
 }
 
 /// A [`BatchLayout`] uploaded to a backend: every layer of one forward pass
-/// reads the same metadata.
+/// reads the same metadata. Only [`Backend::upload_batch`] and
+/// [`Backend::update_batch`] make or change one, from a layout they have
+/// checked, so the bounds it records ([`positions_end`](Self::positions_end),
+/// [`slots_end`](Self::slots_end)) hold for the tensors it holds: a backend
+/// that cannot read them back cheaply (a GPU) checks an op's rope table and
+/// caches against those bounds instead.
 pub struct BatchMeta<B: Backend> {
-    /// u32 `[tokens]`
-    pub positions: Tensor<B>,
-    /// u32 `[tokens]`
-    pub slots: Tensor<B>,
-    /// u32 `[tokens]`
-    pub seq_of_token: Tensor<B>,
-    /// u32 `[seqs, max_blocks]`
-    pub block_tables: Tensor<B>,
+    pub(crate) positions: Tensor<B>,
+    pub(crate) slots: Tensor<B>,
+    pub(crate) seq_of_token: Tensor<B>,
+    pub(crate) block_tables: Tensor<B>,
+    pub(crate) query_tiles: Tensor<B>,
+    pub(crate) num_tokens: usize,
+    pub(crate) num_query_tiles: usize,
+    pub(crate) tiles_are_tokens: bool,
+    pub(crate) max_blocks: usize,
+    pub(crate) block_size: usize,
+    pub(crate) max_context: usize,
+    pub(crate) positions_end: usize,
+    pub(crate) slots_end: usize,
+}
+
+impl<B: Backend> BatchMeta<B> {
+    /// u32 `[tokens]`: each token's position.
+    pub fn positions(&self) -> &Tensor<B> {
+        &self.positions
+    }
+    /// u32 `[tokens]`: the cache slot each token writes.
+    pub fn slots(&self) -> &Tensor<B> {
+        &self.slots
+    }
+    /// u32 `[tokens]`: each token's row of the block tables.
+    pub fn seq_of_token(&self) -> &Tensor<B> {
+        &self.seq_of_token
+    }
+    /// u32 `[seqs, max_blocks]`.
+    pub fn block_tables(&self) -> &Tensor<B> {
+        &self.block_tables
+    }
     /// u32 `[tiles, 2]`: [`BatchLayout::query_tiles`].
-    pub query_tiles: Tensor<B>,
-    pub num_tokens: usize,
-    pub num_query_tiles: usize,
+    pub fn query_tiles(&self) -> &Tensor<B> {
+        &self.query_tiles
+    }
+    pub fn num_tokens(&self) -> usize {
+        self.num_tokens
+    }
+    pub fn num_query_tiles(&self) -> usize {
+        self.num_query_tiles
+    }
     /// Every query tile is one token, in token order (a decode batch):
     /// a decode step's update then leaves `query_tiles` as it is.
-    pub tiles_are_tokens: bool,
-    pub max_blocks: usize,
-    pub max_context: usize,
+    pub fn tiles_are_tokens(&self) -> bool {
+        self.tiles_are_tokens
+    }
+    pub fn max_blocks(&self) -> usize {
+        self.max_blocks
+    }
+    /// Positions per cache block of the layout.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+    /// The longest context any token attends over, or more where
+    /// [`set_context_capacity`](Self::set_context_capacity) raised it (a
+    /// backend sizes its attention grids by it).
+    pub fn max_context(&self) -> usize {
+        self.max_context
+    }
+    /// Sizes the attention grids for contexts up to `capacity` (never
+    /// below the batch's own longest), so that a recorded graph serves
+    /// later steps whose contexts grow.
+    pub fn set_context_capacity(&mut self, capacity: usize) {
+        self.max_context = capacity.max(self.positions_end);
+    }
+    /// One past the largest position of any token: a rope table needs
+    /// this many rows.
+    pub fn positions_end(&self) -> usize {
+        self.positions_end
+    }
+    /// One past the largest cache slot any token's context reads or its
+    /// new row writes: a cache needs this many slots.
+    pub fn slots_end(&self) -> usize {
+        self.slots_end
+    }
 }
 
 #[cfg(test)]
@@ -169,5 +280,30 @@ mod tests {
         assert!(!BatchLayout::tiles_are_tokens(&l.query_tiles()));
         assert!(BatchLayout::tiles_are_tokens(&[0, 1, 1, 1, 2, 1]));
         assert!(!BatchLayout::tiles_are_tokens(&[0, 1, 2, 1]));
+    }
+
+    #[test]
+    fn layouts_are_checked_and_their_slots_bounded() {
+        // Two sequences, blocks of 4: sequence 0 at position 5 reads its
+        // blocks 7 and 2, sequence 1 at position 1 its block 9.
+        let l = BatchLayout {
+            positions: vec![5, 1],
+            seq_of_token: vec![0, 1],
+            block_tables: vec![7, 2, 9, 0],
+            max_blocks: 2,
+            block_size: 4,
+        };
+        assert_eq!(l.checked_slots_end().unwrap(), 40);
+        assert_eq!(BatchLayout::default().checked_slots_end().unwrap(), 0);
+        let bad = |f: &dyn Fn(&mut BatchLayout)| {
+            let mut b = l.clone();
+            f(&mut b);
+            b.checked_slots_end().unwrap_err().to_string()
+        };
+        assert!(bad(&|b| b.positions[0] = 8).contains("position 8 of sequence 0"));
+        assert!(bad(&|b| b.seq_of_token[1] = 2).contains("no block table entry"));
+        assert!(bad(&|b| b.seq_of_token.push(0)).contains("2 positions but 3"));
+        assert!(bad(&|b| b.block_size = 0).contains("must be positive"));
+        assert!(bad(&|b| b.block_tables.pop().map(drop).unwrap()).contains("rows of 2"));
     }
 }

@@ -88,6 +88,7 @@ pub trait Backend: Sized + Send + Sync {
     /// Refreshes `meta` for a new layout, overwriting its tensors in place
     /// when their sizes are unchanged (a decode step allocates nothing).
     fn update_batch(&self, meta: &mut BatchMeta<Self>, layout: &BatchLayout) -> Result<()> {
+        let slots_end = layout.checked_slots_end()?;
         let t = layout.num_tokens();
         let s = layout.num_seqs();
         let tiles = layout.query_tiles();
@@ -107,7 +108,11 @@ pub trait Backend: Sized + Send + Sync {
             self.write(&mut meta.query_tiles, HostSlice::U32(&tiles))?;
             meta.tiles_are_tokens = single;
         }
+        meta.max_blocks = layout.max_blocks;
+        meta.block_size = layout.block_size;
         meta.max_context = layout.max_context();
+        meta.positions_end = layout.max_context();
+        meta.slots_end = slots_end;
         Ok(())
     }
 
@@ -293,6 +298,7 @@ fn upload_batch_tiles<B: Backend>(
     layout: &BatchLayout,
     tiles: Vec<u32>,
 ) -> Result<BatchMeta<B>> {
+    let slots_end = layout.checked_slots_end()?;
     let t = layout.num_tokens();
     let s = layout.num_seqs();
     Ok(BatchMeta {
@@ -308,6 +314,9 @@ fn upload_batch_tiles<B: Backend>(
         num_query_tiles: tiles.len() / 2,
         tiles_are_tokens: BatchLayout::tiles_are_tokens(&tiles),
         max_blocks: layout.max_blocks,
+        block_size: layout.block_size,
         max_context: layout.max_context(),
+        positions_end: layout.max_context(),
+        slots_end,
     })
 }

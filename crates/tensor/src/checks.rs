@@ -1,7 +1,7 @@
 //! Shape checks shared by every backend's ops, so each op's shape contract
 //! is written once.
 
-use crate::{expect_2d, expect_shape, AttnGeometry, Backend, Error, Result, Tensor};
+use crate::{expect_2d, expect_shape, AttnGeometry, Backend, BatchMeta, Error, Result, Tensor};
 
 fn shape_err(op: &'static str, msg: String) -> Error {
     Error::Shape { op, msg }
@@ -146,4 +146,53 @@ pub fn check_qk_norm_rope<B: Backend>(
     let slots = check_cache(op, k_cache, geo)?;
     check_cache(op, v_cache, geo)?;
     Ok((positions, slots))
+}
+
+/// The batch `meta` against what an attention op indexes with it: the
+/// geometry's block size is the layout's, every token's position has a row
+/// of the rope table (when the op reads one, `rope_positions` rows), and
+/// every cache slot the tokens' contexts reach is inside a cache of
+/// `cache_slots` slots. A backend that does not read the layout back (a
+/// GPU) relies on this instead of checking each index.
+pub fn check_batch<B: Backend>(
+    op: &'static str,
+    meta: &BatchMeta<B>,
+    geo: AttnGeometry,
+    rope_positions: Option<usize>,
+    cache_slots: usize,
+) -> Result<()> {
+    if meta.num_tokens() == 0 {
+        return Ok(());
+    }
+    if meta.block_size() != geo.block_size {
+        return Err(shape_err(
+            op,
+            format!(
+                "the batch layout has blocks of {} positions, the cache {}",
+                meta.block_size(),
+                geo.block_size
+            ),
+        ));
+    }
+    if let Some(rows) = rope_positions {
+        if meta.positions_end() > rows {
+            return Err(shape_err(
+                op,
+                format!(
+                    "position {} is past the rope table ({rows})",
+                    meta.positions_end() - 1
+                ),
+            ));
+        }
+    }
+    if meta.slots_end() > cache_slots {
+        return Err(shape_err(
+            op,
+            format!(
+                "the batch reaches cache slot {} but the cache has {cache_slots}",
+                meta.slots_end() - 1
+            ),
+        ));
+    }
+    Ok(())
 }

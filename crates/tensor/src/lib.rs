@@ -36,8 +36,8 @@ mod tensor;
 pub use attention::{AttnGeometry, BatchLayout, BatchMeta, QUERY_TILE};
 pub use backend::{Backend, SampleParams};
 pub use checks::{
-    check_attention, check_cache, check_geometry, check_norm_projection, check_projection,
-    check_qk_norm_rope, check_silu_mul,
+    check_attention, check_batch, check_cache, check_geometry, check_norm_projection,
+    check_projection, check_qk_norm_rope, check_silu_mul,
 };
 pub use dtype::{DType, HostSlice, HostVec};
 pub use error::{Error, Result};
