@@ -50,49 +50,34 @@ fn update_batch_keeps_query_tiles_current() {
 }
 
 /// A layout naming a missing block-table row or block is an error at
-/// upload, and a batch whose positions or slots reach past the rope table
-/// or the caches an op gets is an error from the op, never an index out of
-/// range (the CUDA backend relies on the same checks: tests/twin.rs).
+/// upload, not an index out of range, and the metadata records the rope
+/// rows and cache slots the batch needs (the ops' checks against them, on
+/// both backends: kernels-cuda's tests/twin.rs).
 #[test]
-fn batches_past_their_tables_or_caches_are_errors() {
-    use qwen_tensor::{AttnGeometry, DType};
+fn layouts_are_checked_at_upload() {
     let b = CpuBackend::new();
-    let mut bad = layout(&[70], &[0], 1);
     assert!(
-        b.upload_batch(&bad).is_err(),
+        b.upload_batch(&layout(&[70], &[0], 1)).is_err(),
         "position 70 needs a 5th block"
     );
-    bad = layout(&[3], &[1], 1);
-    assert!(b.upload_batch(&bad).is_err(), "no sequence row 1");
-    let meta = b.upload_batch(&layout(&[40], &[0], 1)).unwrap();
+    assert!(
+        b.upload_batch(&layout(&[3], &[1], 1)).is_err(),
+        "no sequence row 1"
+    );
+    let mut meta = b.upload_batch(&layout(&[40], &[0], 1)).unwrap();
+    // Position 40 reads blocks 0, 1 and 2 of the row (0, 1, 2, 3).
     assert_eq!((meta.positions_end(), meta.slots_end()), (41, 48));
-    let geo = AttnGeometry {
-        num_q_heads: 2,
-        num_kv_heads: 1,
-        head_dim: 32,
-        block_size: 16,
-    };
-    let run = |rope_rows: usize, blocks: usize, geo: AttnGeometry| {
-        let z = |s: &[usize], d| b.zeros(s, d).unwrap();
-        let qkv = z(&[1, geo.qkv_width()], DType::F32);
-        let (qn, kn) = (z(&[32], DType::F32), z(&[32], DType::F32));
-        let rope = z(&[rope_rows, 32], DType::F32);
-        let mut q = z(&[1, 64], DType::BF16);
-        let mut out = z(&[1, 64], DType::BF16);
-        let mut kc = z(&geo.cache_shape(blocks), DType::BF16);
-        let mut vc = z(&geo.cache_shape(blocks), DType::BF16);
-        let r = b.qk_norm_rope_store(
-            &qkv, &qn, &kn, 1e-6, &rope, &meta, geo, &mut q, &mut kc, &mut vc,
-        );
-        let a = b.attention(&q, &kc, &vc, &meta, geo, 1.0, &mut out);
-        (r.is_ok(), a.is_ok())
-    };
-    assert_eq!(run(41, 3, geo), (true, true));
-    assert_eq!(run(40, 3, geo), (false, true), "rope table one row short");
-    assert_eq!(run(41, 2, geo), (false, false), "caches one block short");
-    let other = AttnGeometry {
-        block_size: 8,
-        ..geo
-    };
-    assert_eq!(run(41, 6, other), (false, false), "blocks of another size");
+    assert!(b.update_batch(&mut meta, &layout(&[60], &[0], 1)).is_ok());
+    assert_eq!((meta.positions_end(), meta.slots_end()), (61, 64));
+    assert!(b.update_batch(&mut meta, &layout(&[60], &[3], 1)).is_err());
+    // A failed update leaves the metadata as it was.
+    assert_eq!((meta.positions_end(), meta.slots_end()), (61, 64));
+    meta.set_context_capacity(10);
+    assert_eq!(
+        meta.max_context(),
+        61,
+        "never below the batch's own context"
+    );
+    meta.set_context_capacity(256);
+    assert_eq!(meta.max_context(), 256);
 }
