@@ -74,6 +74,18 @@ impl CudaBackend {
         a: LayerActs<'_, Self>,
     ) -> Result<()> {
         let (meta, geo) = (inp.meta, inp.geo);
+        // Off, or not one decode token: the ops, which check their own
+        // operands (nothing is checked twice on the default path).
+        let one_token = meta.num_tokens() == 1 && seqs(meta) == 1;
+        if !(self.dev.layer_kernel
+            && self.dev.sm_count > 0
+            && one_token
+            && self.tensor_core_rows(1) == 0
+            && geo.head_dim == HEAD_DIM)
+        {
+            return decoder_layer_ops(self, w, inp, x, k_cache, v_cache, a);
+        }
+        // The kernel reads every operand itself: the ops' checks, once.
         let (t, h, _) = check_norm_projection(OP, x, w.input_norm, w.qkv, a.qkv)?;
         let (rope_rows, cache_slots) = check_qk_norm_rope(
             OP, a.qkv, w.q_norm, w.k_norm, inp.rope, t, geo, a.q, k_cache, v_cache,
@@ -84,7 +96,6 @@ impl CudaBackend {
         check_norm_projection(OP, x, w.post_attention_norm, w.gate_up, a.gate_up)?;
         let (_, i) = check_silu_mul(OP, a.gate_up, a.act)?;
         check_projection(OP, a.act, w.down, x)?;
-
         let group = geo.num_q_heads / geo.num_kv_heads;
         let plan = layer_smem(
             (RING, STAGE),
@@ -95,13 +106,7 @@ impl CudaBackend {
             max_chunks(meta),
             self.dev.smem_optin,
         );
-        let one_token = t == 1 && meta.num_tokens() == 1 && seqs(meta) == 1;
-        let fits = self.dev.layer_kernel
-            && self.dev.sm_count > 0
-            && one_token
-            && self.tensor_core_rows(1) == 0
-            && geo.head_dim == HEAD_DIM;
-        let Some(smem) = plan.filter(|_| fits) else {
+        let Some(smem) = plan.filter(|_| t == 1) else {
             return decoder_layer_ops(self, w, inp, x, k_cache, v_cache, a);
         };
         self.launch_layer(w, &inp, x, k_cache, v_cache, a, (h, i), smem)
