@@ -85,7 +85,8 @@ fn nvrtc_version() -> String {
 /// Compiles (or loads from the cache) one kernel module's PTX.
 pub fn compile(name: &str, src: &str, arch: &str) -> Result<Ptx> {
     let include = cuda_include_dir()?;
-    let full = format!("{NUMERICS}\n{DEPENDENT_LAUNCH}\n{ASYNC_COPY}\n{TENSOR_CORE}\n{src}");
+    let trace = crate::trace::define();
+    let full = format!("{trace}{NUMERICS}\n{DEPENDENT_LAUNCH}\n{ASYNC_COPY}\n{TENSOR_CORE}\n{src}");
     let opts = format!("{:?}", options(arch, Path::new("")).options);
     let key = fnv1a(&[
         full.as_bytes(),

@@ -15,8 +15,29 @@ __device__ __forceinline__ void start_dependents() {
 #endif
 }
 
+// With QWEN_TRACE (trace.rs, `QWEN_CUDA_TRACE`), block (0, 0, 0) of every
+// kernel records the time it got past its wait, its grid and its block's
+// threads: the time the kernel before completed (kernels never wait twice).
+#ifdef QWEN_TRACE
+__device__ unsigned long long* qwen_trace;
+__device__ __forceinline__ void trace_wait_passed() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    unsigned long long i = atomicAdd(qwen_trace, 1ull);
+    if (i < QWEN_TRACE) {
+        qwen_trace[1 + 2 * i] = t;
+        qwen_trace[2 + 2 * i] = (unsigned long long)gridDim.x | ((unsigned long long)gridDim.y << 24) |
+                                ((unsigned long long)(blockDim.x * blockDim.y * blockDim.z) << 48);
+    }
+}
+#endif
+
 __device__ __forceinline__ void wait_for_producers() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#ifdef QWEN_TRACE
+    if ((threadIdx.x | threadIdx.y | threadIdx.z | blockIdx.x | blockIdx.y | blockIdx.z) == 0 && qwen_trace)
+        trace_wait_passed();
 #endif
 }

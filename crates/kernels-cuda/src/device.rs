@@ -4,10 +4,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError};
 use half::{bf16, f16};
 use qwen_tensor::{DType, Error, Result, Tensor};
 
+use crate::trace::Trace;
 use crate::{compile, CudaBackend};
 
 /// A CUDA tensor's buffer.
@@ -150,6 +151,18 @@ pub(crate) struct Device {
     /// `set_layer_kernel` (it measures slower than the kernels one by one;
     /// BENCHMARKS.md).
     pub layer_kernel: bool,
+    /// The kernel trace (`QWEN_CUDA_TRACE`), written out on drop.
+    trace: Option<Trace>,
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        if let Some(t) = &self.trace {
+            if let Err(e) = t.write(&self.stream) {
+                eprintln!("QWEN_CUDA_TRACE: {e}");
+            }
+        }
+    }
 }
 
 /// Maps a driver error to ours, keeping out-of-memory distinct.
@@ -201,8 +214,12 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
     let sm_count = ctx
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(dev)?;
+    let trace = Trace::from_env(&stream)?;
     for m in MODULES {
-        load_module(&ctx, *m, &arch, smem_optin, &mut kernels)?;
+        let module = load_module(&ctx, *m, &arch, smem_optin, &mut kernels)?;
+        if let Some(t) = &trace {
+            t.attach(&module, &stream)?;
+        }
     }
     let name = ctx.name().map_err(dev)?;
     let mut d = Device {
@@ -215,6 +232,7 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
         smem_optin: smem_optin.max(0) as usize,
         sm_count: sm_count.max(0) as usize,
         layer_kernel: false,
+        trace,
     };
     if std::env::var("QWEN_CUDA_LAYER_KERNEL").is_ok_and(|v| v == "1") {
         d.enable_layer_kernel()?;
@@ -229,7 +247,7 @@ fn load_module(
     arch: &str,
     smem_optin: i32,
     kernels: &mut HashMap<&'static str, CudaFunction>,
-) -> Result<()> {
+) -> Result<Arc<CudaModule>> {
     let ptx = compile::compile(file, &parts.concat(), arch)?;
     let module = ctx.load_module(ptx).map_err(dev)?;
     for &n in names.iter() {
@@ -239,7 +257,7 @@ fn load_module(
         }
         kernels.insert(n, f);
     }
-    Ok(())
+    Ok(module)
 }
 
 impl Device {
@@ -247,13 +265,16 @@ impl Device {
     pub(crate) fn enable_layer_kernel(&mut self) -> Result<()> {
         if !self.kernels.contains_key("decoder_layer_t1") {
             let optin = i32::try_from(self.smem_optin).unwrap_or(i32::MAX);
-            load_module(
+            let module = load_module(
                 &self.ctx,
                 LAYER_MODULE,
                 &self.arch,
                 optin,
                 &mut self.kernels,
             )?;
+            if let Some(t) = &self.trace {
+                t.attach(&module, &self.stream)?;
+            }
         }
         self.layer_kernel = true;
         Ok(())

@@ -30,6 +30,7 @@ mod norm;
 mod rope;
 mod sampling;
 mod timing;
+mod trace;
 
 pub use compile::cuda_include_dir;
 pub use device::CudaStorage;
