@@ -26,15 +26,20 @@ __device__ __forceinline__ void combine_head(const float* p, int chunks, float* 
         for (int e = 0; e < PER; e++) early[c][e] = c < chunks ? __ldcg(p + c * (D + 2) + 2 + lane + 32 * e) : 0.0f;
     float lc = lane < chunks ? __ldcg(p + lane * (D + 2) + 1) : 0.0f;
     float m = __int_as_float(0xff800000);
+    // Loops over chunks stay rolled: the merge runs once per (token, kv
+    // head) on a cold instruction cache, so its code size is its latency.
+#pragma unroll 1
     for (int c = lane; c < chunks; c += 32) {
         f[c] = __ldcg(p + c * (D + 2));
         m = fmaxf(m, f[c]);
     }
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+#pragma unroll 1
     for (int c = lane; c < chunks; c += 32) f[c] = q_exp(f[c] - m);
     __syncwarp();
     // Every lane forms the same sums in the same order.
     float l = 0.0f;
+#pragma unroll 1
     for (int c = 0; c < chunks; c++) {
         float lv = c < 32 ? __shfl_sync(0xffffffffu, lc, c) : __ldcg(p + c * (D + 2) + 1);
         l = l + lv * f[c];
@@ -131,8 +136,8 @@ __device__ __forceinline__ void softmax_row(float* sh, int len, float* dst) {
     if (lane < len) m = sh[lane];
     if (lane + 32 < len) m = fmaxf(m, sh[lane + 32]);
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if (lane < len) sh[lane] = q_exp(sh[lane] - m);
-    if (lane + 32 < len) sh[lane + 32] = q_exp(sh[lane + 32] - m);
+#pragma unroll 1
+    for (int j = lane; j < len; j += 32) sh[j] = q_exp(sh[j] - m);
     __syncwarp();
     if (lane == 0) {
         float l = 0.0f;
@@ -176,8 +181,10 @@ __device__ __forceinline__ void chunk_partials(const __nv_bfloat16* ks, const __
     // butterfly. Each key serves HPASS heads per pass.
     for (int h0 = 0; h0 < G; h0 += HPASS) {
         if (h0 > 0) next_q(h0, qv);
-        float s[HPASS][CHUNK / WARPS];
-#pragma unroll
+        // A position at a time: unrolling over positions multiplies the
+        // code a block runs once, and instruction fetch, not arithmetic,
+        // bounds this kernel (BENCHMARKS.md).
+#pragma unroll 1
         for (int r = 0; r < CHUNK / WARPS; r++) {
             int j = warp + r * WARPS;
             const __nv_bfloat16* k = ks + (j < len ? j : 0) * D + lane * PER;
@@ -186,23 +193,12 @@ __device__ __forceinline__ void chunk_partials(const __nv_bfloat16* ks, const __
             for (int e = 0; e < PER; e++) kf[e] = bf(k[e]);
 #pragma unroll
             for (int hh = 0; hh < HPASS; hh++) {
-                float a = 0.0f;
+                if (h0 + hh < G) {
+                    float a = 0.0f;
 #pragma unroll
-                for (int e = 0; e < PER; e++) a = a + qv[hh][e] * kf[e];
-                s[hh][r] = a;
-            }
-        }
-#pragma unroll
-        for (int hh = 0; hh < HPASS; hh++) {
-            if (h0 + hh < G) {
-#pragma unroll
-                for (int r = 0; r < CHUNK / WARPS; r++) s[hh][r] = head_combine(s[hh][r]);
-                if (lane == 0) {
-#pragma unroll
-                    for (int r = 0; r < CHUNK / WARPS; r++) {
-                        int j = warp + r * WARPS;
-                        if (j < len) sc[(h0 + hh) * CHUNK + j] = s[hh][r] * scale;
-                    }
+                    for (int e = 0; e < PER; e++) a = a + qv[hh][e] * kf[e];
+                    a = head_combine(a);
+                    if (lane == 0 && j < len) sc[(h0 + hh) * CHUNK + j] = a * scale;
                 }
             }
         }
@@ -253,6 +249,7 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
                                                 float scale, int max_chunks, float* part, int t, int g,
                                                 u32* done, __nv_bfloat16* out, int decode, RopeIn ri, int c) {
     const int D = PER * 32, WARPS = THREADS / 32;
+    static_assert(!ROPE || WARPS >= HPASS + 2, "a warp for each q head of a pass, the new key and the new value");
     extern __shared__ __align__(16) unsigned char smem_raw[];
     __nv_bfloat16* ks = reinterpret_cast<__nv_bfloat16*>(smem_raw);
     __nv_bfloat16* vs = ks + CHUNK * D;
@@ -299,21 +296,41 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
     const float* xg = ROPE ? ri.qkv + (size_t)t * (Hq + 2 * Hkv) * D + lane * PER : nullptr;
     __nv_bfloat16* qo = ROPE ? ri.q_out + ((size_t)t * Hq + g * G) * D + lane * PER : nullptr;
     float qv[HPASS][PER];
+    // ROPE: the first HPASS q heads are made once a block, one warp a head,
+    // into shared memory after the scores (qs), while two more warps store
+    // the new key and value rows; each warp then loads its copy of q. (One
+    // head's code a warp instead of every head's in every warp: this kernel
+    // runs once per layer on cold instruction caches, and fetching its code
+    // is what it waits on most; BENCHMARKS.md.)
+    float* qs = sc + G * CHUNK;
     if (ROPE) {
-        rope_q<PER, HPASS>(xg + (size_t)g * G * D, wq, cv, sv, ri.eps, 0, G, qo, c == 0 && warp == 0, qv);
-        // The new row: its key normalised and rotated, its value rounded.
-        if (old < len && warp < 2) {
-            size_t dst = ((size_t)ri.slots[t] * Hkv + g) * D + lane * PER;
-            const float* x = xg + (size_t)(Hq + (warp == 0 ? 0 : Hkv) + g) * D;
+        if (warp < HPASS && warp < G) {
+            const float* x = xg + (size_t)(g * G + warp) * D;
             float xv[PER], y[PER];
 #pragma unroll
             for (int e = 0; e < PER; e++) xv[e] = x[e];
-            if (warp == 0) norm_rope_head<PER>(xv, wk, cv, sv, ri.eps, y);
+            norm_rope_head<PER>(xv, wq, cv, sv, ri.eps, y);
 #pragma unroll
             for (int e = 0; e < PER; e++) {
-                __nv_bfloat16 b = __float2bfloat16_rn(warp == 0 ? y[e] : xv[e]);
-                (warp == 0 ? kc : vc)[dst + e] = b;
-                (warp == 0 ? ks : vs)[old * D + lane * PER + e] = b;
+                __nv_bfloat16 b = __float2bfloat16_rn(y[e]);
+                qs[warp * D + lane * PER + e] = bf(b);
+                if (c == 0) qo[(size_t)warp * D + e] = b;
+            }
+        }
+        // The new row: its key normalised and rotated, its value rounded.
+        int kv = warp - HPASS;
+        if (old < len && (kv == 0 || kv == 1)) {
+            size_t dst = ((size_t)ri.slots[t] * Hkv + g) * D + lane * PER;
+            const float* x = xg + (size_t)(Hq + (kv == 0 ? 0 : Hkv) + g) * D;
+            float xv[PER], y[PER];
+#pragma unroll
+            for (int e = 0; e < PER; e++) xv[e] = x[e];
+            if (kv == 0) norm_rope_head<PER>(xv, wk, cv, sv, ri.eps, y);
+#pragma unroll
+            for (int e = 0; e < PER; e++) {
+                __nv_bfloat16 b = __float2bfloat16_rn(kv == 0 ? y[e] : xv[e]);
+                (kv == 0 ? kc : vc)[dst + e] = b;
+                (kv == 0 ? ks : vs)[old * D + lane * PER + e] = b;
             }
         }
     } else {
@@ -322,6 +339,12 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
     }
     copies_wait();
     __syncthreads();
+    if (ROPE) {
+#pragma unroll
+        for (int hh = 0; hh < HPASS; hh++)
+#pragma unroll
+            for (int e = 0; e < PER; e++) qv[hh][e] = hh < G ? qs[hh * D + lane * PER + e] : 0.0f;
+    }
     float* dst = part + (((size_t)t * Hq + g * G) * max_chunks + c) * (D + 2);
     auto next_q = [&](int h0, float (&qn)[HPASS][PER]) {
         if (ROPE)

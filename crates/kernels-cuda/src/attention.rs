@@ -17,6 +17,9 @@ use crate::{CudaBackend, Scratch};
 const OP: &str = "attention";
 /// Positions per split; must equal qwen_kernels_cpu::ATTN_CHUNK and CHUNK in attention.cu.
 pub(crate) const CHUNK: usize = 64;
+/// Query heads a pass of attn_chunk / attn_rope_chunk (HPASS in
+/// attention.cu): attn_rope_chunk makes them in shared memory after the scores.
+const HPASS: usize = 4;
 const _: () = assert!(CHUNK == qwen_kernels_cpu::ATTN_CHUNK);
 /// Decode grids of up to this many (token, kv head, chunk) blocks take
 /// attn_chunk (256 threads, built for latency), larger ones attn_span.
@@ -182,7 +185,7 @@ impl CudaBackend {
             ),
             (256, 1, 1),
         );
-        cfg.shared_mem_bytes = (2 * CHUNK * d * 2 + group * CHUNK * 4) as u32;
+        cfg.shared_mem_bytes = (2 * CHUNK * d * 2 + group * CHUNK * 4 + HPASS * d * 4) as u32;
         let name = if rope.is_some() {
             "attn_rope_chunk"
         } else {
