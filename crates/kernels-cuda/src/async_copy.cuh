@@ -9,6 +9,22 @@ __device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
 }
 
+// An L2 policy for data read once a step (weights): evicted first, so that
+// streaming a layer's weights through L2 leaves the small things every
+// kernel needs again there (the kernels' code, activations, the KV cache).
+__device__ __forceinline__ unsigned long long l2_evict_first() {
+    unsigned long long p;
+    asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+    return p;
+}
+
+// copy16_async for data read once, under `policy` (l2_evict_first).
+__device__ __forceinline__ void copy16_async_once(void* smem, const void* gmem, unsigned long long policy) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "l"(policy)
+                 : "memory");
+}
+
 // Closes this thread's group of copies issued since the last commit.
 __device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 

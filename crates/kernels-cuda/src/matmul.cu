@@ -24,7 +24,14 @@ __device__ __forceinline__ float load1_x(const float* p) { return *p; }
 // Eight consecutive bf16 as loaded, widened only when used, so a batch of
 // loads in flight costs 4 registers each.
 __device__ __forceinline__ uint4 load8_raw(const __nv_bfloat16* p, bool vec) {
-    if (vec) return *reinterpret_cast<const uint4*>(p);
+    if (vec) {
+        // Weights: read once a step, so evicted from L2 first.
+        uint4 r;
+        asm("ld.global.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+                     : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                     : "l"(p), "l"(l2_evict_first()));
+        return r;
+    }
     const unsigned short* h = reinterpret_cast<const unsigned short*>(p);
     return make_uint4(h[0] | ((u32)h[1] << 16), h[2] | ((u32)h[3] << 16), h[4] | ((u32)h[5] << 16),
                       h[6] | ((u32)h[7] << 16));
@@ -244,6 +251,7 @@ extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)
     const __nv_bfloat16* xr = x + (size_t)row0 * K;
     uint4(*mine)[UNROLL][32] = ring[threadIdx.y];
     int chunks = K / 256, batches = (chunks + UNROLL - 1) / UNROLL;
+    unsigned long long once = l2_evict_first();
     // Every batch commits a group, empty past the row's end, so that
     // "all but the newest RING_STAGES - 1 groups" is always batch b.
     auto issue = [&](int b) {
@@ -251,7 +259,7 @@ extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)
 #pragma unroll
             for (int u = 0; u < UNROLL; u++) {
                 int c = b * UNROLL + u;
-                if (c < chunks) copy16_async(&mine[b % RING_STAGES][u][lane], wr + (size_t)c * 256 + 8 * lane);
+                if (c < chunks) copy16_async_once(&mine[b % RING_STAGES][u][lane], wr + (size_t)c * 256 + 8 * lane, once);
             }
         }
         copies_commit();
