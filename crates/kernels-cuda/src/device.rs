@@ -33,7 +33,12 @@ const MODULES: &[(&str, &[&str], &[&str])] = &[
     (
         "norm",
         &[include_str!("norm.cu")],
-        &["rms_norm_bf16", "rms_norm_f32"],
+        &[
+            "rms_norm_bf16",
+            "rms_norm_f32",
+            "rms_norm_warp_bf16",
+            "rms_norm_warp_f32",
+        ],
     ),
     (
         "matmul",

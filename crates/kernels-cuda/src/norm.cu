@@ -126,3 +126,72 @@ extern "C" __global__ void rms_norm_bf16(const float* x, const float* w, float e
 extern "C" __global__ void rms_norm_f32(const float* x, const float* w, float eps, float* out, int H) {
     rms_norm_rows(x, w, eps, out, H, [](float y) { return y; });
 }
+
+// Rows of up to WARP_ROW_CHUNKS·256 elements (Qwen3-0.6B's 1,024), a warp
+// each: lane l holds elements 8l..8l+7 of every chunk of 256, which is the
+// spec's lane order, so the row is summed in registers (warp_inv_rms's
+// sums) with no shared memory, no block barrier and no idle warps. At batch
+// 1 a norm is a link in the step's chain, and this one is the shortest.
+#define WARP_ROW_CHUNKS 4
+__device__ __forceinline__ void load8_f32(const float* p, float* f) {
+    float4 a = *reinterpret_cast<const float4*>(p);
+    float4 b = *reinterpret_cast<const float4*>(p + 4);
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+    f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+
+template <typename Out, typename Store8>
+__device__ __forceinline__ void rms_norm_warp_rows(const float* x, const float* w, float eps, Out* out, int T, int H,
+                                                   Store8 store8) {
+    int lane = threadIdx.x, row = blockIdx.x * blockDim.y + threadIdx.y;
+    int chunks = H / 256;
+    float wv[WARP_ROW_CHUNKS][8], xv[WARP_ROW_CHUNKS][8];
+#pragma unroll
+    for (int c = 0; c < WARP_ROW_CHUNKS; c++)
+        if (c < chunks) load8_f32(w + c * 256 + 8 * lane, wv[c]);
+    wait_for_producers();
+    start_dependents();
+    if (row >= T) return;
+    const float* xr = x + (size_t)row * H;
+#pragma unroll
+    for (int c = 0; c < WARP_ROW_CHUNKS; c++)
+        if (c < chunks) load8_f32(xr + c * 256 + 8 * lane, xv[c]);
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int c = 0; c < WARP_ROW_CHUNKS; c++)
+        if (c < chunks)
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[e] = acc[e] + xv[c][e] * xv[c][e];
+    float inv = 1.0f / sqrtf(row_combine(acc) / (float)H + eps);
+#pragma unroll
+    for (int c = 0; c < WARP_ROW_CHUNKS; c++) {
+        if (c < chunks) {
+            float y[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) y[e] = wv[c][e] * (xv[c][e] * inv);
+            store8(out + (size_t)row * H + c * 256 + 8 * lane, y);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) rms_norm_warp_bf16(const float* x, const float* w, float eps,
+                                                                    __nv_bfloat16* out, int T, int H) {
+    rms_norm_warp_rows(x, w, eps, out, T, H, [](__nv_bfloat16* o, const float* y) {
+        uint4 v;
+        u32* p = reinterpret_cast<u32*>(&v);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            __nv_bfloat162 b = __floats2bfloat162_rn(y[2 * i], y[2 * i + 1]);
+            p[i] = *reinterpret_cast<u32*>(&b);
+        }
+        *reinterpret_cast<uint4*>(o) = v;
+    });
+}
+
+extern "C" __global__ void __launch_bounds__(128) rms_norm_warp_f32(const float* x, const float* w, float eps,
+                                                                   float* out, int T, int H) {
+    rms_norm_warp_rows(x, w, eps, out, T, H, [](float* o, const float* y) {
+        *reinterpret_cast<float4*>(o) = make_float4(y[0], y[1], y[2], y[3]);
+        *reinterpret_cast<float4*>(o + 4) = make_float4(y[4], y[5], y[6], y[7]);
+    });
+}

@@ -8,6 +8,10 @@ use crate::CudaBackend;
 
 /// Threads per block; a block normalises one row.
 const THREADS: u32 = 256;
+/// Rows of at most this many elements (and a multiple of 256) take the
+/// warp-per-row kernel (WARP_ROW_CHUNKS · 256 in norm.cu), four rows a block.
+const WARP_ROW_MAX: usize = 1024;
+const WARP_ROWS: u32 = 4;
 
 impl CudaBackend {
     /// RMSNorm into `out`, bf16 (rounded once) or f32 (not rounded).
@@ -20,11 +24,33 @@ impl CudaBackend {
             return Ok(());
         }
         let hi = int(OP, h)?;
+        let f32_out = out.dtype() == DType::F32;
+        if h.is_multiple_of(256) && h <= WARP_ROW_MAX {
+            let ti = int(OP, t)?;
+            let cfg = grid(((t as u32).div_ceil(WARP_ROWS), 1, 1), (32, WARP_ROWS, 1));
+            let name = if f32_out {
+                "rms_norm_warp_f32"
+            } else {
+                "rms_norm_warp_bf16"
+            };
+            let mut b = self.launch(self.kernel(name));
+            b.arg(f32s(OP, "x", x)?).arg(f32s(OP, "w", w)?).arg(&eps);
+            if f32_out {
+                b.arg(f32s_mut(OP, "out", out)?);
+            } else {
+                b.arg(bf16s_mut(OP, "out", out)?);
+            }
+            b.arg(&ti).arg(&hi);
+            // SAFETY: argument order and types match rms_norm_warp_{bf16,f32}
+            // in norm.cu; a warp per row of x and out ([t, h], h a multiple of
+            // 256 of at most WARP_ROW_MAX: whole 16-byte pieces, in bounds).
+            unsafe { b.launch(cfg) }.map_err(dev)?;
+            return Ok(());
+        }
         let mut cfg = grid((int(OP, t)? as u32, 1, 1), (THREADS, 1, 1));
         // The block holds its row in f32.
         let smem = h * 4;
         cfg.shared_mem_bytes = int(OP, smem)? as u32;
-        let f32_out = out.dtype() == DType::F32;
         let name = if f32_out {
             "rms_norm_f32"
         } else {
