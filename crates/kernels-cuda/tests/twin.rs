@@ -128,7 +128,7 @@ fn matmul_and_matmul_add() {
     // tiled kernel: K whole slabs of 1,024), odd sizes. At one token: 8B's
     // down projection (more weight batches than the ring has stages), rows
     // with a tail past the last full chunk, a row shorter than one chunk,
-    // and rows not a multiple of 8 long.
+    // and rows not a multiple of 8 long; 0.6B's o_proj and down.
     for (t, k, n) in [
         (1, 1024, 4096),
         (1, 12_288, 300),
@@ -137,6 +137,7 @@ fn matmul_and_matmul_add() {
         (1, 37, 9),
         (64, 1024, 3072),
         (1, 3072, 1024),
+        (1, 2048, 1024),
         (1, 4096, 6144),
         (64, 4096, 4096),
         (256, 1024, 512),
