@@ -23,38 +23,27 @@ impl CudaBackend {
         if t == 0 || h == 0 {
             return Ok(());
         }
-        let hi = int(OP, h)?;
+        let (ti, hi) = (int(OP, t)?, int(OP, h)?);
         let f32_out = out.dtype() == DType::F32;
-        if h.is_multiple_of(256) && h <= WARP_ROW_MAX {
-            let ti = int(OP, t)?;
+        let warp = h.is_multiple_of(256) && h <= WARP_ROW_MAX;
+        let (name, cfg) = if warp {
             let cfg = grid(((t as u32).div_ceil(WARP_ROWS), 1, 1), (32, WARP_ROWS, 1));
             let name = if f32_out {
                 "rms_norm_warp_f32"
             } else {
                 "rms_norm_warp_bf16"
             };
-            let mut b = self.launch(self.kernel(name));
-            b.arg(f32s(OP, "x", x)?).arg(f32s(OP, "w", w)?).arg(&eps);
-            if f32_out {
-                b.arg(f32s_mut(OP, "out", out)?);
-            } else {
-                b.arg(bf16s_mut(OP, "out", out)?);
-            }
-            b.arg(&ti).arg(&hi);
-            // SAFETY: argument order and types match rms_norm_warp_{bf16,f32}
-            // in norm.cu; a warp per row of x and out ([t, h], h a multiple of
-            // 256 of at most WARP_ROW_MAX: whole 16-byte pieces, in bounds).
-            unsafe { b.launch(cfg) }.map_err(dev)?;
-            return Ok(());
-        }
-        let mut cfg = grid((int(OP, t)? as u32, 1, 1), (THREADS, 1, 1));
-        // The block holds its row in f32.
-        let smem = h * 4;
-        cfg.shared_mem_bytes = int(OP, smem)? as u32;
-        let name = if f32_out {
-            "rms_norm_f32"
+            (name, cfg)
         } else {
-            "rms_norm_bf16"
+            let mut cfg = grid((ti as u32, 1, 1), (THREADS, 1, 1));
+            // The block holds its row in f32.
+            cfg.shared_mem_bytes = int(OP, h * 4)? as u32;
+            let name = if f32_out {
+                "rms_norm_f32"
+            } else {
+                "rms_norm_bf16"
+            };
+            (name, cfg)
         };
         let mut b = self.launch(self.kernel(name));
         b.arg(f32s(OP, "x", x)?).arg(f32s(OP, "w", w)?).arg(&eps);
@@ -63,9 +52,15 @@ impl CudaBackend {
         } else {
             b.arg(bf16s_mut(OP, "out", out)?);
         }
+        if warp {
+            b.arg(&ti);
+        }
         b.arg(&hi);
-        // SAFETY: argument order and types match rms_norm_{bf16,f32} in norm.cu;
-        // one block per row of x and out, each with h floats of shared memory.
+        // SAFETY: argument order and types match rms_norm_{bf16,f32} (x, w,
+        // eps, out, H: a block per row, h floats of shared memory) and
+        // rms_norm_warp_{bf16,f32} (the same and T before H: a warp per row,
+        // h a multiple of 256 of at most WARP_ROW_MAX, whole 16-byte pieces)
+        // in norm.cu; x and out are [t, h], w [h].
         unsafe { b.launch(cfg) }.map_err(dev)?;
         Ok(())
     }
