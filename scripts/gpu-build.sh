@@ -6,11 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Only this script's files are replaced: scripts/gpu-bench.sh adds its own.
-mkdir -p gpu-bin && rm -f gpu-bin/twin gpu-bin/golden_cuda gpu-bin/qwen-cli
+mkdir -p gpu-bin && rm -f gpu-bin/twin gpu-bin/trace gpu-bin/golden_cuda gpu-bin/qwen-cli
 
 # name=cargo args of one test target
 targets=(
   "twin=-p qwen-kernels-cuda --test twin"
+  "trace=-p qwen-kernels-cuda --test trace"
   "golden_cuda=-p model-qwen3 --test golden_cuda"
 )
 for t in "${targets[@]}"; do
@@ -27,7 +28,7 @@ for l in sys.stdin:
 done
 cargo build --release -p qwen-cli
 cp "${CARGO_TARGET_DIR:-target}/release/qwen-cli" gpu-bin/
-strip gpu-bin/*
+strip gpu-bin/twin gpu-bin/trace gpu-bin/golden_cuda gpu-bin/qwen-cli
 ls -la gpu-bin
 # gpu-bin/ can outgrow what a copy of the tree may carry: also pack it.
 tar -cJf gpu-bin.tar.xz gpu-bin

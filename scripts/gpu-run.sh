@@ -18,6 +18,7 @@ run() {
   if "$@" 2>&1 | tee "$out/$name.log"; then :; else echo "FAILED: $name"; fail=1; fi
 }
 run twin env CARGO_MANIFEST_DIR="$PWD/crates/kernels-cuda" gpu-bin/twin --test-threads 1 --nocapture
+run trace gpu-bin/trace --nocapture
 run golden_cuda env CARGO_MANIFEST_DIR="$PWD/crates/model-qwen3" gpu-bin/golden_cuda --test-threads 1
 run cli_cuda gpu-bin/qwen-cli generate --backend cuda --chat --no-think --temperature 0 --max-tokens 24 --json \
   --prompt "Give me a short introduction to large language models."
