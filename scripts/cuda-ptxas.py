@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Compiles every CUDA module as compile.rs does (shared headers prepended,
 the same NVRTC options) with NVRTC from PyPI, then runs ptxas on the PTX
-for sm_90 and prints each kernel's registers, spills and shared memory.
+for sm_90 and prints each kernel's registers, spills, shared memory and
+size of machine code (a kernel that runs once a layer waits on fetching
+its code; BENCHMARKS.md).
 Catches what scripts/cuda-syntax.sh cannot (asm operands, PTX, register
 pressure) on a machine without a GPU. Setup, once:
   pip install --target /tmp/cudapy nvidia-cuda-nvrtc-cu12 nvidia-cuda-nvcc-cu12 nvidia-cuda-runtime-cu12
@@ -18,6 +20,25 @@ PARTS = {"layer": ["norm.cu", "attention.cu", "layer.cu"]}
 def read(name):
     with open(os.path.join(SRC, name)) as f:
         return f.read()
+
+
+def text_sizes(cubin):
+    """Bytes of each kernel's .text section in a cubin (an ELF file); the
+    cubin is removed afterwards."""
+    sizes = {}
+    try:
+        out = subprocess.run(["readelf", "-S", "-W", cubin], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            names = [p for p in parts if p.startswith(".text.")]
+            if names:
+                i = parts.index(names[0])
+                sizes[names[0][len(".text."):]] = int(parts[i + 4], 16)
+    except (OSError, ValueError, IndexError):
+        pass
+    if os.path.exists(cubin):
+        os.unlink(cubin)
+    return sizes
 
 
 def main():
@@ -55,12 +76,18 @@ def main():
         lib.nvrtcGetPTX(prog, ptx)
         with tempfile.NamedTemporaryFile("wb", suffix=".ptx", delete=False) as f:
             f.write(ptx.value)
-        r = subprocess.run([ptxas, "-arch=sm_90", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+        cubin = f.name[:-4] + ".cubin"
+        r = subprocess.run([ptxas, "-arch=sm_90", "-v", f.name, "-o", cubin], capture_output=True, text=True)
         os.unlink(f.name)
+        sizes = text_sizes(cubin)
         print(f"== {m}")
         for line in (r.stdout + r.stderr).splitlines():
             if "Compiling entry" in line or "Used" in line or "spill" in line and "0 bytes spill" not in line or "error" in line.lower():
                 print("  " + line.strip().replace("ptxas info    : ", ""))
+            if "Compiling entry" in line:
+                name = line.split("'")[1]
+                if name in sizes:
+                    print(f"  {sizes[name]} bytes of code")
         failed |= r.returncode != 0
     sys.exit(1 if failed else 0)
 
