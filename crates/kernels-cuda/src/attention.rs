@@ -20,6 +20,12 @@ pub(crate) const CHUNK: usize = 64;
 /// Query heads a pass of attn_chunk / attn_rope_chunk (HPASS in
 /// attention.cu): attn_rope_chunk makes them in shared memory after the scores.
 const HPASS: usize = 4;
+
+/// Dynamic shared memory of attn_chunk_body (attention.cu): a chunk's keys
+/// and values, the group's scores, then the first pass's q heads in f32.
+pub(crate) fn chunk_smem(head_dim: usize, group: usize) -> usize {
+    2 * CHUNK * head_dim * 2 + group * CHUNK * 4 + HPASS * head_dim * 4
+}
 const _: () = assert!(CHUNK == qwen_kernels_cpu::ATTN_CHUNK);
 /// Decode grids of up to this many (token, kv head, chunk) blocks take
 /// attn_chunk (256 threads, built for latency), larger ones attn_span.
@@ -185,7 +191,7 @@ impl CudaBackend {
             ),
             (256, 1, 1),
         );
-        cfg.shared_mem_bytes = (2 * CHUNK * d * 2 + group * CHUNK * 4 + HPASS * d * 4) as u32;
+        cfg.shared_mem_bytes = chunk_smem(d, group) as u32;
         let name = if rope.is_some() {
             "attn_rope_chunk"
         } else {

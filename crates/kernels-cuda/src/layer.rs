@@ -11,7 +11,7 @@ use qwen_tensor::{
     check_silu_mul, decoder_layer_ops, DType, LayerActs, LayerInputs, LayerWeights, Result,
 };
 
-use crate::attention::{max_chunks, seqs, CHUNK};
+use crate::attention::{chunk_smem, max_chunks, seqs, CHUNK};
 use crate::device::{bf16s, bf16s_mut, dev, f32s, f32s_mut, u32s, u32s_mut, T};
 use crate::launch::{grid, int};
 use crate::{CudaBackend, Scratch};
@@ -50,7 +50,7 @@ fn layer_smem(
     optin: usize,
 ) -> Option<(usize, usize, usize)> {
     let rows_per_stage = |k: usize, halves: usize| stage / (k * 2 * halves);
-    let att = align128(2 * CHUNK * HEAD_DIM * 2 + group * CHUNK * 4);
+    let att = align128(chunk_smem(HEAD_DIM, group));
     let xs = align128(h.max(qw).max(i) * 4);
     let smem = att + xs + ring * stage;
     let ok = [h, qw, i].iter().all(|&k| k > 0 && k.is_multiple_of(256))
@@ -198,7 +198,9 @@ mod tests {
         // Qwen3-0.6B (hidden 1024, 16 q heads of 128, intermediate 3072),
         // short and 8,192-position contexts.
         let (att, xs, smem) = layer_smem((RING, STAGE), 1024, 2048, 3072, 2, 1, H100).unwrap();
-        assert_eq!((att, xs), (33_280, 12_288));
+        // Keys and values 32,768 bytes, scores 512, the q heads of a pass
+        // 2,048; the widest activation (3,072 f32) 12,288.
+        assert_eq!((att, xs), (35_328, 12_288));
         assert_eq!(smem, att + xs + 4 * 40 * 1024);
         assert!(layer_smem((RING, STAGE), 1024, 2048, 3072, 2, 128, H100).is_some());
         // Too little shared memory (an older GPU).
