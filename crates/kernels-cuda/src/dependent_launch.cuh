@@ -1,11 +1,14 @@
 // Programmatic dependent launch (sm_90 and later), prepended to every module.
 // Kernels are launched so that the next one in the stream may be scheduled
 // while this one still runs (launch.rs). The rules that keep this correct:
-// every kernel calls `start_dependents()` and then `wait_for_producers()`
-// before it touches memory that another kernel writes or reads; before the
-// wait it may only read what no kernel of the step writes: weights, the
-// batch layout (written by the host before the step's first kernel), and
-// KV cache rows of earlier steps (attention.cu).
+// every kernel calls `wait_for_producers()` before it touches memory that
+// another kernel writes or reads; before the wait it may only read what no
+// kernel of the step writes: weights, the batch layout (written by the host
+// before the step's first kernel), and KV cache rows of earlier steps
+// (attention.cu). Kernels call `start_dependents()` right after their wait:
+// letting the next one launch earlier than that measured slower (a big
+// projection then streams its weights beside the kernel before it;
+// BENCHMARKS.md).
 // `griddepcontrol.wait` returns once every earlier grid has completed and
 // its writes are visible, and is a no-op for a kernel launched normally.
 
