@@ -25,6 +25,7 @@ inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
 inline float2 make_float2(float a, float b) { return {a, b}; }
 __nv_bfloat16 __float2bfloat16_rn(float);
+__nv_bfloat162 __floats2bfloat162_rn(float, float);
 float __bfloat162float(__nv_bfloat16);
 unsigned short __bfloat16_as_ushort(__nv_bfloat16);
 float __low2float(__nv_bfloat162);
