@@ -7,13 +7,32 @@
 
 #define CHUNK 64
 
+// Thread block clusters (sm_90): every thread of every block of the
+// cluster arrives, then waits for the rest (its shared-memory writes are
+// visible to the others after it); and the address of the same shared
+// variable in the cluster's block `rank`.
+__device__ __forceinline__ void cluster_sync_all() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ const float* cluster_peer(const float* p, int rank) {
+#if __CUDA_ARCH__ >= 900
+    unsigned long long r;
+    asm("mapa.u64 %0, %1, %2;" : "=l"(r) : "l"(p), "r"(rank));
+    return reinterpret_cast<const float*>(r);
+#else
+    return p;
+#endif
+}
+
 // One (token, q head)'s output from its `chunks` partials at `p`, merged
 // in chunk order by one warp: M = max of the chunk maxima (exact in any
 // order), f_c = exp(m_c - M), L = sum of l_c·f_c, o[i] = sum of o_c[i]·f_c,
 // then o[i] / L rounded once. `f` holds `chunks` floats of shared memory;
-// partials are read from L2, where other blocks left them.
-template <int PER>
-__device__ __forceinline__ void combine_head(const float* p, int chunks, float* f, __nv_bfloat16* out) {
+// `part(c, i)` reads float i of chunk c's partials (m_c, l_c, o_c).
+template <int PER, typename Part>
+__device__ __forceinline__ void combine_head_from(Part part, int chunks, float* f, __nv_bfloat16* out) {
     const int D = PER * 32;
     int lane = threadIdx.x % 32;
     // The first chunks' values and sums are loaded with the maxima, so
@@ -23,14 +42,14 @@ __device__ __forceinline__ void combine_head(const float* p, int chunks, float* 
 #pragma unroll
     for (int c = 0; c < EARLY; c++)
 #pragma unroll
-        for (int e = 0; e < PER; e++) early[c][e] = c < chunks ? __ldcg(p + c * (D + 2) + 2 + lane + 32 * e) : 0.0f;
-    float lc = lane < chunks ? __ldcg(p + lane * (D + 2) + 1) : 0.0f;
+        for (int e = 0; e < PER; e++) early[c][e] = c < chunks ? part(c, 2 + lane + 32 * e) : 0.0f;
+    float lc = lane < chunks ? part(lane, 1) : 0.0f;
     float m = __int_as_float(0xff800000);
     // Loops over chunks stay rolled: the merge runs once per (token, kv
     // head) on a cold instruction cache, so its code size is its latency.
 #pragma unroll 1
     for (int c = lane; c < chunks; c += 32) {
-        f[c] = __ldcg(p + c * (D + 2));
+        f[c] = part(c, 0);
         m = fmaxf(m, f[c]);
     }
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
@@ -41,7 +60,7 @@ __device__ __forceinline__ void combine_head(const float* p, int chunks, float* 
     float l = 0.0f;
 #pragma unroll 1
     for (int c = 0; c < chunks; c++) {
-        float lv = c < 32 ? __shfl_sync(0xffffffffu, lc, c) : __ldcg(p + c * (D + 2) + 1);
+        float lv = c < 32 ? __shfl_sync(0xffffffffu, lc, c) : part(c, 1);
         l = l + lv * f[c];
     }
     float o[PER];
@@ -59,10 +78,18 @@ __device__ __forceinline__ void combine_head(const float* p, int chunks, float* 
     for (int c = EARLY; c < chunks; c++) {
         float fc = f[c];
 #pragma unroll
-        for (int e = 0; e < PER; e++) o[e] = o[e] + __ldcg(p + c * (D + 2) + 2 + lane + 32 * e) * fc;
+        for (int e = 0; e < PER; e++) o[e] = o[e] + part(c, 2 + lane + 32 * e) * fc;
     }
 #pragma unroll
     for (int e = 0; e < PER; e++) out[lane + 32 * e] = __float2bfloat16_rn(o[e] / l);
+}
+
+// combine_head_from with the partials at `p` (chunk c at p + c·(D + 2)),
+// read from L2, where other blocks left them.
+template <int PER>
+__device__ __forceinline__ void combine_head(const float* p, int chunks, float* f, __nv_bfloat16* out) {
+    const int D = PER * 32;
+    combine_head_from<PER>([=](int c, int i) { return __ldcg(p + c * (D + 2) + i); }, chunks, f, out);
 }
 
 // The outputs of one (token, kv head)'s G q heads from their chunks, a warp
@@ -242,7 +269,14 @@ __device__ __forceinline__ void chunk_partials(const __nv_bfloat16* ks, const __
 // rows come from the QKV projection's output instead, normalised and
 // rotated here as rope.cu does it; the block whose chunk holds the token's
 // position stores the new rows in the cache and uses them.
-template <int PER, int THREADS, int HPASS, bool ROPE>
+//
+// CLUSTER (launched as one thread block cluster per (token, kv head), its
+// blocks the chunks, ROPE only): each block keeps its partials in shared
+// memory after q (G·(D + 2) more floats), and chunk 0's block merges them
+// from its peers' shared memory after a cluster barrier: the same sums in
+// the same order, without the fence, the counter and the partials' round
+// trip through L2 (`part` and `done` are not used).
+template <int PER, int THREADS, int HPASS, bool ROPE, bool CLUSTER = false>
 __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfloat16* kc, __nv_bfloat16* vc,
                                                 const u32* pos, const u32* seq,
                                                 const u32* tables, int max_blocks, int bs, int Hq, int Hkv,
@@ -262,6 +296,11 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
     int start = c * CHUNK;
     if (start >= ctx) {
         start_dependents();
+        // A cluster's blocks all pass its two barriers (below).
+        if (CLUSTER) {
+            cluster_sync_all();
+            cluster_sync_all();
+        }
         return;
     }
     int len = min(CHUNK, ctx - start);
@@ -345,14 +384,34 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
 #pragma unroll
             for (int e = 0; e < PER; e++) qv[hh][e] = hh < G ? qs[hh * D + lane * PER + e] : 0.0f;
     }
-    float* dst = part + (((size_t)t * Hq + g * G) * max_chunks + c) * (D + 2);
+    // CLUSTER: the partials stay in this block's shared memory, after q.
+    float* mine = qs + HPASS * D;
+    float* dst = CLUSTER ? mine : part + (((size_t)t * Hq + g * G) * max_chunks + c) * (D + 2);
     auto next_q = [&](int h0, float (&qn)[HPASS][PER]) {
         if (ROPE)
             rope_q<PER, HPASS>(xg + (size_t)g * G * D, wq, cv, sv, ri.eps, h0, G, qo, c == 0 && warp == 0, qn);
         else
             load_q<PER, HPASS>(qg, h0, G, qn);
     };
-    chunk_partials<PER, THREADS, HPASS>(ks, vs, sc, len, G, scale, qv, next_q, dst, (size_t)max_chunks * (D + 2));
+    chunk_partials<PER, THREADS, HPASS>(ks, vs, sc, len, G, scale, qv, next_q, dst,
+                                        CLUSTER ? (size_t)(D + 2) : (size_t)max_chunks * (D + 2));
+    if (CLUSTER) {
+        // Every chunk's partials are in its block's shared memory; chunk
+        // 0's block merges them from there, and the others stay until it
+        // has read them.
+        cluster_sync_all();
+        if (c == 0) {
+            int chunks = (ctx + CHUNK - 1) / CHUNK;
+            float* fac = reinterpret_cast<float*>(smem_raw);
+            for (int hh = warp; hh < G; hh += WARPS) {
+                const float* my = mine + hh * (D + 2);
+                combine_head_from<PER>([=](int cc, int i) { return cluster_peer(my, cc)[i]; }, chunks,
+                                       fac + hh * chunks, out + ((size_t)t * Hq + g * G + hh) * D);
+            }
+        }
+        cluster_sync_all();
+        return;
+    }
     // The last of the token's chunks to finish merges them all: its
     // partials, and the others' (made visible by their fences), are read
     // from L2.
@@ -377,29 +436,33 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
 // latencies. q as given (attn_chunk), or made here from the QKV output
 // (attn_rope_chunk, whose q is null, as attn_chunk's RopeIn pointers are).
 // Larger decode batches take attn_span, prompts attn_tile (below).
-#define ATTN_CASE(DD, THREADS, HPASS, ROPE)                                                                     \
-    case DD:                                                                                                    \
-        attn_chunk_body<DD, THREADS, HPASS, ROPE>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,  \
-                                                  max_chunks, part, blockIdx.x / Hkv, blockIdx.x % Hkv,         \
-                                                  done + blockIdx.x, out, decode, ri, blockIdx.y);              \
+#define ATTN_CASE(DD, THREADS, HPASS, ROPE, CL)                                                                     \
+    case DD:                                                                                                        \
+        attn_chunk_body<DD, THREADS, HPASS, ROPE, CL>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,  \
+                                                  max_chunks, part, blockIdx.x / Hkv, blockIdx.x % Hkv,             \
+                                                  done + blockIdx.x, out, decode, ri, blockIdx.y);                  \
         break;
-#define ATTN_KERNEL(NAME, THREADS, HPASS, ROPE)                                                                \
-    extern "C" __global__ void __launch_bounds__(THREADS)                                                       \
-        NAME(const __nv_bfloat16* q, __nv_bfloat16* kc, __nv_bfloat16* vc, const u32* pos,                      \
-             const u32* seq, const u32* tables, int max_blocks, int bs, int Hq, int Hkv, int D, float scale,    \
-             int max_chunks, float* part, u32* done, __nv_bfloat16* out, int decode, const float* qkv,          \
-             const float* qn, const float* kn, float eps, const float* rope, const u32* slots,                  \
-             __nv_bfloat16* q_out) {                                                                            \
-        RopeIn ri = {qkv, qn, kn, eps, rope, slots, q_out};                                                     \
-        switch (D / 32) {                                                                                       \
-            ATTN_CASE(1, THREADS, HPASS, ROPE)                                                                  \
-            ATTN_CASE(2, THREADS, HPASS, ROPE)                                                                  \
-            ATTN_CASE(4, THREADS, HPASS, ROPE)                                                                  \
-            ATTN_CASE(8, THREADS, HPASS, ROPE)                                                                  \
-        }                                                                                                       \
+#define ATTN_KERNEL(NAME, THREADS, HPASS, ROPE, CL)                                                                 \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                           \
+        NAME(const __nv_bfloat16* q, __nv_bfloat16* kc, __nv_bfloat16* vc, const u32* pos,                          \
+             const u32* seq, const u32* tables, int max_blocks, int bs, int Hq, int Hkv, int D, float scale,        \
+             int max_chunks, float* part, u32* done, __nv_bfloat16* out, int decode, const float* qkv,              \
+             const float* qn, const float* kn, float eps, const float* rope, const u32* slots,                      \
+             __nv_bfloat16* q_out) {                                                                                \
+        RopeIn ri = {qkv, qn, kn, eps, rope, slots, q_out};                                                         \
+        switch (D / 32) {                                                                                           \
+            ATTN_CASE(1, THREADS, HPASS, ROPE, CL)                                                                  \
+            ATTN_CASE(2, THREADS, HPASS, ROPE, CL)                                                                  \
+            ATTN_CASE(4, THREADS, HPASS, ROPE, CL)                                                                  \
+            ATTN_CASE(8, THREADS, HPASS, ROPE, CL)                                                                  \
+        }                                                                                                           \
     }
-ATTN_KERNEL(attn_chunk, 256, 4, false)
-ATTN_KERNEL(attn_rope_chunk, 256, 4, true)
+ATTN_KERNEL(attn_chunk, 256, 4, false, false)
+ATTN_KERNEL(attn_rope_chunk, 256, 4, true, false)
+// attn_rope_chunk launched as clusters of a (token, kv head)'s chunks: the
+// merge reads the partials from the blocks' shared memory, with no fence,
+// counter or round trip through L2.
+ATTN_KERNEL(attn_rope_cluster, 256, 4, true, true)
 
 // ---- large decode batches ---------------------------------------------------
 // One token per sequence and many blocks: a block per (token, kv head) and

@@ -1,7 +1,8 @@
 //! Launcher for attention.cu: per-chunk partials, merged in order by the
 //! last block of each (token or query tile, kv head) to finish. Small
 //! decode batches take attn_chunk (with one token per sequence, q/k-norm
-//! and RoPE in the same kernel: attn_rope_chunk), large ones attn_span,
+//! and RoPE in the same kernel: attn_rope_chunk, or attn_rope_cluster,
+//! whose chunks merge through shared memory), large ones attn_span,
 //! and batches with prompt tokens attn_tile. Rows announced for the tensor
 //! cores go to attention_tc.rs first.
 
@@ -25,6 +26,11 @@ const HPASS: usize = 4;
 /// and values, the group's scores, then the first pass's q heads in f32.
 pub(crate) fn chunk_smem(head_dim: usize, group: usize) -> usize {
     2 * CHUNK * head_dim * 2 + group * CHUNK * 4 + HPASS * head_dim * 4
+}
+/// attn_rope_cluster's: chunk_smem, then the chunk's partials (m, l and D
+/// sums for each of the group's q heads).
+fn cluster_smem(head_dim: usize, group: usize) -> usize {
+    chunk_smem(head_dim, group) + group * (head_dim + 2) * 4
 }
 const _: () = assert!(CHUNK == qwen_kernels_cpu::ATTN_CHUNK);
 /// Decode grids of up to this many (token, kv head, chunk) blocks take
@@ -191,13 +197,23 @@ impl CudaBackend {
             ),
             (256, 1, 1),
         );
-        cfg.shared_mem_bytes = chunk_smem(d, group) as u32;
-        let name = if rope.is_some() {
-            "attn_rope_chunk"
+        // With RoPE, a (token, kv head)'s chunks run as one cluster where
+        // the GPU allows one that large, and merge through shared memory.
+        let cluster = rope.is_some() && chunks <= self.dev.max_cluster;
+        cfg.shared_mem_bytes = if cluster {
+            cluster_smem(d, group)
         } else {
-            "attn_chunk"
+            chunk_smem(d, group)
+        } as u32;
+        let name = match (&rope, cluster) {
+            (Some(_), true) => "attn_rope_cluster",
+            (Some(_), false) => "attn_rope_chunk",
+            (None, _) => "attn_chunk",
         };
         let extra = |b: &mut Launch<'_>| -> Result<()> {
+            if cluster {
+                b.cluster((1, chunks as u32, 1));
+            }
             // One token per sequence (every batch here): rows before each
             // token's own position are older than this step, and the kernel
             // copies them before it waits.
@@ -221,11 +237,14 @@ impl CudaBackend {
             Ok(())
         };
         let q_in = if rope.is_some() { None } else { Some(q) };
-        // SAFETY: attn_chunk and attn_rope_chunk take `decode` and the seven
-        // RopeIn parameters after `out`, as pushed by `extra` (null for
-        // attn_chunk, which does not read them); the grid is one block per
-        // (token, kv head, chunk) and the shared memory a chunk's keys,
-        // values and scores, or the merge's factors (checked above).
+        // SAFETY: attn_chunk, attn_rope_chunk and attn_rope_cluster take
+        // `decode` and the seven RopeIn parameters after `out`, as pushed by
+        // `extra` (null for attn_chunk, which does not read them); the grid
+        // is one block per (token, kv head, chunk), as clusters of a (token,
+        // kv head)'s chunks for attn_rope_cluster (at most max_cluster, which
+        // the kernel opted in to), and the shared memory a chunk's keys,
+        // values, scores, q heads (and partials, in a cluster), or the
+        // merge's factors (checked above).
         unsafe {
             self.launch_attention(
                 name, cfg, q_in, k_cache, v_cache, meta, geo, scale, out, extra,

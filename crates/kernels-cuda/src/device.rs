@@ -69,7 +69,13 @@ const MODULES: &[(&str, &[&str], &[&str])] = &[
     (
         "attention",
         &[include_str!("attention.cu")],
-        &["attn_chunk", "attn_rope_chunk", "attn_tile", "attn_span"],
+        &[
+            "attn_chunk",
+            "attn_rope_chunk",
+            "attn_rope_cluster",
+            "attn_tile",
+            "attn_span",
+        ],
     ),
     (
         "attention_tc",
@@ -114,6 +120,7 @@ const LARGE_DYNAMIC_SMEM: &[&str] = &[
     "rms_norm_f32",
     "attn_chunk",
     "attn_rope_chunk",
+    "attn_rope_cluster",
     "attn_tile",
     "attn_span",
     "gemm_tc",
@@ -146,6 +153,10 @@ pub(crate) struct Device {
     pub arch: String,
     /// Whether kernels go out with programmatic dependent launch.
     pub dependent_launch: bool,
+    /// The most blocks attn_rope_cluster may take as one cluster: 16 (the
+    /// non-portable size Hopper allows, opted in at load), 0 without
+    /// clusters (before compute capability 9.0, or `QWEN_CUDA_CLUSTERS=0`).
+    pub max_cluster: usize,
     /// Shared memory a block may have, static and dynamic together.
     pub smem_optin: usize,
     /// Streaming multiprocessors: the grid of a kernel that keeps one
@@ -234,6 +245,11 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
         name,
         arch,
         dependent_launch: dependent_launch(major),
+        max_cluster: if clusters(major) {
+            NON_PORTABLE_CLUSTER
+        } else {
+            0
+        },
         smem_optin: smem_optin.max(0) as usize,
         sm_count: sm_count.max(0) as usize,
         layer_kernel: false,
@@ -260,6 +276,13 @@ fn load_module(
         if LARGE_DYNAMIC_SMEM.contains(&n) || crate::attention_tc::KERNELS.contains(&n) {
             allow_all_dynamic_smem(&f, smem_optin)?;
         }
+        if CLUSTER_KERNELS.contains(&n) && clusters(arch_major(arch)) {
+            f.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                1,
+            )
+            .map_err(dev)?;
+        }
         kernels.insert(n, f);
     }
     Ok(module)
@@ -284,6 +307,23 @@ impl Device {
         self.layer_kernel = true;
         Ok(())
     }
+}
+
+/// The compute capability's major number of an `sm_XY` arch name.
+fn arch_major(arch: &str) -> i32 {
+    arch.trim_start_matches("sm_")
+        .parse::<i32>()
+        .map_or(0, |v| v / 10)
+}
+
+/// Kernels launched as thread block clusters of up to NON_PORTABLE_CLUSTER blocks.
+const CLUSTER_KERNELS: &[&str] = &["attn_rope_cluster"];
+const NON_PORTABLE_CLUSTER: usize = 16;
+
+/// Thread block clusters need compute capability 9.0 (Hopper);
+/// `QWEN_CUDA_CLUSTERS=0` turns them off, to measure what they gain.
+fn clusters(major: i32) -> bool {
+    major >= 9 && std::env::var("QWEN_CUDA_CLUSTERS").map_or(true, |v| v != "0")
 }
 
 /// Programmatic dependent launch needs compute capability 9.0 (Hopper);

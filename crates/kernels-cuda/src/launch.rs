@@ -83,6 +83,7 @@ pub(crate) struct Launch<'a> {
     func: &'a CudaFunction,
     stream: &'a CudaStream,
     dependent: bool,
+    cluster: Option<(u32, u32, u32)>,
     vals: [u64; MAX_ARGS],
     n: usize,
 }
@@ -94,6 +95,14 @@ impl Launch<'_> {
             *v = bits;
         }
         self.n += 1;
+        self
+    }
+
+    /// Launches the grid as thread block clusters of `dims` blocks (each
+    /// dimension dividing the grid's; at most 8 blocks, or 16 for a kernel
+    /// that opted in to non-portable sizes).
+    pub(crate) fn cluster(&mut self, dims: (u32, u32, u32)) -> &mut Self {
+        self.cluster = Some(dims);
         self
     }
 
@@ -118,9 +127,22 @@ impl Launch<'_> {
         }
         // SAFETY: an all-zero attribute is a valid plain-data value; the
         // union member written next is the one its id selects.
-        let mut attr: CUlaunchAttribute = std::mem::zeroed();
-        attr.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        attr.value.programmaticStreamSerializationAllowed = 1;
+        let mut attrs: [CUlaunchAttribute; 2] = std::mem::zeroed();
+        let mut n_attrs = 0;
+        if self.dependent {
+            let a = &mut attrs[n_attrs];
+            a.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            a.value.programmaticStreamSerializationAllowed = 1;
+            n_attrs += 1;
+        }
+        if let Some((x, y, z)) = self.cluster {
+            let a = &mut attrs[n_attrs];
+            a.id = CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            a.value.clusterDim.x = x;
+            a.value.clusterDim.y = y;
+            a.value.clusterDim.z = z;
+            n_attrs += 1;
+        }
         let config = CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -130,8 +152,8 @@ impl Launch<'_> {
             blockDimZ: cfg.block_dim.2,
             sharedMemBytes: cfg.shared_mem_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: u32::from(self.dependent),
+            attrs: attrs.as_mut_ptr(),
+            numAttrs: n_attrs as u32,
         };
         // SAFETY: `ptrs` points at `self.n` live 8-byte values in `self.vals`
         // for the call's duration; the caller vouches for their meaning.
@@ -157,6 +179,7 @@ impl CudaBackend {
             func,
             stream: &self.dev.stream,
             dependent: self.dev.dependent_launch,
+            cluster: None,
             vals: [0; MAX_ARGS],
             n: 0,
         }

@@ -625,6 +625,10 @@ fn qk_norm_rope_and_attention() {
         // group. (The 64 sequences above exceed the one-kernel grid: two
         // kernels.)
         (16, 8, 128, vec![(64, 1), (65, 1), (128, 1), (2, 1)]),
+        // Clusters of 8 and 16 chunks (attn_rope_cluster; the 1,000-position
+        // case below is a group of 8 in clusters of 16).
+        (16, 8, 128, vec![(500, 1)]),
+        (16, 8, 128, vec![(1024, 1)]),
         (40, 8, 128, vec![(150, 1), (33, 1)]),
         (8, 1, 256, vec![(200, 1)]),
         (4, 2, 32, vec![(5, 1), (77, 1)]),
