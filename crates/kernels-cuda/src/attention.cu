@@ -192,6 +192,41 @@ __device__ __forceinline__ void copy_kv_rows(__nv_bfloat16* ks, __nv_bfloat16* v
     }
 }
 
+// NV sums (a power of two up to 32), each over the warp's lanes, as the
+// head butterfly (head_combine) forms them: at each of its steps (lanes
+// 16, 8, 4, 2, 1 apart) lane l adds its partner's value to its own, but of
+// half the sums still open, the half its own bit of that distance selects,
+// so NV - 1 shuffles serve all NV sums instead of 5 each. Returns sum
+// `idx` = l >> (5 - log2 NV); lanes of a group of 32 / NV hold the same.
+template <int N, int D>
+__device__ __forceinline__ void reduce_scatter_step(float* v, int lane, int& idx) {
+    if (N > 1) {
+        const int H = N > 1 ? N / 2 : 1;
+        bool up = (lane & D) != 0;
+#pragma unroll
+        for (int i = 0; i < H; i++) {
+            float send = up ? v[i] : v[i + H];
+            float keep = up ? v[i + H] : v[i];
+            v[i] = keep + __shfl_xor_sync(0xffffffffu, send, D);
+        }
+        if (up) idx += H;
+    } else {
+        v[0] = v[0] + __shfl_xor_sync(0xffffffffu, v[0], D);
+    }
+}
+
+template <int NV>
+__device__ __forceinline__ float lanes_reduce_scatter(float (&v)[NV], int& idx) {
+    int lane = threadIdx.x % 32;
+    idx = 0;
+    reduce_scatter_step<NV, 16>(v, lane, idx);
+    reduce_scatter_step<(NV > 1 ? NV / 2 : 1), 8>(v, lane, idx);
+    reduce_scatter_step<(NV > 3 ? NV / 4 : 1), 4>(v, lane, idx);
+    reduce_scatter_step<(NV > 7 ? NV / 8 : 1), 2>(v, lane, idx);
+    reduce_scatter_step<(NV > 15 ? NV / 16 : 1), 1>(v, lane, idx);
+    return v[0];
+}
+
 // One chunk's partials for the G q heads of a (token, kv head), from its
 // `len` keys and values in shared memory: m_c, l_c and o_c of head hh go to
 // dst[hh·stride ..]. `qv` holds the first pass's q (HPASS heads);
@@ -206,8 +241,35 @@ __device__ __forceinline__ void chunk_partials(const __nv_bfloat16* ks, const __
     // Scores: warp w takes positions w, w + WARPS, ...; lane l owns elements
     // [l·PER, (l+1)·PER) of the head, summed in order, then the head
     // butterfly. Each key serves HPASS heads per pass.
+    const int RPW = CHUNK / WARPS, NV = RPW * HPASS;
     for (int h0 = 0; h0 < G; h0 += HPASS) {
         if (h0 > 0) next_q(h0, qv);
+        if (NV <= 32 && (NV & (NV - 1)) == 0) {
+            // Every (position, head) of the warp's share at once, then one
+            // reduce-scatter (lanes_reduce_scatter: the butterfly's sums)
+            // instead of a butterfly per score one after another.
+            float v[NV];
+#pragma unroll
+            for (int r = 0; r < RPW; r++) {
+                int j = warp + r * WARPS;
+                const __nv_bfloat16* k = ks + (j < len ? j : 0) * D + lane * PER;
+                float kf[PER];
+#pragma unroll
+                for (int e = 0; e < PER; e++) kf[e] = bf(k[e]);
+#pragma unroll
+                for (int hh = 0; hh < HPASS; hh++) {
+                    float a = 0.0f;
+#pragma unroll
+                    for (int e = 0; e < PER; e++) a = a + qv[hh][e] * kf[e];
+                    v[r * HPASS + hh] = a;
+                }
+            }
+            int idx;
+            float a = lanes_reduce_scatter<NV>(v, idx);
+            int r = idx / HPASS, hh = idx % HPASS, j = warp + r * WARPS;
+            if ((lane & (32 / NV - 1)) == 0 && h0 + hh < G && j < len) sc[(h0 + hh) * CHUNK + j] = a * scale;
+            continue;
+        }
         // A position at a time: unrolling over positions multiplies the
         // code a block runs once, and instruction fetch, not arithmetic,
         // bounds this kernel (BENCHMARKS.md).
