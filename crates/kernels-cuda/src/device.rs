@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DriverError};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError};
 use half::{bf16, f16};
 use qwen_tensor::{DType, Error, Result, Tensor};
 
@@ -232,10 +232,15 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
         .map_err(dev)?;
     let trace = Trace::from_env(&stream)?;
     for m in MODULES {
-        let module = load_module(&ctx, *m, &arch, smem_optin, &mut kernels)?;
-        if let Some(t) = &trace {
-            t.attach(&module, &stream)?;
-        }
+        load_module(
+            &ctx,
+            &stream,
+            *m,
+            &arch,
+            smem_optin,
+            trace.as_ref(),
+            &mut kernels,
+        )?;
     }
     let name = ctx.name().map_err(dev)?;
     let mut d = Device {
@@ -261,14 +266,17 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
     Ok(d)
 }
 
-/// Compiles (or takes from the cache) one module and adds its kernels.
+/// Compiles (or takes from the cache) one module, adds its kernels, and
+/// hands the module the kernel trace's buffer when there is one.
 fn load_module(
     ctx: &Arc<CudaContext>,
+    stream: &Arc<CudaStream>,
     (file, parts, names): (&str, &[&str], &[&'static str]),
     arch: &str,
     smem_optin: i32,
+    trace: Option<&Trace>,
     kernels: &mut HashMap<&'static str, CudaFunction>,
-) -> Result<Arc<CudaModule>> {
+) -> Result<()> {
     let ptx = compile::compile(file, &parts.concat(), arch)?;
     let module = ctx.load_module(ptx).map_err(dev)?;
     for &n in names.iter() {
@@ -285,7 +293,10 @@ fn load_module(
         }
         kernels.insert(n, f);
     }
-    Ok(module)
+    if let Some(t) = trace {
+        t.attach(&module, stream)?;
+    }
+    Ok(())
 }
 
 impl Device {
@@ -293,16 +304,15 @@ impl Device {
     pub(crate) fn enable_layer_kernel(&mut self) -> Result<()> {
         if !self.kernels.contains_key("decoder_layer_t1") {
             let optin = i32::try_from(self.smem_optin).unwrap_or(i32::MAX);
-            let module = load_module(
+            load_module(
                 &self.ctx,
+                &self.stream,
                 LAYER_MODULE,
                 &self.arch,
                 optin,
+                self.trace.as_ref(),
                 &mut self.kernels,
             )?;
-            if let Some(t) = &self.trace {
-                t.attach(&module, &self.stream)?;
-            }
         }
         self.layer_kernel = true;
         Ok(())
