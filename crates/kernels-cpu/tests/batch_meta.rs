@@ -1,6 +1,7 @@
 //! The batch metadata a backend keeps between forward passes: `update_batch`
 //! must leave it exactly as `upload_batch` would make it, including the
-//! query tiles it may skip rewriting for decode steps.
+//! query tiles, sequence rows and block tables it may skip rewriting for
+//! decode steps.
 
 use qwen_kernels_cpu::CpuBackend;
 use qwen_tensor::{Backend, BatchLayout, BatchMeta, HostVec};
@@ -15,10 +16,31 @@ fn layout(positions: &[u32], seqs: &[u32], n_seqs: usize) -> BatchLayout {
     }
 }
 
-fn tiles(b: &CpuBackend, m: &BatchMeta<CpuBackend>) -> Vec<u32> {
-    match b.download(m.query_tiles()).unwrap() {
+fn u32s(b: &CpuBackend, t: &qwen_tensor::Tensor<CpuBackend>) -> Vec<u32> {
+    match b.download(t).unwrap() {
         HostVec::U32(v) => v,
-        other => panic!("query tiles are {other:?}"),
+        other => panic!("batch metadata is {other:?}"),
+    }
+}
+
+fn tiles(b: &CpuBackend, m: &BatchMeta<CpuBackend>) -> Vec<u32> {
+    u32s(b, m.query_tiles())
+}
+
+#[test]
+fn update_batch_keeps_rows_and_tables_current() {
+    let b = CpuBackend::new();
+    let first = layout(&[3, 9], &[0, 1], 2);
+    let mut m = b.upload_batch(&first).unwrap();
+    let mut moved = layout(&[4, 10], &[0, 1], 2);
+    moved.block_tables[5] = 7; // the second sequence's second block moved
+    let swapped = layout(&[11, 5], &[1, 0], 2); // rows in the other order
+    for l in [&first, &moved, &moved, &swapped, &first, &swapped] {
+        b.update_batch(&mut m, l).unwrap();
+        assert_eq!(u32s(&b, m.positions()), l.positions);
+        assert_eq!(u32s(&b, m.seq_of_token()), l.seq_of_token);
+        assert_eq!(u32s(&b, m.block_tables()), l.block_tables);
+        assert_eq!(u32s(&b, m.slots()), l.slots());
     }
 }
 

@@ -188,6 +188,11 @@ pub struct BatchMeta<B: Backend> {
     pub(crate) max_context: usize,
     pub(crate) positions_end: usize,
     pub(crate) slots_end: usize,
+    /// What `seq_of_token` and `block_tables` hold, so that a refresh
+    /// writes them only when they change (a decode step's block tables
+    /// change once every block_size steps).
+    pub(crate) host_seq_of_token: Vec<u32>,
+    pub(crate) host_block_tables: Vec<u32>,
 }
 
 impl<B: Backend> BatchMeta<B> {

@@ -101,8 +101,15 @@ pub trait Backend: Sized + Send + Sync {
         }
         self.write(&mut meta.positions, HostSlice::U32(&layout.positions))?;
         self.write(&mut meta.slots, HostSlice::U32(&layout.slots()))?;
-        self.write(&mut meta.seq_of_token, HostSlice::U32(&layout.seq_of_token))?;
-        self.write(&mut meta.block_tables, HostSlice::U32(&layout.block_tables))?;
+        // Each write is a host-to-device copy on the step's critical path.
+        if meta.host_seq_of_token != layout.seq_of_token {
+            self.write(&mut meta.seq_of_token, HostSlice::U32(&layout.seq_of_token))?;
+            meta.host_seq_of_token.clone_from(&layout.seq_of_token);
+        }
+        if meta.host_block_tables != layout.block_tables {
+            self.write(&mut meta.block_tables, HostSlice::U32(&layout.block_tables))?;
+            meta.host_block_tables.clone_from(&layout.block_tables);
+        }
         let single = BatchLayout::tiles_are_tokens(&tiles);
         if !(single && meta.tiles_are_tokens) {
             self.write(&mut meta.query_tiles, HostSlice::U32(&tiles))?;
@@ -318,5 +325,7 @@ fn upload_batch_tiles<B: Backend>(
         max_context: layout.max_context(),
         positions_end: layout.max_context(),
         slots_end,
+        host_seq_of_token: layout.seq_of_token.clone(),
+        host_block_tables: layout.block_tables.clone(),
     })
 }
