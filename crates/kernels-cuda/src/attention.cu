@@ -242,39 +242,15 @@ __device__ __forceinline__ void chunk_partials(const __nv_bfloat16* ks, const __
     // [l·PER, (l+1)·PER) of the head, summed in order, then the head
     // butterfly. Each key serves HPASS heads per pass.
     const int RPW = CHUNK / WARPS, NV = RPW * HPASS;
+    static_assert(NV <= 32 && (NV & (NV - 1)) == 0, "a power of two of sums, at most one a lane");
     for (int h0 = 0; h0 < G; h0 += HPASS) {
         if (h0 > 0) next_q(h0, qv);
-        if (NV <= 32 && (NV & (NV - 1)) == 0) {
-            // Every (position, head) of the warp's share at once, then one
-            // reduce-scatter (lanes_reduce_scatter: the butterfly's sums)
-            // instead of a butterfly per score one after another.
-            float v[NV];
+        // Every (position, head) of the warp's share at once, then one
+        // reduce-scatter (lanes_reduce_scatter: the butterfly's sums) instead
+        // of a butterfly per score one after another.
+        float v[NV];
 #pragma unroll
-            for (int r = 0; r < RPW; r++) {
-                int j = warp + r * WARPS;
-                const __nv_bfloat16* k = ks + (j < len ? j : 0) * D + lane * PER;
-                float kf[PER];
-#pragma unroll
-                for (int e = 0; e < PER; e++) kf[e] = bf(k[e]);
-#pragma unroll
-                for (int hh = 0; hh < HPASS; hh++) {
-                    float a = 0.0f;
-#pragma unroll
-                    for (int e = 0; e < PER; e++) a = a + qv[hh][e] * kf[e];
-                    v[r * HPASS + hh] = a;
-                }
-            }
-            int idx;
-            float a = lanes_reduce_scatter<NV>(v, idx);
-            int r = idx / HPASS, hh = idx % HPASS, j = warp + r * WARPS;
-            if ((lane & (32 / NV - 1)) == 0 && h0 + hh < G && j < len) sc[(h0 + hh) * CHUNK + j] = a * scale;
-            continue;
-        }
-        // A position at a time: unrolling over positions multiplies the
-        // code a block runs once, and instruction fetch, not arithmetic,
-        // bounds this kernel (BENCHMARKS.md).
-#pragma unroll 1
-        for (int r = 0; r < CHUNK / WARPS; r++) {
+        for (int r = 0; r < RPW; r++) {
             int j = warp + r * WARPS;
             const __nv_bfloat16* k = ks + (j < len ? j : 0) * D + lane * PER;
             float kf[PER];
@@ -282,15 +258,16 @@ __device__ __forceinline__ void chunk_partials(const __nv_bfloat16* ks, const __
             for (int e = 0; e < PER; e++) kf[e] = bf(k[e]);
 #pragma unroll
             for (int hh = 0; hh < HPASS; hh++) {
-                if (h0 + hh < G) {
-                    float a = 0.0f;
+                float a = 0.0f;
 #pragma unroll
-                    for (int e = 0; e < PER; e++) a = a + qv[hh][e] * kf[e];
-                    a = head_combine(a);
-                    if (lane == 0 && j < len) sc[(h0 + hh) * CHUNK + j] = a * scale;
-                }
+                for (int e = 0; e < PER; e++) a = a + qv[hh][e] * kf[e];
+                v[r * HPASS + hh] = a;
             }
         }
+        int idx;
+        float a = lanes_reduce_scatter<NV>(v, idx);
+        int r = idx / HPASS, hh = idx % HPASS, j = warp + r * WARPS;
+        if ((lane & (32 / NV - 1)) == 0 && h0 + hh < G && j < len) sc[(h0 + hh) * CHUNK + j] = a * scale;
     }
     __syncthreads();
     // Per head: the max (exact in any order), e_p = exp(s_p - m), and l = sum
