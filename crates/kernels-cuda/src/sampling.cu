@@ -90,10 +90,14 @@ extern "C" __global__ void repetition_penalty(float* logits, int V, const u32* p
 //
 // Tokens with z - z_max < -30 have q = 0 (exp(-30) * 2^40 < 0.1); they form
 // a suffix in rank order and can change neither a sum nor a draw, and a
-// top-k cut that reaches them keeps every other token. So the block first
-// compacts the remaining "live" tokens (key, e) into a per-row scratch
-// buffer, and every later pass reads only those; once top-k leaves at most
-// SHARED_CAP candidates, they move to shared memory.
+// top-k cut that reaches them keeps every other token, so only the other,
+// "live" tokens are candidates. A pass over the whole row reads the logits
+// themselves and works out each token's liveness, key and e again (a few
+// instructions against the 12 bytes a stored key and weight would cost to
+// write and read back each pass): the row is read, never written. Once at
+// most SHARED_CAP candidates are left (after top-k, or within the digit a
+// descent has fixed so far), they are copied to shared memory and the
+// remaining passes stay on chip.
 // ---------------------------------------------------------------------------
 
 typedef unsigned long long u64;
@@ -137,6 +141,7 @@ struct Hist {
     u64 t_next;        // target within the chosen digit
     u64 key;           // the fetched key of a single-candidate digit
     int digit;         // chosen digit, -1 if the total is <= the target
+    int n_copied;      // candidates copied to shared memory so far
 };
 
 // Adds a thread's accumulated (weight, count) of one digit to the histogram.
@@ -151,22 +156,63 @@ __device__ __forceinline__ void flush(Hist& s, bool by_count, u32 d, u64 w, u32 
     if (wh != 0) atomicAdd(&s.hi[d], wh);
 }
 
-// Among the candidates keys[0..n) with key <= kmax (kmin: the smallest, the
+// A row of logits as the sampler's candidates: token i's z, whether it is
+// live, its rank key and weight e, all computed from the logit on every read
+// exactly as the spec computes them once.
+struct Row {
+    const float* x;
+    float temp, z_max;
+    int V, nb;
+    // z of token i (NaN counts as -inf) and whether the token is live (for
+    // the infinite cases, where z - z_max is NaN, it is).
+    __device__ __forceinline__ bool live(int i, float& z) const {
+        z = x[i] / temp;
+        if (isnan(z)) z = __int_as_float(0xff800000);
+        return !(z - z_max < -30.0f);
+    }
+    __device__ __forceinline__ float weight(float z) const {
+        return z == z_max ? 1.0f : q_exp(z - z_max);
+    }
+};
+
+// Reads candidate j of the current source: the row (j a token index, dead
+// tokens skipped) or the n_sh candidates copied to shared memory. Returns
+// false for a token that is not a candidate of the pass: dead, outside the
+// digits fixed so far (key >> hi != high), above kmax, or (when the weight
+// counts) below min_p.
+__device__ __forceinline__ bool candidate(const Row& row, bool in_sh, const u64* sh_keys,
+                                          const float* sh_es, int j, int hi, u64 high,
+                                          u64 kmax, float min_p, bool by_count, u64& key,
+                                          float& e) {
+    if (in_sh) {
+        key = sh_keys[j];
+        if ((key >> hi) != high || key > kmax) return false;
+        if (!by_count) e = sh_es[j];
+    } else {
+        float z;
+        if (!row.live(j, z)) return false;
+        key = rank_key(z, j, row.nb);
+        if ((key >> hi) != high || key > kmax) return false;
+        if (!by_count) e = row.weight(z);
+    }
+    return by_count || e >= min_p;
+}
+
+// Among the candidates (the row's live tokens, or the n_sh already in
+// shared memory when n_sh >= 0) with key <= kmax (kmin: the smallest, the
 // top token) and, unless by_count, e >= min_p, weighted by 1 (by_count) or
 // q: finds the first in key order whose inclusive prefix sum of weights
 // exceeds the target (see T_*; `frac` is top_p or u, `fixed` the T_FIXED
-// target). All threads of the block must call it together; returns whether
-// such a candidate exists and, if so, its key in *out.
-__device__ bool select_key(const u64* keys, const float* es, int n, u64 kmin, u64 kmax,
-                           float min_p, bool by_count, int mode, float frac, u64 fixed, Hist& s,
-                           u64* out) {
+// target). A descent over the row copies its candidates to sh_keys/sh_es
+// once at most SHARED_CAP remain. All threads of the block must call it
+// together; returns whether such a candidate exists and, if so, its key in
+// *out.
+__device__ bool select_key(const Row& row, u64* sh_keys, float* sh_es, int n_sh, u64 kmin,
+                           u64 kmax, float min_p, bool by_count, int mode, float frac, u64 fixed,
+                           Hist& s, u64* out) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int nwarps = blockDim.x >> 5;
-    // Each warp reads a contiguous segment, its lanes side by side: loads
-    // coalesce, and a thread's successive keys lie close in the compacted
-    // order (roughly index order), so runs of one digit are long.
-    const int seg = (n + nwarps - 1) / nwarps;
-    const int j_end = min(n, (warp + 1) * seg);
+    bool in_sh = n_sh >= 0;
     // Bits above the highest one where kmin and kmax differ are shared by
     // every candidate: the descent starts below them. Keys are < 2^63, so
     // hi <= 63 and the shifts below are defined.
@@ -176,6 +222,12 @@ __device__ bool select_key(const u64* keys, const float* es, int n, u64 kmin, u6
     u64 t = fixed;
     bool first = true;
     for (;;) {
+        // Each warp reads a contiguous segment, its lanes side by side:
+        // loads coalesce, and a thread's successive keys lie close in index
+        // order, so runs of one digit are long.
+        const int n = in_sh ? n_sh : row.V;
+        const int seg = (n + nwarps - 1) / nwarps;
+        const int j_end = min(n, (warp + 1) * seg);
         // Digit bits [lo, hi); hi == 0 (one key left) gives a 0-bit digit.
         const int lo = hi > RADIX_BITS ? hi - RADIX_BITS : 0;
         const u32 dmask = (1u << (hi - lo)) - 1u;
@@ -200,14 +252,11 @@ __device__ bool select_key(const u64* keys, const float* es, int n, u64 kmin, u6
         }
         int victim = 0;
         for (int j = warp * seg + lane; j < j_end; j += 32) {
-            u64 ck = keys[j];
-            if ((ck >> hi) != high || ck > kmax) continue;
-            u64 w = 1;
-            if (!by_count) {
-                float e = es[j];
-                if (!(e >= min_p)) continue;
-                w = quantise(e);
-            }
+            u64 ck;
+            float e = 0.0f;
+            if (!candidate(row, in_sh, sh_keys, sh_es, j, hi, high, kmax, min_p, by_count, ck, e))
+                continue;
+            const u64 w = by_count ? 1 : quantise(e);
             u32 d = (u32)(ck >> lo) & dmask;
             bool hit = false;
 #pragma unroll
@@ -284,18 +333,49 @@ __device__ bool select_key(const u64* keys, const float* es, int n, u64 kmin, u6
             __syncthreads();
             return true;
         }
-        if (s.count[d] == 1) {
+        const u32 left = s.count[d];
+        if (left == 1) {
             // One candidate left: fetch its key in one plain pass instead
             // of descending through the remaining digits.
-            const u64 hp = prefix >> lo;
             for (int j = warp * seg + lane; j < j_end; j += 32) {
-                u64 ck = keys[j];
-                if ((ck >> lo) == hp && ck <= kmax && (by_count || es[j] >= min_p)) s.key = ck;
+                u64 ck;
+                float e = 0.0f;
+                if (candidate(row, in_sh, sh_keys, sh_es, j, lo, prefix >> lo, kmax, min_p,
+                              by_count, ck, e))
+                    s.key = ck;
             }
             __syncthreads();
             *out = s.key;
             __syncthreads();
             return true;
+        }
+        if (!in_sh && left <= SHARED_CAP) {
+            // The fixed digits leave few candidates: one more pass over the
+            // row copies them to shared memory for the rest of the descent.
+            if (tid == 0) s.n_copied = 0;
+            __syncthreads();
+            for (int j0 = warp * seg; j0 < j_end; j0 += 32) {
+                const int j = j0 + lane;
+                u64 ck = 0;
+                float e = 0.0f;
+                const bool in = j < j_end && candidate(row, false, sh_keys, sh_es, j, lo,
+                                                       prefix >> lo, kmax, min_p, by_count, ck, e);
+                const u32 mask = __ballot_sync(FULL_MASK, in);
+                if (mask != 0) {
+                    const int leader = __ffs(mask) - 1;
+                    int base = 0;
+                    if (lane == leader) base = atomicAdd(&s.n_copied, __popc(mask));
+                    base = __shfl_sync(FULL_MASK, base, leader);
+                    if (in) {
+                        const int pos = base + __popc(mask & ((1u << lane) - 1u));
+                        sh_keys[pos] = ck;
+                        sh_es[pos] = e;
+                    }
+                }
+            }
+            __syncthreads();
+            n_sh = s.n_copied;  // == left
+            in_sh = true;
         }
         hi = lo;
         __syncthreads();  // everyone has read s before it is reset
@@ -303,12 +383,10 @@ __device__ bool select_key(const u64* keys, const float* es, int n, u64 kmin, u6
 }
 
 // params: 5 words per row, [temperature, k, top_p, min_p, u], f32 bits
-// except k = min(top_k, V) (V when top_k is 0). keys/es: V-element scratch
-// per row. nb: bit length of V - 1. Needs blockDim.x = SAMPLE_THREADS (at
-// least RADIX, a multiple of 32).
+// except k = min(top_k, V) (V when top_k is 0). nb: bit length of V - 1.
+// Needs blockDim.x = SAMPLE_THREADS (at least RADIX, a multiple of 32).
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
-sample_rows(const float* logits, int V, int nb, const u32* params, u64* keys_all, float* es_all,
-            u32* out) {
+sample_rows(const float* logits, int V, int nb, const u32* params, u32* out) {
     wait_for_producers();
     start_dependents();
     __shared__ Hist s;
@@ -316,12 +394,10 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u64* keys_all
     __shared__ float sh_es[SHARED_CAP];
     __shared__ float warp_max[32];
     __shared__ u64 kmin_s, kmax_s;
-    __shared__ int live_n, sh_n;
+    __shared__ int live_n;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int nwarps = blockDim.x >> 5;
     const float* x = logits + (size_t)blockIdx.x * V;
-    u64* keys = keys_all + (size_t)blockIdx.x * V;
-    float* es = es_all + (size_t)blockIdx.x * V;
     const u32* p = params + 5 * (size_t)blockIdx.x;
     const float temp = __uint_as_float(p[0]);
     const u32 k = p[1];
@@ -346,9 +422,9 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u64* keys_all
     if (lane == 0) warp_max[warp] = m;
     if (tid == 0) {
         live_n = 0;
-        sh_n = 0;
         kmin_s = ~0ull;
         kmax_s = 0;
+        s.n_copied = 0;
     }
     __syncthreads();
     if (warp == 0) {
@@ -361,40 +437,20 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u64* keys_all
         if (lane == 0) warp_max[0] = m;
     }
     __syncthreads();
-    const float z_max = warp_max[0];
+    const Row row = {x, temp, warp_max[0], V, nb};
 
-    // Step 2: compact the live tokens (z - z_max >= -30, or z == z_max for
-    // the infinite cases where the difference is NaN) with their rank key
-    // and weight e. Positions come from one atomic per warp, so the order
-    // varies from run to run; nothing below depends on it.
+    // Step 2: the live tokens (z - z_max >= -30, or z == z_max for the
+    // infinite cases where the difference is NaN): how many, and the
+    // smallest and largest rank key among them.
     u64 lmin = ~0ull, lmax = 0;
-    for (int i0 = 0; i0 < V; i0 += blockDim.x) {
-        const int i = i0 + tid;
-        bool live = false;
-        u64 ck = 0;
-        float e = 0.0f;
-        if (i < V) {
-            float z = x[i] / temp;
-            if (isnan(z)) z = neg_inf;
-            live = !(z - z_max < -30.0f);
-            if (live) {
-                e = z == z_max ? 1.0f : q_exp(z - z_max);
-                ck = rank_key(z, i, nb);
-            }
-        }
-        const u32 mask = __ballot_sync(FULL_MASK, live);
-        if (mask != 0) {
-            const int leader = __ffs(mask) - 1;
-            int base = 0;
-            if (lane == leader) base = atomicAdd(&live_n, __popc(mask));
-            base = __shfl_sync(FULL_MASK, base, leader);
-            if (live) {
-                const int pos = base + __popc(mask & ((1u << lane) - 1u));
-                keys[pos] = ck;
-                es[pos] = e;
-                lmin = ck < lmin ? ck : lmin;
-                lmax = ck > lmax ? ck : lmax;
-            }
+    int live = 0;
+    for (int i = tid; i < V; i += blockDim.x) {
+        float z;
+        if (row.live(i, z)) {
+            const u64 ck = rank_key(z, i, nb);
+            live += 1;
+            lmin = ck < lmin ? ck : lmin;
+            lmax = ck > lmax ? ck : lmax;
         }
     }
 #pragma unroll
@@ -403,8 +459,10 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u64* keys_all
         u64 b = __shfl_xor_sync(FULL_MASK, lmax, o);
         lmin = a < lmin ? a : lmin;
         lmax = b > lmax ? b : lmax;
+        live += __shfl_xor_sync(FULL_MASK, live, o);
     }
     if (lane == 0) {
+        atomicAdd(&live_n, live);
         atomicMin(&kmin_s, lmin);
         atomicMax(&kmax_s, lmax);
     }
@@ -417,46 +475,51 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u64* keys_all
     u64 kcut = kmax;
     int cand = n;
     if (k < (u32)n) {
-        select_key(keys, es, n, kmin, kmax, 0.0f, true, T_FIXED, 0.0f, (u64)k - 1, s, &kcut);
+        select_key(row, sh_keys, sh_es, -1, kmin, kmax, 0.0f, true, T_FIXED, 0.0f, (u64)k - 1,
+                   s, &kcut);
         cand = (int)k;
     }
-    // Few candidates (the usual top_k, or a peaked row): move them to
+    // Few candidates (the usual top_k, or a peaked row): copy them to
     // shared memory, so the remaining passes stay on chip.
-    const u64* ckeys = keys;
-    const float* ces = es;
-    int cn = n;
+    int n_sh = -1;
     if (cand <= SHARED_CAP) {
-        for (int j0 = 0; j0 < n; j0 += blockDim.x) {
-            const int j = j0 + tid;
-            u64 ck = j < n ? keys[j] : 0;
-            const bool in = j < n && ck <= kcut;
+        if (tid == 0) s.n_copied = 0;
+        __syncthreads();
+        for (int i0 = 0; i0 < V; i0 += blockDim.x) {
+            const int i = i0 + tid;
+            float z = 0.0f;
+            u64 ck = 0;
+            bool in = i < V && row.live(i, z);
+            if (in) {
+                ck = rank_key(z, i, nb);
+                in = ck <= kcut;
+            }
             const u32 mask = __ballot_sync(FULL_MASK, in);
             if (mask != 0) {
                 const int leader = __ffs(mask) - 1;
                 int base = 0;
-                if (lane == leader) base = atomicAdd(&sh_n, __popc(mask));
+                if (lane == leader) base = atomicAdd(&s.n_copied, __popc(mask));
                 base = __shfl_sync(FULL_MASK, base, leader);
                 if (in) {
                     const int pos = base + __popc(mask & ((1u << lane) - 1u));
                     sh_keys[pos] = ck;
-                    sh_es[pos] = es[j];
+                    sh_es[pos] = row.weight(z);
                 }
             }
         }
         __syncthreads();
-        ckeys = sh_keys;
-        ces = sh_es;
-        cn = sh_n;  // == cand
+        n_sh = s.n_copied;  // == cand
     }
     // Step 4: top-p keeps the prefix up to the first candidate whose
     // inclusive sum reaches tau (all if none does).
     u64 pcut = kcut;
     if (top_p < 1.0f)
-        select_key(ckeys, ces, cn, kmin, kcut, 0.0f, false, T_TOP_P, top_p, 0, s, &pcut);
+        select_key(row, sh_keys, sh_es, n_sh, kmin, kcut, 0.0f, false, T_TOP_P, top_p, 0, s,
+                   &pcut);
     // Steps 5 and 6: min-p is a per-token filter applied inside the draw
     // (e >= 0 always holds, so min_p = 0 filters nothing); the top token is
     // the fallback.
     u64 tok = kmin;
-    select_key(ckeys, ces, cn, kmin, pcut, min_p, false, T_DRAW, u, 0, s, &tok);
+    select_key(row, sh_keys, sh_es, n_sh, kmin, pcut, min_p, false, T_DRAW, u, 0, s, &tok);
     if (tid == 0) out[blockIdx.x] = (u32)(tok & ((1ull << nb) - 1ull));
 }

@@ -163,28 +163,16 @@ impl CudaBackend {
             .collect();
         let s = &self.dev.stream;
         let packed = s.clone_htod(&packed).map_err(dev)?;
-        // SAFETY: the kernel writes every scratch element before reading it
-        // (a row reads back only the live tokens it compacted in the same
-        // launch), so uninitialised memory is never observed.
-        let (mut keys, mut es) = unsafe {
-            (
-                s.alloc::<u64>(rows * v).map_err(dev)?,
-                s.alloc::<f32>(rows * v).map_err(dev)?,
-            )
-        };
         let mut out = s.alloc_zeros::<u32>(rows).map_err(dev)?;
         let mut b = self.launch(self.kernel("sample_rows"));
         b.arg(l)
             .arg(&vi)
             .arg(&nb)
             .arg(&packed)
-            .arg(&mut keys)
-            .arg(&mut es)
             .arg(&mut out);
         // SAFETY: argument order and types match sample_rows in sampling.cu;
-        // logits hold rows x V floats, params 5 words per row, each scratch
-        // buffer V elements per row, out one id per row; the kernel is
-        // compiled for 1024-thread blocks.
+        // logits hold rows x V floats, params 5 words per row, out one id
+        // per row; the kernel is compiled for 1024-thread blocks.
         unsafe { b.launch(grid((rows as u32, 1, 1), (SAMPLE_THREADS, 1, 1))) }.map_err(dev)?;
         s.clone_dtoh(&out).map_err(dev)
     }
