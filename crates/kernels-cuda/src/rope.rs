@@ -37,7 +37,8 @@ impl CudaBackend {
             int(OP, geo.num_kv_heads)?,
             int(OP, d)?,
         );
-        let heads = (geo.num_q_heads + 2 * geo.num_kv_heads) as u32;
+        let warps = tokens * (geo.num_q_heads + 2 * geo.num_kv_heads);
+        let ti = int(OP, tokens)?;
         let mut b = self.launch(self.kernel("qk_norm_rope_store"));
         b.arg(f32s(OP, "qkv", qkv)?)
             .arg(f32s(OP, "q_norm", q_norm)?)
@@ -49,16 +50,22 @@ impl CudaBackend {
             .arg(bf16s_mut(OP, "q_out", q_out)?)
             .arg(bf16s_mut(OP, "k_cache", k_cache)?)
             .arg(bf16s_mut(OP, "v_cache", v_cache)?)
+            .arg(&ti)
             .arg(&hq)
             .arg(&hkv)
             .arg(&di);
         // SAFETY: argument order and types match qk_norm_rope_store in rope.cu;
         // every position has a rope row and every slot is in the caches
         // (check_batch, on the bounds upload_batch recorded for these tensors).
-        unsafe { b.launch(grid((tokens as u32, heads, 1), (32, 1, 1))) }.map_err(dev)?;
+        // ROPE_WARPS warps a block, one per (token, head).
+        let blocks = warps.div_ceil(ROPE_WARPS) as u32;
+        unsafe { b.launch(grid((blocks, 1, 1), (32 * ROPE_WARPS as u32, 1, 1))) }.map_err(dev)?;
         Ok(())
     }
 }
+
+/// Warps a `qk_norm_rope_store` block (`ROPE_WARPS` in rope.cu).
+const ROPE_WARPS: usize = 8;
 
 /// The head widths attn_chunk is instantiated for (the shared checks
 /// cover the rest of the geometry).
