@@ -185,7 +185,6 @@ pub fn op_profile<B: Backend>(
     steps: usize,
 ) -> Result<Vec<(String, f64)>, String> {
     let err = |e: model_qwen3::ModelError| e.to_string();
-    let be = model.backend();
     let prompt: Vec<u32> = (0..context as u32).map(|i| i % 1000).collect();
     let mut cache = model
         .new_cache(seqs * (context + steps + 16))
@@ -201,23 +200,60 @@ pub fn op_profile<B: Backend>(
     for _ in 0..steps {
         let mut rows: Vec<(&mut Sequence, &[u32])> =
             batch.iter_mut().map(|s| (s, &next[..])).collect();
-        be.synchronize().map_err(|e| e.to_string())?;
-        let mut last = Instant::now();
-        model
-            .forward_tapped(&mut cache, &mut rows, Logits::Last, &mut |name, _| {
-                be.synchronize()?;
-                let op = name.rsplit('.').next().unwrap_or(name).to_string();
-                let dt = last.elapsed().as_secs_f64() * 1e6 / steps as f64;
-                match totals.iter_mut().find(|(n, _)| *n == op) {
-                    Some((_, t)) => *t += dt,
-                    None => totals.push((op, dt)),
-                }
-                last = Instant::now();
-                Ok(())
-            })
-            .map_err(err)?;
+        timed_pass(model, &mut cache, &mut rows, steps, &mut totals)?;
     }
     Ok(totals)
+}
+
+/// Where a prompt step's time goes: `steps` eager passes, each over the
+/// whole prompts of `seqs` fresh sequences of `prompt_len` tokens (one
+/// batch of `seqs * prompt_len` rows, as a chunked-prefill step of that
+/// many tokens), timed per op as [`op_profile`] does.
+pub fn prefill_op_profile<B: Backend>(
+    model: &Qwen3<B>,
+    seqs: usize,
+    prompt_len: usize,
+    steps: usize,
+) -> Result<Vec<(String, f64)>, String> {
+    let err = |e: model_qwen3::ModelError| e.to_string();
+    let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| i % 1000).collect();
+    let mut totals: Vec<(String, f64)> = Vec::new();
+    for _ in 0..steps {
+        let mut cache = model.new_cache(seqs * (prompt_len + 16)).map_err(err)?;
+        let mut batch: Vec<Sequence> = (0..seqs).map(|_| Sequence::default()).collect();
+        let mut rows: Vec<(&mut Sequence, &[u32])> =
+            batch.iter_mut().map(|s| (s, &prompt[..])).collect();
+        timed_pass(model, &mut cache, &mut rows, steps, &mut totals)?;
+    }
+    Ok(totals)
+}
+
+/// One tapped forward pass with a synchronise after every op; adds each
+/// op's time, in us divided by `steps`, to `totals` by op name.
+fn timed_pass<B: Backend>(
+    model: &Qwen3<B>,
+    cache: &mut model_qwen3::KvCache<B>,
+    rows: &mut [(&mut Sequence, &[u32])],
+    steps: usize,
+    totals: &mut Vec<(String, f64)>,
+) -> Result<(), String> {
+    let be = model.backend();
+    be.synchronize().map_err(|e| e.to_string())?;
+    let mut last = Instant::now();
+    model
+        .forward_tapped(cache, rows, Logits::Last, &mut |name, _| {
+            be.synchronize()?;
+            let op = name.rsplit('.').next().unwrap_or(name).to_string();
+            let dt = last.elapsed().as_secs_f64() * 1e6 / steps as f64;
+            match totals.iter_mut().find(|(n, _)| *n == op) {
+                Some((_, t)) => *t += dt,
+                None => totals.push((op, dt)),
+            }
+            last = Instant::now();
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 impl Latency {

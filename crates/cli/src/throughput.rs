@@ -307,6 +307,9 @@ pub fn run_cmd(a: &BenchArgs, gpu: Option<CudaBackend>) -> Result<(), String> {
                         eprintln!("profile {seqs}x512: {op:>14} {us:9.1} us/step");
                     }
                 }
+                for (op, us) in crate::bench::prefill_op_profile(&m, 2, 1024, 4)? {
+                    eprintln!("profile prompt 2x1024: {op:>14} {us:9.1} us/step");
+                }
             }
             let memory = m.backend().memory_info().map_err(|e| e.to_string())?;
             run(&m, a, &shape, memory)?
@@ -439,27 +442,47 @@ pub fn run<B: Backend>(
         config: sampling,
         by_id: Vec::new(),
     };
+    let profile = std::env::var_os("QWEN_PROFILE").is_some();
+    // Profiled: when the host had the step's forward pass enqueued, how
+    // long the GPU then still took with it, and how long sampling took.
+    let enqueued = std::cell::Cell::new(None::<(Instant, f64, f64)>);
     let mut pick =
         |logits: &mut Tensor<B>, rows: &[SampleRow<'_>]| -> model_qwen3::Result<Vec<u32>> {
-            if t.temperature == 0.0 {
-                Ok(be.argmax(logits)?)
-            } else {
-                samplers.pick(be, logits, rows)
+            let at = Instant::now();
+            if profile {
+                be.synchronize().map_err(ModelError::Backend)?;
             }
+            let waited = at.elapsed();
+            let picked = if t.temperature == 0.0 {
+                be.argmax(logits)?
+            } else {
+                samplers.pick(be, logits, rows)?
+            };
+            if profile {
+                let sampled = (at.elapsed() - waited).as_secs_f64();
+                enqueued.set(Some((at, waited.as_secs_f64(), sampled)));
+            }
+            Ok(picked)
         };
     let started = Instant::now();
     let mut last_report = started;
     let (mut done, mut output_tokens) = (0usize, 0usize);
-    let profile = std::env::var_os("QWEN_PROFILE").is_some();
     let mut steps: Vec<StepTime> = Vec::new();
     while s.has_unfinished() {
         let step_start = Instant::now();
         let out = s.step(&mut pick).map_err(err)?;
         if profile {
+            let (host, gpu_tail, sample) = match enqueued.take() {
+                Some((at, wait, sample)) => ((at - step_start).as_secs_f64(), wait, sample),
+                None => (0.0, 0.0, 0.0),
+            };
             steps.push(StepTime {
                 tokens: out.batch_tokens,
                 seqs: out.batch_seqs,
                 secs: step_start.elapsed().as_secs_f64(),
+                host,
+                gpu_tail,
+                sample,
             });
         }
         done += out.finished.len();
@@ -505,45 +528,59 @@ pub fn run<B: Backend>(
 }
 
 /// One scheduler step of a profiled run: its batch and its host wall time
-/// (each step ends by downloading its sampled tokens, so the GPU is done).
+/// (each step ends by downloading its sampled tokens, so the GPU is done),
+/// split at the moment the host had the forward pass enqueued: `host` is the
+/// time to schedule and enqueue it, `gpu_tail` how long the GPU then still
+/// ran (near 0: the host, not the GPU, set the step's pace); `sample` is
+/// the sampling that followed, its tokens downloaded.
 struct StepTime {
     tokens: usize,
     seqs: usize,
     secs: f64,
+    host: f64,
+    gpu_tail: f64,
+    sample: f64,
 }
 
 /// `QWEN_PROFILE=1`: where a throughput run's time went, as a table of
 /// steps grouped into those with prompt tokens and pure decode steps by
 /// batch size (buckets of 32 sequences).
 fn step_profile(steps: &[StepTime]) -> String {
-    let mut rows: Vec<(String, usize, usize, f64)> = Vec::new();
-    let mut add =
-        |name: String, tokens: usize, secs: f64| match rows.iter_mut().find(|r| r.0 == name) {
-            Some(r) => {
-                r.1 += 1;
-                r.2 += tokens;
-                r.3 += secs;
-            }
-            None => rows.push((name, 1, tokens, secs)),
-        };
+    // name -> (steps, tokens, secs, host secs, gpu tail secs, sample secs)
+    let mut rows: Vec<(String, [f64; 6])> = Vec::new();
     for st in steps {
-        if st.tokens > st.seqs {
-            add("with prompt tokens".into(), st.tokens, st.secs);
+        let name = if st.tokens > st.seqs {
+            "with prompt tokens".to_string()
         } else {
             let lo = (st.seqs - 1) / 32 * 32 + 1;
-            add(format!("decode {lo}-{} seqs", lo + 31), st.tokens, st.secs);
+            format!("decode {lo:>3}-{:>3} seqs", lo + 31)
+        };
+        let add = [
+            1.0,
+            st.tokens as f64,
+            st.secs,
+            st.host,
+            st.gpu_tail,
+            st.sample,
+        ];
+        match rows.iter_mut().find(|r| r.0 == name) {
+            Some(r) => r.1.iter_mut().zip(add).for_each(|(a, b)| *a += b),
+            None => rows.push((name, add)),
         }
     }
     rows.sort_by(|a, b| a.0.cmp(&b.0));
     let total: f64 = steps.iter().map(|s| s.secs).sum();
     let mut t = String::from(
-        "| steps | count | tokens | total s | share | ms/step |\n|---|---|---|---|---|---|\n",
+        "| steps | count | tokens | total s | share | ms/step | host enqueue ms/step | GPU after enqueue ms/step | sampling ms/step |\n|---|---|---|---|---|---|---|---|---|\n",
     );
-    for (name, n, tokens, secs) in rows {
+    for (name, [n, tokens, secs, host, tail, sample]) in rows {
         t.push_str(&format!(
-            "| {name} | {n} | {tokens} | {secs:.2} | {:.1}% | {:.2} |\n",
+            "| {name} | {n} | {tokens} | {secs:.2} | {:.1}% | {:.2} | {:.2} | {:.2} | {:.2} |\n",
             100.0 * secs / total,
-            1e3 * secs / n as f64
+            1e3 * secs / n,
+            1e3 * host / n,
+            1e3 * tail / n,
+            1e3 * sample / n
         ));
     }
     t
