@@ -165,11 +165,7 @@ impl CudaBackend {
         let packed = s.clone_htod(&packed).map_err(dev)?;
         let mut out = s.alloc_zeros::<u32>(rows).map_err(dev)?;
         let mut b = self.launch(self.kernel("sample_rows"));
-        b.arg(l)
-            .arg(&vi)
-            .arg(&nb)
-            .arg(&packed)
-            .arg(&mut out);
+        b.arg(l).arg(&vi).arg(&nb).arg(&packed).arg(&mut out);
         // SAFETY: argument order and types match sample_rows in sampling.cu;
         // logits hold rows x V floats, params 5 words per row, out one id
         // per row; the kernel is compiled for 1024-thread blocks.
