@@ -70,7 +70,7 @@ usage: qwen-cli bench (--model DIR | --dummy-weights SHAPE) [options]
   --max-len L              prompt and output lengths uniform in [min(100, L), L] (default 1024)
   --kv-blocks N            KV cache blocks of 16 positions (default: from free GPU memory, less
                            a 10% margin; on the CPU at most 4 GiB; never more than the workload needs)
-  --max-batched-tokens N   tokens per forward pass (default 2048)
+  --max-batched-tokens N   tokens per forward pass (default 8192)
   --max-seqs N             sequences running at once (default 256, at most --max-batched-tokens)
   --temperature F          sampling temperature, 0 greedy (default 0.6, as nano-vllm's bench)
 

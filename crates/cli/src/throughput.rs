@@ -70,7 +70,7 @@ impl Default for ThroughputArgs {
             num_seqs: 256,
             max_len: 1024,
             kv_blocks: None,
-            max_batched_tokens: 2048,
+            max_batched_tokens: 8192,
             max_seqs: None,
             temperature: 0.6,
             given: Vec::new(),
