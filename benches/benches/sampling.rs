@@ -6,9 +6,9 @@
 //! Bytes: `argmax` and `sample` read every logit once and write one id per
 //! row (the ids reach the host, as callers need them). `repetition_penalty`
 //! reads the history ids and one penalty per row, and reads and writes the
-//! logit of each distinct history token. The CUDA `sample` currently copies
-//! the logits to the host and samples there, so its "% floor" against the
-//! device bandwidth shows the cost of that copy.
+//! logit of each distinct history token. The CUDA `sample` reads each row
+//! once per pass of its radix descent (sampling.cu), one block a row, so its
+//! "% floor" shows how far those passes are from a single read.
 
 use qwen_benches::{Device, Harness, Timed, Work};
 use qwen_tensor::DType::{F32, U32};
