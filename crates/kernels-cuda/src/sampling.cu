@@ -392,7 +392,7 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u32* out) {
     __shared__ Hist s;
     __shared__ u64 sh_keys[SHARED_CAP];
     __shared__ float sh_es[SHARED_CAP];
-    __shared__ float warp_max[32], warp_min[32];
+    __shared__ float warp_max[32];
     __shared__ u64 kmin_s, kmax_s;
     __shared__ int live_n;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -408,105 +408,66 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u32* out) {
 
     // Step 1: z_max. A NaN z never compares greater, i.e. counts as -inf.
     // The sign of a zero maximum cannot matter: it is only compared with
-    // ==, or subtracted from a non-zero z. The same pass keeps, for a row
-    // whose z are all finite, the smallest z and the smallest and largest
-    // rank keys: if that smallest z is live, every token is (z - z_max is
-    // monotone in z), and step 2 needs no pass of its own.
-    float m = neg_inf, mn = __int_as_float(0x7f800000);
-    u64 fmin = ~0ull, fmax = 0;
-    bool special = false;
+    // ==, or subtracted from a non-zero z.
+    float m = neg_inf;
     for (int i = tid; i < V; i += blockDim.x) {
         float z = x[i] / temp;
         if (z > m) m = z;
-        if (isfinite(z)) {
-            const u64 ck = rank_key(z, i, nb);
-            mn = z < mn ? z : mn;
-            fmin = ck < fmin ? ck : fmin;
-            fmax = ck > fmax ? ck : fmax;
-        } else {
-            special = true;
-        }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         float y = __shfl_xor_sync(FULL_MASK, m, o);
         if (y > m) m = y;
-        y = __shfl_xor_sync(FULL_MASK, mn, o);
-        if (y < mn) mn = y;
-        u64 a = __shfl_xor_sync(FULL_MASK, fmin, o);
-        u64 b = __shfl_xor_sync(FULL_MASK, fmax, o);
-        fmin = a < fmin ? a : fmin;
-        fmax = b > fmax ? b : fmax;
     }
-    if (lane == 0) {
-        warp_max[warp] = m;
-        warp_min[warp] = mn;
-    }
+    if (lane == 0) warp_max[warp] = m;
     if (tid == 0) {
         live_n = 0;
         kmin_s = ~0ull;
         kmax_s = 0;
         s.n_copied = 0;
     }
-    const bool any_special = __syncthreads_or(special);
-    if (lane == 0) {
-        atomicMin(&kmin_s, fmin);
-        atomicMax(&kmax_s, fmax);
-    }
+    __syncthreads();
     if (warp == 0) {
         m = lane < nwarps ? warp_max[lane] : neg_inf;
-        mn = lane < nwarps ? warp_min[lane] : __int_as_float(0x7f800000);
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
             float y = __shfl_xor_sync(FULL_MASK, m, o);
             if (y > m) m = y;
-            y = __shfl_xor_sync(FULL_MASK, mn, o);
-            if (y < mn) mn = y;
         }
-        if (lane == 0) {
-            warp_max[0] = m;
-            warp_min[0] = mn;
-        }
+        if (lane == 0) warp_max[0] = m;
     }
     __syncthreads();
     const Row row = {x, temp, warp_max[0], V, nb};
-    const bool all_live = !any_special && !(warp_min[0] - row.z_max < -30.0f);
-    if (!all_live) {
-        // Step 2: the live tokens (z - z_max >= -30, or z == z_max for the
-        // infinite cases where the difference is NaN): how many, and the
-        // smallest and largest rank key among them.
-        u64 lmin = ~0ull, lmax = 0;
-        int live = 0;
-        for (int i = tid; i < V; i += blockDim.x) {
-            float z;
-            if (row.live(i, z)) {
-                const u64 ck = rank_key(z, i, nb);
-                live += 1;
-                lmin = ck < lmin ? ck : lmin;
-                lmax = ck > lmax ? ck : lmax;
-            }
+
+    // Step 2: the live tokens (z - z_max >= -30, or z == z_max for the
+    // infinite cases where the difference is NaN): how many, and the
+    // smallest and largest rank key among them.
+    u64 lmin = ~0ull, lmax = 0;
+    int live = 0;
+    for (int i = tid; i < V; i += blockDim.x) {
+        float z;
+        if (row.live(i, z)) {
+            const u64 ck = rank_key(z, i, nb);
+            live += 1;
+            lmin = ck < lmin ? ck : lmin;
+            lmax = ck > lmax ? ck : lmax;
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            u64 a = __shfl_xor_sync(FULL_MASK, lmin, o);
-            u64 b = __shfl_xor_sync(FULL_MASK, lmax, o);
-            lmin = a < lmin ? a : lmin;
-            lmax = b > lmax ? b : lmax;
-            live += __shfl_xor_sync(FULL_MASK, live, o);
-        }
-        if (tid == 0) {
-            kmin_s = ~0ull;
-            kmax_s = 0;
-        }
-        __syncthreads();
-        if (lane == 0) {
-            atomicAdd(&live_n, live);
-            atomicMin(&kmin_s, lmin);
-            atomicMax(&kmax_s, lmax);
-        }
-        __syncthreads();
     }
-    const int n = all_live ? V : live_n;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        u64 a = __shfl_xor_sync(FULL_MASK, lmin, o);
+        u64 b = __shfl_xor_sync(FULL_MASK, lmax, o);
+        lmin = a < lmin ? a : lmin;
+        lmax = b > lmax ? b : lmax;
+        live += __shfl_xor_sync(FULL_MASK, live, o);
+    }
+    if (lane == 0) {
+        atomicAdd(&live_n, live);
+        atomicMin(&kmin_s, lmin);
+        atomicMax(&kmax_s, lmax);
+    }
+    __syncthreads();
+    const int n = live_n;
     const u64 kmin = kmin_s, kmax = kmax_s;  // kmin: the top candidate
 
     // Step 2's top-k: the k-th smallest key bounds the candidates. With
