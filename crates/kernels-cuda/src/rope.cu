@@ -33,11 +33,11 @@ extern "C" __global__ void qk_norm_rope_store(const float* qkv, const float* qn,
                                               int T, int Hq, int Hkv, int D) {
     wait_for_producers();
     start_dependents();
-    // Warp w of the grid takes (token w / heads, head w % heads).
+    // Warp gw of the grid takes (token gw / heads, head gw % heads).
     const int heads = Hq + 2 * Hkv;
-    const long long w = (long long)blockIdx.x * ROPE_WARPS + threadIdx.x / 32;
-    if (w >= (long long)T * heads) return;
-    int t = (int)(w / heads), h = (int)(w % heads), lane = threadIdx.x % 32;
+    const long long gw = (long long)blockIdx.x * ROPE_WARPS + threadIdx.x / 32;
+    if (gw >= (long long)T * heads) return;
+    int t = (int)(gw / heads), h = (int)(gw % heads), lane = threadIdx.x % 32;
     u32 p = pos[t], slot = slots[t];
     size_t width = (size_t)heads * D;
     const float* x = qkv + (size_t)t * width + (size_t)h * D;
@@ -46,15 +46,15 @@ extern "C" __global__ void qk_norm_rope_store(const float* qkv, const float* qn,
         for (int i = lane; i < D; i += 32) dst[i] = __float2bfloat16_rn(x[i]);
         return;
     }
-    const float* w8 = h < Hq ? qn : kn;
+    const float* w = h < Hq ? qn : kn;
     const float* cs = rope + (size_t)p * D;
     __nv_bfloat16* dst = h < Hq ? q_out + (size_t)t * Hq * D + (size_t)h * D
                                 : kc + ((size_t)slot * Hkv + (h - Hq)) * D;
     // D is 32, 64, 128 or 256 (rope.rs checks).
     switch (D / 32) {
-    case 1: norm_rope_store<1>(x, w8, cs, eps, dst); break;
-    case 2: norm_rope_store<2>(x, w8, cs, eps, dst); break;
-    case 4: norm_rope_store<4>(x, w8, cs, eps, dst); break;
-    case 8: norm_rope_store<8>(x, w8, cs, eps, dst); break;
+    case 1: norm_rope_store<1>(x, w, cs, eps, dst); break;
+    case 2: norm_rope_store<2>(x, w, cs, eps, dst); break;
+    case 4: norm_rope_store<4>(x, w, cs, eps, dst); break;
+    case 8: norm_rope_store<8>(x, w, cs, eps, dst); break;
     }
 }
