@@ -1,14 +1,17 @@
 //! Benchmarks of the sampling primitives on f32 logits `[B, 151936]` (the
 //! Qwen3 vocabulary) for 1 and 64 rows: `argmax` (greedy decoding),
 //! `sample` (temperature, top-k, top-p, min-p with Qwen3's recommended
-//! settings) and `repetition_penalty`.
+//! settings), `sample_temperature` (temperature 0.6 alone, the offline
+//! throughput workload's setting: no cut, so the draw walks index order)
+//! and `repetition_penalty`.
 //!
 //! Bytes: `argmax` and `sample` read every logit once and write one id per
 //! row (the ids reach the host, as callers need them). `repetition_penalty`
 //! reads the history ids and one penalty per row, and reads and writes the
 //! logit of each distinct history token. The CUDA `sample` reads each row
 //! once per pass of its radix descent (sampling.cu), one block a row, so its
-//! "% floor" shows how far those passes are from a single read.
+//! "% floor" shows how far those passes are from a single read;
+//! `sample_temperature` reads a row twice (z_max, then the draw's sums).
 
 use qwen_benches::{Device, Harness, Timed, Work};
 use qwen_tensor::DType::{F32, U32};
@@ -43,6 +46,18 @@ fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
             .collect();
         h.bench(dev, "sample", &id, read_all, |_| {
             dev.backend.sample(&logits, &params, &uniform).map(drop)
+        });
+        let plain = vec![
+            SampleParams {
+                temperature: 0.6,
+                top_k: 0,
+                top_p: 1.0,
+                min_p: 0.0,
+            };
+            rows
+        ];
+        h.bench(dev, "sample_temperature", &id, read_all, |_| {
+            dev.backend.sample(&logits, &plain, &uniform).map(drop)
         });
 
         let history: Vec<Vec<u32>> = (0..rows).map(|_| dev.rng().ids(HISTORY, VOCAB)).collect();

@@ -108,6 +108,15 @@ const Q_SCALE: f32 = (1u64 << 40) as f32;
 ///    `q` is `> target`. `target < K` always holds because `u <= 1 - 2^-24`;
 ///    if no candidate qualifies anyway (or `K == 0`) the top candidate wins.
 ///
+///    Without a top-k or top-p cut (`min(top_k, V) == V` when `top_k > 0`,
+///    or `top_k == 0`; and `top_p == 1`) the draw walks the kept candidates
+///    in **index order** instead of sorted order (same `K`, same `target`).
+///    Each token is still drawn with probability `q_j / K`; only the map
+///    from `u` to a token differs, and index order needs no ranking, so a
+///    parallel implementation finds the token with a few nested block-wide
+///    sums (the per-chunk sums are exact `u64`s) instead of a radix
+///    descent over the rank keys.
+///
 /// Freedom an implementation has without changing a single token: tokens
 /// with `q = 0` never change a sum or win a draw, so they may be dropped
 /// before ranking when `top_k == 0` (with `top_k > 0` they must still take
@@ -289,6 +298,9 @@ fn sample_row(row: &[f32], p: &SampleParams, u: f32) -> u32 {
     };
 
     let k = if p.top_k > 0 { p.top_k.min(v) } else { v };
+    if k == v && p.top_p >= 1.0 {
+        return draw_in_index_order(row, &z_of, &weight, z_max, p.min_p, u);
+    }
     let mut cands: Vec<Cand> = if k < v {
         let mut keys: Vec<u64> = row
             .iter()
@@ -341,6 +353,43 @@ fn sample_row(row: &[f32], p: &SampleParams, u: f32) -> u32 {
     }
     let target = (u as f64 * total as f64) as u64;
     weighted_select(&mut cands, target).map_or(top, |i| cands[i].0 as u32)
+}
+
+/// Step 6 in index order, for a row without a top-k or top-p cut (see
+/// [`sample`]): `z_of` and `weight` are the row's steps 1 and 3.
+fn draw_in_index_order(
+    row: &[f32],
+    z_of: &impl Fn(f32) -> f32,
+    weight: &impl Fn(f32) -> f32,
+    z_max: f32,
+    min_p: f32,
+    u: f32,
+) -> u32 {
+    // A token's q if min-p keeps it, else 0; the -30 shortcut is
+    // sample_row's (q would truncate to 0 anyway).
+    let q_of = |x: f32| {
+        let z = z_of(x);
+        if z - z_max < -30.0 {
+            return 0;
+        }
+        let e = weight(z);
+        if e >= min_p {
+            quantise(e)
+        } else {
+            0
+        }
+    };
+    let total: u64 = row.iter().map(|&x| q_of(x)).sum();
+    let target = (u as f64 * total as f64) as u64;
+    let mut acc = 0u64;
+    for (i, &x) in row.iter().enumerate() {
+        acc += q_of(x);
+        if acc > target {
+            return i as u32;
+        }
+    }
+    // The spec's fallback: the top candidate, the first token at z_max.
+    row.iter().position(|&x| z_of(x) == z_max).unwrap_or(0) as u32
 }
 
 #[cfg(test)]
@@ -439,6 +488,10 @@ mod tests {
         if p.min_p > 0.0 {
             order.retain(|&j| e(j) >= p.min_p);
         }
+        let top = order[0];
+        if (p.top_k == 0 || p.top_k >= row.len()) && p.top_p >= 1.0 {
+            order.sort_unstable();
+        }
         let k: u64 = order.iter().map(|&j| q(j)).sum();
         let target = (u as f64 * k as f64) as u64;
         let mut acc = 0;
@@ -448,7 +501,7 @@ mod tests {
                 return j as u32;
             }
         }
-        order[0] as u32
+        top as u32
     }
 
     #[test]
@@ -599,6 +652,25 @@ mod tests {
             let u = i as f32 / 256.0;
             assert_eq!(sample(&l, &[p], &[u]).unwrap()[0], i, "u {u}");
         }
+    }
+
+    #[test]
+    fn without_a_cut_the_draw_walks_index_order() {
+        // q_0 = e^-2 · 2^40 comes first in index order, though it ranks
+        // second: u = 0 draws it, and u just below its share still does.
+        let row = [0.0f32, 2.0];
+        let share = (-2.0f32).exp() / (1.0 + (-2.0f32).exp());
+        for p in [params(1.0, 0, 1.0, 0.0), params(1.0, 2, 1.0, 0.1)] {
+            assert_eq!(one(&row, p, 0.0), 0, "{p:?}");
+            assert_eq!(one(&row, p, share * 0.99), 0, "{p:?}");
+            assert_eq!(one(&row, p, share * 1.01), 1, "{p:?}");
+        }
+        // A cut (top-k or top-p) ranks first: u = 0 is the top token.
+        assert_eq!(one(&row, params(1.0, 1, 1.0, 0.0), 0.0), 1);
+        assert_eq!(one(&row, params(1.0, 0, 0.999, 0.0), 0.0), 1);
+        // min-p drops token 0 (e^-2 < 0.2) without bringing ranking back.
+        assert_eq!(one(&[0.0, 2.0, 1.9], params(1.0, 0, 1.0, 0.2), 0.0), 1);
+        assert_eq!(one(&[0.0, 1.9, 2.0], params(1.0, 0, 1.0, 0.2), 0.0), 1);
     }
 
     #[test]

@@ -98,6 +98,9 @@ extern "C" __global__ void repetition_penalty(float* logits, int V, const u32* p
 // most SHARED_CAP candidates are left (after top-k, or within the digit a
 // descent has fixed so far), they are copied to shared memory and the
 // remaining passes stay on chip.
+//
+// A row without a top-k or top-p cut skips all of that: the spec then draws
+// in index order, which nested block-wide sums find (draw_in_index_order).
 // ---------------------------------------------------------------------------
 
 typedef unsigned long long u64;
@@ -382,6 +385,89 @@ __device__ bool select_key(const Row& row, u64* sh_keys, float* sh_es, int n_sh,
     }
 }
 
+// Larger than any token index.
+#define NO_TOKEN 0x7fffffff
+
+// The state the index-order draw shares across its block.
+struct IndexDraw {
+    u64 sum[32];  // q summed over each warp's segment of the current range
+    u64 t;        // the target within the chosen segment
+    int lo, hi;   // the chosen segment
+    int top;      // the first token at z_max (the spec's fallback)
+    int found;    // whether some segment holds the target
+};
+
+// Step 6 in index order, for a row without a top-k or top-p cut (the spec
+// allows it there): nested block-wide sums. Each level splits the range
+// into one contiguous segment a warp (lanes side by side, so loads
+// coalesce), sums each segment's q (exact u64, so the order is free), and
+// keeps the segment holding the target, until one token is left: the
+// first whose inclusive prefix in index order exceeds the target. The
+// first level, over the whole row, also finds the total K (hence the
+// target) and the top token. s.top must be NO_TOKEN on entry.
+__device__ u32 draw_in_index_order(const Row& row, float min_p, float u, IndexDraw& s) {
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int nwarps = blockDim.x >> 5;
+    int lo = 0, hi = row.V;
+    u64 t = 0;
+    bool first = true;
+    while (hi - lo > 1) {
+        const int seg = (hi - lo + nwarps - 1) / nwarps;
+        const int a = lo + warp * seg, b = min(hi, a + seg);
+        u64 sum = 0;
+        int top = NO_TOKEN;
+#pragma unroll 2
+        for (int j = a + lane; j < b; j += 32) {
+            float z;
+            if (!row.live(j, z)) continue;
+            if (first && z == row.z_max && j < top) top = j;
+            const float e = row.weight(z);
+            if (e >= min_p) sum += quantise(e);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            sum += __shfl_xor_sync(FULL_MASK, sum, o);
+            top = min(top, __shfl_xor_sync(FULL_MASK, top, o));
+        }
+        if (lane == 0) {
+            s.sum[warp] = sum;
+            if (first) atomicMin(&s.top, top);
+        }
+        __syncthreads();
+        if (warp == 0) {
+            const u64 v = lane < nwarps ? s.sum[lane] : 0;
+            u64 incl = v;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const u64 y = __shfl_up_sync(FULL_MASK, incl, o);
+                if (lane >= o) incl += y;
+            }
+            const u64 total = __shfl_sync(FULL_MASK, incl, 31);
+            // u64 -> f64 rounded to nearest, one f64 multiplication,
+            // truncated: exactly as the spec computes the target.
+            const u64 tt = first ? __double2ull_rz((double)u * __ull2double_rn(total)) : t;
+            const u64 excl = incl - v;
+            // Prefix sums ascend with the lane, so at most one holds tt.
+            const bool hit = excl <= tt && tt < incl;
+            if (hit) {
+                s.lo = lo + lane * seg;
+                s.hi = min(hi, s.lo + seg);
+                s.t = tt - excl;
+            }
+            const u32 any = __ballot_sync(FULL_MASK, hit);
+            if (lane == 0) s.found = any != 0;
+        }
+        __syncthreads();
+        if (!s.found) return (u32)s.top;  // target >= K: the top token
+        lo = s.lo;
+        hi = s.hi;
+        t = s.t;
+        first = false;
+        __syncthreads();  // everyone has read s before the next level writes it
+    }
+    return (u32)lo;
+}
+
 // params: 5 words per row, [temperature, k, top_p, min_p, u], f32 bits
 // except k = min(top_k, V) (V when top_k is 0). nb: bit length of V - 1.
 // Needs blockDim.x = SAMPLE_THREADS (at least RADIX, a multiple of 32).
@@ -395,6 +481,7 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u32* out) {
     __shared__ float warp_max[32];
     __shared__ u64 kmin_s, kmax_s;
     __shared__ int live_n;
+    __shared__ IndexDraw ix;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int nwarps = blockDim.x >> 5;
     const float* x = logits + (size_t)blockIdx.x * V;
@@ -425,6 +512,7 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u32* out) {
         kmin_s = ~0ull;
         kmax_s = 0;
         s.n_copied = 0;
+        ix.top = NO_TOKEN;
     }
     __syncthreads();
     if (warp == 0) {
@@ -438,6 +526,12 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u32* out) {
     }
     __syncthreads();
     const Row row = {x, temp, warp_max[0], V, nb};
+    if (k == (u32)V && !(top_p < 1.0f)) {
+        // No top-k or top-p cut: the spec draws in index order.
+        const u32 tok = draw_in_index_order(row, min_p, u, ix);
+        if (tid == 0) out[blockIdx.x] = tok;
+        return;
+    }
 
     // Step 2: the live tokens (z - z_max >= -30, or z == z_max for the
     // infinite cases where the difference is NaN): how many, and the
