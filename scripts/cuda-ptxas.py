@@ -15,6 +15,9 @@ SRC = os.path.join(os.path.dirname(__file__), "..", "crates", "kernels-cuda", "s
 HEADERS = ["numerics.cuh", "dependent_launch.cuh", "async_copy.cuh", "tensor_core.cuh"]
 # Modules built from several files (device.rs's MODULES): the extra files first.
 PARTS = {"layer": ["norm.cu", "attention.cu", "layer.cu"]}
+# Modules compiled for an architecture's own features (device.rs: Hopper's
+# wgmma needs sm_90a); the rest for sm_90.
+ARCH = {"gemm_wgmma": "90a"}
 
 
 def read(name):
@@ -60,7 +63,7 @@ def main():
         prog = ctypes.c_void_p()
         lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), (m + ".cu").encode(), 0, None, None)
         opts = [b"--ftz=false", b"--prec-sqrt=true", b"--prec-div=true", b"--fmad=false",
-                b"--gpu-architecture=compute_90", b"--std=c++17", b"-I" + inc.encode()]
+                f"--gpu-architecture=compute_{ARCH.get(m, '90')}".encode(), b"--std=c++17", b"-I" + inc.encode()]
         arr = (ctypes.c_char_p * len(opts))(*opts)
         rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
         n = ctypes.c_size_t()
@@ -77,7 +80,7 @@ def main():
         with tempfile.NamedTemporaryFile("wb", suffix=".ptx", delete=False) as f:
             f.write(ptx.value)
         cubin = f.name[:-4] + ".cubin"
-        r = subprocess.run([ptxas, "-arch=sm_90", "-v", f.name, "-o", cubin], capture_output=True, text=True)
+        r = subprocess.run([ptxas, f"-arch=sm_{ARCH.get(m, '90')}", "-v", f.name, "-o", cubin], capture_output=True, text=True)
         os.unlink(f.name)
         sizes = text_sizes(cubin)
         print(f"== {m}")

@@ -112,6 +112,15 @@ const LAYER_MODULE: (&str, &[&str], &[&str]) = (
     &["decoder_layer_t1"],
 );
 
+/// The tensor-core GEMM on Hopper's warpgroup MMA, compiled for sm_90a
+/// (the architecture's own features) and loaded on compute capability 9.0
+/// only; every other device takes gemm.cu's kernels.
+const WGMMA_MODULE: (&str, &[&str], &[&str]) = (
+    "gemm_wgmma",
+    &[include_str!("gemm_wgmma.cu")],
+    &["gemm_wg_n64", "gemm_wg_n128", "gemm_wg_n256"],
+);
+
 /// Kernels whose dynamic shared memory grows with the shape (a norm row in
 /// f32, an attention chunk's keys and values) and may pass 48 KB; so do
 /// all of attention_tc.cu's.
@@ -127,6 +136,9 @@ const LARGE_DYNAMIC_SMEM: &[&str] = &[
     "gemm_tc_n64",
     "gemm_tc_n32",
     "gemm_tc_m128",
+    "gemm_wg_n64",
+    "gemm_wg_n128",
+    "gemm_wg_n256",
     "decoder_layer_t1",
 ];
 
@@ -167,6 +179,9 @@ pub(crate) struct Device {
     /// `set_layer_kernel` (it measures slower than the kernels one by one;
     /// BENCHMARKS.md).
     pub layer_kernel: bool,
+    /// Whether tensor-core GEMMs take gemm_wgmma.cu (Hopper) rather than
+    /// gemm.cu: one or the other for every batch, never a mix.
+    pub wgmma: bool,
     /// The kernel trace (`QWEN_CUDA_TRACE`), written out on drop.
     trace: Option<Trace>,
 }
@@ -242,6 +257,19 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
             &mut kernels,
         )?;
     }
+    // `QWEN_CUDA_WGMMA=0` keeps gemm.cu's kernels on Hopper too (to compare).
+    let wgmma = arch == "sm_90" && std::env::var("QWEN_CUDA_WGMMA").map_or(true, |v| v != "0");
+    if wgmma {
+        load_module(
+            &ctx,
+            &stream,
+            WGMMA_MODULE,
+            "sm_90a",
+            smem_optin,
+            trace.as_ref(),
+            &mut kernels,
+        )?;
+    }
     let name = ctx.name().map_err(dev)?;
     let mut d = Device {
         ctx,
@@ -258,6 +286,7 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
         smem_optin: smem_optin.max(0) as usize,
         sm_count: sm_count.max(0) as usize,
         layer_kernel: false,
+        wgmma,
         trace,
     };
     if std::env::var("QWEN_CUDA_LAYER_KERNEL").is_ok_and(|v| v == "1") {

@@ -1,7 +1,9 @@
-//! Launcher for gemm.cu: the batch-invariant tensor-core GEMM that prompt
-//! rows take (see `Backend::set_tensor_core_rows`). It is the one place the
-//! CUDA backend may differ from the CPU spec; the twin tests bound the
-//! difference, and `CudaBackend::set_exact(true)` turns it off.
+//! Launcher for gemm.cu and gemm_wgmma.cu: the batch-invariant tensor-core
+//! GEMM that prompt rows take (see `Backend::set_tensor_core_rows`), on
+//! Hopper's warpgroup MMA where the device has it (compute capability 9.0)
+//! and on `mma.sync` elsewhere, for every batch size alike. It is the one
+//! place the CUDA backend may differ from the CPU spec; the twin tests bound
+//! the difference, and `CudaBackend::set_exact(true)` turns it off.
 
 use cudarc::driver::CudaSlice;
 use half::bf16;
@@ -29,8 +31,30 @@ const N32: Tile = Tile::new("gemm_tc_n32", 64, 32);
 const N64: Tile = Tile::new("gemm_tc_n64", 64, 64);
 const N128: Tile = Tile::new("gemm_tc", 64, 128);
 const M128: Tile = Tile::new("gemm_tc_m128", 128, 128);
-/// Threads a block: every tile's kernel has 2 x 2 warps.
+/// Threads a block: every tile's kernel has 2 x 2 warps (gemm.cu) or is
+/// one warpgroup (gemm_wgmma.cu).
 const THREADS: u32 = 128;
+
+/// gemm_wgmma.cu's tiles: 64 rows of x by 64, 128 or 256 columns.
+const WG64: Tile = Tile::new("gemm_wg_n64", 64, 64);
+const WG128: Tile = Tile::new("gemm_wg_n128", 64, 128);
+const WG256: Tile = Tile::new("gemm_wg_n256", 64, 256);
+/// Stages of gemm_wgmma.cu (WG_STAGES), each 128 bytes a row of the tile.
+const WG_STAGES: u32 = 4;
+
+/// The wgmma tile for `t` rows by `n` columns in `splits` K shares: the
+/// widest that still makes enough blocks to cover the GPU's 132 SMs (every
+/// tile sums in the same order, so the choice may follow the row count).
+fn choose_wg_tile(t: u32, n: u32, splits: u32) -> &'static Tile {
+    let blocks = |tile: &Tile| n.div_ceil(tile.bn) * t.div_ceil(tile.bm) * splits;
+    if blocks(&WG256) >= 264 {
+        &WG256
+    } else if blocks(&WG128) >= 128 {
+        &WG128
+    } else {
+        &WG64
+    }
+}
 
 /// k per stage, padded shared rows, and stages, as GK, GS and GSTAGES.
 const GK: u32 = 64;
@@ -100,7 +124,14 @@ impl CudaBackend {
         }
         let (ti, ki, ni, addi) = (int(op, t)?, int(op, k)?, int(op, n)?, add as i32);
         let splits = k_splits(k, n);
-        let tile = choose_tile(t as u32, n as u32, splits);
+        // wgmma needs whole 16-byte rows of K; K is the weight's, so the
+        // choice never depends on the batch.
+        let wgmma = self.dev.wgmma && k.is_multiple_of(8);
+        let tile = if wgmma {
+            choose_wg_tile(t as u32, n as u32, splits)
+        } else {
+            choose_tile(t as u32, n as u32, splits)
+        };
         let (row_tiles, col_tiles) = ((t as u32).div_ceil(tile.bm), (n as u32).div_ceil(tile.bn));
         if col_tiles > 65_535 {
             return Err(crate::launch::shape_err(
@@ -109,7 +140,12 @@ impl CudaBackend {
             ));
         }
         let mut cfg = grid((row_tiles, col_tiles, splits), (THREADS, 1, 1));
-        cfg.shared_mem_bytes = GSTAGES * (tile.bm + tile.bn) * GS * 2;
+        cfg.shared_mem_bytes = if wgmma {
+            // Plus the alignment of the stages to 1,024 bytes (the swizzle's).
+            WG_STAGES * (tile.bm + tile.bn) * 128 + 1024
+        } else {
+            GSTAGES * (tile.bm + tile.bn) * GS * 2
+        };
         let f = self.kernel(tile.name);
         // `part`: where the split shares go (null: no split).
         let gemm = |out: &mut CudaSlice<f32>, part: Option<&mut CudaSlice<f32>>| -> Result<()> {
@@ -125,7 +161,8 @@ impl CudaBackend {
                 Some(p) => b.arg(p),
                 None => b.arg(&0u64),
             };
-            // SAFETY: argument order and types match every GEMM_KERNEL in gemm.cu;
+            // SAFETY: argument order and types match every GEMM_KERNEL in gemm.cu
+            // and GEMM_WG_KERNEL in gemm_wgmma.cu (which gets K % 8 == 0 only);
             // the caller checked the slices' sizes, the kernel guards every access
             // by T, K and N, `part` (when given) holds splits·t·n floats, and the
             // dynamic shared memory holds the kernel's stages.
@@ -152,7 +189,28 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{choose_tile, k_splits};
+    use super::{choose_tile, choose_wg_tile, k_splits};
+
+    /// The wgmma tiles of the Qwen3-0.6B shapes: the widest that still
+    /// covers the GPU.
+    #[test]
+    fn wgmma_tiles_follow_rows_and_blocks() {
+        let name = |t: u32, k: usize, n: usize| choose_wg_tile(t, n as u32, k_splits(k, n)).name;
+        // A 2,048-token prompt step and the vocabulary projection at 256
+        // rows: 64 x 256 tiles, at least two blocks an SM.
+        assert_eq!(name(2048, 1024, 6144), "gemm_wg_n256");
+        assert_eq!(name(2048, 1024, 4096), "gemm_wg_n256");
+        assert_eq!(name(256, 1024, 151_936), "gemm_wg_n256");
+        // 256 rows: 64 x 128 for gate_up and qkv, and for o_proj and down
+        // (four K shares of 1,024 columns: 128 blocks).
+        assert_eq!(name(256, 1024, 6144), "gemm_wg_n128");
+        assert_eq!(name(256, 1024, 4096), "gemm_wg_n128");
+        assert_eq!(name(256, 2048, 1024), "gemm_wg_n128");
+        assert_eq!(name(256, 3072, 1024), "gemm_wg_n128");
+        // 64 rows and a single row: 64 x 64.
+        assert_eq!(name(64, 1024, 6144), "gemm_wg_n64");
+        assert_eq!(name(1, 1024, 4096), "gemm_wg_n64");
+    }
 
     /// The tiles the Qwen3-0.6B shapes get (BENCHMARKS.md has the sweep).
     #[test]

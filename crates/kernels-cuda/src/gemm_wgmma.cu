@@ -1,0 +1,193 @@
+// The tensor-core GEMM of gemm.cu on Hopper's warpgroup MMA (wgmma, sm_90a):
+// out[t, n] (+)= x[t, :] . w[n, :], bf16 in, f32 accumulation. Same contract
+// as gemm.cu: every output element adds its K in 16-wide steps in
+// increasing k into one f32 accumulator from +0.0 (within each K share of
+// k_splits, which depends on the weight's shape alone; the shares are added
+// in order by gemm_splits_sum), and a row never meets another row, so a
+// row's bits depend only on the row and w. Used for every tensor-core GEMM
+// on sm_90 (K a multiple of 8), whatever the batch, so one device never
+// mixes the two instruction families in one row's history.
+//
+// A block is one warpgroup (4 warps) and takes 64 rows of x by BN = 64·NB
+// columns: its operands stream through WG_STAGES shared-memory stages of 64
+// k each (one 128-byte row of bf16 per matrix row, in the 128-byte swizzle
+// wgmma reads without bank conflicts), copied with cp.async WG_AHEAD tiles
+// ahead; wgmma reads them straight from shared memory (no ldmatrix), one
+// m64n64k16 per 64 columns and 16 k.
+
+#define WG_K 64
+#define WG_STAGES 4
+// Tiles in flight ahead of the one multiplied: the stage refilled at step kt
+// held tile kt - 2, whose wgmma the previous step has waited for.
+#define WG_AHEAD (WG_STAGES - 2)
+#define WG_THREADS 128
+
+// Byte offset of 16-byte chunk c (0..7) of row r in a [rows][64] bf16 tile
+// stored in the 128-byte swizzle: chunk c of row r goes to c ^ (r % 8).
+__device__ __forceinline__ unsigned wg_swizzle(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+
+// Shared-memory matrix descriptor of a K-major tile in the 128-byte swizzle
+// starting at shared address `addr` (1024-byte aligned, or offset along k
+// within its rows): rows in groups of 8 are 1,024 bytes apart (SBO); the
+// leading offset is unused in this mode.
+__device__ __forceinline__ unsigned long long wg_desc(unsigned addr) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+
+__device__ __forceinline__ void wg_cp16(unsigned dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+
+// d (+)= A . B for one 64 x 64 x 16 step: d is this thread's 32 floats of
+// the 64 x 64 tile (warp w: rows 16w + lane/4 and + 8; columns 8j +
+// 2(lane % 4) and + 1 in d[4j..4j+1] and d[4j+2..4j+3]).
+__device__ __forceinline__ void wgmma_64x64(float* d, unsigned long long da, unsigned long long db) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db), "r"(1));
+}
+
+// Keeps the compiler from moving reads or writes of an accumulator across
+// the wgmma fences and waits (the registers belong to the async unit
+// in between).
+__device__ __forceinline__ void wg_fence_acc(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+template <int NB>
+__device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T,
+                                             int K, int N, int add, float* part) {
+    constexpr int BN = 64 * NB, A_BYTES = 64 * 128, STAGE = A_BYTES + BN * 128;
+    extern __shared__ __align__(1024) unsigned char wg_smem[];
+    const unsigned base = ((unsigned)__cvta_generic_to_shared(wg_smem) + 1023u) & ~1023u;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int m0 = blockIdx.x * 64, n0 = blockIdx.y * BN;
+    const int all_tiles = (K + WG_K - 1) / WG_K, per = (all_tiles + gridDim.z - 1) / gridDim.z;
+    const int kt0 = blockIdx.z * per, kt_end = min(all_tiles, kt0 + per);
+    // This thread copies chunk c of rows r0 + 16i (every row's 8 chunks are
+    // 8 neighbouring threads: 128 contiguous bytes of global memory).
+    const int c = tid & 7, r0 = tid >> 3;
+    auto load_w = [&](int kt) {
+        const unsigned st = base + (kt % WG_STAGES) * STAGE + A_BYTES;
+        const int k = kt * WG_K + c * 8;
+#pragma unroll
+        for (int i = 0; i < 4 * NB; i++) {
+            const int r = r0 + 16 * i;
+            const bool ok = n0 + r < N && k < K;
+            wg_cp16(st + wg_swizzle(r, c), ok ? w + (size_t)(n0 + r) * K + k : w, ok);
+        }
+    };
+    auto load_x = [&](int kt) {
+        const unsigned st = base + (kt % WG_STAGES) * STAGE;
+        const int k = kt * WG_K + c * 8;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const int r = r0 + 16 * i;
+            const bool ok = m0 + r < T && k < K;
+            wg_cp16(st + wg_swizzle(r, c), ok ? x + (size_t)(m0 + r) * K + k : x, ok);
+        }
+    };
+    // The weight's first tiles need nothing from the kernel ahead; x's wait
+    // for it. Group s holds tile kt0 + s's x (and, for s = 0, the early
+    // weight tiles), so "all but the newest WG_AHEAD - 1 groups" still
+    // means tile kt has landed.
+#pragma unroll
+    for (int s = 0; s < WG_AHEAD; s++)
+        if (kt0 + s < kt_end) load_w(kt0 + s);
+    wait_for_producers();
+    start_dependents();
+#pragma unroll
+    for (int s = 0; s < WG_AHEAD; s++) {
+        if (kt0 + s < kt_end) load_x(kt0 + s);
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
+    float acc[NB][32];
+#pragma unroll
+    for (int j = 0; j < NB; j++)
+#pragma unroll
+        for (int e = 0; e < 32; e++) acc[j][e] = 0.0f;
+    for (int kt = kt0; kt < kt_end; kt++) {
+        asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1) : "memory");
+        // This thread's copies of tile kt are visible to the async proxy
+        // wgmma reads through, and after the barrier everyone's are; every
+        // warp has also waited for tile kt - 2's wgmma, whose stage the
+        // copies below refill.
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        __syncthreads();
+        {
+            const int nk = kt + WG_AHEAD;
+            if (nk < kt_end) {
+                load_x(nk);
+                load_w(nk);
+            }
+            asm volatile("cp.async.commit_group;\n" ::: "memory");
+        }
+        const unsigned a_st = base + (kt % WG_STAGES) * STAGE, b_st = a_st + A_BYTES;
+#pragma unroll
+        for (int j = 0; j < NB; j++)
+#pragma unroll
+            for (int e = 0; e < 32; e++) wg_fence_acc(acc[j][e]);
+        asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll
+        for (int ks = 0; ks < WG_K / 16; ks++) {
+            const unsigned long long da = wg_desc(a_st + ks * 32);
+#pragma unroll
+            for (int j = 0; j < NB; j++) wgmma_64x64(acc[j], da, wg_desc(b_st + j * 64 * 128 + ks * 32));
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+#pragma unroll
+        for (int j = 0; j < NB; j++)
+#pragma unroll
+            for (int e = 0; e < 32; e++) wg_fence_acc(acc[j][e]);
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#pragma unroll
+    for (int j = 0; j < NB; j++)
+#pragma unroll
+        for (int e = 0; e < 32; e++) wg_fence_acc(acc[j][e]);
+
+    // Each thread holds column pairs (col, col + 1): stored as one float2
+    // where both fit and the address is 8-byte aligned.
+    float* dst_base = part ? part + (size_t)blockIdx.z * T * N : out;
+    const bool pairs = (N % 2) == 0 && (reinterpret_cast<size_t>(dst_base) & 7) == 0;
+    const bool acc_out = add && !part;
+#pragma unroll
+    for (int j = 0; j < NB; j++)
+#pragma unroll
+        for (int q = 0; q < 8; q++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int r = m0 + warp * 16 + lane / 4 + h * 8;
+                const int col = n0 + j * 64 + q * 8 + (lane % 4) * 2;
+                if (r >= T) continue;
+                const float v0 = acc[j][4 * q + 2 * h], v1 = acc[j][4 * q + 2 * h + 1];
+                float* d = dst_base + (size_t)r * N + col;
+                if (pairs && col + 1 < N) {
+                    float2 v = make_float2(v0, v1);
+                    if (acc_out) {
+                        const float2 o = *reinterpret_cast<float2*>(d);
+                        v = make_float2(o.x + v0, o.y + v1);
+                    }
+                    *reinterpret_cast<float2*>(d) = v;
+                } else {
+                    if (col < N) d[0] = acc_out ? d[0] + v0 : v0;
+                    if (col + 1 < N) d[1] = acc_out ? d[1] + v1 : v1;
+                }
+            }
+}
+
+// One kernel per tile width; the arguments are gemm.cu's GEMM_KERNEL's.
+// Needs K % 8 == 0 (16-byte copies) and WG_STAGES stages of dynamic shared
+// memory plus 1,024 bytes for the alignment.
+#define GEMM_WG_KERNEL(NAME, NB)                                                                               \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS)                                                    \
+        NAME(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K, int N, int add,          \
+             float* part) {                                                                                     \
+        gemm_wg_body<NB>(x, w, out, T, K, N, add, part);                                                        \
+    }
+GEMM_WG_KERNEL(gemm_wg_n64, 1)
+GEMM_WG_KERNEL(gemm_wg_n128, 2)
+GEMM_WG_KERNEL(gemm_wg_n256, 4)
