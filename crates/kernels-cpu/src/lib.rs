@@ -38,7 +38,7 @@ pub use attention::{attention, ATTN_CHUNK};
 pub use attention_bound::{attention_tc_magnitudes, TC_ATTENTION_FACTOR};
 pub use embedding::{embedding, gather_rows};
 pub use matmul::{logits, matmul, matmul_add, rms_norm_matmul, widen};
-pub use norm::rms_norm;
+pub use norm::{inv_rms, rms_norm};
 pub use rope::qk_norm_rope_store;
 pub use sampling::{
     argmax, argmax_row, check_params as check_sample_params, repetition_penalty, sample,

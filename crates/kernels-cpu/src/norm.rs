@@ -34,7 +34,9 @@ pub fn rms_norm_row(row: &[f32], w: &[f32], eps: f32, out: &mut [bf16]) {
     }
 }
 
-/// `1 / sqrt(row_reduce(x²) / H + eps)`.
+/// `1 / sqrt(row_reduce(x²) / H + eps)`: the scale of one row in
+/// [`rms_norm`] and in `logits`, whose normalised row `w_k · (x_k · inv)`
+/// stays f32.
 #[inline]
 pub fn inv_rms(row: &[f32], eps: f32) -> f32 {
     let ss = row_reduce(row.len(), |k| row[k] * row[k]);

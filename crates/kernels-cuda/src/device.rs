@@ -118,7 +118,13 @@ const LAYER_MODULE: (&str, &[&str], &[&str]) = (
 const WGMMA_MODULE: (&str, &[&str], &[&str]) = (
     "gemm_wgmma",
     &[include_str!("gemm_wgmma.cu")],
-    &["gemm_wg_n64", "gemm_wg_n128", "gemm_wg_n256"],
+    &[
+        "gemm_wg_n64",
+        "gemm_wg_n128",
+        "gemm_wg_n256",
+        "gemm_wg_silu",
+        "gemm_wg_hilo",
+    ],
 );
 
 /// Kernels whose dynamic shared memory grows with the shape (a norm row in
@@ -139,6 +145,8 @@ const LARGE_DYNAMIC_SMEM: &[&str] = &[
     "gemm_wg_n64",
     "gemm_wg_n128",
     "gemm_wg_n256",
+    "gemm_wg_silu",
+    "gemm_wg_hilo",
     "decoder_layer_t1",
 ];
 

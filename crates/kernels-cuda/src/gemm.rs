@@ -187,6 +187,99 @@ impl CudaBackend {
     }
 }
 
+impl CudaBackend {
+    /// `out[t, j] = bf16(silu(g) · u)` with `g = Σ_k x[t, k]·w[j, k]` and
+    /// `u = Σ_k x[t, k]·w[i + j, k]` for the first `t` rows (`w` a gate/up
+    /// pair `[2i, k]`): gemm_tc then silu_mul in one kernel, the same bits,
+    /// without the f32 pair going through memory. `false` (nothing done)
+    /// where that kernel does not apply: no wgmma, K not whole 16-byte
+    /// rows, or K split in shares.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_tc_silu(
+        &self,
+        op: &'static str,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        out: &mut CudaSlice<bf16>,
+        t: usize,
+        k: usize,
+        i: usize,
+    ) -> Result<bool> {
+        if !(self.dev.wgmma && k.is_multiple_of(8) && k_splits(k, 2 * i) == 1) {
+            return Ok(false);
+        }
+        if t == 0 || i == 0 {
+            return Ok(true);
+        }
+        let (ti, ki, ii) = (int(op, t)?, int(op, k)?, int(op, i)?);
+        let mut cfg = grid(
+            ((t as u32).div_ceil(64), (i as u32).div_ceil(64), 1),
+            (THREADS, 1, 1),
+        );
+        // 64 rows of x and 128 of w (64 gate, 64 up) a stage, plus the alignment.
+        cfg.shared_mem_bytes = WG_STAGES * (64 + 128) * 128 + 1024;
+        if cfg.grid_dim.1 > 65_535 {
+            return Err(crate::launch::shape_err(
+                op,
+                format!("{i} columns are too many for one tensor-core GEMM"),
+            ));
+        }
+        let mut b = self.launch(self.kernel("gemm_wg_silu"));
+        b.arg(x).arg(w).arg(out).arg(&ti).arg(&ki).arg(&ii);
+        // SAFETY: argument order and types match gemm_wg_silu in gemm_wgmma.cu;
+        // the caller checked that x holds t·k, w 2i·k and out t·i elements, the
+        // kernel guards every access by T, K and N = i, K % 8 == 0, and the
+        // dynamic shared memory holds its stages.
+        unsafe { b.launch(cfg) }.map_err(dev)?;
+        Ok(true)
+    }
+
+    /// `out[t, n] = Σ_k hi[t, k]·w[n, k] + Σ_k lo[t, k]·w[n, k]` for the
+    /// first `t` rows: gemm_tc of `hi`, then of `lo` adding to it, in one
+    /// kernel that reads `w` once (the same bits). `false` (nothing done)
+    /// where that kernel does not apply, as for [`Self::gemm_tc_silu`].
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_tc_hilo(
+        &self,
+        op: &'static str,
+        hi: &CudaSlice<bf16>,
+        lo: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        out: &mut CudaSlice<f32>,
+        t: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<bool> {
+        if !(self.dev.wgmma && k.is_multiple_of(8) && k_splits(k, n) == 1) {
+            return Ok(false);
+        }
+        if t == 0 || n == 0 {
+            return Ok(true);
+        }
+        let (ti, ki, ni) = (int(op, t)?, int(op, k)?, int(op, n)?);
+        let mut cfg = grid(
+            ((t as u32).div_ceil(64), (n as u32).div_ceil(64), 1),
+            (THREADS, 1, 1),
+        );
+        // 64 rows of hi, 64 of lo and 64 of w a stage, plus the alignment.
+        cfg.shared_mem_bytes = WG_STAGES * (3 * 64) * 128 + 1024;
+        if cfg.grid_dim.1 > 65_535 {
+            return Err(crate::launch::shape_err(
+                op,
+                format!("{n} columns are too many for one tensor-core GEMM"),
+            ));
+        }
+        let mut b = self.launch(self.kernel("gemm_wg_hilo"));
+        b.arg(hi).arg(lo).arg(w).arg(out).arg(&ti).arg(&ki).arg(&ni);
+        // SAFETY: argument order and types match gemm_wg_hilo in gemm_wgmma.cu;
+        // the caller checked that hi and lo hold t·k, w n·k and out t·n
+        // elements, the kernel guards every access by T, K and N, K % 8 == 0,
+        // and the dynamic shared memory holds its stages.
+        unsafe { b.launch(cfg) }.map_err(dev)?;
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{choose_tile, choose_wg_tile, k_splits};

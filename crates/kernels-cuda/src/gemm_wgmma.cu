@@ -13,7 +13,10 @@
 // k each (one 128-byte row of bf16 per matrix row, in the 128-byte swizzle
 // wgmma reads without bank conflicts), copied with cp.async WG_AHEAD tiles
 // ahead; wgmma reads them straight from shared memory (no ldmatrix), one
-// m64n64k16 per 64 columns and 16 k.
+// m64n64k16 per 64 columns and 16 k. Two variants store something else
+// than the f32 product, with the same bits as the ops they replace: the
+// gate/up projection followed by the SiLU gate (gemm_wg_silu), and the
+// logits' two GEMMs of a hi/lo split input (gemm_wg_hilo).
 
 #define WG_K 64
 #define WG_STAGES 4
@@ -56,14 +59,29 @@ __device__ __forceinline__ void wgmma_64x64(float* d, unsigned long long da, uns
 // in between).
 __device__ __forceinline__ void wg_fence_acc(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
-template <int NB>
-__device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T,
-                                             int K, int N, int add, float* part) {
-    constexpr int BN = 64 * NB, A_BYTES = 64 * 128, STAGE = A_BYTES + BN * 128;
+// What the block stores (MODE):
+#define WG_PLAIN 0  // out (+)= x . w, or the K share into part
+// w is a gate/up pair [2N, K] (gate rows, then up rows) and NB = 2: the
+// block's first 64 columns are gate columns n0.., its second 64 the same up
+// columns, and instead of the f32 pair it stores silu_out[t, n] =
+// bf16(silu(gate) * up) (activation.cu's silu_mul on the values the plain
+// GEMM would have stored, so the same bits).
+#define WG_SILU 1
+// x is the hi half and x_lo the lo half of a split f32 input (the logits'
+// tensor-core rows): out = (x . w) + (x_lo . w), the two products the
+// plain kernel would store and then add, with w read once.
+#define WG_HILO 2
+template <int NB, int MODE>
+__device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_bfloat16* x_lo,
+                                             const __nv_bfloat16* w, float* out, int T, int K, int N, int add,
+                                             float* part, __nv_bfloat16* silu_out) {
+    constexpr bool SILU = MODE == WG_SILU, HILO = MODE == WG_HILO;
+    // A stage: x's 64 rows (then x_lo's), then w's BN rows, 128 bytes each.
+    constexpr int NA = HILO ? 2 : 1, BN = 64 * NB, A_BYTES = NA * 64 * 128, STAGE = A_BYTES + BN * 128;
     extern __shared__ __align__(1024) unsigned char wg_smem[];
     const unsigned base = ((unsigned)__cvta_generic_to_shared(wg_smem) + 1023u) & ~1023u;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int m0 = blockIdx.x * 64, n0 = blockIdx.y * BN;
+    const int m0 = blockIdx.x * 64, n0 = blockIdx.y * (SILU ? 64 : BN);
     const int all_tiles = (K + WG_K - 1) / WG_K, per = (all_tiles + gridDim.z - 1) / gridDim.z;
     const int kt0 = blockIdx.z * per, kt_end = min(all_tiles, kt0 + per);
     // This thread copies chunk c of rows r0 + 16i (every row's 8 chunks are
@@ -75,8 +93,11 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
 #pragma unroll
         for (int i = 0; i < 4 * NB; i++) {
             const int r = r0 + 16 * i;
-            const bool ok = n0 + r < N && k < K;
-            wg_cp16(st + wg_swizzle(r, c), ok ? w + (size_t)(n0 + r) * K + k : w, ok);
+            // SILU: tile rows 64.. are the up rows of the same columns.
+            const int col = SILU ? n0 + (r & 63) : n0 + r;
+            const int wrow = SILU && r >= 64 ? N + col : col;
+            const bool ok = col < N && k < K;
+            wg_cp16(st + wg_swizzle(r, c), ok ? w + (size_t)wrow * K + k : w, ok);
         }
     };
     auto load_x = [&](int kt) {
@@ -87,6 +108,7 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
             const int r = r0 + 16 * i;
             const bool ok = m0 + r < T && k < K;
             wg_cp16(st + wg_swizzle(r, c), ok ? x + (size_t)(m0 + r) * K + k : x, ok);
+            if (HILO) wg_cp16(st + 64 * 128 + wg_swizzle(r, c), ok ? x_lo + (size_t)(m0 + r) * K + k : x, ok);
         }
     };
     // The weight's first tiles need nothing from the kernel ahead; x's wait
@@ -103,9 +125,10 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
         if (kt0 + s < kt_end) load_x(kt0 + s);
         asm volatile("cp.async.commit_group;\n" ::: "memory");
     }
-    float acc[NB][32];
+    // acc[NB + j]: x_lo's products (HILO).
+    float acc[NA * NB][32];
 #pragma unroll
-    for (int j = 0; j < NB; j++)
+    for (int j = 0; j < NA * NB; j++)
 #pragma unroll
         for (int e = 0; e < 32; e++) acc[j][e] = 0.0f;
     for (int kt = kt0; kt < kt_end; kt++) {
@@ -126,29 +149,49 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
         }
         const unsigned a_st = base + (kt % WG_STAGES) * STAGE, b_st = a_st + A_BYTES;
 #pragma unroll
-        for (int j = 0; j < NB; j++)
+        for (int j = 0; j < NA * NB; j++)
 #pragma unroll
             for (int e = 0; e < 32; e++) wg_fence_acc(acc[j][e]);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
         for (int ks = 0; ks < WG_K / 16; ks++) {
-            const unsigned long long da = wg_desc(a_st + ks * 32);
 #pragma unroll
-            for (int j = 0; j < NB; j++) wgmma_64x64(acc[j], da, wg_desc(b_st + j * 64 * 128 + ks * 32));
+            for (int a = 0; a < NA; a++) {
+                const unsigned long long da = wg_desc(a_st + a * 64 * 128 + ks * 32);
+#pragma unroll
+                for (int j = 0; j < NB; j++)
+                    wgmma_64x64(acc[a * NB + j], da, wg_desc(b_st + j * 64 * 128 + ks * 32));
+            }
         }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
 #pragma unroll
-        for (int j = 0; j < NB; j++)
+        for (int j = 0; j < NA * NB; j++)
 #pragma unroll
             for (int e = 0; e < 32; e++) wg_fence_acc(acc[j][e]);
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #pragma unroll
-    for (int j = 0; j < NB; j++)
+    for (int j = 0; j < NA * NB; j++)
 #pragma unroll
         for (int e = 0; e < 32; e++) wg_fence_acc(acc[j][e]);
 
+    if (SILU) {
+#pragma unroll
+        for (int q = 0; q < 8; q++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int r = m0 + warp * 16 + lane / 4 + h * 8;
+                const int col = n0 + q * 8 + (lane % 4) * 2;
+                if (r >= T) continue;
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const float g = acc[0][4 * q + 2 * h + e], u = acc[NB - 1][4 * q + 2 * h + e];
+                    if (col + e < N) silu_out[(size_t)r * N + col + e] = __float2bfloat16_rn(q_silu(g) * u);
+                }
+            }
+        return;
+    }
     // Each thread holds column pairs (col, col + 1): stored as one float2
     // where both fit and the address is 8-byte aligned.
     float* dst_base = part ? part + (size_t)blockIdx.z * T * N : out;
@@ -163,7 +206,11 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
                 const int r = m0 + warp * 16 + lane / 4 + h * 8;
                 const int col = n0 + j * 64 + q * 8 + (lane % 4) * 2;
                 if (r >= T) continue;
-                const float v0 = acc[j][4 * q + 2 * h], v1 = acc[j][4 * q + 2 * h + 1];
+                float v0 = acc[j][4 * q + 2 * h], v1 = acc[j][4 * q + 2 * h + 1];
+                if (HILO) {
+                    v0 = v0 + acc[NB + j][4 * q + 2 * h];
+                    v1 = v1 + acc[NB + j][4 * q + 2 * h + 1];
+                }
                 float* d = dst_base + (size_t)r * N + col;
                 if (pairs && col + 1 < N) {
                     float2 v = make_float2(v0, v1);
@@ -186,8 +233,23 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
     extern "C" __global__ void __launch_bounds__(WG_THREADS)                                                    \
         NAME(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K, int N, int add,          \
              float* part) {                                                                                     \
-        gemm_wg_body<NB>(x, w, out, T, K, N, add, part);                                                        \
+        gemm_wg_body<NB, WG_PLAIN>(x, nullptr, w, out, T, K, N, add, part, nullptr);                           \
     }
 GEMM_WG_KERNEL(gemm_wg_n64, 1)
 GEMM_WG_KERNEL(gemm_wg_n128, 2)
 GEMM_WG_KERNEL(gemm_wg_n256, 4)
+
+// The gate/up projection with the SiLU gate behind it: x [T, K], w [2N, K]
+// (gate, then up), out [T, N] bf16; no split K. Grid (T / 64, N / 64).
+extern "C" __global__ void __launch_bounds__(WG_THREADS)
+    gemm_wg_silu(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* out, int T, int K, int N) {
+    gemm_wg_body<2, WG_SILU>(x, nullptr, w, nullptr, T, K, N, 0, nullptr, out);
+}
+
+// out = x_hi . w + x_lo . w (see WG_HILO), f32 [T, N]; no split K.
+// Grid (T / 64, N / 64).
+extern "C" __global__ void __launch_bounds__(WG_THREADS)
+    gemm_wg_hilo(const __nv_bfloat16* x_hi, const __nv_bfloat16* x_lo, const __nv_bfloat16* w, float* out, int T,
+                 int K, int N) {
+    gemm_wg_body<1, WG_HILO>(x_hi, x_lo, w, out, T, K, N, 0, nullptr, nullptr);
+}

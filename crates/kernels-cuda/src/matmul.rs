@@ -157,6 +157,18 @@ impl CudaBackend {
         const OP: &str = "rms_norm_matmul_silu";
         let (t, h, n) = check_norm_projection(OP, x, norm_w, w, gate_up)?;
         check_silu_mul(OP, gate_up, out)?;
+        if t > 0 && self.tensor_core_rows(t) == t && w.dtype() == DType::BF16 {
+            // Every row on the tensor cores: the GEMM applies the gate itself
+            // where it can (gemm_wgmma.cu), and gate_up is left untouched.
+            let done = self.with_scratch(Scratch::NormBf16, &[t, h], DType::BF16, |normed| {
+                self.rms_norm_impl(x, norm_w, eps, normed)?;
+                let (xs, ws) = (bf16s(OP, "normed", normed)?, bf16s(OP, "w", w)?);
+                self.gemm_tc_silu(OP, xs, ws, bf16s_mut(OP, "out", out)?, t, h, n / 2)
+            })?;
+            if done {
+                return Ok(());
+            }
+        }
         if t != 1 || n * h * 2 < SILU_KERNEL_MIN_BYTES || self.tensor_core_rows(t) != 0 {
             self.norm_project(x, norm_w, eps, w, gate_up, DType::BF16)?;
             return self.silu_mul_impl(gate_up, out);
@@ -210,9 +222,13 @@ impl CudaBackend {
                     unsafe { b.launch(grid(((len as u32).div_ceil(256), 1, 1), (256, 1, 1))) }
                         .map_err(dev)?;
                     let ws = bf16s(OP, "w", w)?;
+                    let (his, los) = (bf16s(OP, "hi", hi)?, bf16s(OP, "lo", lo)?);
                     let o = f32s_mut(OP, "out", out)?;
-                    self.gemm_tc(OP, bf16s(OP, "hi", hi)?, ws, o, tc, h, n, false)?;
-                    self.gemm_tc(OP, bf16s(OP, "lo", lo)?, ws, o, tc, h, n, true)
+                    if self.gemm_tc_hilo(OP, his, los, ws, o, tc, h, n)? {
+                        return Ok(());
+                    }
+                    self.gemm_tc(OP, his, ws, o, tc, h, n, false)?;
+                    self.gemm_tc(OP, los, ws, o, tc, h, n, true)
                 })
             })
         })

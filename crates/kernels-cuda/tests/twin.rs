@@ -314,6 +314,59 @@ fn tensor_core_logits_within_bound() {
     println!("tensor-core logits: worst |gpu - cpu| / sum|y w| = {worst:.3e} (bound 1e-5)");
 }
 
+/// The logits op's tensor-core rows are two bf16 GEMMs of the normalised
+/// f32 row split as hi + lo, the second adding to the first; the CUDA op
+/// may run both in one kernel (gemm_wgmma.cu on Hopper) but must give the
+/// bits of `matmul(hi)` then `matmul_add(lo)`.
+#[test]
+fn tensor_core_logits_equal_their_two_gemms() {
+    let Some(mut g) = gpu() else { return };
+    g.set_exact(false);
+    let mut r = Rng::new("tensor-core logits hi lo");
+    // The 0.6B shape at a decode batch, a partial row tile and a vocabulary
+    // that ends mid-tile, K not a multiple of 64.
+    for (t, h, n) in [(256, 1024, 8192), (70, 1024, 1000), (5, 200, 515)] {
+        g.set_tensor_core_rows(t);
+        let x = r.f32s(t * h, 3.0);
+        let nw = r.f32s(h, 1.0);
+        let w = r.bf16s(n * h, 0.05);
+        let xt = g.upload(HostSlice::F32(&x), &[t, h]).unwrap();
+        let nwt = g.upload(HostSlice::F32(&nw), &[h]).unwrap();
+        let wt = g.upload(HostSlice::BF16(&w), &[n, h]).unwrap();
+        let mut logits = poisoned(&g, &[t, n], DType::F32);
+        g.logits(&xt, &nwt, 1e-6, &wt, &mut logits).unwrap();
+        // The spec's f32 row y = w_k · (x_k · inv) and the op's split of
+        // it, on the host: hi = bf16(y), lo = bf16(y - hi).
+        let y: Vec<f32> = x
+            .chunks(h)
+            .flat_map(|row| {
+                let inv = qwen_kernels_cpu::inv_rms(row, 1e-6);
+                row.iter()
+                    .zip(&nw)
+                    .map(move |(&xk, &wk)| wk * (xk * inv))
+                    .collect::<Vec<f32>>()
+            })
+            .collect();
+        let hi: Vec<bf16> = y.iter().map(|&v| bf16::from_f32(v)).collect();
+        let lo: Vec<bf16> = y
+            .iter()
+            .zip(&hi)
+            .map(|(&v, h)| bf16::from_f32(v - h.to_f32()))
+            .collect();
+        let hit = g.upload(HostSlice::BF16(&hi), &[t, h]).unwrap();
+        let lot = g.upload(HostSlice::BF16(&lo), &[t, h]).unwrap();
+        let mut two = poisoned(&g, &[t, n], DType::F32);
+        g.matmul(&hit, &wt, &mut two).unwrap();
+        g.matmul_add(&lot, &wt, &mut two).unwrap();
+        same_bits(
+            &format!("tensor-core logits {t}x{h}x{n}"),
+            &g.download(&two).unwrap(),
+            &g.download(&logits).unwrap(),
+        );
+    }
+    g.set_tensor_core_rows(0);
+}
+
 #[test]
 fn out_of_memory_is_an_error_not_a_crash() {
     let Some(g) = gpu() else { return };
@@ -426,6 +479,48 @@ fn rms_norm_gate_up_silu() {
         let gg = norm_silu_on(&g, &x, &nw, &w, t, h, i);
         same_bits(&format!("rms_norm_matmul_silu {t}x{h}x{i}"), &c, &gg);
     }
+}
+
+/// With every row on the tensor cores the CUDA op may apply the SiLU gate
+/// inside the GEMM (gemm_wgmma.cu on Hopper): its bits must still be those
+/// of the projection followed by `silu_mul`, the op's own definition.
+#[test]
+fn tensor_core_gate_up_silu_equals_projection_then_gate() {
+    let Some(mut g) = gpu() else { return };
+    g.set_exact(false);
+    let mut r = Rng::new("tensor-core rms_norm_matmul_silu");
+    // (tokens, hidden, intermediate): the 0.6B shape at a decode batch and
+    // a partial row tile, the 8B shape, K not a multiple of 64 with an
+    // intermediate that ends mid-tile, K not a multiple of 8 (gemm.cu).
+    for (t, h, i) in [
+        (256, 1024, 3072),
+        (70, 1024, 3072),
+        (64, 4096, 12_288),
+        (65, 200, 100),
+        (3, 96, 40),
+        (9, 100, 33),
+    ] {
+        g.set_tensor_core_rows(t);
+        let x = r.f32s(t * h, 3.0);
+        let nw = r.f32s(h, 1.0);
+        let w = r.bf16s(2 * i * h, 0.05);
+        let fused = norm_silu_on(&g, &x, &nw, &w, t, h, i);
+        let xt = g.upload(HostSlice::F32(&x), &[t, h]).unwrap();
+        let nwt = g.upload(HostSlice::F32(&nw), &[h]).unwrap();
+        let wt = g.upload(HostSlice::BF16(&w), &[2 * i, h]).unwrap();
+        let mut gate_up = poisoned(&g, &[t, 2 * i], DType::F32);
+        let mut act = poisoned(&g, &[t, i], DType::BF16);
+        g.rms_norm_matmul(&xt, &nwt, 1e-6, &wt, &mut gate_up)
+            .unwrap();
+        g.silu_mul(&gate_up, &mut act).unwrap();
+        let two = g.download(&act).unwrap();
+        same_bits(
+            &format!("tensor-core gate/up + SiLU {t}x{h}x{i}"),
+            &two,
+            &fused,
+        );
+    }
+    g.set_tensor_core_rows(0);
 }
 
 fn embed_on<B: Backend>(
