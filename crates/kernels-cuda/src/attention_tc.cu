@@ -122,6 +122,11 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             int rr = r_base + rg * 16 + lane / 4 + 8 * i;
             prow[i] = (int)pos[t0 + (rr < R ? rr / G : n - 1)];
         }
+        // Whether rows 8..15 of the warp's 16 (its threads' second row) hold
+        // any of the tile's rows: not in a decode token's tile (G <= 8
+        // rows), whose second rows then skip their exps (their results are
+        // never stored).
+        const bool upper = r_base + rg * 16 + 8 < R;
         float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
         float o[DT][4];
 #pragma unroll
@@ -162,19 +167,35 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
                     sc[j][e] = v;
                     mb[e / 2] = fmaxf(mb[e / 2], v);
                 }
+            float f[2];
+            bool rescale = false;
 #pragma unroll
             for (int i = 0; i < 2; i++) {
+                if (i == 1 && !upper) {
+                    f[i] = 1.0f;
+                    continue;
+                }
                 mb[i] = fmaxf(mb[i], __shfl_xor_sync(0xffffffffu, mb[i], 1));
                 mb[i] = fmaxf(mb[i], __shfl_xor_sync(0xffffffffu, mb[i], 2));
                 float mn = fmaxf(m[i], mb[i]);
                 // An unchanged max (no key of the row here) scales by exactly 1.
-                float f = mn == m[i] ? 1.0f : q_exp(m[i] - mn);
+                f[i] = mn == m[i] ? 1.0f : q_exp(m[i] - mn);
                 m[i] = mn;
-                l[i] = l[i] * f;
+                rescale = rescale || f[i] != 1.0f;
+            }
+            // Multiplying by exactly 1 changes no bit (the accumulators only
+            // ever hold results of arithmetic, so no NaN payload to lose):
+            // a step that leaves every max of the warp's rows unchanged, the
+            // usual case once a few steps are in, skips the 66 products.
+            if (__any_sync(0xffffffffu, rescale)) {
 #pragma unroll
-                for (int j = 0; j < DT; j++) {
-                    o[j][2 * i] = o[j][2 * i] * f;
-                    o[j][2 * i + 1] = o[j][2 * i + 1] * f;
+                for (int i = 0; i < 2; i++) {
+                    l[i] = l[i] * f[i];
+#pragma unroll
+                    for (int j = 0; j < DT; j++) {
+                        o[j][2 * i] = o[j][2 * i] * f[i];
+                        o[j][2 * i + 1] = o[j][2 * i + 1] * f[i];
+                    }
                 }
             }
             // p = exp(s − m), zero for masked keys; this thread's share of
@@ -183,6 +204,10 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             for (int j = 0; j < 2; j++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
+                    if (e >= 2 && !upper) {
+                        sc[j][e] = 0.0f;
+                        continue;
+                    }
                     float p = sc[j][e] == NEG_INF ? 0.0f : q_exp(sc[j][e] - m[e / 2]);
                     sc[j][e] = p;
                     l[e / 2] = l[e / 2] + p;
