@@ -127,6 +127,13 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
         // rows), whose second rows then skip their exps (their results are
         // never stored).
         const bool upper = r_base + rg * 16 + 8 < R;
+        // Rows of the tile among the warp's first 8. At most 4 (a decode
+        // token's tile for G <= 4) and none in the second 8: those rows'
+        // 16·vr weights of a step are spread over the warp, at most two a
+        // thread, instead of four exps a thread where most lanes hold
+        // padding rows.
+        const int vr = min(max(R - (r_base + rg * 16), 0), 8);
+        const bool spread = !upper && vr <= 4;
         float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
         float o[DT][4];
 #pragma unroll
@@ -200,18 +207,52 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             }
             // p = exp(s − m), zero for masked keys; this thread's share of
             // the row sums in a fixed order.
+            if (spread) {
+                // Weight v = 16·row + key (row < vr) is worked out by lane
+                // v % 32 (slot v / 32) from its owner's score and max, then
+                // handed back; the same exps, the same sums.
+                float ps[2] = {0.0f, 0.0f};
 #pragma unroll
-            for (int j = 0; j < 2; j++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    if (e >= 2 && !upper) {
-                        sc[j][e] = 0.0f;
-                        continue;
-                    }
-                    float p = sc[j][e] == NEG_INF ? 0.0f : q_exp(sc[j][e] - m[e / 2]);
-                    sc[j][e] = p;
-                    l[e / 2] = l[e / 2] + p;
+                for (int sl = 0; sl < 2; sl++) {
+                    if (2 * sl >= vr) continue;  // warp-uniform
+                    const int v = 32 * sl + lane, r = v >> 4, key = v & 15;
+                    const bool valid = r < vr;
+                    const int src = valid ? 4 * r + ((key & 7) >> 1) : lane;
+                    const float x00 = __shfl_sync(0xffffffffu, sc[0][0], src);
+                    const float x01 = __shfl_sync(0xffffffffu, sc[0][1], src);
+                    const float x10 = __shfl_sync(0xffffffffu, sc[1][0], src);
+                    const float x11 = __shfl_sync(0xffffffffu, sc[1][1], src);
+                    const float mr = __shfl_sync(0xffffffffu, m[0], src);
+                    const float x = key < 8 ? ((key & 1) ? x01 : x00) : ((key & 1) ? x11 : x10);
+                    ps[sl] = (!valid || x == NEG_INF) ? 0.0f : q_exp(x - mr);
                 }
+                const int r = lane >> 2;
+#pragma unroll
+                for (int j = 0; j < 2; j++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int from = ((r & 1) << 4) + 8 * j + 2 * (lane & 3) + e;
+                        const float y0 = __shfl_sync(0xffffffffu, ps[0], from);
+                        const float y1 = __shfl_sync(0xffffffffu, ps[1], from);
+                        const float p = (r >> 1) ? y1 : y0;
+                        sc[j][e] = p;
+                        l[0] = l[0] + p;
+                        sc[j][e + 2] = 0.0f;
+                    }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 2; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        if (e >= 2 && !upper) {
+                            sc[j][e] = 0.0f;
+                            continue;
+                        }
+                        float p = sc[j][e] == NEG_INF ? 0.0f : q_exp(sc[j][e] - m[e / 2]);
+                        sc[j][e] = p;
+                        l[e / 2] = l[e / 2] + p;
+                    }
+            }
             // o += (p_hi + p_lo) . v: the two score tiles are the A fragment
             // of the warp's 16 keys.
             unsigned ph[4], pl[4];
