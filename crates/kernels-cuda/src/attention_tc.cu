@@ -135,6 +135,8 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
         const int vr = min(max(R - (r_base + rg * 16), 0), 8);
         const bool spread = !upper && vr <= 4;
         float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+        constexpr bool QREG = RGP == 1 && D <= 128;
+        unsigned qa[QREG ? D / 16 : 1][4];
         float o[DT][4];
 #pragma unroll
         for (int j = 0; j < DT; j++)
@@ -151,13 +153,22 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             __syncthreads();
             const __nv_bfloat16* kst = ks + (st * TC_KEYS + kq * 16) * KS;
             const __nv_bfloat16* vst = vs + (st * TC_KEYS + kq * 16) * KS;
+            // One row group (decode tokens) keeps the pass's q fragments in
+            // registers, loaded once (q landed with the first step); two
+            // reload them from shared memory each step (no registers left).
+            if (QREG && s == s0) {
+#pragma unroll
+                for (int kk = 0; kk < D / 16; kk++)
+                    ldmatrix4(qa[kk], qs + (rg * 16 + lane % 16) * KS + kk * 16 + (lane / 16) * 8);
+            }
             // Scores of the warp's 16 keys: S = q . k over D in 16-wide steps.
             float sc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
-                unsigned a[4], b[4];
-                ldmatrix4(a, qs + (rg * 16 + lane % 16) * KS + kk * 16 + (lane / 16) * 8);
+                unsigned b[4];
+                if (!QREG) ldmatrix4(qa[0], qs + (rg * 16 + lane % 16) * KS + kk * 16 + (lane / 16) * 8);
                 ldmatrix4(b, kst + ((lane / 16) * 8 + lane % 8) * KS + kk * 16 + ((lane / 8) % 2) * 8);
+                const unsigned* a = QREG ? qa[kk] : qa[0];
                 mma16816(sc[0], a, b[0], b[1]);
                 mma16816(sc[1], a, b[2], b[3]);
             }
@@ -280,6 +291,7 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
         float* pm = part + 4 * ROWS * D;
 #pragma unroll
         for (int i = 0; i < 2; i++) {
+            if (i == 1 && !upper) continue;  // padding rows only: the merge skips them
             int r = rg * 16 + lane / 4 + 8 * i;
             float li = l[i];
             li = li + __shfl_xor_sync(0xffffffffu, li, 1);
@@ -363,7 +375,9 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
 // registers its own body needs (one switch over all of them took 254 for
 // every width, one block an SM). Bounds: at most 128 registers a thread,
 // four blocks of one row group or two of two an SM, except for head_dim
-// 256, whose output tile alone is 128 registers.
+// 256, whose output tile alone is 128 registers, and head_dim 128 with one
+// row group, which keeps q's fragments in registers (168) and whose shared
+// memory allows three blocks an SM anyway.
 #define TC_KERNEL(DD, RG, MINB)                                                                                \
     extern "C" __global__ void __launch_bounds__(128 * RG, MINB)                                                \
         attn_tc_d##DD##_r##RG(const __nv_bfloat16* q, const __nv_bfloat16* kc, const __nv_bfloat16* vc,        \
@@ -377,7 +391,7 @@ TC_KERNEL(32, 1, 4)
 TC_KERNEL(32, 2, 2)
 TC_KERNEL(64, 1, 4)
 TC_KERNEL(64, 2, 2)
-TC_KERNEL(128, 1, 4)
+TC_KERNEL(128, 1, 3)
 TC_KERNEL(128, 2, 2)
 TC_KERNEL(256, 1, 1)
 TC_KERNEL(256, 2, 1)
