@@ -95,6 +95,8 @@ const MODULES: &[(&str, &[&str], &[&str])] = &[
             "argmax_finish",
             "repetition_penalty",
             "sample_rows",
+            "sample_slices",
+            "sample_merge",
         ],
     ),
 ];

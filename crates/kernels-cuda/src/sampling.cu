@@ -617,3 +617,232 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u32* out) {
     select_key(row, sh_keys, sh_es, n_sh, kmin, pcut, min_p, false, T_DRAW, u, 0, s, &tok);
     if (tid == 0) out[blockIdx.x] = (u32)(tok & ((1ull << nb) - 1ull));
 }
+
+// ---------------------------------------------------------------------------
+// Rows with a small top-k (every row's k with ceil(V / SHARED_CAP) · k <=
+// SHARED_CAP, e.g. Qwen3's recommended top-k 20), spread over the GPU in two
+// launches instead of a block a row:
+// * sample_slices: block (slice, row) reads its slice of the row once (at
+//   most SHARED_CAP tokens, kept in shared memory as rank keys), and writes
+//   the slice's z maximum and its best min(k, slice) rank keys. The row's k
+//   best keys are among the slices' best: a token outside its slice's k
+//   best has k better tokens in its row.
+// * sample_merge: a block a row takes the slices' keys (at most SHARED_CAP)
+//   and z maxima and finishes exactly as sample_rows does once its
+//   candidates are in shared memory: the row's z_max is the largest slice
+//   maximum; the live candidates (dead tokens rank after every live one,
+//   so the live tokens of the row's k best are among them), top-k's cut by
+//   count among them, then top-p and the draw.
+// ---------------------------------------------------------------------------
+
+#define SLICE_THREADS 256
+
+// The z a rank_key (index in nb bits) was built from (-0 comes back as +0,
+// which compares and subtracts like -0 wherever the sampler uses z).
+__device__ __forceinline__ float key_z(u64 key, int nb) {
+    const u32 ascending = ~(u32)(key >> nb);
+    return __uint_as_float((ascending >> 31) ? (ascending & 0x7fffffffu) : ~ascending);
+}
+
+// params as sample_rows'. Grid (S, rows); keys_out holds kout keys a
+// (row, slice), n_out and zmax_out one entry a (row, slice).
+extern "C" __global__ void __launch_bounds__(SLICE_THREADS)
+sample_slices(const float* logits, int V, int nb, const u32* params, int slice, int kout, u64* keys_out,
+              u32* n_out, float* zmax_out) {
+    wait_for_producers();
+    start_dependents();
+    __shared__ Hist s;
+    __shared__ u64 sh_keys[SHARED_CAP];
+    __shared__ float warp_max[SLICE_THREADS / 32];
+    __shared__ u64 kmin_s, kmax_s;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int row = blockIdx.y, S = gridDim.x;
+    const float* x = logits + (size_t)row * V;
+    const u32* p = params + 5 * (size_t)row;
+    const float temp = __uint_as_float(p[0]);
+    const u32 k = p[1];
+    const int lo = blockIdx.x * slice, n = max(min(V, lo + slice) - lo, 0);
+    if (tid == 0) {
+        kmin_s = ~0ull;
+        kmax_s = 0;
+        s.n_copied = 0;
+    }
+    float m = __int_as_float(0xff800000);
+    u64 kmn = ~0ull, kmx = 0;
+    for (int j = tid; j < n; j += blockDim.x) {
+        // Step 1's z (NaN counts as -inf) and step 2's rank key.
+        float z = x[lo + j] / temp;
+        if (isnan(z)) z = __int_as_float(0xff800000);
+        if (z > m) m = z;
+        const u64 key = rank_key(z, lo + j, nb);
+        sh_keys[j] = key;
+        kmn = key < kmn ? key : kmn;
+        kmx = key > kmx ? key : kmx;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float y = __shfl_xor_sync(FULL_MASK, m, o);
+        if (y > m) m = y;
+        const u64 a = __shfl_xor_sync(FULL_MASK, kmn, o), b = __shfl_xor_sync(FULL_MASK, kmx, o);
+        kmn = a < kmn ? a : kmn;
+        kmx = b > kmx ? b : kmx;
+    }
+    __syncthreads();  // kmin_s, kmax_s set; every key stored
+    if (lane == 0) {
+        warp_max[warp] = m;
+        atomicMin(&kmin_s, kmn);
+        atomicMax(&kmax_s, kmx);
+    }
+    __syncthreads();
+    const u64 kmin = kmin_s, kmax = kmax_s;
+    u64 kcut = kmax;
+    if (k < (u32)n) {
+        const Row none = {x, temp, 0.0f, V, nb};
+        select_key(none, sh_keys, nullptr, n, kmin, kmax, 0.0f, true, T_FIXED, 0.0f, (u64)k - 1, s, &kcut);
+    }
+    // The slice's best keys, in any order.
+    const size_t slot = (size_t)row * S + blockIdx.x;
+    u64* dst = keys_out + slot * kout;
+    for (int j0 = 0; j0 < n; j0 += blockDim.x) {
+        const int j = j0 + tid;
+        const bool in = j < n && sh_keys[j] <= kcut;
+        const u32 mask = __ballot_sync(FULL_MASK, in);
+        if (mask != 0) {
+            const int leader = __ffs(mask) - 1;
+            int base = 0;
+            if (lane == leader) base = atomicAdd(&s.n_copied, __popc(mask));
+            base = __shfl_sync(FULL_MASK, base, leader);
+            if (in) dst[base + __popc(mask & ((1u << lane) - 1u))] = sh_keys[j];
+        }
+    }
+    __syncthreads();
+    if (tid == 0) {
+        float mm = warp_max[0];
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
+            if (warp_max[w] > mm) mm = warp_max[w];
+        n_out[slot] = (u32)s.n_copied;
+        zmax_out[slot] = mm;
+    }
+}
+
+// One block (SAMPLE_THREADS) a row: see above. params as sample_rows'.
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+sample_merge(int V, int nb, const u32* params, int S, int kout, const u64* keys_in, const u32* n_in,
+             const float* zmax_in, u32* out) {
+    wait_for_producers();
+    start_dependents();
+    __shared__ Hist s;
+    __shared__ u64 all_keys[SHARED_CAP];
+    __shared__ u64 sh_keys[SHARED_CAP];
+    __shared__ float sh_es[SHARED_CAP];
+    __shared__ float zmax_s;
+    __shared__ int n_all, live_n;
+    __shared__ u64 kmin_s, kmax_s;
+    const int tid = threadIdx.x, lane = tid & 31;
+    const int row = blockIdx.x;
+    const u32* p = params + 5 * (size_t)row;
+    const float temp = __uint_as_float(p[0]);
+    const u32 k = p[1];
+    const float top_p = __uint_as_float(p[2]);
+    const float min_p = __uint_as_float(p[3]);
+    const float u = __uint_as_float(p[4]);
+    const size_t first = (size_t)row * S;
+    if (tid == 0) {
+        n_all = 0;
+        live_n = 0;
+        kmin_s = ~0ull;
+        kmax_s = 0;
+    }
+    if (tid < 32) {
+        // z_max: the largest slice maximum (NaN never appears: each slice's
+        // starts at -inf and only grows by strictly greater z).
+        float m = __int_as_float(0xff800000);
+        for (int i = lane; i < S; i += 32) {
+            const float y = zmax_in[first + i];
+            if (y > m) m = y;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float y = __shfl_xor_sync(FULL_MASK, m, o);
+            if (y > m) m = y;
+        }
+        if (lane == 0) zmax_s = m;
+    }
+    __syncthreads();
+    // Gather the slices' keys: slice i's n_in[i] keys, a warp a slice.
+    for (int i = tid >> 5; i < S; i += blockDim.x >> 5) {
+        const int cnt = (int)n_in[first + i];
+        int base = 0;
+        if (lane == 0) base = atomicAdd(&n_all, cnt);
+        base = __shfl_sync(FULL_MASK, base, 0);
+        for (int j = lane; j < cnt; j += 32) all_keys[base + j] = keys_in[(first + i) * kout + j];
+    }
+    __syncthreads();
+    const int na = n_all;
+    const Row row_z = {nullptr, temp, zmax_s, V, nb};
+    // The live candidates: how many, the smallest and largest key.
+    u64 lmin = ~0ull, lmax = 0;
+    int live = 0;
+    for (int j = tid; j < na; j += blockDim.x) {
+        const u64 key = all_keys[j];
+        const float z = key_z(key, nb);
+        if (!(z - row_z.z_max < -30.0f)) {
+            live += 1;
+            lmin = key < lmin ? key : lmin;
+            lmax = key > lmax ? key : lmax;
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const u64 a = __shfl_xor_sync(FULL_MASK, lmin, o), b = __shfl_xor_sync(FULL_MASK, lmax, o);
+        lmin = a < lmin ? a : lmin;
+        lmax = b > lmax ? b : lmax;
+        live += __shfl_xor_sync(FULL_MASK, live, o);
+    }
+    if (lane == 0) {
+        atomicAdd(&live_n, live);
+        atomicMin(&kmin_s, lmin);
+        atomicMax(&kmax_s, lmax);
+    }
+    __syncthreads();
+    const int n = live_n;
+    const u64 kmin = kmin_s, kmax = kmax_s;  // kmin: the top candidate
+    // Step 2's top-k among the live candidates (dead keys lie above kmax).
+    u64 kcut = kmax;
+    if (k < (u32)n)
+        select_key(row_z, all_keys, nullptr, na, kmin, kmax, 0.0f, true, T_FIXED, 0.0f, (u64)k - 1, s, &kcut);
+    // The kept live candidates with their weights, as sample_rows copies them.
+    if (tid == 0) s.n_copied = 0;
+    __syncthreads();
+    for (int j0 = 0; j0 < na; j0 += blockDim.x) {
+        const int j = j0 + tid;
+        u64 key = 0;
+        float z = 0.0f;
+        bool in = false;
+        if (j < na) {
+            key = all_keys[j];
+            z = key_z(key, nb);
+            in = !(z - row_z.z_max < -30.0f) && key <= kcut;
+        }
+        const u32 mask = __ballot_sync(FULL_MASK, in);
+        if (mask != 0) {
+            const int leader = __ffs(mask) - 1;
+            int base = 0;
+            if (lane == leader) base = atomicAdd(&s.n_copied, __popc(mask));
+            base = __shfl_sync(FULL_MASK, base, leader);
+            if (in) {
+                const int pos = base + __popc(mask & ((1u << lane) - 1u));
+                sh_keys[pos] = key;
+                sh_es[pos] = row_z.weight(z);
+            }
+        }
+    }
+    __syncthreads();
+    const int n_sh = s.n_copied;
+    u64 pcut = kcut;
+    if (top_p < 1.0f)
+        select_key(row_z, sh_keys, sh_es, n_sh, kmin, kcut, 0.0f, false, T_TOP_P, top_p, 0, s, &pcut);
+    u64 tok = kmin;
+    select_key(row_z, sh_keys, sh_es, n_sh, kmin, pcut, min_p, false, T_DRAW, u, 0, s, &tok);
+    if (tid == 0) out[row] = (u32)(tok & ((1ull << nb) - 1ull));
+}

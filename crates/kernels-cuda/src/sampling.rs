@@ -110,8 +110,9 @@ impl CudaBackend {
     /// Filtered sampling on the GPU, token for token the CPU spec
     /// (`qwen_kernels_cpu::sample`): parameters are checked here exactly as
     /// the CPU checks them, the per-row parameters are uploaded, one block
-    /// per row runs `sample_rows` (sampling.cu says why it is exact), and
-    /// only the `B` token ids come back.
+    /// per row runs `sample_rows` (sampling.cu says why it is exact) or,
+    /// when every row has a small top-k, `sample_slices` and
+    /// `sample_merge`, and only the `B` token ids come back.
     pub(crate) fn sample_impl(
         &self,
         logits: &T,
@@ -164,6 +165,51 @@ impl CudaBackend {
         let s = &self.dev.stream;
         let packed = s.clone_htod(&packed).map_err(dev)?;
         let mut out = s.alloc_zeros::<u32>(rows).map_err(dev)?;
+        // Every row cut to a small top-k: the rows' slices spread over the
+        // GPU (sample_slices), then a block a row (sample_merge).
+        let slices = v.div_ceil(SHARED_CAP);
+        let kout = params.iter().map(|p| p.top_k).max().unwrap_or(0);
+        if params.iter().all(|p| p.top_k > 0 && p.top_k < v) && slices * kout <= SHARED_CAP {
+            let (si, sli, ki) = (
+                int(OP, slices)?,
+                int(OP, v.div_ceil(slices))?,
+                int(OP, kout)?,
+            );
+            let mut keys = s.alloc_zeros::<u64>(rows * slices * kout).map_err(dev)?;
+            let mut counts = s.alloc_zeros::<u32>(rows * slices).map_err(dev)?;
+            let mut zmax = s.alloc_zeros::<f32>(rows * slices).map_err(dev)?;
+            let mut b = self.launch(self.kernel("sample_slices"));
+            b.arg(l)
+                .arg(&vi)
+                .arg(&nb)
+                .arg(&packed)
+                .arg(&sli)
+                .arg(&ki)
+                .arg(&mut keys)
+                .arg(&mut counts)
+                .arg(&mut zmax);
+            // SAFETY: argument order and types match sample_slices in
+            // sampling.cu; logits hold rows x V floats, params 5 words per row;
+            // a (row, slice) of at most SHARED_CAP tokens writes at most its
+            // row's k <= kout keys and one count and maximum, all in range.
+            let cfg = grid((slices as u32, rows as u32, 1), (SLICE_THREADS, 1, 1));
+            unsafe { b.launch(cfg) }.map_err(dev)?;
+            let mut b = self.launch(self.kernel("sample_merge"));
+            b.arg(&vi)
+                .arg(&nb)
+                .arg(&packed)
+                .arg(&si)
+                .arg(&ki)
+                .arg(&keys)
+                .arg(&counts)
+                .arg(&zmax)
+                .arg(&mut out);
+            // SAFETY: argument order and types match sample_merge; it reads
+            // what sample_slices wrote (at most slices·kout <= SHARED_CAP keys
+            // a row) and writes one id per row; 1024-thread blocks.
+            unsafe { b.launch(grid((rows as u32, 1, 1), (SAMPLE_THREADS, 1, 1))) }.map_err(dev)?;
+            return s.clone_dtoh(&out).map_err(dev);
+        }
         let mut b = self.launch(self.kernel("sample_rows"));
         b.arg(l).arg(&vi).arg(&nb).arg(&packed).arg(&mut out);
         // SAFETY: argument order and types match sample_rows in sampling.cu;
@@ -174,5 +220,10 @@ impl CudaBackend {
     }
 }
 
-/// Threads per `sample_rows` block (`SAMPLE_THREADS` in sampling.cu).
+/// Threads per `sample_rows` and `sample_merge` block (`SAMPLE_THREADS` in
+/// sampling.cu), and per `sample_slices` block (`SLICE_THREADS`).
 const SAMPLE_THREADS: u32 = 1024;
+const SLICE_THREADS: u32 = 256;
+/// Candidates sampling.cu keeps in shared memory (`SHARED_CAP`): the most
+/// tokens a slice has, and the most keys the slices hand a row's merge.
+const SHARED_CAP: usize = 2048;

@@ -917,19 +917,31 @@ fn sample_matches_cpu_on_random_rows() {
     let mut cases = 0;
     // (rows, V): Qwen3's vocabulary at batch 64 and 256, odd sizes below
     // and above one block's 1024 threads, a single token.
-    for (rows, v) in [
-        (64, 151_936),
-        (256, 151_936),
-        (64, 1000),
-        (32, 1025),
-        (16, 3),
-        (8, 1),
+    // The batches marked small have every row cut to a small top-k (at most
+    // 27: 75 slices of Qwen3's vocabulary hand the merge 2,025 keys), which
+    // takes the sliced kernels (sample_slices, sample_merge).
+    for (rows, v, small) in [
+        (64, 151_936, false),
+        (256, 151_936, false),
+        (64, 1000, false),
+        (32, 1025, false),
+        (16, 3, false),
+        (8, 1, false),
+        (1, 151_936, true),
+        (16, 151_936, true),
+        (64, 151_936, true),
+        (24, 5000, true),
+        (8, 40, true),
     ] {
         let mut logits = Vec::with_capacity(rows * v);
         let mut params = Vec::with_capacity(rows);
         for i in 0..rows {
             logits.extend(sample_row(&mut r, i % 8, v));
-            params.push(sample_params(&mut r, v));
+            let mut p = sample_params(&mut r, v);
+            if small {
+                p.top_k = [1, 2, 5, 20, 27][(r.next() % 5) as usize].min(v - 1);
+            }
+            params.push(p);
         }
         cases += check_sample_batch(&g, &mut r, &logits, &params);
     }
