@@ -5,7 +5,7 @@
 //! place the CUDA backend may differ from the CPU spec; the twin tests bound
 //! the difference, and `CudaBackend::set_exact(true)` turns it off.
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::bf16;
 use qwen_tensor::{DType, Result};
 
@@ -187,6 +187,22 @@ impl CudaBackend {
     }
 }
 
+/// The launch of a fused wgmma kernel (gemm_wg_silu, gemm_wg_hilo): a block
+/// per 64 rows by 64 output columns, WG_STAGES stages of `stage_rows` rows
+/// of 128 bytes plus the alignment to 1,024 bytes.
+fn wg_fused_grid(op: &'static str, t: usize, cols: usize, stage_rows: u32) -> Result<LaunchConfig> {
+    let col_tiles = (cols as u32).div_ceil(64);
+    if col_tiles > 65_535 {
+        return Err(crate::launch::shape_err(
+            op,
+            format!("{cols} columns are too many for one tensor-core GEMM"),
+        ));
+    }
+    let mut cfg = grid(((t as u32).div_ceil(64), col_tiles, 1), (THREADS, 1, 1));
+    cfg.shared_mem_bytes = WG_STAGES * stage_rows * 128 + 1024;
+    Ok(cfg)
+}
+
 impl CudaBackend {
     /// `out[t, j] = bf16(silu(g) · u)` with `g = Σ_k x[t, k]·w[j, k]` and
     /// `u = Σ_k x[t, k]·w[i + j, k]` for the first `t` rows (`w` a gate/up
@@ -212,18 +228,8 @@ impl CudaBackend {
             return Ok(true);
         }
         let (ti, ki, ii) = (int(op, t)?, int(op, k)?, int(op, i)?);
-        let mut cfg = grid(
-            ((t as u32).div_ceil(64), (i as u32).div_ceil(64), 1),
-            (THREADS, 1, 1),
-        );
-        // 64 rows of x and 128 of w (64 gate, 64 up) a stage, plus the alignment.
-        cfg.shared_mem_bytes = WG_STAGES * (64 + 128) * 128 + 1024;
-        if cfg.grid_dim.1 > 65_535 {
-            return Err(crate::launch::shape_err(
-                op,
-                format!("{i} columns are too many for one tensor-core GEMM"),
-            ));
-        }
+        // 64 rows of x and 128 of w (64 gate, 64 up) a stage.
+        let cfg = wg_fused_grid(op, t, i, 64 + 128)?;
         let mut b = self.launch(self.kernel("gemm_wg_silu"));
         b.arg(x).arg(w).arg(out).arg(&ti).arg(&ki).arg(&ii);
         // SAFETY: argument order and types match gemm_wg_silu in gemm_wgmma.cu;
@@ -257,18 +263,8 @@ impl CudaBackend {
             return Ok(true);
         }
         let (ti, ki, ni) = (int(op, t)?, int(op, k)?, int(op, n)?);
-        let mut cfg = grid(
-            ((t as u32).div_ceil(64), (n as u32).div_ceil(64), 1),
-            (THREADS, 1, 1),
-        );
-        // 64 rows of hi, 64 of lo and 64 of w a stage, plus the alignment.
-        cfg.shared_mem_bytes = WG_STAGES * (3 * 64) * 128 + 1024;
-        if cfg.grid_dim.1 > 65_535 {
-            return Err(crate::launch::shape_err(
-                op,
-                format!("{n} columns are too many for one tensor-core GEMM"),
-            ));
-        }
+        // 64 rows of hi, 64 of lo and 64 of w a stage.
+        let cfg = wg_fused_grid(op, t, n, 3 * 64)?;
         let mut b = self.launch(self.kernel("gemm_wg_hilo"));
         b.arg(hi).arg(lo).arg(w).arg(out).arg(&ti).arg(&ki).arg(&ni);
         // SAFETY: argument order and types match gemm_wg_hilo in gemm_wgmma.cu;

@@ -59,6 +59,14 @@ __device__ __forceinline__ void wgmma_64x64(float* d, unsigned long long da, uns
 // in between).
 __device__ __forceinline__ void wg_fence_acc(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 
+template <int N>
+__device__ __forceinline__ void wg_fence_accs(float (&acc)[N][32]) {
+#pragma unroll
+    for (int j = 0; j < N; j++)
+#pragma unroll
+        for (int e = 0; e < 32; e++) wg_fence_acc(acc[j][e]);
+}
+
 // What the block stores (MODE):
 #define WG_PLAIN 0  // out (+)= x . w, or the K share into part
 // w is a gate/up pair [2N, K] (gate rows, then up rows) and NB = 2: the
@@ -148,10 +156,7 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
             asm volatile("cp.async.commit_group;\n" ::: "memory");
         }
         const unsigned a_st = base + (kt % WG_STAGES) * STAGE, b_st = a_st + A_BYTES;
-#pragma unroll
-        for (int j = 0; j < NA * NB; j++)
-#pragma unroll
-            for (int e = 0; e < 32; e++) wg_fence_acc(acc[j][e]);
+        wg_fence_accs(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
         for (int ks = 0; ks < WG_K / 16; ks++) {
@@ -165,16 +170,10 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
         }
         asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
-#pragma unroll
-        for (int j = 0; j < NA * NB; j++)
-#pragma unroll
-            for (int e = 0; e < 32; e++) wg_fence_acc(acc[j][e]);
+        wg_fence_accs(acc);
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#pragma unroll
-    for (int j = 0; j < NA * NB; j++)
-#pragma unroll
-        for (int e = 0; e < 32; e++) wg_fence_acc(acc[j][e]);
+    wg_fence_accs(acc);
 
     if (SILU) {
 #pragma unroll

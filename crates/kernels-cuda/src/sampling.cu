@@ -159,6 +159,41 @@ __device__ __forceinline__ void flush(Hist& s, bool by_count, u32 d, u64 w, u32 
     if (wh != 0) atomicAdd(&s.hi[d], wh);
 }
 
+// This lane's slot when the warp's lanes with `in` set append to a list
+// whose length is the shared counter `n`: one atomic a warp, the lanes in
+// lane order. Every lane of the warp must call it together.
+__device__ __forceinline__ int warp_append(int* n, bool in) {
+    const int lane = threadIdx.x & 31;
+    const u32 mask = __ballot_sync(FULL_MASK, in);
+    int base = 0;
+    if (mask != 0) {
+        const int leader = __ffs(mask) - 1;
+        if (lane == leader) base = atomicAdd(n, __popc(mask));
+        base = __shfl_sync(FULL_MASK, base, leader);
+    }
+    return base + __popc(mask & ((1u << lane) - 1u));
+}
+
+// Folds each thread's live-candidate count and smallest and largest key
+// into the block's shared totals (zeroed, and ~0 for the minimum, before):
+// a warp reduction, then one atomic each a warp. Every lane of the warp
+// must call it together; the caller syncs before reading the totals.
+__device__ __forceinline__ void add_live_stats(int live, u64 lmin, u64 lmax, int* live_n, u64* kmin_s,
+                                               u64* kmax_s) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const u64 a = __shfl_xor_sync(FULL_MASK, lmin, o), b = __shfl_xor_sync(FULL_MASK, lmax, o);
+        lmin = a < lmin ? a : lmin;
+        lmax = b > lmax ? b : lmax;
+        live += __shfl_xor_sync(FULL_MASK, live, o);
+    }
+    if ((threadIdx.x & 31) == 0) {
+        atomicAdd(live_n, live);
+        atomicMin(kmin_s, lmin);
+        atomicMax(kmax_s, lmax);
+    }
+}
+
 // A row of logits as the sampler's candidates: token i's z, whether it is
 // live, its rank key and weight e, all computed from the logit on every read
 // exactly as the spec computes them once.
@@ -363,17 +398,10 @@ __device__ bool select_key(const Row& row, u64* sh_keys, float* sh_es, int n_sh,
                 float e = 0.0f;
                 const bool in = j < j_end && candidate(row, false, sh_keys, sh_es, j, lo,
                                                        prefix >> lo, kmax, min_p, by_count, ck, e);
-                const u32 mask = __ballot_sync(FULL_MASK, in);
-                if (mask != 0) {
-                    const int leader = __ffs(mask) - 1;
-                    int base = 0;
-                    if (lane == leader) base = atomicAdd(&s.n_copied, __popc(mask));
-                    base = __shfl_sync(FULL_MASK, base, leader);
-                    if (in) {
-                        const int pos = base + __popc(mask & ((1u << lane) - 1u));
-                        sh_keys[pos] = ck;
-                        sh_es[pos] = e;
-                    }
+                const int pos = warp_append(&s.n_copied, in);
+                if (in) {
+                    sh_keys[pos] = ck;
+                    sh_es[pos] = e;
                 }
             }
             __syncthreads();
@@ -511,7 +539,6 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u32* out) {
         live_n = 0;
         kmin_s = ~0ull;
         kmax_s = 0;
-        s.n_copied = 0;
         ix.top = NO_TOKEN;
     }
     __syncthreads();
@@ -547,19 +574,7 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u32* out) {
             lmax = ck > lmax ? ck : lmax;
         }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        u64 a = __shfl_xor_sync(FULL_MASK, lmin, o);
-        u64 b = __shfl_xor_sync(FULL_MASK, lmax, o);
-        lmin = a < lmin ? a : lmin;
-        lmax = b > lmax ? b : lmax;
-        live += __shfl_xor_sync(FULL_MASK, live, o);
-    }
-    if (lane == 0) {
-        atomicAdd(&live_n, live);
-        atomicMin(&kmin_s, lmin);
-        atomicMax(&kmax_s, lmax);
-    }
+    add_live_stats(live, lmin, lmax, &live_n, &kmin_s, &kmax_s);
     __syncthreads();
     const int n = live_n;
     const u64 kmin = kmin_s, kmax = kmax_s;  // kmin: the top candidate
@@ -588,17 +603,10 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u32* out) {
                 ck = rank_key(z, i, nb);
                 in = ck <= kcut;
             }
-            const u32 mask = __ballot_sync(FULL_MASK, in);
-            if (mask != 0) {
-                const int leader = __ffs(mask) - 1;
-                int base = 0;
-                if (lane == leader) base = atomicAdd(&s.n_copied, __popc(mask));
-                base = __shfl_sync(FULL_MASK, base, leader);
-                if (in) {
-                    const int pos = base + __popc(mask & ((1u << lane) - 1u));
-                    sh_keys[pos] = ck;
-                    sh_es[pos] = row.weight(z);
-                }
+            const int pos = warp_append(&s.n_copied, in);
+            if (in) {
+                sh_keys[pos] = ck;
+                sh_es[pos] = row.weight(z);
             }
         }
         __syncthreads();
@@ -706,14 +714,8 @@ sample_slices(const float* logits, int V, int nb, const u32* params, int slice, 
     for (int j0 = 0; j0 < n; j0 += blockDim.x) {
         const int j = j0 + tid;
         const bool in = j < n && sh_keys[j] <= kcut;
-        const u32 mask = __ballot_sync(FULL_MASK, in);
-        if (mask != 0) {
-            const int leader = __ffs(mask) - 1;
-            int base = 0;
-            if (lane == leader) base = atomicAdd(&s.n_copied, __popc(mask));
-            base = __shfl_sync(FULL_MASK, base, leader);
-            if (in) dst[base + __popc(mask & ((1u << lane) - 1u))] = sh_keys[j];
-        }
+        const int pos = warp_append(&s.n_copied, in);
+        if (in) dst[pos] = sh_keys[j];
     }
     __syncthreads();
     if (tid == 0) {
@@ -792,18 +794,7 @@ sample_merge(int V, int nb, const u32* params, int S, int kout, const u64* keys_
             lmax = key > lmax ? key : lmax;
         }
     }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const u64 a = __shfl_xor_sync(FULL_MASK, lmin, o), b = __shfl_xor_sync(FULL_MASK, lmax, o);
-        lmin = a < lmin ? a : lmin;
-        lmax = b > lmax ? b : lmax;
-        live += __shfl_xor_sync(FULL_MASK, live, o);
-    }
-    if (lane == 0) {
-        atomicAdd(&live_n, live);
-        atomicMin(&kmin_s, lmin);
-        atomicMax(&kmax_s, lmax);
-    }
+    add_live_stats(live, lmin, lmax, &live_n, &kmin_s, &kmax_s);
     __syncthreads();
     const int n = live_n;
     const u64 kmin = kmin_s, kmax = kmax_s;  // kmin: the top candidate
@@ -824,17 +815,10 @@ sample_merge(int V, int nb, const u32* params, int S, int kout, const u64* keys_
             z = key_z(key, nb);
             in = !(z - row_z.z_max < -30.0f) && key <= kcut;
         }
-        const u32 mask = __ballot_sync(FULL_MASK, in);
-        if (mask != 0) {
-            const int leader = __ffs(mask) - 1;
-            int base = 0;
-            if (lane == leader) base = atomicAdd(&s.n_copied, __popc(mask));
-            base = __shfl_sync(FULL_MASK, base, leader);
-            if (in) {
-                const int pos = base + __popc(mask & ((1u << lane) - 1u));
-                sh_keys[pos] = key;
-                sh_es[pos] = row_z.weight(z);
-            }
+        const int pos = warp_append(&s.n_copied, in);
+        if (in) {
+            sh_keys[pos] = key;
+            sh_es[pos] = row_z.weight(z);
         }
     }
     __syncthreads();
