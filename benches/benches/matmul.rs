@@ -5,7 +5,9 @@
 //! (o_proj and down with the residual add) and `logits` (final norm and
 //! vocabulary projection) — for Qwen3-0.6B and 8B at 1 and 64 tokens;
 //! `matmul/.../prompt` runs the same rows as prompt rows (the CUDA
-//! backend's tensor-core GEMM), also at 256 and 2,048 rows.
+//! backend's tensor-core GEMM), also at 256 and 2,048 rows; likewise
+//! `rms_norm_matmul_silu/.../prompt` and `logits/.../prompt` at 1 and 64
+//! rows (the GEMM with the SiLU gate or the hi/lo sum in its epilogue).
 //!
 //! Bytes: x and w read once, out written once (read and written for
 //! `matmul_add`'s accumulator). FLOPs: 2·T·K·N. Weights rotate through
@@ -92,26 +94,51 @@ fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
                                 .read(t * k + k, F32)
                                 .gemm(t, k, n)
                                 .write(t * n / 2, BF16);
-                            h.bench(dev, "rms_norm_matmul_silu", &id, work, |i| {
-                                dev.backend.rms_norm_matmul_silu(
-                                    &x,
-                                    &norm_w,
-                                    EPS,
-                                    next_w(i),
-                                    &mut out,
-                                    &mut act,
-                                )
-                            });
+                            for (suffix, tc) in tc_variants(dev, t) {
+                                dev.backend.set_tensor_core_rows(tc);
+                                h.bench(
+                                    dev,
+                                    "rms_norm_matmul_silu",
+                                    &format!("{id}{suffix}"),
+                                    work,
+                                    |i| {
+                                        dev.backend.rms_norm_matmul_silu(
+                                            &x,
+                                            &norm_w,
+                                            EPS,
+                                            next_w(i),
+                                            &mut out,
+                                            &mut act,
+                                        )
+                                    },
+                                );
+                            }
+                            dev.backend.set_tensor_core_rows(0);
                         }
                         if p.fused == Fused::Logits {
-                            h.bench(dev, "logits", &id, work, |i| {
-                                dev.backend.logits(&x, &norm_w, EPS, next_w(i), &mut out)
-                            });
+                            for (suffix, tc) in tc_variants(dev, t) {
+                                dev.backend.set_tensor_core_rows(tc);
+                                h.bench(dev, "logits", &format!("{id}{suffix}"), work, |i| {
+                                    dev.backend.logits(&x, &norm_w, EPS, next_w(i), &mut out)
+                                });
+                            }
+                            dev.backend.set_tensor_core_rows(0);
                         }
                     }
                 }
             }
         }
+    }
+}
+
+/// The exact kernels (no suffix), and on a backend with tensor-core rows
+/// the same op with every row announced as a prompt row (`/prompt`): the
+/// CUDA backend's fused GEMM epilogues (gemm_wgmma.cu).
+fn tc_variants<B: Timed>(dev: &Device<B>, t: usize) -> Vec<(&'static str, usize)> {
+    if dev.backend.name() == "cpu" {
+        vec![("", 0)]
+    } else {
+        vec![("", 0), ("/prompt", t)]
     }
 }
 

@@ -44,6 +44,7 @@ template <class T> T __shfl_xor_sync(unsigned, T, int);
 template <class T> T __shfl_sync(unsigned, T, int);
 template <class T> T __shfl_up_sync(unsigned, T, int);
 unsigned __ballot_sync(unsigned, int);
+int __any_sync(unsigned, int);
 void __syncthreads();
 void __syncwarp(unsigned = 0xffffffffu);
 void __threadfence();

@@ -124,7 +124,9 @@ const WGMMA_MODULE: (&str, &[&str], &[&str]) = (
         "gemm_wg_n64",
         "gemm_wg_n128",
         "gemm_wg_n256",
+        "gemm_wg_n64_deep",
         "gemm_wg_silu",
+        "gemm_wg_silu_deep",
         "gemm_wg_hilo",
     ],
 );
@@ -147,7 +149,9 @@ const LARGE_DYNAMIC_SMEM: &[&str] = &[
     "gemm_wg_n64",
     "gemm_wg_n128",
     "gemm_wg_n256",
+    "gemm_wg_n64_deep",
     "gemm_wg_silu",
+    "gemm_wg_silu_deep",
     "gemm_wg_hilo",
     "decoder_layer_t1",
 ];

@@ -13,17 +13,32 @@ use crate::device::{dev, f32s_mut};
 use crate::launch::{grid, int};
 use crate::{CudaBackend, Scratch};
 
-/// A tile shape of gemm.cu: its kernel, and the rows of x (BM) and of w
-/// (BN, output columns) a block takes.
+/// A tile shape of gemm.cu or gemm_wgmma.cu: its kernel, the rows of x
+/// (BM) and of w (BN, output columns) a block takes, and its stages.
 struct Tile {
     name: &'static str,
     bm: u32,
     bn: u32,
+    stages: u32,
 }
 
 impl Tile {
     const fn new(name: &'static str, bm: u32, bn: u32) -> Tile {
-        Tile { name, bm, bn }
+        Tile {
+            name,
+            bm,
+            bn,
+            stages: GSTAGES,
+        }
+    }
+
+    const fn wg(name: &'static str, bn: u32, stages: u32) -> Tile {
+        Tile {
+            name,
+            bm: 64,
+            bn,
+            stages,
+        }
     }
 }
 
@@ -35,19 +50,29 @@ const M128: Tile = Tile::new("gemm_tc_m128", 128, 128);
 /// one warpgroup (gemm_wgmma.cu).
 const THREADS: u32 = 128;
 
-/// gemm_wgmma.cu's tiles: 64 rows of x by 64, 128 or 256 columns.
-const WG64: Tile = Tile::new("gemm_wg_n64", 64, 64);
-const WG128: Tile = Tile::new("gemm_wg_n128", 64, 128);
-const WG256: Tile = Tile::new("gemm_wg_n256", 64, 256);
-/// Stages of gemm_wgmma.cu (WG_STAGES), each 128 bytes a row of the tile.
+/// Stages of gemm_wgmma.cu (WG_STAGES, WG_STAGES_DEEP), each 128 bytes a
+/// row of the tile.
 const WG_STAGES: u32 = 4;
+const WG_STAGES_DEEP: u32 = 8;
+/// gemm_wgmma.cu's tiles: 64 rows of x by 64, 128 or 256 columns, and
+/// 64 x 64 with deeper stages for a single row tile.
+const WG64: Tile = Tile::wg("gemm_wg_n64", 64, WG_STAGES);
+const WG128: Tile = Tile::wg("gemm_wg_n128", 128, WG_STAGES);
+const WG256: Tile = Tile::wg("gemm_wg_n256", 256, WG_STAGES);
+const WG64_DEEP: Tile = Tile::wg("gemm_wg_n64_deep", 64, WG_STAGES_DEEP);
 
 /// The wgmma tile for `t` rows by `n` columns in `splits` K shares: the
 /// widest that still makes enough blocks to cover the GPU's 132 SMs (every
 /// tile sums in the same order, so the choice may follow the row count).
+/// At most 64 rows make one row tile; when that gives at most two blocks
+/// an SM, they are bound by the weight bytes each keeps in flight: 8 stages
+/// (6 tiles ahead) instead of 4 (the vocabulary projection's thousands of
+/// blocks measured slower so).
 fn choose_wg_tile(t: u32, n: u32, splits: u32) -> &'static Tile {
     let blocks = |tile: &Tile| n.div_ceil(tile.bn) * t.div_ceil(tile.bm) * splits;
-    if blocks(&WG256) >= 264 {
+    if t <= 64 && blocks(&WG64) <= 264 {
+        &WG64_DEEP
+    } else if blocks(&WG256) >= 264 {
         &WG256
     } else if blocks(&WG128) >= 128 {
         &WG128
@@ -142,9 +167,9 @@ impl CudaBackend {
         let mut cfg = grid((row_tiles, col_tiles, splits), (THREADS, 1, 1));
         cfg.shared_mem_bytes = if wgmma {
             // Plus the alignment of the stages to 1,024 bytes (the swizzle's).
-            WG_STAGES * (tile.bm + tile.bn) * 128 + 1024
+            tile.stages * (tile.bm + tile.bn) * 128 + 1024
         } else {
-            GSTAGES * (tile.bm + tile.bn) * GS * 2
+            tile.stages * (tile.bm + tile.bn) * GS * 2
         };
         let f = self.kernel(tile.name);
         // `part`: where the split shares go (null: no split).
@@ -188,10 +213,16 @@ impl CudaBackend {
 }
 
 /// The launch of a fused wgmma kernel (gemm_wg_silu, gemm_wg_hilo): a block
-/// per 64 rows by 64 output columns, WG_STAGES stages of `stage_rows` rows
-/// of 128 bytes plus the alignment to 1,024 bytes.
-fn wg_fused_grid(op: &'static str, t: usize, cols: usize, stage_rows: u32) -> Result<LaunchConfig> {
-    let col_tiles = (cols as u32).div_ceil(64);
+/// per 64 rows by `block_cols` output columns, `stages` stages of
+/// `stage_rows` rows of 128 bytes plus the alignment to 1,024 bytes.
+fn wg_fused_grid(
+    op: &'static str,
+    t: usize,
+    (cols, block_cols): (usize, u32),
+    stage_rows: u32,
+    stages: u32,
+) -> Result<LaunchConfig> {
+    let col_tiles = (cols as u32).div_ceil(block_cols);
     if col_tiles > 65_535 {
         return Err(crate::launch::shape_err(
             op,
@@ -199,7 +230,7 @@ fn wg_fused_grid(op: &'static str, t: usize, cols: usize, stage_rows: u32) -> Re
         ));
     }
     let mut cfg = grid(((t as u32).div_ceil(64), col_tiles, 1), (THREADS, 1, 1));
-    cfg.shared_mem_bytes = WG_STAGES * stage_rows * 128 + 1024;
+    cfg.shared_mem_bytes = stages * stage_rows * 128 + 1024;
     Ok(cfg)
 }
 
@@ -228,11 +259,18 @@ impl CudaBackend {
             return Ok(true);
         }
         let (ti, ki, ii) = (int(op, t)?, int(op, k)?, int(op, i)?);
-        // 64 rows of x and 128 of w (64 gate, 64 up) a stage.
-        let cfg = wg_fused_grid(op, t, i, 64 + 128)?;
-        let mut b = self.launch(self.kernel("gemm_wg_silu"));
+        // 64 rows of x and 128 of w (64 gate, 64 up columns) a stage; a
+        // single row tile takes 32 columns a block (twice the blocks) and
+        // streams deeper, as choose_wg_tile's.
+        let (name, block_cols, stages) = if t <= 64 {
+            ("gemm_wg_silu_deep", 32, WG_STAGES_DEEP)
+        } else {
+            ("gemm_wg_silu", 64, WG_STAGES)
+        };
+        let cfg = wg_fused_grid(op, t, (i, block_cols), 64 + 2 * block_cols, stages)?;
+        let mut b = self.launch(self.kernel(name));
         b.arg(x).arg(w).arg(out).arg(&ti).arg(&ki).arg(&ii);
-        // SAFETY: argument order and types match gemm_wg_silu in gemm_wgmma.cu;
+        // SAFETY: argument order and types match gemm_wg_silu{,_deep} in gemm_wgmma.cu;
         // the caller checked that x holds t·k, w 2i·k and out t·i elements, the
         // kernel guards every access by T, K and N = i, K % 8 == 0, and the
         // dynamic shared memory holds its stages.
@@ -264,7 +302,7 @@ impl CudaBackend {
         }
         let (ti, ki, ni) = (int(op, t)?, int(op, k)?, int(op, n)?);
         // 64 rows of hi, 64 of lo and 64 of w a stage.
-        let cfg = wg_fused_grid(op, t, n, 3 * 64)?;
+        let cfg = wg_fused_grid(op, t, (n, 64), 3 * 64, WG_STAGES)?;
         let mut b = self.launch(self.kernel("gemm_wg_hilo"));
         b.arg(hi).arg(lo).arg(w).arg(out).arg(&ti).arg(&ki).arg(&ni);
         // SAFETY: argument order and types match gemm_wg_hilo in gemm_wgmma.cu;
@@ -296,9 +334,14 @@ mod tests {
         assert_eq!(name(256, 1024, 4096), "gemm_wg_n128");
         assert_eq!(name(256, 2048, 1024), "gemm_wg_n128");
         assert_eq!(name(256, 3072, 1024), "gemm_wg_n128");
-        // 64 rows and a single row: 64 x 64.
-        assert_eq!(name(64, 1024, 6144), "gemm_wg_n64");
-        assert_eq!(name(1, 1024, 4096), "gemm_wg_n64");
+        // 128 rows of o_proj: 64 x 64 (2 x 16 x 4 blocks).
+        assert_eq!(name(128, 2048, 1024), "gemm_wg_n64");
+        // 64 rows and a single row: 64 x 64, eight stages.
+        assert_eq!(name(64, 1024, 6144), "gemm_wg_n64_deep");
+        assert_eq!(name(1, 1024, 4096), "gemm_wg_n64_deep");
+        // But not the vocabulary projection (2,374 such blocks): 64 x 256.
+        assert_eq!(name(64, 1024, 151_936), "gemm_wg_n256");
+        assert_eq!(name(1, 1024, 151_936), "gemm_wg_n256");
     }
 
     /// The tiles the Qwen3-0.6B shapes get (BENCHMARKS.md has the sweep).

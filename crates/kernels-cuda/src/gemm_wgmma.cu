@@ -9,7 +9,7 @@
 // mixes the two instruction families in one row's history.
 //
 // A block is one warpgroup (4 warps) and takes 64 rows of x by BN = 64·NB
-// columns: its operands stream through WG_STAGES shared-memory stages of 64
+// columns: its operands stream through STAGES shared-memory stages of 64
 // k each (one 128-byte row of bf16 per matrix row, in the 128-byte swizzle
 // wgmma reads without bank conflicts), copied with cp.async WG_AHEAD tiles
 // ahead; wgmma reads them straight from shared memory (no ldmatrix), one
@@ -20,9 +20,12 @@
 
 #define WG_K 64
 #define WG_STAGES 4
+// Stages of the kernels for a single row tile (at most 64 rows): they are
+// bound by how many weight bytes are in flight, not by the tensor cores.
+#define WG_STAGES_DEEP 8
 // Tiles in flight ahead of the one multiplied: the stage refilled at step kt
 // held tile kt - 2, whose wgmma the previous step has waited for.
-#define WG_AHEAD (WG_STAGES - 2)
+#define WG_AHEAD (STAGES - 2)
 #define WG_THREADS 128
 
 // Byte offset of 16-byte chunk c (0..7) of row r in a [rows][64] bf16 tile
@@ -69,17 +72,18 @@ __device__ __forceinline__ void wg_fence_accs(float (&acc)[N][32]) {
 
 // What the block stores (MODE):
 #define WG_PLAIN 0  // out (+)= x . w, or the K share into part
-// w is a gate/up pair [2N, K] (gate rows, then up rows) and NB = 2: the
-// block's first 64 columns are gate columns n0.., its second 64 the same up
-// columns, and instead of the f32 pair it stores silu_out[t, n] =
-// bf16(silu(gate) * up) (activation.cu's silu_mul on the values the plain
-// GEMM would have stored, so the same bits).
+// w is a gate/up pair [2N, K] (gate rows, then up rows): the block's first
+// 32·NB columns are gate columns n0.., its next 32·NB the same up columns,
+// and instead of the f32 pair it stores silu_out[t, n] = bf16(silu(gate) *
+// up) (activation.cu's silu_mul on the values the plain GEMM would have
+// stored, so the same bits). A column's gate and up land in the same
+// thread: the accumulator layout repeats every 8 columns.
 #define WG_SILU 1
 // x is the hi half and x_lo the lo half of a split f32 input (the logits'
 // tensor-core rows): out = (x . w) + (x_lo . w), the two products the
 // plain kernel would store and then add, with w read once.
 #define WG_HILO 2
-template <int NB, int MODE>
+template <int NB, int MODE, int STAGES>
 __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_bfloat16* x_lo,
                                              const __nv_bfloat16* w, float* out, int T, int K, int N, int add,
                                              float* part, __nv_bfloat16* silu_out) {
@@ -89,27 +93,27 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
     extern __shared__ __align__(1024) unsigned char wg_smem[];
     const unsigned base = ((unsigned)__cvta_generic_to_shared(wg_smem) + 1023u) & ~1023u;
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int m0 = blockIdx.x * 64, n0 = blockIdx.y * (SILU ? 64 : BN);
+    const int m0 = blockIdx.x * 64, n0 = blockIdx.y * (SILU ? BN / 2 : BN);
     const int all_tiles = (K + WG_K - 1) / WG_K, per = (all_tiles + gridDim.z - 1) / gridDim.z;
     const int kt0 = blockIdx.z * per, kt_end = min(all_tiles, kt0 + per);
     // This thread copies chunk c of rows r0 + 16i (every row's 8 chunks are
     // 8 neighbouring threads: 128 contiguous bytes of global memory).
     const int c = tid & 7, r0 = tid >> 3;
     auto load_w = [&](int kt) {
-        const unsigned st = base + (kt % WG_STAGES) * STAGE + A_BYTES;
+        const unsigned st = base + (kt % STAGES) * STAGE + A_BYTES;
         const int k = kt * WG_K + c * 8;
 #pragma unroll
         for (int i = 0; i < 4 * NB; i++) {
             const int r = r0 + 16 * i;
-            // SILU: tile rows 64.. are the up rows of the same columns.
-            const int col = SILU ? n0 + (r & 63) : n0 + r;
-            const int wrow = SILU && r >= 64 ? N + col : col;
+            // SILU: tile rows BN / 2.. are the up rows of the same columns.
+            const int col = SILU ? n0 + (r & (BN / 2 - 1)) : n0 + r;  // BN / 2: a power of 2
+            const int wrow = SILU && r >= BN / 2 ? N + col : col;
             const bool ok = col < N && k < K;
             wg_cp16(st + wg_swizzle(r, c), ok ? w + (size_t)wrow * K + k : w, ok);
         }
     };
     auto load_x = [&](int kt) {
-        const unsigned st = base + (kt % WG_STAGES) * STAGE;
+        const unsigned st = base + (kt % STAGES) * STAGE;
         const int k = kt * WG_K + c * 8;
 #pragma unroll
         for (int i = 0; i < 4; i++) {
@@ -155,7 +159,7 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
             }
             asm volatile("cp.async.commit_group;\n" ::: "memory");
         }
-        const unsigned a_st = base + (kt % WG_STAGES) * STAGE, b_st = a_st + A_BYTES;
+        const unsigned a_st = base + (kt % STAGES) * STAGE, b_st = a_st + A_BYTES;
         wg_fence_accs(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
@@ -176,16 +180,19 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
     wg_fence_accs(acc);
 
     if (SILU) {
+        // The gate's 8-column blocks q and the up's q + 4·NB.
 #pragma unroll
-        for (int q = 0; q < 8; q++)
+        for (int q = 0; q < 4 * NB; q++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
                 const int r = m0 + warp * 16 + lane / 4 + h * 8;
                 const int col = n0 + q * 8 + (lane % 4) * 2;
                 if (r >= T) continue;
+                const int qu = q + 4 * NB;
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
-                    const float g = acc[0][4 * q + 2 * h + e], u = acc[NB - 1][4 * q + 2 * h + e];
+                    const float g = acc[q / 8][4 * (q % 8) + 2 * h + e];
+                    const float u = acc[qu / 8][4 * (qu % 8) + 2 * h + e];
                     if (col + e < N) silu_out[(size_t)r * N + col + e] = __float2bfloat16_rn(q_silu(g) * u);
                 }
             }
@@ -225,30 +232,36 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
             }
 }
 
-// One kernel per tile width; the arguments are gemm.cu's GEMM_KERNEL's.
-// Needs K % 8 == 0 (16-byte copies) and WG_STAGES stages of dynamic shared
-// memory plus 1,024 bytes for the alignment.
-#define GEMM_WG_KERNEL(NAME, NB)                                                                               \
+// One kernel per tile width and stage count; the arguments are gemm.cu's
+// GEMM_KERNEL's. Needs K % 8 == 0 (16-byte copies) and STAGES stages of
+// dynamic shared memory plus 1,024 bytes for the alignment.
+#define GEMM_WG_KERNEL(NAME, NB, STAGES)                                                                       \
     extern "C" __global__ void __launch_bounds__(WG_THREADS)                                                    \
         NAME(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K, int N, int add,          \
              float* part) {                                                                                     \
-        gemm_wg_body<NB, WG_PLAIN>(x, nullptr, w, out, T, K, N, add, part, nullptr);                           \
+        gemm_wg_body<NB, WG_PLAIN, STAGES>(x, nullptr, w, out, T, K, N, add, part, nullptr);                   \
     }
-GEMM_WG_KERNEL(gemm_wg_n64, 1)
-GEMM_WG_KERNEL(gemm_wg_n128, 2)
-GEMM_WG_KERNEL(gemm_wg_n256, 4)
+GEMM_WG_KERNEL(gemm_wg_n64, 1, WG_STAGES)
+GEMM_WG_KERNEL(gemm_wg_n128, 2, WG_STAGES)
+GEMM_WG_KERNEL(gemm_wg_n256, 4, WG_STAGES)
+GEMM_WG_KERNEL(gemm_wg_n64_deep, 1, WG_STAGES_DEEP)
 
 // The gate/up projection with the SiLU gate behind it: x [T, K], w [2N, K]
-// (gate, then up), out [T, N] bf16; no split K. Grid (T / 64, N / 64).
-extern "C" __global__ void __launch_bounds__(WG_THREADS)
-    gemm_wg_silu(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* out, int T, int K, int N) {
-    gemm_wg_body<2, WG_SILU>(x, nullptr, w, nullptr, T, K, N, 0, nullptr, out);
-}
+// (gate, then up), out [T, N] bf16; no split K.
+// Grid (T / 64, N / (32·NB)): 64 columns of each half a block, or 32 (and
+// twice the blocks) for a single row tile, which also streams deeper.
+#define GEMM_WG_SILU_KERNEL(NAME, NB, STAGES)                                                                  \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS)                                                    \
+        NAME(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* out, int T, int K, int N) {          \
+        gemm_wg_body<NB, WG_SILU, STAGES>(x, nullptr, w, nullptr, T, K, N, 0, nullptr, out);                   \
+    }
+GEMM_WG_SILU_KERNEL(gemm_wg_silu, 2, WG_STAGES)
+GEMM_WG_SILU_KERNEL(gemm_wg_silu_deep, 1, WG_STAGES_DEEP)
 
 // out = x_hi . w + x_lo . w (see WG_HILO), f32 [T, N]; no split K.
 // Grid (T / 64, N / 64).
 extern "C" __global__ void __launch_bounds__(WG_THREADS)
     gemm_wg_hilo(const __nv_bfloat16* x_hi, const __nv_bfloat16* x_lo, const __nv_bfloat16* w, float* out, int T,
                  int K, int N) {
-    gemm_wg_body<1, WG_HILO>(x_hi, x_lo, w, out, T, K, N, 0, nullptr, nullptr);
+    gemm_wg_body<1, WG_HILO, WG_STAGES>(x_hi, x_lo, w, out, T, K, N, 0, nullptr, nullptr);
 }
