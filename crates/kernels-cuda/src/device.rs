@@ -120,20 +120,21 @@ const LAYER_MODULE: (&str, &[&str], &[&str]) = (
 const WGMMA_MODULE: (&str, &[&str], &[&str]) = (
     "gemm_wgmma",
     &[include_str!("gemm_wgmma.cu")],
-    &[
-        "gemm_wg_n64",
-        "gemm_wg_n128",
-        "gemm_wg_n256",
-        "gemm_wg_n64_deep",
-        "gemm_wg_silu",
-        "gemm_wg_silu_deep",
-        "gemm_wg_hilo",
-    ],
+    WGMMA_KERNELS,
 );
+const WGMMA_KERNELS: &[&str] = &[
+    "gemm_wg_n64",
+    "gemm_wg_n128",
+    "gemm_wg_n256",
+    "gemm_wg_n64_deep",
+    "gemm_wg_silu",
+    "gemm_wg_silu_deep",
+    "gemm_wg_hilo",
+];
 
 /// Kernels whose dynamic shared memory grows with the shape (a norm row in
 /// f32, an attention chunk's keys and values) and may pass 48 KB; so do
-/// all of attention_tc.cu's.
+/// all of attention_tc.cu's and gemm_wgmma.cu's.
 const LARGE_DYNAMIC_SMEM: &[&str] = &[
     "rms_norm_bf16",
     "rms_norm_f32",
@@ -146,13 +147,6 @@ const LARGE_DYNAMIC_SMEM: &[&str] = &[
     "gemm_tc_n64",
     "gemm_tc_n32",
     "gemm_tc_m128",
-    "gemm_wg_n64",
-    "gemm_wg_n128",
-    "gemm_wg_n256",
-    "gemm_wg_n64_deep",
-    "gemm_wg_silu",
-    "gemm_wg_silu_deep",
-    "gemm_wg_hilo",
     "decoder_layer_t1",
 ];
 
@@ -324,7 +318,10 @@ fn load_module(
     let module = ctx.load_module(ptx).map_err(dev)?;
     for &n in names.iter() {
         let f = module.load_function(n).map_err(dev)?;
-        if LARGE_DYNAMIC_SMEM.contains(&n) || crate::attention_tc::KERNELS.contains(&n) {
+        if LARGE_DYNAMIC_SMEM.contains(&n)
+            || crate::attention_tc::KERNELS.contains(&n)
+            || WGMMA_KERNELS.contains(&n)
+        {
             allow_all_dynamic_smem(&f, smem_optin)?;
         }
         if CLUSTER_KERNELS.contains(&n) && clusters(arch_major(arch)) {
