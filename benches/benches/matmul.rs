@@ -5,9 +5,10 @@
 //! (o_proj and down with the residual add) and `logits` (final norm and
 //! vocabulary projection) — for Qwen3-0.6B and 8B at 1 and 64 tokens;
 //! `matmul/.../prompt` runs the same rows as prompt rows (the CUDA
-//! backend's tensor-core GEMM), also at 256 and 2,048 rows; likewise
-//! `rms_norm_matmul_silu/.../prompt` and `logits/.../prompt` at 1 and 64
-//! rows (the GEMM with the SiLU gate or the hi/lo sum in its epilogue).
+//! backend's tensor-core GEMM), also at 128, 256 and 2,048 rows; likewise
+//! `rms_norm_matmul_silu/.../prompt` at 1, 64, 128 and 256 rows and
+//! `logits/.../prompt` at 1 and 64 (the GEMM with the SiLU gate or the
+//! hi/lo sum in its epilogue).
 //!
 //! Bytes: x and w read once, out written once (read and written for
 //! `matmul_add`'s accumulator). FLOPs: 2·T·K·N. Weights rotate through
@@ -50,7 +51,7 @@ fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
                 // Larger batches on the tensor cores only: a large decode
                 // batch (256 rows) and a prefill chunk (2,048).
                 if dev.backend.name() != "cpu" && t == TOKENS[TOKENS.len() - 1] {
-                    for big in [256, 2048] {
+                    for big in [128, 256, 2048] {
                         let xb = dev.bf16(&[big, k], 1.0);
                         let mut ob = dev.zeros(&[big, n], F32);
                         let work = Work::new()
@@ -86,6 +87,39 @@ fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
                                 dev.backend
                                     .rms_norm_matmul(&x, &norm_w, EPS, next_w(i), &mut out)
                             });
+                        }
+                        if p.name == "gate_up"
+                            && dev.backend.name() != "cpu"
+                            && t == TOKENS[TOKENS.len() - 1]
+                        {
+                            // Decode batches of the throughput workload.
+                            for big in [128, 256] {
+                                let xb = dev.f32(&[big, k], 3.0);
+                                let mut ob = dev.zeros(&[big, n], F32);
+                                let mut act = dev.zeros(&[big, n / 2], BF16);
+                                let work = Work::new()
+                                    .read(big * k + k, F32)
+                                    .gemm(big, k, n)
+                                    .write(big * n / 2, BF16);
+                                dev.backend.set_tensor_core_rows(big);
+                                h.bench(
+                                    dev,
+                                    "rms_norm_matmul_silu",
+                                    &format!("{}/{}/T{big}/prompt", m.name, p.name),
+                                    work,
+                                    |i| {
+                                        dev.backend.rms_norm_matmul_silu(
+                                            &xb,
+                                            &norm_w,
+                                            EPS,
+                                            next_w(i),
+                                            &mut ob,
+                                            &mut act,
+                                        )
+                                    },
+                                );
+                                dev.backend.set_tensor_core_rows(0);
+                            }
                         }
                         if p.name == "gate_up" {
                             // The SiLU gate fused behind: bf16 [T, I] out.

@@ -302,13 +302,15 @@ pub fn run_cmd(a: &BenchArgs, gpu: Option<CudaBackend>) -> Result<(), String> {
             eprintln!("backend: cuda ({})", g.device_name());
             let (m, shape) = crate::bench::load(g, a)?;
             if std::env::var_os("QWEN_PROFILE").is_some() {
-                for seqs in [64, 256] {
-                    for (op, us) in crate::bench::op_profile(&m, seqs, 512, 4)? {
-                        eprintln!("profile {seqs}x512: {op:>14} {us:9.1} us/step");
+                // Decode steps like the run's buckets (few long sequences
+                // at the end, many shorter ones early) and a full prompt step.
+                for (seqs, ctx) in [(16, 1536), (48, 1280), (128, 1024), (256, 640)] {
+                    for (op, us) in crate::bench::op_profile(&m, seqs, ctx, 4)? {
+                        eprintln!("profile {seqs}x{ctx}: {op:>14} {us:9.1} us/step");
                     }
                 }
-                for (op, us) in crate::bench::prefill_op_profile(&m, 2, 1024, 4)? {
-                    eprintln!("profile prompt 2x1024: {op:>14} {us:9.1} us/step");
+                for (op, us) in crate::bench::prefill_op_profile(&m, 8, 1024, 4)? {
+                    eprintln!("profile prompt 8x1024: {op:>14} {us:9.1} us/step");
                 }
             }
             let memory = m.backend().memory_info().map_err(|e| e.to_string())?;

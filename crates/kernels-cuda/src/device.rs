@@ -127,8 +127,11 @@ const WGMMA_KERNELS: &[&str] = &[
     "gemm_wg_n128",
     "gemm_wg_n256",
     "gemm_wg_n64_deep",
+    "gemm_wg_n64_s6",
+    "gemm_wg_n128_deep",
     "gemm_wg_silu",
     "gemm_wg_silu_deep",
+    "gemm_wg_silu_s6",
     "gemm_wg_hilo",
 ];
 

@@ -54,31 +54,90 @@ const THREADS: u32 = 128;
 /// row of the tile.
 const WG_STAGES: u32 = 4;
 const WG_STAGES_DEEP: u32 = 8;
-/// gemm_wgmma.cu's tiles: 64 rows of x by 64, 128 or 256 columns, and
-/// 64 x 64 with deeper stages for a single row tile.
+/// gemm_wgmma.cu's tiles: 64 rows of x by 64, 128 or 256 columns, 64 also
+/// with six stages (two blocks an SM) and both narrower ones with eight
+/// (one block an SM).
 const WG64: Tile = Tile::wg("gemm_wg_n64", 64, WG_STAGES);
-const WG128: Tile = Tile::wg("gemm_wg_n128", 128, WG_STAGES);
-const WG256: Tile = Tile::wg("gemm_wg_n256", 256, WG_STAGES);
+const WG64_S6: Tile = Tile::wg("gemm_wg_n64_s6", 64, 6);
 const WG64_DEEP: Tile = Tile::wg("gemm_wg_n64_deep", 64, WG_STAGES_DEEP);
+const WG128: Tile = Tile::wg("gemm_wg_n128", 128, WG_STAGES);
+const WG128_DEEP: Tile = Tile::wg("gemm_wg_n128_deep", 128, WG_STAGES_DEEP);
+const WG256: Tile = Tile::wg("gemm_wg_n256", 256, WG_STAGES);
+/// The fused gate/up + SiLU kernels as tiles: `bn` rows of w a stage (half
+/// gate, half up columns), so a block makes bn / 2 output columns.
+const SILU32_DEEP: Tile = Tile::wg("gemm_wg_silu_deep", 64, WG_STAGES_DEEP);
+const SILU32_S6: Tile = Tile::wg("gemm_wg_silu_s6", 64, 6);
+const SILU64: Tile = Tile::wg("gemm_wg_silu", 128, WG_STAGES);
 
-/// The wgmma tile for `t` rows by `n` columns in `splits` K shares: the
-/// widest that still makes enough blocks to cover the GPU's 132 SMs (every
-/// tile sums in the same order, so the choice may follow the row count).
-/// At most 64 rows make one row tile; when that gives at most two blocks
-/// an SM, they are bound by the weight bytes each keeps in flight: 8 stages
-/// (6 tiles ahead) instead of 4 (the vocabulary projection's thousands of
-/// blocks measured slower so).
-fn choose_wg_tile(t: u32, n: u32, splits: u32) -> &'static Tile {
-    let blocks = |tile: &Tile| n.div_ceil(tile.bn) * t.div_ceil(tile.bm) * splits;
-    if t <= 64 && blocks(&WG64) <= 264 {
-        &WG64_DEEP
-    } else if blocks(&WG256) >= 264 {
-        &WG256
-    } else if blocks(&WG128) >= 128 {
-        &WG128
-    } else {
-        &WG64
+/// What the tile choice needs of the device: SMs and shared memory an SM.
+#[derive(Clone, Copy)]
+pub(crate) struct Gpu {
+    pub sms: u32,
+    pub smem_per_sm: u32,
+}
+
+impl Gpu {
+    /// Blocks of `tile` every SM holds at once by shared memory (the
+    /// driver reserves 1 KB a block; registers allow more).
+    fn resident(&self, tile: &Tile) -> u32 {
+        self.sms * (self.smem_per_sm / (wg_smem(tile) + 1024))
     }
+}
+
+/// Dynamic shared memory of a wgmma tile: its stages of 64 rows of x and
+/// `bn` of w, 128 bytes each, plus the alignment to 1,024 bytes.
+fn wg_smem(tile: &Tile) -> u32 {
+    tile.stages * (tile.bm + tile.bn) * 128 + 1024
+}
+
+/// The first of `deeper` (deepest first) whose `blocks` all fit on the
+/// GPU at once, else `base`. A block streams its K through its stages one
+/// tile after another, so at decode sizes (a few row tiles) the bytes a
+/// block keeps in flight set the pace; deeper stages cost blocks an SM,
+/// which only pays while the grid still fits in one wave (criterion,
+/// BENCHMARKS.md: 0.6B at 128 rows qkv 8.36 -> 6.22 us, down 8.83 -> 7.18;
+/// at 256 rows o_proj 9.14 -> 7.47-7.98).
+fn deepest<'a>(blocks: u32, deeper: &[&'a Tile], base: &'a Tile, gpu: Gpu) -> &'a Tile {
+    deeper
+        .iter()
+        .find(|tile| blocks <= gpu.resident(tile))
+        .copied()
+        .unwrap_or(base)
+}
+
+/// The wgmma tile for `t` rows by `n` columns in `splits` K shares. Its
+/// width: the widest that still makes enough blocks to cover the H100's
+/// 132 SMs, and 64 for a single row tile (at most 64 rows) of at most two
+/// blocks an SM. Its stages: see [`deepest`]. Every tile sums in the same
+/// order, so the choice may follow the row count.
+fn choose_wg_tile(t: u32, n: u32, splits: u32, gpu: Gpu) -> &'static Tile {
+    let blocks = |bn: u32| n.div_ceil(bn) * t.div_ceil(64) * splits;
+    let bn = if t <= 64 && blocks(64) <= 264 {
+        64
+    } else if blocks(256) >= 264 {
+        256
+    } else if blocks(128) >= 128 {
+        128
+    } else {
+        64
+    };
+    match bn {
+        64 => deepest(blocks(64), &[&WG64_DEEP, &WG64_S6], &WG64, gpu),
+        128 => deepest(blocks(128), &[&WG128_DEEP], &WG128, gpu),
+        _ => &WG256,
+    }
+}
+
+/// The fused gate/up + SiLU tile for `t` rows and `i` output columns: 32
+/// columns a block with eight or six stages while the grid fits in one
+/// wave, else 64 columns with four (criterion: 0.6B at 128 rows 16.6 ->
+/// 11.8 us with six stages; at 256 rows the 64-column tile stays best).
+fn choose_silu_tile(t: u32, i: u32, gpu: Gpu) -> &'static Tile {
+    let blocks = |tile: &Tile| t.div_ceil(64) * i.div_ceil(tile.bn / 2);
+    [&SILU32_DEEP, &SILU32_S6]
+        .into_iter()
+        .find(|tile| blocks(tile) <= gpu.resident(tile))
+        .unwrap_or(&SILU64)
 }
 
 /// k per stage, padded shared rows, and stages, as GK, GS and GSTAGES.
@@ -128,6 +187,22 @@ pub(crate) fn k_splits(k: usize, n: usize) -> u32 {
 }
 
 impl CudaBackend {
+    /// The device as the tile choice sees it.
+    fn gpu(&self) -> Gpu {
+        Gpu {
+            sms: self.dev.sm_count as u32,
+            // The per-block opt-in limit is the SM's memory less the 1 KB
+            // the driver reserves for a block.
+            smem_per_sm: (self.dev.smem_optin + 1024) as u32,
+        }
+    }
+
+    /// Whether the fused wgmma kernels (gemm_wg_silu, gemm_wg_hilo) take a
+    /// `k` x `n` weight: wgmma, whole 16-byte rows of K, and K in one share.
+    pub(crate) fn wg_fused_applies(&self, k: usize, n: usize) -> bool {
+        self.dev.wgmma && k.is_multiple_of(8) && k_splits(k, n) == 1
+    }
+
     /// `out[t, n] (+)= Σ_k x[t, k]·w[n, k]` for the first `t` rows of `x`
     /// and `out`: bf16 inputs, f32 accumulation and output, row-major, on
     /// the tensor cores. Callers check that the slices hold t·k, n·k and t·n
@@ -153,7 +228,7 @@ impl CudaBackend {
         // choice never depends on the batch.
         let wgmma = self.dev.wgmma && k.is_multiple_of(8);
         let tile = if wgmma {
-            choose_wg_tile(t as u32, n as u32, splits)
+            choose_wg_tile(t as u32, n as u32, splits, self.gpu())
         } else {
             choose_tile(t as u32, n as u32, splits)
         };
@@ -166,8 +241,7 @@ impl CudaBackend {
         }
         let mut cfg = grid((row_tiles, col_tiles, splits), (THREADS, 1, 1));
         cfg.shared_mem_bytes = if wgmma {
-            // Plus the alignment of the stages to 1,024 bytes (the swizzle's).
-            tile.stages * (tile.bm + tile.bn) * 128 + 1024
+            wg_smem(tile)
         } else {
             tile.stages * (tile.bm + tile.bn) * GS * 2
         };
@@ -252,25 +326,20 @@ impl CudaBackend {
         k: usize,
         i: usize,
     ) -> Result<bool> {
-        if !(self.dev.wgmma && k.is_multiple_of(8) && k_splits(k, 2 * i) == 1) {
+        if !self.wg_fused_applies(k, 2 * i) {
             return Ok(false);
         }
         if t == 0 || i == 0 {
             return Ok(true);
         }
         let (ti, ki, ii) = (int(op, t)?, int(op, k)?, int(op, i)?);
-        // 64 rows of x and 128 of w (64 gate, 64 up columns) a stage; a
-        // single row tile takes 32 columns a block (twice the blocks) and
-        // streams deeper, as choose_wg_tile's.
-        let (name, block_cols, stages) = if t <= 64 {
-            ("gemm_wg_silu_deep", 32, WG_STAGES_DEEP)
-        } else {
-            ("gemm_wg_silu", 64, WG_STAGES)
-        };
-        let cfg = wg_fused_grid(op, t, (i, block_cols), 64 + 2 * block_cols, stages)?;
+        // 64 rows of x and bn of w (bn / 2 gate, as many up columns) a stage.
+        let tile = choose_silu_tile(t as u32, i as u32, self.gpu());
+        let (name, block_cols) = (tile.name, tile.bn / 2);
+        let cfg = wg_fused_grid(op, t, (i, block_cols), 64 + tile.bn, tile.stages)?;
         let mut b = self.launch(self.kernel(name));
         b.arg(x).arg(w).arg(out).arg(&ti).arg(&ki).arg(&ii);
-        // SAFETY: argument order and types match gemm_wg_silu{,_deep} in gemm_wgmma.cu;
+        // SAFETY: argument order and types match gemm_wg_silu{,_s6,_deep} in gemm_wgmma.cu;
         // the caller checked that x holds t·k, w 2i·k and out t·i elements, the
         // kernel guards every access by T, K and N = i, K % 8 == 0, and the
         // dynamic shared memory holds its stages.
@@ -294,7 +363,7 @@ impl CudaBackend {
         k: usize,
         n: usize,
     ) -> Result<bool> {
-        if !(self.dev.wgmma && k.is_multiple_of(8) && k_splits(k, n) == 1) {
+        if !self.wg_fused_applies(k, n) {
             return Ok(false);
         }
         if t == 0 || n == 0 {
@@ -316,32 +385,59 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{choose_tile, choose_wg_tile, k_splits};
+    use super::{choose_silu_tile, choose_tile, choose_wg_tile, k_splits, Gpu};
 
-    /// The wgmma tiles of the Qwen3-0.6B shapes: the widest that still
-    /// covers the GPU.
+    const H100: Gpu = Gpu {
+        sms: 132,
+        smem_per_sm: 233_472,
+    };
+
+    /// The wgmma tiles of the Qwen3-0.6B shapes on an H100: the widest that
+    /// still covers the GPU, with the deepest stages that keep the grid in
+    /// one wave.
     #[test]
     fn wgmma_tiles_follow_rows_and_blocks() {
-        let name = |t: u32, k: usize, n: usize| choose_wg_tile(t, n as u32, k_splits(k, n)).name;
+        let name =
+            |t: u32, k: usize, n: usize| choose_wg_tile(t, n as u32, k_splits(k, n), H100).name;
         // A 2,048-token prompt step and the vocabulary projection at 256
         // rows: 64 x 256 tiles, at least two blocks an SM.
         assert_eq!(name(2048, 1024, 6144), "gemm_wg_n256");
         assert_eq!(name(2048, 1024, 4096), "gemm_wg_n256");
         assert_eq!(name(256, 1024, 151_936), "gemm_wg_n256");
-        // 256 rows: 64 x 128 for gate_up and qkv, and for o_proj and down
-        // (four K shares of 1,024 columns: 128 blocks).
+        // 256 rows: 64 x 128; gate_up's 192 blocks take two an SM (four
+        // stages), qkv's 128 and o_proj's and down's (four K shares of 1,024
+        // columns) one an SM with eight.
         assert_eq!(name(256, 1024, 6144), "gemm_wg_n128");
-        assert_eq!(name(256, 1024, 4096), "gemm_wg_n128");
-        assert_eq!(name(256, 2048, 1024), "gemm_wg_n128");
-        assert_eq!(name(256, 3072, 1024), "gemm_wg_n128");
-        // 128 rows of o_proj: 64 x 64 (2 x 16 x 4 blocks).
-        assert_eq!(name(128, 2048, 1024), "gemm_wg_n64");
+        assert_eq!(name(256, 1024, 4096), "gemm_wg_n128_deep");
+        assert_eq!(name(256, 2048, 1024), "gemm_wg_n128_deep");
+        assert_eq!(name(256, 3072, 1024), "gemm_wg_n128_deep");
+        // 128 rows: 64 x 64; o_proj's 2 x 16 x 4 blocks with eight stages,
+        // gate_up's 192 with six (two an SM).
+        assert_eq!(name(128, 2048, 1024), "gemm_wg_n64_deep");
+        assert_eq!(name(128, 1024, 6144), "gemm_wg_n64_s6");
         // 64 rows and a single row: 64 x 64, eight stages.
         assert_eq!(name(64, 1024, 6144), "gemm_wg_n64_deep");
         assert_eq!(name(1, 1024, 4096), "gemm_wg_n64_deep");
         // But not the vocabulary projection (2,374 such blocks): 64 x 256.
         assert_eq!(name(64, 1024, 151_936), "gemm_wg_n256");
         assert_eq!(name(1, 1024, 151_936), "gemm_wg_n256");
+        // A GPU with half the SMs goes one step shallower.
+        let half = Gpu { sms: 66, ..H100 };
+        assert_eq!(choose_wg_tile(128, 1024, 4, half).name, "gemm_wg_n64_s6");
+    }
+
+    /// The fused gate/up + SiLU tiles: 32 columns a block while the grid
+    /// fits in one wave (eight stages at one block an SM, six at two),
+    /// else 64 columns with four stages.
+    #[test]
+    fn silu_tiles_keep_the_grid_in_one_wave() {
+        let name = |t: u32, i: u32| choose_silu_tile(t, i, H100).name;
+        assert_eq!(name(1, 3072), "gemm_wg_silu_deep");
+        assert_eq!(name(64, 3072), "gemm_wg_silu_deep");
+        assert_eq!(name(128, 3072), "gemm_wg_silu_s6");
+        assert_eq!(name(256, 3072), "gemm_wg_silu");
+        // Qwen3-8B's 12,288 columns: 384 narrow blocks would take waves.
+        assert_eq!(name(64, 12_288), "gemm_wg_silu");
     }
 
     /// The tiles the Qwen3-0.6B shapes get (BENCHMARKS.md has the sweep).

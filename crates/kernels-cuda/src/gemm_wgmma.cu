@@ -20,8 +20,10 @@
 
 #define WG_K 64
 #define WG_STAGES 4
-// Stages of the kernels for a single row tile (at most 64 rows): they are
-// bound by how many weight bytes are in flight, not by the tensor cores.
+// Stages of the kernels for grids that fit the GPU in one wave (decode
+// sizes, a few row tiles): they are bound by how many bytes a block keeps in
+// flight, not by the tensor cores (gemm.rs picks them; six stages also
+// exist, for two blocks an SM).
 #define WG_STAGES_DEEP 8
 // Tiles in flight ahead of the one multiplied: the stage refilled at step kt
 // held tile kt - 2, whose wgmma the previous step has waited for.
@@ -245,11 +247,14 @@ GEMM_WG_KERNEL(gemm_wg_n64, 1, WG_STAGES)
 GEMM_WG_KERNEL(gemm_wg_n128, 2, WG_STAGES)
 GEMM_WG_KERNEL(gemm_wg_n256, 4, WG_STAGES)
 GEMM_WG_KERNEL(gemm_wg_n64_deep, 1, WG_STAGES_DEEP)
+GEMM_WG_KERNEL(gemm_wg_n64_s6, 1, 6)
+GEMM_WG_KERNEL(gemm_wg_n128_deep, 2, WG_STAGES_DEEP)
 
 // The gate/up projection with the SiLU gate behind it: x [T, K], w [2N, K]
 // (gate, then up), out [T, N] bf16; no split K.
 // Grid (T / 64, N / (32·NB)): 64 columns of each half a block, or 32 (and
-// twice the blocks) for a single row tile, which also streams deeper.
+// twice the blocks) with six or eight stages where that grid fits in one
+// wave (gemm.rs).
 #define GEMM_WG_SILU_KERNEL(NAME, NB, STAGES)                                                                  \
     extern "C" __global__ void __launch_bounds__(WG_THREADS)                                                    \
         NAME(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* out, int T, int K, int N) {          \
@@ -257,6 +262,7 @@ GEMM_WG_KERNEL(gemm_wg_n64_deep, 1, WG_STAGES_DEEP)
     }
 GEMM_WG_SILU_KERNEL(gemm_wg_silu, 2, WG_STAGES)
 GEMM_WG_SILU_KERNEL(gemm_wg_silu_deep, 1, WG_STAGES_DEEP)
+GEMM_WG_SILU_KERNEL(gemm_wg_silu_s6, 1, 6)
 
 // out = x_hi . w + x_lo . w (see WG_HILO), f32 [T, N]; no split K.
 // Grid (T / 64, N / 64).

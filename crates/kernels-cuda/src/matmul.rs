@@ -157,7 +157,11 @@ impl CudaBackend {
         const OP: &str = "rms_norm_matmul_silu";
         let (t, h, n) = check_norm_projection(OP, x, norm_w, w, gate_up)?;
         check_silu_mul(OP, gate_up, out)?;
-        if t > 0 && self.tensor_core_rows(t) == t && w.dtype() == DType::BF16 {
+        if t > 0
+            && self.tensor_core_rows(t) == t
+            && w.dtype() == DType::BF16
+            && self.wg_fused_applies(h, n)
+        {
             // Every row on the tensor cores: the GEMM applies the gate itself
             // where it can (gemm_wgmma.cu), and gate_up is left untouched.
             let done = self.with_scratch(Scratch::NormBf16, &[t, h], DType::BF16, |normed| {
