@@ -1,5 +1,5 @@
 //! Benchmarks of the sampling primitives on f32 logits `[B, 151936]` (the
-//! Qwen3 vocabulary) for 1 and 64 rows: `argmax` (greedy decoding),
+//! Qwen3 vocabulary) for 1, 64 and 256 rows: `argmax` (greedy decoding),
 //! `sample` (temperature, top-k, top-p, min-p with Qwen3's recommended
 //! settings), `sample_temperature` (temperature 0.6 alone, the offline
 //! throughput workload's setting: no cut, so the draw walks index order)
@@ -11,7 +11,8 @@
 //! logit of each distinct history token. The CUDA `sample` reads each row
 //! once per pass of its radix descent (sampling.cu), one block a row, so its
 //! "% floor" shows how far those passes are from a single read;
-//! `sample_temperature` reads a row twice (z_max, then the draw's sums).
+//! `sample_temperature` reads a row twice (z_max, then the draw's sums),
+//! its slices spread over the GPU.
 
 use qwen_benches::{Device, Harness, Timed, Work};
 use qwen_tensor::DType::{F32, U32};
@@ -22,7 +23,7 @@ const VOCAB: usize = 151_936;
 const HISTORY: usize = 256;
 
 fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
-    for rows in [1, 64] {
+    for rows in [1, 64, 256] {
         let id = format!("V{VOCAB}/B{rows}");
         let mut logits = dev.f32(&[rows, VOCAB], 3.0);
         let read_all = Work::new().read(rows * VOCAB, F32).write(rows, U32);

@@ -97,6 +97,9 @@ const MODULES: &[(&str, &[&str], &[&str])] = &[
             "sample_rows",
             "sample_slices",
             "sample_merge",
+            "draw_slice_max",
+            "draw_slice_sum",
+            "draw_finish",
         ],
     ),
 ];

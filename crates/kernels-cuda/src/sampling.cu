@@ -416,6 +416,12 @@ __device__ bool select_key(const Row& row, u64* sh_keys, float* sh_es, int n_sh,
 // Larger than any token index.
 #define NO_TOKEN 0x7fffffff
 
+// The draw's target in fixed point: u64 -> f64 rounded to nearest, one f64
+// multiplication, truncated, exactly as the spec computes it.
+__device__ __forceinline__ u64 draw_target(float u, u64 total) {
+    return __double2ull_rz((double)u * __ull2double_rn(total));
+}
+
 // The state the index-order draw shares across its block.
 struct IndexDraw {
     u64 sum[32];  // q summed over each warp's segment of the current range
@@ -430,15 +436,15 @@ struct IndexDraw {
 // into one contiguous segment a warp (lanes side by side, so loads
 // coalesce), sums each segment's q (exact u64, so the order is free), and
 // keeps the segment holding the target, until one token is left: the
-// first whose inclusive prefix in index order exceeds the target. The
-// first level, over the whole row, also finds the total K (hence the
-// target) and the top token. s.top must be NO_TOKEN on entry.
-__device__ u32 draw_in_index_order(const Row& row, float min_p, float u, IndexDraw& s) {
+// first whose inclusive prefix in index order exceeds the target. With
+// `first`, the first level is over the whole row [lo, hi) and also finds
+// the total K (hence the target from u) and the top token; without, the
+// target t within [lo, hi) is given (draw_finish). s.top must be NO_TOKEN
+// on entry.
+__device__ u32 index_levels(const Row& row, float min_p, float u, int lo, int hi, u64 t, bool first,
+                            IndexDraw& s) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int nwarps = blockDim.x >> 5;
-    int lo = 0, hi = row.V;
-    u64 t = 0;
-    bool first = true;
     while (hi - lo > 1) {
         const int seg = (hi - lo + nwarps - 1) / nwarps;
         const int a = lo + warp * seg, b = min(hi, a + seg);
@@ -471,9 +477,7 @@ __device__ u32 draw_in_index_order(const Row& row, float min_p, float u, IndexDr
                 if (lane >= o) incl += y;
             }
             const u64 total = __shfl_sync(FULL_MASK, incl, 31);
-            // u64 -> f64 rounded to nearest, one f64 multiplication,
-            // truncated: exactly as the spec computes the target.
-            const u64 tt = first ? __double2ull_rz((double)u * __ull2double_rn(total)) : t;
+            const u64 tt = first ? draw_target(u, total) : t;
             const u64 excl = incl - v;
             // Prefix sums ascend with the lane, so at most one holds tt.
             const bool hit = excl <= tt && tt < incl;
@@ -494,6 +498,10 @@ __device__ u32 draw_in_index_order(const Row& row, float min_p, float u, IndexDr
         __syncthreads();  // everyone has read s before the next level writes it
     }
     return (u32)lo;
+}
+
+__device__ u32 draw_in_index_order(const Row& row, float min_p, float u, IndexDraw& s) {
+    return index_levels(row, min_p, u, 0, row.V, 0, true, s);
 }
 
 // params: 5 words per row, [temperature, k, top_p, min_p, u], f32 bits
@@ -829,4 +837,192 @@ sample_merge(int V, int nb, const u32* params, int S, int kout, const u64* keys_
     u64 tok = kmin;
     select_key(row_z, sh_keys, sh_es, n_sh, kmin, pcut, min_p, false, T_DRAW, u, 0, s, &tok);
     if (tid == 0) out[row] = (u32)(tok & ((1ull << nb) - 1ull));
+}
+
+// ---------------------------------------------------------------------------
+// Rows without a top-k or top-p cut (temperature and min-p only), all of
+// them, spread over the GPU in three launches instead of a block a row; the
+// same token as draw_in_index_order, which any segmentation finds (the
+// first token whose inclusive prefix of q exceeds the target):
+// * draw_slice_max: block (slice, row) writes its slice's z maximum.
+// * draw_slice_sum: block (slice, row) takes the row's z_max (the largest
+//   slice maximum) and writes its slice's sum of q (exact u64) and its
+//   first token at z_max (NO_TOKEN if none).
+// * draw_finish: a block a row finds K and the target from the slices'
+//   sums, the slice holding it, and the token within it by index_levels;
+//   a target past K takes the row's first token at z_max, as the spec.
+// ---------------------------------------------------------------------------
+
+// The row's z_max: the largest of its S slice maxima (each starts at -inf
+// and only grows by strictly greater z, so NaN never appears). A warp's
+// work; every lane gets it.
+__device__ __forceinline__ float slices_max(const float* zmax_in, int S) {
+    const int lane = threadIdx.x & 31;
+    float m = __int_as_float(0xff800000);
+    for (int i = lane; i < S; i += 32) {
+        const float y = zmax_in[i];
+        if (y > m) m = y;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float y = __shfl_xor_sync(FULL_MASK, m, o);
+        if (y > m) m = y;
+    }
+    return m;
+}
+
+// params as sample_rows'. Grid (S, rows), SLICE_THREADS threads.
+extern "C" __global__ void __launch_bounds__(SLICE_THREADS)
+draw_slice_max(const float* logits, int V, const u32* params, int slice, float* zmax_out) {
+    wait_for_producers();
+    start_dependents();
+    __shared__ float warp_max[SLICE_THREADS / 32];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int row = blockIdx.y;
+    const float* x = logits + (size_t)row * V;
+    const float temp = __uint_as_float(params[5 * (size_t)row]);
+    const int lo = blockIdx.x * slice, hi = min(V, lo + slice);
+    float m = __int_as_float(0xff800000);
+    for (int i = lo + tid; i < hi; i += blockDim.x) {
+        const float z = x[i] / temp;
+        if (z > m) m = z;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float y = __shfl_xor_sync(FULL_MASK, m, o);
+        if (y > m) m = y;
+    }
+    if (lane == 0) warp_max[warp] = m;
+    __syncthreads();
+    if (warp == 0) {
+        m = lane < (int)(blockDim.x >> 5) ? warp_max[lane] : __int_as_float(0xff800000);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float y = __shfl_xor_sync(FULL_MASK, m, o);
+            if (y > m) m = y;
+        }
+        if (lane == 0) zmax_out[(size_t)row * gridDim.x + blockIdx.x] = m;
+    }
+}
+
+// Grid (S, rows), SLICE_THREADS threads.
+extern "C" __global__ void __launch_bounds__(SLICE_THREADS)
+draw_slice_sum(const float* logits, int V, int nb, const u32* params, int slice, const float* zmax_in,
+               u64* sum_out, u32* top_out) {
+    wait_for_producers();
+    start_dependents();
+    __shared__ float zmax_s;
+    __shared__ u64 warp_sum[SLICE_THREADS / 32];
+    __shared__ int top_s;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int row = blockIdx.y, S = gridDim.x;
+    const u32* p = params + 5 * (size_t)row;
+    const float temp = __uint_as_float(p[0]), min_p = __uint_as_float(p[3]);
+    if (warp == 0) {
+        const float m = slices_max(zmax_in + (size_t)row * S, S);
+        if (lane == 0) {
+            zmax_s = m;
+            top_s = NO_TOKEN;
+        }
+    }
+    __syncthreads();
+    const Row r = {logits + (size_t)row * V, temp, zmax_s, V, nb};
+    const int lo = blockIdx.x * slice, hi = min(V, lo + slice);
+    u64 sum = 0;
+    int top = NO_TOKEN;
+    for (int j = lo + tid; j < hi; j += blockDim.x) {
+        float z;
+        if (!r.live(j, z)) continue;
+        if (z == r.z_max && j < top) top = j;
+        const float e = r.weight(z);
+        if (e >= min_p) sum += quantise(e);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        sum += __shfl_xor_sync(FULL_MASK, sum, o);
+        top = min(top, __shfl_xor_sync(FULL_MASK, top, o));
+    }
+    if (lane == 0) {
+        warp_sum[warp] = sum;
+        atomicMin(&top_s, top);
+    }
+    __syncthreads();
+    if (tid == 0) {
+        u64 total = 0;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) total += warp_sum[w];
+        const size_t slot = (size_t)row * S + blockIdx.x;
+        sum_out[slot] = total;
+        top_out[slot] = (u32)top_s;
+    }
+}
+
+// One block (SLICE_THREADS) a row; S slices of `slice` tokens.
+extern "C" __global__ void __launch_bounds__(SLICE_THREADS)
+draw_finish(const float* logits, int V, int nb, const u32* params, int slice, int S, const float* zmax_in,
+            const u64* sum_in, const u32* top_in, u32* out) {
+    wait_for_producers();
+    start_dependents();
+    __shared__ IndexDraw ix;
+    __shared__ float zmax_s;
+    __shared__ int slice_s, top_s;
+    __shared__ u64 t_s;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int row = blockIdx.x;
+    const u32* p = params + 5 * (size_t)row;
+    const float temp = __uint_as_float(p[0]), min_p = __uint_as_float(p[3]), u = __uint_as_float(p[4]);
+    const size_t first = (size_t)row * S;
+    if (warp == 0) {
+        const float m = slices_max(zmax_in + first, S);
+        // K, then the slice whose inclusive prefix first exceeds the
+        // target: prefix sums over the slices 32 at a time, in order.
+        u64 total = 0;
+        for (int i = lane; i < S; i += 32) total += sum_in[first + i];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(FULL_MASK, total, o);
+        const u64 tt = draw_target(u, total);
+        u64 carry = 0;
+        int hit_slice = -1;
+        u64 t_in = 0;
+        for (int base = 0; base < S && hit_slice < 0; base += 32) {
+            const int i = base + lane;
+            const u64 v = i < S ? sum_in[first + i] : 0;
+            u64 incl = v;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const u64 y = __shfl_up_sync(FULL_MASK, incl, o);
+                if (lane >= o) incl += y;
+            }
+            incl += carry;
+            const u64 excl = incl - v;
+            const bool hit = i < S && excl <= tt && tt < incl;
+            const u32 any = __ballot_sync(FULL_MASK, hit);
+            if (any) {
+                const int src = __ffs(any) - 1;
+                hit_slice = base + src;
+                t_in = __shfl_sync(FULL_MASK, tt - excl, src);
+            }
+            carry = __shfl_sync(FULL_MASK, incl, 31);
+        }
+        // The fallback: the row's first token at z_max.
+        int top = NO_TOKEN;
+        for (int i = lane; i < S; i += 32) top = min(top, (int)top_in[first + i]);
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) top = min(top, __shfl_xor_sync(FULL_MASK, top, o));
+        if (lane == 0) {
+            zmax_s = m;
+            slice_s = hit_slice;
+            t_s = t_in;
+            top_s = top;
+            ix.top = NO_TOKEN;
+        }
+    }
+    __syncthreads();
+    if (slice_s < 0) {
+        if (tid == 0) out[row] = (u32)top_s;
+        return;
+    }
+    const Row r = {logits + (size_t)row * V, temp, zmax_s, V, nb};
+    const int lo = slice_s * slice, hi = min(V, lo + slice);
+    const u32 tok = index_levels(r, min_p, 0.0f, lo, hi, t_s, false, ix);
+    if (tid == 0) out[row] = tok;
 }

@@ -112,7 +112,9 @@ impl CudaBackend {
     /// the CPU checks them, the per-row parameters are uploaded, one block
     /// per row runs `sample_rows` (sampling.cu says why it is exact) or,
     /// when every row has a small top-k, `sample_slices` and
-    /// `sample_merge`, and only the `B` token ids come back.
+    /// `sample_merge`, or when no row has a top-k or top-p cut,
+    /// `draw_slice_max`, `draw_slice_sum` and `draw_finish`; only the `B`
+    /// token ids come back.
     pub(crate) fn sample_impl(
         &self,
         logits: &T,
@@ -175,9 +177,12 @@ impl CudaBackend {
                 int(OP, v.div_ceil(slices))?,
                 int(OP, kout)?,
             );
-            let mut keys = s.alloc_zeros::<u64>(rows * slices * kout).map_err(dev)?;
-            let mut counts = s.alloc_zeros::<u32>(rows * slices).map_err(dev)?;
-            let mut zmax = s.alloc_zeros::<f32>(rows * slices).map_err(dev)?;
+            // SAFETY (the three allocations): uninitialised device memory;
+            // sample_slices writes every (row, slice)'s count and maximum and
+            // its first `count` keys, and sample_merge reads no more.
+            let mut keys = unsafe { s.alloc::<u64>(rows * slices * kout) }.map_err(dev)?;
+            let mut counts = unsafe { s.alloc::<u32>(rows * slices) }.map_err(dev)?;
+            let mut zmax = unsafe { s.alloc::<f32>(rows * slices) }.map_err(dev)?;
             let mut b = self.launch(self.kernel("sample_slices"));
             b.arg(l)
                 .arg(&vi)
@@ -210,6 +215,54 @@ impl CudaBackend {
             unsafe { b.launch(grid((rows as u32, 1, 1), (SAMPLE_THREADS, 1, 1))) }.map_err(dev)?;
             return s.clone_dtoh(&out).map_err(dev);
         }
+        // No row cut by top-k or top-p: the index-order draw, its rows'
+        // slices spread over the GPU (draw_slice_max, draw_slice_sum), then
+        // a block a row (draw_finish).
+        if params.iter().all(|p| draw_in_index_order(p, v)) {
+            let (si, sli) = (int(OP, slices)?, int(OP, SHARED_CAP)?);
+            // SAFETY (the three allocations): uninitialised device memory
+            // that draw_slice_max and draw_slice_sum write in full (one
+            // entry per block of their (slices, rows) grids) before
+            // draw_slice_sum and draw_finish read it.
+            let mut zmax = unsafe { s.alloc::<f32>(rows * slices) }.map_err(dev)?;
+            let mut sums = unsafe { s.alloc::<u64>(rows * slices) }.map_err(dev)?;
+            let mut tops = unsafe { s.alloc::<u32>(rows * slices) }.map_err(dev)?;
+            let cfg = grid((slices as u32, rows as u32, 1), (SLICE_THREADS, 1, 1));
+            let mut b = self.launch(self.kernel("draw_slice_max"));
+            b.arg(l).arg(&vi).arg(&packed).arg(&sli).arg(&mut zmax);
+            // SAFETY: argument order and types match draw_slice_max in
+            // sampling.cu; logits hold rows x V floats, params 5 words per
+            // row; block (slice, row) writes zmax[row · slices + slice].
+            unsafe { b.launch(cfg) }.map_err(dev)?;
+            let mut b = self.launch(self.kernel("draw_slice_sum"));
+            b.arg(l)
+                .arg(&vi)
+                .arg(&nb)
+                .arg(&packed)
+                .arg(&sli)
+                .arg(&zmax)
+                .arg(&mut sums)
+                .arg(&mut tops);
+            // SAFETY: as above; it reads the row's slices' maxima and writes
+            // one sum and one top token per (row, slice).
+            unsafe { b.launch(cfg) }.map_err(dev)?;
+            let mut b = self.launch(self.kernel("draw_finish"));
+            b.arg(l)
+                .arg(&vi)
+                .arg(&nb)
+                .arg(&packed)
+                .arg(&sli)
+                .arg(&si)
+                .arg(&zmax)
+                .arg(&sums)
+                .arg(&tops)
+                .arg(&mut out);
+            // SAFETY: argument order and types match draw_finish; it reads
+            // what the two kernels above wrote and one slice of its row, and
+            // writes one id per row.
+            unsafe { b.launch(grid((rows as u32, 1, 1), (SLICE_THREADS, 1, 1))) }.map_err(dev)?;
+            return s.clone_dtoh(&out).map_err(dev);
+        }
         let mut b = self.launch(self.kernel("sample_rows"));
         b.arg(l).arg(&vi).arg(&nb).arg(&packed).arg(&mut out);
         // SAFETY: argument order and types match sample_rows in sampling.cu;
@@ -218,6 +271,13 @@ impl CudaBackend {
         unsafe { b.launch(grid((rows as u32, 1, 1), (SAMPLE_THREADS, 1, 1))) }.map_err(dev)?;
         s.clone_dtoh(&out).map_err(dev)
     }
+}
+
+/// Whether the spec draws `p`'s row in index order: no top-k cut (0 or at
+/// least the vocabulary) and no top-p cut (sampling.cu's `k == V && !(top_p
+/// < 1)`; checked parameters have no NaN top_p).
+fn draw_in_index_order(p: &SampleParams, v: usize) -> bool {
+    (p.top_k == 0 || p.top_k >= v) && p.top_p >= 1.0
 }
 
 /// Threads per `sample_rows` and `sample_merge` block (`SAMPLE_THREADS` in

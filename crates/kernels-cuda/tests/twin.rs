@@ -915,31 +915,53 @@ fn sample_matches_cpu_on_random_rows() {
     let Some(g) = gpu() else { return };
     let mut r = Rng::new("sample");
     let mut cases = 0;
-    // (rows, V): Qwen3's vocabulary at batch 64 and 256, odd sizes below
-    // and above one block's 1024 threads, a single token.
-    // The batches marked small have every row cut to a small top-k (at most
-    // 27: 75 slices of Qwen3's vocabulary hand the merge 2,025 keys), which
-    // takes the sliced kernels (sample_slices, sample_merge).
-    for (rows, v, small) in [
-        (64, 151_936, false),
-        (256, 151_936, false),
-        (64, 1000, false),
-        (32, 1025, false),
-        (16, 3, false),
-        (8, 1, false),
-        (1, 151_936, true),
-        (16, 151_936, true),
-        (64, 151_936, true),
-        (24, 5000, true),
-        (8, 40, true),
+    // (rows, V, cut): Qwen3's vocabulary at batch 64 and 256, odd sizes
+    // below and above one block's 1024 threads, a single token; rows with
+    // mixed filters (Mixed) take sample_rows. Small: every row cut to a
+    // small top-k (at most 27: 75 slices of Qwen3's vocabulary hand the
+    // merge 2,025 keys), which takes the sliced kernels (sample_slices,
+    // sample_merge). None: no row cut by top-k or top-p (temperature and
+    // min-p only), which takes the index-order draw over slices
+    // (draw_slice_max, draw_slice_sum, draw_finish); 2,049 and 4,097 leave
+    // a last slice of one token.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Cut {
+        Mixed,
+        Small,
+        None,
+    }
+    for (rows, v, cut) in [
+        (64, 151_936, Cut::Mixed),
+        (256, 151_936, Cut::Mixed),
+        (64, 1000, Cut::Mixed),
+        (32, 1025, Cut::Mixed),
+        (16, 3, Cut::Mixed),
+        (8, 1, Cut::Mixed),
+        (1, 151_936, Cut::Small),
+        (16, 151_936, Cut::Small),
+        (64, 151_936, Cut::Small),
+        (24, 5000, Cut::Small),
+        (8, 40, Cut::Small),
+        (1, 151_936, Cut::None),
+        (16, 151_936, Cut::None),
+        (256, 151_936, Cut::None),
+        (64, 2049, Cut::None),
+        (8, 4097, Cut::None),
+        (16, 3, Cut::None),
+        (4, 1, Cut::None),
     ] {
         let mut logits = Vec::with_capacity(rows * v);
         let mut params = Vec::with_capacity(rows);
         for i in 0..rows {
             logits.extend(sample_row(&mut r, i % 8, v));
             let mut p = sample_params(&mut r, v);
-            if small {
-                p.top_k = [1, 2, 5, 20, 27][(r.next() % 5) as usize].min(v - 1);
+            match cut {
+                Cut::Mixed => {}
+                Cut::Small => p.top_k = [1, 2, 5, 20, 27][(r.next() % 5) as usize].min(v - 1),
+                Cut::None => {
+                    p.top_k = [0, v, v + 5][(r.next() % 3) as usize];
+                    p.top_p = 1.0;
+                }
             }
             params.push(p);
         }
