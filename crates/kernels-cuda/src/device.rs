@@ -38,6 +38,7 @@ const MODULES: &[(&str, &[&str], &[&str])] = &[
             "rms_norm_f32",
             "rms_norm_warp_bf16",
             "rms_norm_warp_f32",
+            "splits_add_rms_norm_warp_bf16",
         ],
     ),
     (

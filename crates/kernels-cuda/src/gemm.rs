@@ -222,8 +222,66 @@ impl CudaBackend {
         if t == 0 || n == 0 {
             return Ok(());
         }
+        let splits = k_splits(k, n);
+        if splits == 1 {
+            return self.gemm_tc_launch(op, x, w, out, None, t, k, n, add);
+        }
+        let len = t * n;
+        let (li, si, addi) = (int(op, len)?, splits as i32, add as i32);
+        self.with_gemm_shares(op, t, n, |part| {
+            self.gemm_tc_launch(op, x, w, &mut *out, Some(&mut *part), t, k, n, add)?;
+            let mut b = self.launch(self.kernel("gemm_splits_sum"));
+            b.arg(&*part).arg(&mut *out).arg(&si).arg(&li).arg(&addi);
+            // SAFETY: argument order and types match gemm_splits_sum; `part` holds
+            // splits·len floats and `out` len.
+            unsafe { b.launch(grid(((len as u32).div_ceil(256), 1, 1), (256, 1, 1))) }.map_err(dev)
+        })
+    }
+
+    /// Runs `f` with the scratch the K shares of a `t` x `n` GEMM go to
+    /// (`k_splits` · t · n floats, rounded up so that nearby batch sizes
+    /// reuse one buffer).
+    pub(crate) fn with_gemm_shares<R>(
+        &self,
+        op: &'static str,
+        t: usize,
+        n: usize,
+        f: impl FnOnce(&mut CudaSlice<f32>) -> Result<R>,
+    ) -> Result<R> {
+        let shape = [(4 * t * n).next_power_of_two()];
+        self.with_scratch(Scratch::GemmSplits, &shape, DType::F32, |part| {
+            f(f32s_mut(op, "splits", part)?)
+        })
+    }
+
+    /// The GEMM kernel of [`Self::gemm_tc`] alone: with `part` (K split in
+    /// `k_splits(k, n)` shares) share z of every output goes to
+    /// `part[z · t · n ..]` and `out` is left alone, for the caller to add
+    /// the shares in z order.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_tc_launch(
+        &self,
+        op: &'static str,
+        x: &CudaSlice<bf16>,
+        w: &CudaSlice<bf16>,
+        out: &mut CudaSlice<f32>,
+        part: Option<&mut CudaSlice<f32>>,
+        t: usize,
+        k: usize,
+        n: usize,
+        add: bool,
+    ) -> Result<()> {
         let (ti, ki, ni, addi) = (int(op, t)?, int(op, k)?, int(op, n)?, add as i32);
         let splits = k_splits(k, n);
+        if (splits > 1) != part.is_some() {
+            return Err(crate::launch::shape_err(
+                op,
+                format!(
+                    "{splits} K shares but shares scratch given: {}",
+                    part.is_some()
+                ),
+            ));
+        }
         // wgmma needs whole 16-byte rows of K; K is the weight's, so the
         // choice never depends on the batch.
         let wgmma = self.dev.wgmma && k.is_multiple_of(8);
@@ -245,44 +303,26 @@ impl CudaBackend {
         } else {
             tile.stages * (tile.bm + tile.bn) * GS * 2
         };
-        let f = self.kernel(tile.name);
+        let mut b = self.launch(self.kernel(tile.name));
+        b.arg(x)
+            .arg(w)
+            .arg(out)
+            .arg(&ti)
+            .arg(&ki)
+            .arg(&ni)
+            .arg(&addi);
         // `part`: where the split shares go (null: no split).
-        let gemm = |out: &mut CudaSlice<f32>, part: Option<&mut CudaSlice<f32>>| -> Result<()> {
-            let mut b = self.launch(f);
-            b.arg(x)
-                .arg(w)
-                .arg(out)
-                .arg(&ti)
-                .arg(&ki)
-                .arg(&ni)
-                .arg(&addi);
-            match part {
-                Some(p) => b.arg(p),
-                None => b.arg(&0u64),
-            };
-            // SAFETY: argument order and types match every GEMM_KERNEL in gemm.cu
-            // and GEMM_WG_KERNEL in gemm_wgmma.cu (which gets K % 8 == 0 only);
-            // the caller checked the slices' sizes, the kernel guards every access
-            // by T, K and N, `part` (when given) holds splits·t·n floats, and the
-            // dynamic shared memory holds the kernel's stages.
-            unsafe { b.launch(cfg) }.map_err(dev)
+        match part {
+            Some(p) => b.arg(p),
+            None => b.arg(&0u64),
         };
-        if splits == 1 {
-            return gemm(out, None);
-        }
-        let len = t * n;
-        let (li, si) = (int(op, len)?, splits as i32);
-        // Rounded up so that nearby batch sizes reuse one buffer.
-        let shape = [(splits as usize * len).next_power_of_two()];
-        self.with_scratch(Scratch::GemmSplits, &shape, DType::F32, |part| {
-            let part = f32s_mut(op, "splits", part)?;
-            gemm(&mut *out, Some(&mut *part))?;
-            let mut b = self.launch(self.kernel("gemm_splits_sum"));
-            b.arg(&*part).arg(&mut *out).arg(&si).arg(&li).arg(&addi);
-            // SAFETY: argument order and types match gemm_splits_sum; `part` holds
-            // splits·len floats and `out` len.
-            unsafe { b.launch(grid(((len as u32).div_ceil(256), 1, 1), (256, 1, 1))) }.map_err(dev)
-        })
+        // SAFETY: argument order and types match every GEMM_KERNEL in gemm.cu
+        // and GEMM_WG_KERNEL in gemm_wgmma.cu (which gets K % 8 == 0 only);
+        // the caller checked the slices' sizes, the kernel guards every access
+        // by T, K and N, `part` (given exactly when K is split, from
+        // with_gemm_shares) holds splits·t·n floats, and the dynamic shared
+        // memory holds the kernel's stages.
+        unsafe { b.launch(cfg) }.map_err(dev)
     }
 }
 

@@ -83,6 +83,9 @@ impl CudaBackend {
             && self.tensor_core_rows(1) == 0
             && geo.head_dim == HEAD_DIM)
         {
+            if self.layer_tc_applies(w, meta.num_tokens()) {
+                return self.decoder_layer_tc(w, inp, x, k_cache, v_cache, a);
+            }
             return decoder_layer_ops(self, w, inp, x, k_cache, v_cache, a);
         }
         // The kernel reads every operand itself: the ops' checks, once.

@@ -25,6 +25,7 @@ mod embedding;
 mod gemm;
 mod launch;
 mod layer;
+mod layer_tc;
 mod matmul;
 mod norm;
 mod rope;

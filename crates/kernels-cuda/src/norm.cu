@@ -140,9 +140,15 @@ __device__ __forceinline__ void load8_f32(const float* p, float* f) {
     f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
 }
 
-template <typename Out, typename Store8>
+// `pre(row, chunks, xv)` may change the row as loaded (xv[c][e] is element
+// c·256 + 8·lane + e) before it is normalised.
+struct NoPre {
+    __device__ __forceinline__ void operator()(int, int, float (&)[WARP_ROW_CHUNKS][8]) const {}
+};
+
+template <typename Out, typename Store8, typename Pre = NoPre>
 __device__ __forceinline__ void rms_norm_warp_rows(const float* x, const float* w, float eps, Out* out, int T, int H,
-                                                   Store8 store8) {
+                                                   Store8 store8, Pre pre = Pre()) {
     int lane = threadIdx.x, row = blockIdx.x * blockDim.y + threadIdx.y;
     int chunks = H / 256;
     float wv[WARP_ROW_CHUNKS][8], xv[WARP_ROW_CHUNKS][8];
@@ -156,6 +162,7 @@ __device__ __forceinline__ void rms_norm_warp_rows(const float* x, const float* 
 #pragma unroll
     for (int c = 0; c < WARP_ROW_CHUNKS; c++)
         if (c < chunks) load8_f32(xr + c * 256 + 8 * lane, xv[c]);
+    pre(row, chunks, xv);
     float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int c = 0; c < WARP_ROW_CHUNKS; c++)
@@ -174,18 +181,52 @@ __device__ __forceinline__ void rms_norm_warp_rows(const float* x, const float* 
     }
 }
 
+__device__ __forceinline__ void store8_bf16(__nv_bfloat16* o, const float* y) {
+    uint4 v;
+    u32* p = reinterpret_cast<u32*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        __nv_bfloat162 b = __floats2bfloat162_rn(y[2 * i], y[2 * i + 1]);
+        p[i] = *reinterpret_cast<u32*>(&b);
+    }
+    *reinterpret_cast<uint4*>(o) = v;
+}
+
 extern "C" __global__ void __launch_bounds__(128) rms_norm_warp_bf16(const float* x, const float* w, float eps,
                                                                     __nv_bfloat16* out, int T, int H) {
-    rms_norm_warp_rows(x, w, eps, out, T, H, [](__nv_bfloat16* o, const float* y) {
-        uint4 v;
-        u32* p = reinterpret_cast<u32*>(&v);
+    rms_norm_warp_rows(x, w, eps, out, T, H, store8_bf16);
+}
+
+// A split-K projection's residual add and the RMSNorm after it, as one
+// kernel: x[t] += ((part[0][t] + part[1][t]) + ...) (the shares in z order,
+// as gemm_splits_sum adds them), then out[t] = rms_norm_warp_bf16 of the new
+// x[t]; the same bits as the two kernels. Rows as rms_norm_warp_bf16's.
+extern "C" __global__ void __launch_bounds__(128)
+    splits_add_rms_norm_warp_bf16(const float* part, int splits, float* x, const float* w, float eps,
+                                  __nv_bfloat16* out, int T, int H) {
+    const size_t len = (size_t)T * H;
+    rms_norm_warp_rows(x, w, eps, out, T, H, store8_bf16,
+                       [&](int row, int chunks, float (&xv)[WARP_ROW_CHUNKS][8]) {
+                           const int lane = threadIdx.x;
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            __nv_bfloat162 b = __floats2bfloat162_rn(y[2 * i], y[2 * i + 1]);
-            p[i] = *reinterpret_cast<u32*>(&b);
-        }
-        *reinterpret_cast<uint4*>(o) = v;
-    });
+                           for (int c = 0; c < WARP_ROW_CHUNKS; c++) {
+                               if (c >= chunks) continue;
+                               const size_t i = (size_t)row * H + c * 256 + 8 * lane;
+                               float total[8];
+                               load8_f32(part + i, total);
+                               for (int z = 1; z < splits; z++) {
+                                   float sh[8];
+                                   load8_f32(part + z * len + i, sh);
+#pragma unroll
+                                   for (int e = 0; e < 8; e++) total[e] = total[e] + sh[e];
+                               }
+#pragma unroll
+                               for (int e = 0; e < 8; e++) xv[c][e] = xv[c][e] + total[e];
+                               float* xr = x + i;
+                               *reinterpret_cast<float4*>(xr) = make_float4(xv[c][0], xv[c][1], xv[c][2], xv[c][3]);
+                               *reinterpret_cast<float4*>(xr + 4) = make_float4(xv[c][4], xv[c][5], xv[c][6], xv[c][7]);
+                           }
+                       });
 }
 
 extern "C" __global__ void __launch_bounds__(128) rms_norm_warp_f32(const float* x, const float* w, float eps,

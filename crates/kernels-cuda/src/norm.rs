@@ -1,5 +1,6 @@
 //! Launchers for norm.cu.
 
+use cudarc::driver::CudaSlice;
 use qwen_tensor::{expect_2d, expect_shape, DType, Result};
 
 use crate::device::{bf16s_mut, dev, f32s, f32s_mut, T};
@@ -25,7 +26,7 @@ impl CudaBackend {
         }
         let (ti, hi) = (int(OP, t)?, int(OP, h)?);
         let f32_out = out.dtype() == DType::F32;
-        let warp = h.is_multiple_of(256) && h <= WARP_ROW_MAX;
+        let warp = Self::warp_row_norm(h);
         let (name, cfg) = if warp {
             let cfg = grid(((t as u32).div_ceil(WARP_ROWS), 1, 1), (32, WARP_ROWS, 1));
             let name = if f32_out {
@@ -61,6 +62,52 @@ impl CudaBackend {
         // rms_norm_warp_{bf16,f32} (the same and T before H: a warp per row,
         // h a multiple of 256 of at most WARP_ROW_MAX, whole 16-byte pieces)
         // in norm.cu; x and out are [t, h], w [h].
+        unsafe { b.launch(cfg) }.map_err(dev)?;
+        Ok(())
+    }
+
+    /// Whether rows of `h` take the warp-per-row norm (and so
+    /// [`Self::splits_add_rms_norm`] applies).
+    pub(crate) fn warp_row_norm(h: usize) -> bool {
+        h > 0 && h.is_multiple_of(256) && h <= WARP_ROW_MAX
+    }
+
+    /// `x += Σ_z part[z]` (the `splits` K shares of a projection into the
+    /// residual, in z order) and `out = bf16(rms_norm(x))`: gemm_splits_sum
+    /// then `rms_norm_impl`, the same bits, in one kernel. `x` is [t, h] f32
+    /// with h a warp-norm row ([`Self::warp_row_norm`]), `part` holds
+    /// splits · t · h floats, `out` [t, h] bf16 (the caller checked all).
+    pub(crate) fn splits_add_rms_norm(
+        &self,
+        part: &CudaSlice<f32>,
+        splits: u32,
+        x: &mut T,
+        w: &T,
+        eps: f32,
+        out: &mut T,
+    ) -> Result<()> {
+        const OP: &str = "splits_add_rms_norm";
+        let (t, h) = expect_2d(OP, "x", x)?;
+        expect_shape(OP, "w", w, &[h])?;
+        expect_shape(OP, "out", out, &[t, h])?;
+        if t == 0 || !Self::warp_row_norm(h) || part.len() < splits as usize * t * h {
+            return Err(crate::launch::shape_err(OP, format!("{t} rows of {h}")));
+        }
+        let (ti, hi, si) = (int(OP, t)?, int(OP, h)?, splits as i32);
+        let mut b = self.launch(self.kernel("splits_add_rms_norm_warp_bf16"));
+        b.arg(part)
+            .arg(&si)
+            .arg(f32s_mut(OP, "x", x)?)
+            .arg(f32s(OP, "w", w)?)
+            .arg(&eps)
+            .arg(bf16s_mut(OP, "out", out)?)
+            .arg(&ti)
+            .arg(&hi);
+        let cfg = grid(((t as u32).div_ceil(WARP_ROWS), 1, 1), (32, WARP_ROWS, 1));
+        // SAFETY: argument order and types match splits_add_rms_norm_warp_bf16
+        // in norm.cu: a warp per row of h (a multiple of 256, at most
+        // WARP_ROW_MAX, checked above); part holds splits·t·h floats, x and
+        // out t·h, w h.
         unsafe { b.launch(cfg) }.map_err(dev)?;
         Ok(())
     }

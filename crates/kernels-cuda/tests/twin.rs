@@ -7,8 +7,8 @@ use half::bf16;
 use qwen_kernels_cpu::{attention_tc_magnitudes, CpuBackend, TC_ATTENTION_FACTOR};
 use qwen_kernels_cuda::CudaBackend;
 use qwen_tensor::{
-    AttnGeometry, Backend, BatchLayout, DType, HostSlice, HostVec, LayerActs, LayerInputs,
-    LayerWeights, SampleParams, Tensor,
+    decoder_layer_ops, AttnGeometry, Backend, BatchLayout, DType, HostSlice, HostVec, LayerActs,
+    LayerInputs, LayerWeights, SampleParams, Tensor,
 };
 
 /// The GPU in exact mode: every op, GEMMs included, must match the CPU bits.
@@ -1452,6 +1452,108 @@ fn decoder_layer_at_one_token() {
                         format!("{name} ({run} run): {hq}/{hkv} heads, h {h}, i {i}, ctx {ctx}");
                     same_bits(&what, cv, gv);
                 }
+            }
+        }
+    }
+}
+
+/// A layer whose rows are all on the tensor cores takes decoder_layer_tc
+/// (o_proj's split-K sum, residual add and post-attention norm in one
+/// kernel) where it applies: every output the same bits as the ops one by
+/// one (`decoder_layer_ops` on the same backend), for a prompt, decode
+/// tokens beside it, and 256 decode tokens; and an odd shape it does not
+/// take (the ops themselves).
+#[test]
+fn tensor_core_decoder_layer_equals_its_ops() {
+    let Some(mut g) = gpu() else { return };
+    g.set_exact(false);
+    let mut r = Rng::new("tensor-core decoder_layer");
+    let bs = 16;
+    for (hq, hkv, h, i) in [(16, 8, 1024, 3072), (4, 2, 96, 80)] {
+        let d = if h == 96 { 32 } else { 128 };
+        let geo = geometry(hq, hkv, d, bs);
+        let runs: Vec<Vec<(usize, usize)>> = vec![
+            vec![(300, 300)],
+            std::iter::once((120, 57))
+                .chain((0..20).map(|j| (40 + 31 * j, 1)))
+                .collect(),
+            (0..256).map(|j| (1 + 3 * j, 1)).collect(),
+        ];
+        for seqs in runs {
+            let (l, blocks) = layout(&mut r, &seqs, bs);
+            let t = l.num_tokens();
+            let lh = layer_host(&mut r, geo, h, i);
+            let kc0 = r.bf16s(blocks * bs * hkv * d, 1.0);
+            let vc0 = r.bf16s(blocks * bs * hkv * d, 1.0);
+            let x0 = r.f32s(t * h, 3.0);
+            let max_pos = l.positions.iter().max().map_or(1, |&p| p as usize + 1);
+            let rope = rope_table(max_pos, d);
+            let run = |fused: bool| -> Vec<HostVec> {
+                let up_f = |v: &[f32], s: &[usize]| g.upload(HostSlice::F32(v), s).unwrap();
+                let up_b = |v: &[bf16], s: &[usize]| g.upload(HostSlice::BF16(v), s).unwrap();
+                let w = [
+                    up_f(&lh.input_norm, &[h]),
+                    up_b(&lh.qkv, &[geo.qkv_width(), h]),
+                    up_f(&lh.q_norm, &[d]),
+                    up_f(&lh.k_norm, &[d]),
+                    up_b(&lh.o_proj, &[h, geo.q_width()]),
+                    up_f(&lh.post_norm, &[h]),
+                    up_b(&lh.gate_up, &[2 * i, h]),
+                    up_b(&lh.down, &[h, i]),
+                ];
+                let lw = LayerWeights {
+                    input_norm: &w[0],
+                    qkv: &w[1],
+                    q_norm: &w[2],
+                    k_norm: &w[3],
+                    o_proj: &w[4],
+                    post_attention_norm: &w[5],
+                    gate_up: &w[6],
+                    down: &w[7],
+                };
+                let meta = g.upload_batch(&l).unwrap();
+                let rope_t = up_f(&rope, &[max_pos, d]);
+                let shape = geo.cache_shape(blocks);
+                let (mut kc, mut vc) = (up_b(&kc0, &shape), up_b(&vc0, &shape));
+                let mut x = up_f(&x0, &[t, h]);
+                let mut qkv = poisoned(&g, &[t, geo.qkv_width()], DType::F32);
+                let mut q = poisoned(&g, &[t, geo.q_width()], DType::BF16);
+                let mut attn = poisoned(&g, &[t, geo.q_width()], DType::BF16);
+                let mut gate_up = poisoned(&g, &[t, 2 * i], DType::F32);
+                let mut act = poisoned(&g, &[t, i], DType::BF16);
+                let inp = LayerInputs {
+                    rope: &rope_t,
+                    eps: 1e-6,
+                    meta: &meta,
+                    geo,
+                    scale: 1.0 / (d as f32).sqrt(),
+                };
+                let acts = LayerActs {
+                    qkv: &mut qkv,
+                    q: &mut q,
+                    attn: &mut attn,
+                    gate_up: &mut gate_up,
+                    act: &mut act,
+                };
+                g.set_tensor_core_rows(t);
+                if fused {
+                    g.decoder_layer(&lw, inp, &mut x, &mut kc, &mut vc, acts)
+                        .unwrap();
+                } else {
+                    decoder_layer_ops(&g, &lw, inp, &mut x, &mut kc, &mut vc, acts).unwrap();
+                }
+                g.set_tensor_core_rows(0);
+                [&x, &kc, &vc, &qkv, &q, &attn, &gate_up, &act]
+                    .iter()
+                    .map(|t| g.download(t).unwrap())
+                    .collect()
+            };
+            let (fused, ops) = (run(true), run(false));
+            let names = [
+                "x", "k_cache", "v_cache", "qkv", "q", "attn", "gate_up", "act",
+            ];
+            for ((name, a), b) in names.iter().zip(&fused).zip(&ops) {
+                same_bits(&format!("{name}: h {h}, {t} rows"), b, a);
             }
         }
     }
