@@ -197,6 +197,7 @@ extern "C" __global__ void __launch_bounds__(128) rms_norm_warp_bf16(const float
     rms_norm_warp_rows(x, w, eps, out, T, H, store8_bf16);
 }
 
+#define SPLITS_MAX 4
 // A split-K projection's residual add and the RMSNorm after it, as one
 // kernel: x[t] += ((part[0][t] + part[1][t]) + ...) (the shares in z order,
 // as gemm_splits_sum adds them), then out[t] = rms_norm_warp_bf16 of the new
@@ -207,22 +208,28 @@ extern "C" __global__ void __launch_bounds__(128)
     const size_t len = (size_t)T * H;
     rms_norm_warp_rows(x, w, eps, out, T, H, store8_bf16,
                        [&](int row, int chunks, float (&xv)[WARP_ROW_CHUNKS][8]) {
+                           // Every share's loads issued before any is added
+                           // (at most SPLITS_MAX shares: gemm.rs's k_splits).
                            const int lane = threadIdx.x;
+                           float sh[WARP_ROW_CHUNKS][SPLITS_MAX][8];
+#pragma unroll
+                           for (int c = 0; c < WARP_ROW_CHUNKS; c++)
+#pragma unroll
+                               for (int z = 0; z < SPLITS_MAX; z++)
+                                   if (c < chunks && z < splits)
+                                       load8_f32(part + z * len + (size_t)row * H + c * 256 + 8 * lane, sh[c][z]);
 #pragma unroll
                            for (int c = 0; c < WARP_ROW_CHUNKS; c++) {
                                if (c >= chunks) continue;
-                               const size_t i = (size_t)row * H + c * 256 + 8 * lane;
-                               float total[8];
-                               load8_f32(part + i, total);
-                               for (int z = 1; z < splits; z++) {
-                                   float sh[8];
-                                   load8_f32(part + z * len + i, sh);
 #pragma unroll
-                                   for (int e = 0; e < 8; e++) total[e] = total[e] + sh[e];
+                               for (int e = 0; e < 8; e++) {
+                                   float total = sh[c][0][e];
+#pragma unroll
+                                   for (int z = 1; z < SPLITS_MAX; z++)
+                                       if (z < splits) total = total + sh[c][z][e];
+                                   xv[c][e] = xv[c][e] + total;
                                }
-#pragma unroll
-                               for (int e = 0; e < 8; e++) xv[c][e] = xv[c][e] + total[e];
-                               float* xr = x + i;
+                               float* xr = x + (size_t)row * H + c * 256 + 8 * lane;
                                *reinterpret_cast<float4*>(xr) = make_float4(xv[c][0], xv[c][1], xv[c][2], xv[c][3]);
                                *reinterpret_cast<float4*>(xr + 4) = make_float4(xv[c][4], xv[c][5], xv[c][6], xv[c][7]);
                            }

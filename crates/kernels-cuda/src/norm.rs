@@ -90,7 +90,12 @@ impl CudaBackend {
         let (t, h) = expect_2d(OP, "x", x)?;
         expect_shape(OP, "w", w, &[h])?;
         expect_shape(OP, "out", out, &[t, h])?;
-        if t == 0 || !Self::warp_row_norm(h) || part.len() < splits as usize * t * h {
+        // At most SPLITS_MAX (norm.cu) shares, as k_splits makes.
+        if t == 0
+            || !Self::warp_row_norm(h)
+            || !(1..=4).contains(&splits)
+            || part.len() < splits as usize * t * h
+        {
             return Err(crate::launch::shape_err(OP, format!("{t} rows of {h}")));
         }
         let (ti, hi, si) = (int(OP, t)?, int(OP, h)?, splits as i32);
