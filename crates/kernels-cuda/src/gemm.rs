@@ -170,6 +170,10 @@ fn choose_tile(t: u32, n: u32, splits: u32) -> &'static Tile {
     }
 }
 
+/// The most K shares [`k_splits`] makes (SPLITS_MAX in norm.cu, whose
+/// splits_add_rms_norm adds at most this many).
+pub(crate) const MAX_K_SPLITS: u32 = 4;
+
 /// Shares of K summed apart (split K): a function of the weight's shape
 /// only, so that a row's sums never depend on its batch. Projections of at
 /// most 2,048 columns (Qwen3-0.6B's o_proj and down, 1,024) give too few
@@ -177,7 +181,7 @@ fn choose_tile(t: u32, n: u32, splits: u32) -> &'static Tile {
 /// 512 of K.
 pub(crate) fn k_splits(k: usize, n: usize) -> u32 {
     let want = if n <= 1024 {
-        4
+        MAX_K_SPLITS
     } else if n <= 2048 {
         2
     } else {
@@ -239,8 +243,8 @@ impl CudaBackend {
     }
 
     /// Runs `f` with the scratch the K shares of a `t` x `n` GEMM go to
-    /// (`k_splits` · t · n floats, rounded up so that nearby batch sizes
-    /// reuse one buffer).
+    /// (room for the most shares of `t` · n floats, rounded up so that
+    /// nearby batch sizes reuse one buffer).
     pub(crate) fn with_gemm_shares<R>(
         &self,
         op: &'static str,
@@ -248,7 +252,7 @@ impl CudaBackend {
         n: usize,
         f: impl FnOnce(&mut CudaSlice<f32>) -> Result<R>,
     ) -> Result<R> {
-        let shape = [(4 * t * n).next_power_of_two()];
+        let shape = [(MAX_K_SPLITS as usize * t * n).next_power_of_two()];
         self.with_scratch(Scratch::GemmSplits, &shape, DType::F32, |part| {
             f(f32s_mut(op, "splits", part)?)
         })

@@ -9,7 +9,7 @@ use qwen_tensor::{
     LayerWeights, Result,
 };
 
-use crate::device::{bf16s, bf16s_mut, T};
+use crate::device::{bf16s, bf16s_mut, f32s_mut, T};
 use crate::gemm::k_splits;
 use crate::{CudaBackend, Scratch};
 
@@ -67,7 +67,7 @@ impl CudaBackend {
         let splits = k_splits(qw, h);
         self.with_gemm_shares(OP, t, h, |part| {
             let (xs, ws) = (bf16s(OP, "attn", a.attn)?, bf16s(OP, "o_proj", w.o_proj)?);
-            let out = crate::device::f32s_mut(OP, "x", x)?;
+            let out = f32s_mut(OP, "x", x)?;
             self.gemm_tc_launch(OP, xs, ws, out, Some(&mut *part), t, qw, h, true)?;
             self.with_scratch(Scratch::NormBf16, &[t, h], DType::BF16, |normed| {
                 self.splits_add_rms_norm(part, splits, x, w.post_attention_norm, eps, normed)?;

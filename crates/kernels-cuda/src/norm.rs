@@ -93,7 +93,7 @@ impl CudaBackend {
         // At most SPLITS_MAX (norm.cu) shares, as k_splits makes.
         if t == 0
             || !Self::warp_row_norm(h)
-            || !(1..=4).contains(&splits)
+            || !(1..=crate::gemm::MAX_K_SPLITS).contains(&splits)
             || part.len() < splits as usize * t * h
         {
             return Err(crate::launch::shape_err(OP, format!("{t} rows of {h}")));

@@ -281,7 +281,7 @@ fn draw_in_index_order(p: &SampleParams, v: usize) -> bool {
 }
 
 /// Threads per `sample_rows` and `sample_merge` block (`SAMPLE_THREADS` in
-/// sampling.cu), and per `sample_slices` block (`SLICE_THREADS`).
+/// sampling.cu), and per `sample_slices` and `draw_*` block (`SLICE_THREADS`).
 const SAMPLE_THREADS: u32 = 1024;
 const SLICE_THREADS: u32 = 256;
 /// Candidates sampling.cu keeps in shared memory (`SHARED_CAP`): the most
