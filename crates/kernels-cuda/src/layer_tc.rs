@@ -5,8 +5,8 @@
 //! of `decoder_layer_ops`, the same bits, one launch fewer.
 
 use qwen_tensor::{
-    check_norm_projection, check_projection, check_silu_mul, DType, LayerActs, LayerInputs,
-    LayerWeights, Result,
+    check_norm_projection, check_projection, check_silu_mul, decoder_layer_attention, DType,
+    LayerActs, LayerInputs, LayerWeights, Result,
 };
 
 use crate::device::{bf16s, bf16s_mut, f32s_mut, T};
@@ -46,20 +46,11 @@ impl CudaBackend {
         x: &mut T,
         k_cache: &mut T,
         v_cache: &mut T,
-        a: LayerActs<'_, Self>,
+        mut a: LayerActs<'_, Self>,
     ) -> Result<()> {
         use qwen_tensor::Backend;
-        let LayerInputs {
-            rope,
-            eps,
-            meta,
-            geo,
-            scale,
-        } = inp;
-        self.rms_norm_matmul(x, w.input_norm, eps, w.qkv, a.qkv)?;
-        self.qk_norm_rope_attention(
-            a.qkv, w.q_norm, w.k_norm, eps, rope, meta, geo, scale, a.q, k_cache, v_cache, a.attn,
-        )?;
+        decoder_layer_attention(self, w, &inp, x, k_cache, v_cache, &mut a)?;
+        let eps = inp.eps;
         // The checks matmul_add and rms_norm_matmul_silu make.
         let (t, qw, h) = check_projection(OP, a.attn, w.o_proj, x)?;
         let (_, _, n) = check_norm_projection(OP, x, w.post_attention_norm, w.gate_up, a.gate_up)?;

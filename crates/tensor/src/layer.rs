@@ -63,20 +63,38 @@ pub fn decoder_layer_ops<B: Backend>(
     x: &mut Tensor<B>,
     k_cache: &mut Tensor<B>,
     v_cache: &mut Tensor<B>,
-    a: LayerActs<'_, B>,
+    mut a: LayerActs<'_, B>,
 ) -> Result<()> {
-    let LayerInputs {
-        rope,
-        eps,
-        meta,
-        geo,
-        scale,
-    } = inp;
+    decoder_layer_attention(be, w, &inp, x, k_cache, v_cache, &mut a)?;
+    be.matmul_add(a.attn, w.o_proj, x)?;
+    be.rms_norm_matmul_silu(
+        x,
+        w.post_attention_norm,
+        inp.eps,
+        w.gate_up,
+        a.gate_up,
+        a.act,
+    )?;
+    be.matmul_add(a.act, w.down, x)
+}
+
+/// The first two of [`decoder_layer_ops`]' ops: the input RMSNorm with the
+/// fused QKV projection into `a.qkv`, then q/k-norm, RoPE, the cache store
+/// and attention into `a.q` and `a.attn`. For a backend that fuses the
+/// rest of the layer and runs this half as the ops.
+pub fn decoder_layer_attention<B: Backend>(
+    be: &B,
+    w: &LayerWeights<'_, B>,
+    inp: &LayerInputs<'_, B>,
+    x: &mut Tensor<B>,
+    k_cache: &mut Tensor<B>,
+    v_cache: &mut Tensor<B>,
+    a: &mut LayerActs<'_, B>,
+) -> Result<()> {
+    let eps = inp.eps;
     be.rms_norm_matmul(x, w.input_norm, eps, w.qkv, a.qkv)?;
     be.qk_norm_rope_attention(
-        a.qkv, w.q_norm, w.k_norm, eps, rope, meta, geo, scale, a.q, k_cache, v_cache, a.attn,
-    )?;
-    be.matmul_add(a.attn, w.o_proj, x)?;
-    be.rms_norm_matmul_silu(x, w.post_attention_norm, eps, w.gate_up, a.gate_up, a.act)?;
-    be.matmul_add(a.act, w.down, x)
+        a.qkv, w.q_norm, w.k_norm, eps, inp.rope, inp.meta, inp.geo, inp.scale, a.q, k_cache,
+        v_cache, a.attn,
+    )
 }

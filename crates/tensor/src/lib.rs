@@ -42,5 +42,5 @@ pub use checks::{
 pub use dtype::{DType, HostSlice, HostVec};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
-pub use layer::{decoder_layer_ops, LayerActs, LayerInputs, LayerWeights};
+pub use layer::{decoder_layer_attention, decoder_layer_ops, LayerActs, LayerInputs, LayerWeights};
 pub use tensor::{expect_2d, expect_dtype, expect_shape, Tensor};
