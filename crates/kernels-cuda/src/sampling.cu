@@ -422,6 +422,29 @@ __device__ __forceinline__ u64 draw_target(float u, u64 total) {
     return __double2ull_rz((double)u * __ull2double_rn(total));
 }
 
+// The warp's sum of q (exact u64, so the order is free) over the live
+// tokens j = from, from + step, ... below `to` (each lane its own `from`)
+// whose weight passes min_p, and with `find_top` its first token at z_max
+// (NO_TOKEN if none); every lane gets both.
+__device__ __forceinline__ void warp_range_sum(const Row& row, float min_p, int from, int to, int step,
+                                               bool find_top, u64& sum, int& top) {
+    sum = 0;
+    top = NO_TOKEN;
+#pragma unroll 2
+    for (int j = from; j < to; j += step) {
+        float z;
+        if (!row.live(j, z)) continue;
+        if (find_top && z == row.z_max && j < top) top = j;
+        const float e = row.weight(z);
+        if (e >= min_p) sum += quantise(e);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        sum += __shfl_xor_sync(FULL_MASK, sum, o);
+        top = min(top, __shfl_xor_sync(FULL_MASK, top, o));
+    }
+}
+
 // The state the index-order draw shares across its block.
 struct IndexDraw {
     u64 sum[32];  // q summed over each warp's segment of the current range
@@ -448,21 +471,9 @@ __device__ u32 index_levels(const Row& row, float min_p, float u, int lo, int hi
     while (hi - lo > 1) {
         const int seg = (hi - lo + nwarps - 1) / nwarps;
         const int a = lo + warp * seg, b = min(hi, a + seg);
-        u64 sum = 0;
-        int top = NO_TOKEN;
-#pragma unroll 2
-        for (int j = a + lane; j < b; j += 32) {
-            float z;
-            if (!row.live(j, z)) continue;
-            if (first && z == row.z_max && j < top) top = j;
-            const float e = row.weight(z);
-            if (e >= min_p) sum += quantise(e);
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            sum += __shfl_xor_sync(FULL_MASK, sum, o);
-            top = min(top, __shfl_xor_sync(FULL_MASK, top, o));
-        }
+        u64 sum;
+        int top;
+        warp_range_sum(row, min_p, a + lane, b, 32, first, sum, top);
         if (lane == 0) {
             s.sum[warp] = sum;
             if (first) atomicMin(&s.top, top);
@@ -928,20 +939,9 @@ draw_slice_sum(const float* logits, int V, int nb, const u32* params, int slice,
     __syncthreads();
     const Row r = {logits + (size_t)row * V, temp, zmax_s, V, nb};
     const int lo = blockIdx.x * slice, hi = min(V, lo + slice);
-    u64 sum = 0;
-    int top = NO_TOKEN;
-    for (int j = lo + tid; j < hi; j += blockDim.x) {
-        float z;
-        if (!r.live(j, z)) continue;
-        if (z == r.z_max && j < top) top = j;
-        const float e = r.weight(z);
-        if (e >= min_p) sum += quantise(e);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        sum += __shfl_xor_sync(FULL_MASK, sum, o);
-        top = min(top, __shfl_xor_sync(FULL_MASK, top, o));
-    }
+    u64 sum;
+    int top;
+    warp_range_sum(r, min_p, lo + tid, hi, blockDim.x, true, sum, top);
     if (lane == 0) {
         warp_sum[warp] = sum;
         atomicMin(&top_s, top);

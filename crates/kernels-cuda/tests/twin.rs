@@ -1332,6 +1332,41 @@ fn layer_host(r: &mut Rng, geo: AttnGeometry, h: usize, i: usize) -> LayerHost {
     }
 }
 
+/// A layer's eight weights on backend `b`, in `LayerWeights`' field order.
+fn upload_layer<B: Backend>(
+    b: &B,
+    l: &LayerHost,
+    geo: AttnGeometry,
+    (h, i): (usize, usize),
+) -> [Tensor<B>; 8] {
+    let up_f = |v: &[f32], s: &[usize]| b.upload(HostSlice::F32(v), s).unwrap();
+    let up_b = |v: &[bf16], s: &[usize]| b.upload(HostSlice::BF16(v), s).unwrap();
+    [
+        up_f(&l.input_norm, &[h]),
+        up_b(&l.qkv, &[geo.qkv_width(), h]),
+        up_f(&l.q_norm, &[geo.head_dim]),
+        up_f(&l.k_norm, &[geo.head_dim]),
+        up_b(&l.o_proj, &[h, geo.q_width()]),
+        up_f(&l.post_norm, &[h]),
+        up_b(&l.gate_up, &[2 * i, h]),
+        up_b(&l.down, &[h, i]),
+    ]
+}
+
+/// The weights of [`upload_layer`] as the layer op takes them.
+fn layer_weights<B: Backend>(w: &[Tensor<B>; 8]) -> LayerWeights<'_, B> {
+    LayerWeights {
+        input_norm: &w[0],
+        qkv: &w[1],
+        q_norm: &w[2],
+        k_norm: &w[3],
+        o_proj: &w[4],
+        post_attention_norm: &w[5],
+        gate_up: &w[6],
+        down: &w[7],
+    }
+}
+
 /// `layers` decoder layers in sequence over one token (x, every layer's
 /// caches), through `Backend::decoder_layer`: returns x after each layer,
 /// then each layer's k and v caches, q, attention output and act.
@@ -1352,26 +1387,8 @@ fn layers_on<B: Backend>(
     let mut out = Vec::new();
     let mut tail = Vec::new();
     for l in layers {
-        let w = [
-            up_f(&l.input_norm, &[h]),
-            up_b(&l.qkv, &[geo.qkv_width(), h]),
-            up_f(&l.q_norm, &[geo.head_dim]),
-            up_f(&l.k_norm, &[geo.head_dim]),
-            up_b(&l.o_proj, &[h, geo.q_width()]),
-            up_f(&l.post_norm, &[h]),
-            up_b(&l.gate_up, &[2 * i, h]),
-            up_b(&l.down, &[h, i]),
-        ];
-        let lw = LayerWeights {
-            input_norm: &w[0],
-            qkv: &w[1],
-            q_norm: &w[2],
-            k_norm: &w[3],
-            o_proj: &w[4],
-            post_attention_norm: &w[5],
-            gate_up: &w[6],
-            down: &w[7],
-        };
+        let w = upload_layer(b, l, geo, (h, i));
+        let lw = layer_weights(&w);
         let shape = geo.cache_shape(c.blocks);
         let mut kc = up_b(&c.kc, &shape);
         let mut vc = up_b(&c.vc, &shape);
@@ -1491,26 +1508,8 @@ fn tensor_core_decoder_layer_equals_its_ops() {
             let run = |fused: bool| -> Vec<HostVec> {
                 let up_f = |v: &[f32], s: &[usize]| g.upload(HostSlice::F32(v), s).unwrap();
                 let up_b = |v: &[bf16], s: &[usize]| g.upload(HostSlice::BF16(v), s).unwrap();
-                let w = [
-                    up_f(&lh.input_norm, &[h]),
-                    up_b(&lh.qkv, &[geo.qkv_width(), h]),
-                    up_f(&lh.q_norm, &[d]),
-                    up_f(&lh.k_norm, &[d]),
-                    up_b(&lh.o_proj, &[h, geo.q_width()]),
-                    up_f(&lh.post_norm, &[h]),
-                    up_b(&lh.gate_up, &[2 * i, h]),
-                    up_b(&lh.down, &[h, i]),
-                ];
-                let lw = LayerWeights {
-                    input_norm: &w[0],
-                    qkv: &w[1],
-                    q_norm: &w[2],
-                    k_norm: &w[3],
-                    o_proj: &w[4],
-                    post_attention_norm: &w[5],
-                    gate_up: &w[6],
-                    down: &w[7],
-                };
+                let w = upload_layer(&g, &lh, geo, (h, i));
+                let lw = layer_weights(&w);
                 let meta = g.upload_batch(&l).unwrap();
                 let rope_t = up_f(&rope, &[max_pos, d]);
                 let shape = geo.cache_shape(blocks);
