@@ -1,5 +1,6 @@
 //! Benchmarks of `attention` over the paged KV cache: decode steps of 1 and
-//! 64 sequences at contexts 512 and 4096, one 512-token prefill, and a
+//! 64 sequences at contexts 512 and 4096 and of 16 at 1536 (the throughput
+//! workload's tail), one 512-token prefill, and a
 //! chunked-prefill step (2,048 tokens of prompts and decode tokens), for
 //! Qwen3-0.6B and 8B (GQA: 16 or 32 q heads over 8 kv heads); and of the
 //! decode steps as `qk_norm_rope_attention` (q/k-norm, RoPE and the cache
@@ -27,6 +28,8 @@ fn cases() -> Vec<(String, Vec<(usize, usize)>)> {
             v.push((format!("decode/ctx{ctx}/B{seqs}"), vec![(ctx, 1); seqs]));
         }
     }
+    // The throughput workload's tail: few sequences, long contexts.
+    v.push(("decode/ctx1536/B16".into(), vec![(1536, 1); 16]));
     v.push(("prefill/T512".into(), vec![(512, 512)]));
     // A chunked-prefill step of the throughput workload: 2,048 tokens, a
     // prompt's second chunk and two whole prompts beside 240 decode tokens.

@@ -1122,9 +1122,8 @@ fn tensor_core_attention_within_bound() {
     g.set_exact(false);
     let cpu = CpuBackend::new();
     let mut r = Rng::new("tensor-core attention");
-    let bs = 16;
     // (q heads, kv heads, head_dim, sequences as (context, new tokens),
-    // tensor-core rows).
+    // tensor-core rows), in blocks of 16 positions.
     type Case = (usize, usize, usize, Vec<(usize, usize)>, usize);
     let cases: Vec<Case> = vec![
         (16, 8, 128, vec![(300, 300)], 300),
@@ -1144,8 +1143,22 @@ fn tensor_core_attention_within_bound() {
         (16, 8, 128, (0..64).map(|i| (100 + 37 * i, 1)).collect(), 10),
         (16, 8, 128, (0..64).map(|i| (1 + 29 * i, 1)).collect(), 64),
     ];
+    // Other block sizes: smaller than the rows between a thread's copies,
+    // not dividing a 64-key step, larger than a step, and one block a
+    // sequence (as `verify` lays them out).
+    let other_blocks: Vec<(usize, Case)> = vec![
+        (5, (16, 8, 128, vec![(1100, 100), (70, 1)], 101)),
+        (3, (4, 2, 32, vec![(150, 150), (3, 2)], 151)),
+        (
+            40,
+            (16, 8, 128, (0..16).map(|i| (100 + 97 * i, 1)).collect(), 16),
+        ),
+        (100, (12, 4, 64, vec![(300, 120), (129, 2)], 121)),
+        (1200, (16, 8, 128, vec![(1100, 100)], 100)),
+    ];
+    let cases = cases.into_iter().map(|c| (16, c)).chain(other_blocks);
     let mut worst = 0.0f64;
-    for (hq, hkv, d, ctxs, tc) in cases {
+    for (bs, (hq, hkv, d, ctxs, tc)) in cases {
         let geo = geometry(hq, hkv, d, bs);
         let (layout, blocks) = layout(&mut r, &ctxs, bs);
         let t = layout.num_tokens();
@@ -1162,7 +1175,8 @@ fn tensor_core_attention_within_bound() {
         g.set_tensor_core_rows(tc);
         let gg = attention_only(&g, geo, &layout, blocks, &q, &kc, &vc, scale);
         g.set_tensor_core_rows(0);
-        let what = format!("{hq}/{hkv} heads, d {d}, {t} tokens, {tc} on tensor cores");
+        let what =
+            format!("{hq}/{hkv} heads, d {d}, {t} tokens, {tc} on tensor cores, blocks of {bs}");
         let f = |v: &[bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
         let mag = attention_tc_magnitudes(geo, &layout, &f(&q), &f(&kc), &f(&vc), scale);
         let (cb, gb, cf, gf) = (c.to_bits(), gg.to_bits(), c.to_f32(), gg.to_f32());
