@@ -28,8 +28,9 @@
 
 // Dynamic shared memory: 16·RGP q rows, then two stages of TC_KEYS keys and
 // TC_KEYS values, every row D + TC_PAD bf16; the stages then hold the
-// warps' partial results for the merge. Rows r of a tile are token-major
-// (token r / G, q head g·G + r % G), 16·RGP a pass over the keys.
+// warps' partial results for the merge, and each row's merge weights. Rows
+// r of a tile are token-major (token r / G, q head g·G + r % G), 16·RGP a
+// pass over the keys.
 //
 // Each warp keeps, for its 16 rows, a running max, sum and output over its
 // own quarter of every step's keys (online softmax); the four quarters are
@@ -50,7 +51,10 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
     __nv_bfloat16* qs = reinterpret_cast<__nv_bfloat16*>(smem_raw);
     __nv_bfloat16* ks = qs + ROWS * KS;
     __nv_bfloat16* vs = ks + 2 * TC_KEYS * KS;
-    float* part = reinterpret_cast<float*>(ks);  // after the keys: [quarter][row][D] outputs, then [quarter][row] m, l
+    // After the keys: [quarter][row][D] outputs, then [quarter][row] m, l,
+    // then the merge's per-row values (16 words a row in all).
+    float* part = reinterpret_cast<float*>(ks);
+    static_assert(4 * ROWS * D + 16 * ROWS <= 2 * TC_KEYS * (D + TC_PAD), "the merge fits the stages");
     int tile = blockIdx.x / Hkv, g = blockIdx.x % Hkv;
     int t0 = (int)tiles[2 * tile], n = (int)tiles[2 * tile + 1];
     // Only rows below tc_rows are this kernel's (the rest take attn_tile).
@@ -74,24 +78,25 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
     wait_for_producers();
     start_dependents();
 
-    // Keys and values of step s into stage st: the slots first (independent
-    // loads), then every copy; rows past the span are zeroed (a weight of
-    // zero must not meet a stale NaN). (Loading the next step's slots a
-    // step early measured slower: 84 vs 81 us at B64 ctx512.)
+    // Keys and values of step s into stage st; rows past the span are zeroed
+    // (a weight of zero must not meet a stale NaN). Block-table entries and
+    // offsets are advanced from step to step (and row to row) without a
+    // division: the runtime division by the block size was most of a step's
+    // instructions (Nsight Compute, one sequence at 4,096 keys: 559 of about
+    // 860 a warp). (Loading the next step's slots a step early measured
+    // slower: 84 vs 81 us at B64 ctx512.)
+    const int q_step = TC_KEYS / bs, c_step = TC_KEYS % bs;
+    const size_t kv_row = (size_t)Hkv * D;
     // This thread copies 16-byte chunk `o` of rows r_lo + RSTEP·x of every
-    // step. Their block-table entries and offsets are advanced from step
-    // to step and row to row without a division: the runtime division by
-    // the block size was most of a step's instructions (Nsight Compute, one
-    // sequence at 4,096 keys: 559 of about 860 a warp).
+    // step.
     constexpr int CH = D / 8, RSTEP = THREADS / CH;
     static_assert(THREADS % CH == 0 && RSTEP * PIECES == TC_KEYS, "a step's rows split evenly");
     const int r_lo = tid / CH, o = (tid % CH) * 8;
-    const int q_step = TC_KEYS / bs, c_step = TC_KEYS % bs, q_row = RSTEP / bs, c_row = RSTEP % bs;
-    const size_t kv_row = (size_t)Hkv * D;
+    const int q_row = RSTEP / bs, c_row = RSTEP % bs;
     const int kv_col = g * D + o;
     int blk0 = 0, off0 = 0;  // row r_lo of the next step copy_step copies: its table entry and offset
     auto copy_step = [&](int s, int st) {
-        int k0 = s * TC_KEYS, len = min(TC_KEYS, k_end - k0);
+        int len = min(TC_KEYS, k_end - s * TC_KEYS);
         __nv_bfloat16* kd = ks + st * TC_KEYS * KS + o;
         __nv_bfloat16* vd = vs + st * TC_KEYS * KS + o;
         u32 slot[PIECES];
@@ -125,6 +130,10 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             }
         }
     };
+    auto start_pass = [&]() {
+        blk0 = (s0 * TC_KEYS + r_lo) / bs;
+        off0 = (s0 * TC_KEYS + r_lo) % bs;
+    };
 
     for (int r_base = 0; r_base < R; r_base += ROWS) {
         for (int i = tid; i < ROWS * (D / 8); i += THREADS) {
@@ -135,8 +144,7 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             else
                 *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
         }
-        blk0 = (s0 * TC_KEYS + r_lo) / bs;
-        off0 = (s0 * TC_KEYS + r_lo) % bs;
+        start_pass();
         copy_step(s0, 0);
         copies_commit();
         // This thread's two rows (lane / 4 and lane / 4 + 8 of the warp's
@@ -172,7 +180,8 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
         for (int s = s0; s < steps; s++) {
             int st = (s - s0) & 1;
             // Every step commits a group (empty at the end), so that "all
-            // but the newest" always means step s has landed.
+            // but the newest" always means step s has landed (q with the
+            // first).
             if (s + 1 < steps) copy_step(s + 1, st ^ 1);
             copies_commit();
             copies_wait_groups<1>();
@@ -334,34 +343,56 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             }
         }
         __syncthreads();
-        // The quarters' merge, an output element a thread at a time: the
-        // row's output if this span is all it has, else the span's partials.
-        for (int e = tid; e < ROWS * D; e += THREADS) {
-            int r = e / D, i = e % D, rr = r_base + r;
+        // The quarters' merge. Each row's weights f_w = exp(m_w − M), its sum
+        // L = Σ l_w·f_w, output offset and context, once a row (a thread
+        // each: they do not depend on the output element; recomputed for
+        // every element they were about half a prompt tile's instructions).
+        float* rf = pm + 4 * ROWS * 2;  // [row][quarter] f_w
+        float* rl = rf + 4 * ROWS;      // [row] L
+        float* rm = rl + ROWS;          // [row] M
+        int* r_out = reinterpret_cast<int*>(rm + ROWS);  // [row] t·Hq + h
+        int* r_ctx = r_out + ROWS;                       // [row] the row's context
+        for (int r = tid; r < ROWS; r += THREADS) {
+            int rr = r_base + r;
             if (rr >= R) continue;
-            int t = t0 + rr / G, h = g * G + rr % G, row_ctx = (int)pos[t] + 1;
-            if (row_ctx <= k_begin) continue;  // no key of the row here
+            int t = t0 + rr / G;
+            r_out[r] = t * Hq + g * G + rr % G;
+            r_ctx[r] = (int)pos[t] + 1;
             float mw[4], mx = NEG_INF;
 #pragma unroll
             for (int w = 0; w < 4; w++) {
                 mw[w] = pm[(w * ROWS + r) * 2];
                 mx = fmaxf(mx, mw[w]);
             }
-            float L = 0.0f, O = 0.0f;
+            float L = 0.0f;
 #pragma unroll
             for (int w = 0; w < 4; w++) {
                 float f = q_exp(mw[w] - mx);  // a quarter that saw no key: exp(-inf) = 0
+                rf[4 * r + w] = f;
                 L = L + pm[(w * ROWS + r) * 2 + 1] * f;
-                O = O + part[(w * ROWS + r) * D + i] * f;
             }
+            rl[r] = L;
+            rm[r] = mx;
+        }
+        __syncthreads();
+        // Then an output element a thread at a time, O = Σ o_w·f_w: the
+        // row's output if this span is all it has, else the span's partials.
+        for (int e = tid; e < ROWS * D; e += THREADS) {
+            int r = e / D, i = e % D, rr = r_base + r;
+            if (rr >= R) continue;
+            int row_ctx = r_ctx[r];
+            if (row_ctx <= k_begin) continue;  // no key of the row here
+            float O = 0.0f;
+#pragma unroll
+            for (int w = 0; w < 4; w++) O = O + part[(w * ROWS + r) * D + i] * rf[4 * r + w];
             if (row_ctx <= TC_SPAN) {
-                out[((size_t)t * Hq + h) * D + i] = __float2bfloat16_rn(O / L);
+                out[(size_t)r_out[r] * D + i] = __float2bfloat16_rn(O / rl[r]);
             } else {
-                float* dst = spans + (((size_t)t * Hq + h) * max_spans + blockIdx.y) * (D + 2);
+                float* dst = spans + ((size_t)r_out[r] * max_spans + blockIdx.y) * (D + 2);
                 dst[2 + i] = O;
                 if (i == 0) {
-                    dst[0] = mx;
-                    dst[1] = L;
+                    dst[0] = rm[r];
+                    dst[1] = rl[r];
                 }
             }
         }
