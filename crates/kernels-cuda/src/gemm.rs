@@ -85,9 +85,15 @@ impl Gpu {
 }
 
 /// Dynamic shared memory of a wgmma tile: its stages of 64 rows of x and
-/// `bn` of w, 128 bytes each, plus the alignment to 1,024 bytes.
+/// `bn` of w.
 fn wg_smem(tile: &Tile) -> u32 {
-    tile.stages * (tile.bm + tile.bn) * 128 + 1024
+    wg_stages_smem(tile.stages, tile.bm + tile.bn)
+}
+
+/// Dynamic shared memory of `stages` wgmma stages of `rows` rows of 128
+/// bytes (64 k of bf16), plus the alignment to 1,024 bytes.
+fn wg_stages_smem(stages: u32, rows: u32) -> u32 {
+    stages * rows * 128 + 1024
 }
 
 /// The first of `deeper` (deepest first) whose `blocks` all fit on the
@@ -332,7 +338,7 @@ impl CudaBackend {
 
 /// The launch of a fused wgmma kernel (gemm_wg_silu, gemm_wg_hilo): a block
 /// per 64 rows by `block_cols` output columns, `stages` stages of
-/// `stage_rows` rows of 128 bytes plus the alignment to 1,024 bytes.
+/// `stage_rows` rows ([`wg_stages_smem`]).
 fn wg_fused_grid(
     op: &'static str,
     t: usize,
@@ -348,7 +354,7 @@ fn wg_fused_grid(
         ));
     }
     let mut cfg = grid(((t as u32).div_ceil(64), col_tiles, 1), (THREADS, 1, 1));
-    cfg.shared_mem_bytes = stages * stage_rows * 128 + 1024;
+    cfg.shared_mem_bytes = wg_stages_smem(stages, stage_rows);
     Ok(cfg)
 }
 

@@ -174,23 +174,34 @@ __device__ __forceinline__ int warp_append(int* n, bool in) {
     return base + __popc(mask & ((1u << lane) - 1u));
 }
 
-// Folds each thread's live-candidate count and smallest and largest key
-// into the block's shared totals (zeroed, and ~0 for the minimum, before):
-// a warp reduction, then one atomic each a warp. Every lane of the warp
-// must call it together; the caller syncs before reading the totals.
-__device__ __forceinline__ void add_live_stats(int live, u64 lmin, u64 lmax, int* live_n, u64* kmin_s,
-                                               u64* kmax_s) {
+// A thread's live candidates so far: how many, and the smallest and
+// largest rank key among them.
+struct LiveStats {
+    int n = 0;
+    u64 lo = ~0ull, hi = 0;
+    __device__ __forceinline__ void add(u64 key) {
+        n += 1;
+        lo = key < lo ? key : lo;
+        hi = key > hi ? key : hi;
+    }
+};
+
+// Folds each thread's LiveStats into the block's shared totals (zeroed, and
+// ~0 for the minimum, before): a warp reduction, then one atomic each a
+// warp. Every lane of the warp must call it together; the caller syncs
+// before reading the totals.
+__device__ __forceinline__ void add_live_stats(LiveStats s, int* live_n, u64* kmin_s, u64* kmax_s) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
-        const u64 a = __shfl_xor_sync(FULL_MASK, lmin, o), b = __shfl_xor_sync(FULL_MASK, lmax, o);
-        lmin = a < lmin ? a : lmin;
-        lmax = b > lmax ? b : lmax;
-        live += __shfl_xor_sync(FULL_MASK, live, o);
+        const u64 a = __shfl_xor_sync(FULL_MASK, s.lo, o), b = __shfl_xor_sync(FULL_MASK, s.hi, o);
+        s.lo = a < s.lo ? a : s.lo;
+        s.hi = b > s.hi ? b : s.hi;
+        s.n += __shfl_xor_sync(FULL_MASK, s.n, o);
     }
     if ((threadIdx.x & 31) == 0) {
-        atomicAdd(live_n, live);
-        atomicMin(kmin_s, lmin);
-        atomicMax(kmax_s, lmax);
+        atomicAdd(live_n, s.n);
+        atomicMin(kmin_s, s.lo);
+        atomicMax(kmax_s, s.hi);
     }
 }
 
@@ -206,8 +217,9 @@ struct Row {
     __device__ __forceinline__ bool live(int i, float& z) const {
         z = x[i] / temp;
         if (isnan(z)) z = __int_as_float(0xff800000);
-        return !(z - z_max < -30.0f);
+        return live_z(z);
     }
+    __device__ __forceinline__ bool live_z(float z) const { return !(z - z_max < -30.0f); }
     __device__ __forceinline__ float weight(float z) const {
         return z == z_max ? 1.0f : q_exp(z - z_max);
     }
@@ -582,18 +594,12 @@ sample_rows(const float* logits, int V, int nb, const u32* params, u32* out) {
     // Step 2: the live tokens (z - z_max >= -30, or z == z_max for the
     // infinite cases where the difference is NaN): how many, and the
     // smallest and largest rank key among them.
-    u64 lmin = ~0ull, lmax = 0;
-    int live = 0;
+    LiveStats live;
     for (int i = tid; i < V; i += blockDim.x) {
         float z;
-        if (row.live(i, z)) {
-            const u64 ck = rank_key(z, i, nb);
-            live += 1;
-            lmin = ck < lmin ? ck : lmin;
-            lmax = ck > lmax ? ck : lmax;
-        }
+        if (row.live(i, z)) live.add(rank_key(z, i, nb));
     }
-    add_live_stats(live, lmin, lmax, &live_n, &kmin_s, &kmax_s);
+    add_live_stats(live, &live_n, &kmin_s, &kmax_s);
     __syncthreads();
     const int n = live_n;
     const u64 kmin = kmin_s, kmax = kmax_s;  // kmin: the top candidate
@@ -802,18 +808,12 @@ sample_merge(int V, int nb, const u32* params, int S, int kout, const u64* keys_
     const int na = n_all;
     const Row row_z = {nullptr, temp, zmax_s, V, nb};
     // The live candidates: how many, the smallest and largest key.
-    u64 lmin = ~0ull, lmax = 0;
-    int live = 0;
+    LiveStats live;
     for (int j = tid; j < na; j += blockDim.x) {
         const u64 key = all_keys[j];
-        const float z = key_z(key, nb);
-        if (!(z - row_z.z_max < -30.0f)) {
-            live += 1;
-            lmin = key < lmin ? key : lmin;
-            lmax = key > lmax ? key : lmax;
-        }
+        if (row_z.live_z(key_z(key, nb))) live.add(key);
     }
-    add_live_stats(live, lmin, lmax, &live_n, &kmin_s, &kmax_s);
+    add_live_stats(live, &live_n, &kmin_s, &kmax_s);
     __syncthreads();
     const int n = live_n;
     const u64 kmin = kmin_s, kmax = kmax_s;  // kmin: the top candidate
@@ -832,7 +832,7 @@ sample_merge(int V, int nb, const u32* params, int S, int kout, const u64* keys_
         if (j < na) {
             key = all_keys[j];
             z = key_z(key, nb);
-            in = !(z - row_z.z_max < -30.0f) && key <= kcut;
+            in = row_z.live_z(z) && key <= kcut;
         }
         const int pos = warp_append(&s.n_copied, in);
         if (in) {

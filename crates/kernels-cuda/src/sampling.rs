@@ -3,6 +3,8 @@
 
 use qwen_tensor::{expect_2d, Backend, DType, HostSlice, Result, SampleParams};
 
+use cudarc::driver::CudaSlice;
+
 use crate::device::{dev, f32s, f32s_mut, u32s, u32s_mut, T};
 use crate::launch::{grid, int, shape_err};
 use crate::{CudaBackend, Scratch};
@@ -164,113 +166,164 @@ impl CudaBackend {
                 ]
             })
             .collect();
-        let s = &self.dev.stream;
-        let packed = s.clone_htod(&packed).map_err(dev)?;
-        let mut out = s.alloc_zeros::<u32>(rows).map_err(dev)?;
-        // Every row cut to a small top-k: the rows' slices spread over the
-        // GPU (sample_slices), then a block a row (sample_merge).
+        let packed = self.dev.stream.clone_htod(&packed).map_err(dev)?;
+        let job = SampleJob {
+            logits: l,
+            rows,
+            v,
+            vi,
+            nb,
+            packed: &packed,
+        };
         let slices = v.div_ceil(SHARED_CAP);
         let kout = params.iter().map(|p| p.top_k).max().unwrap_or(0);
         if params.iter().all(|p| p.top_k > 0 && p.top_k < v) && slices * kout <= SHARED_CAP {
-            let (si, sli, ki) = (
-                int(OP, slices)?,
-                int(OP, v.div_ceil(slices))?,
-                int(OP, kout)?,
-            );
-            // SAFETY (the three allocations): uninitialised device memory;
-            // sample_slices writes every (row, slice)'s count and maximum and
-            // its first `count` keys, and sample_merge reads no more.
-            let mut keys = unsafe { s.alloc::<u64>(rows * slices * kout) }.map_err(dev)?;
-            let mut counts = unsafe { s.alloc::<u32>(rows * slices) }.map_err(dev)?;
-            let mut zmax = unsafe { s.alloc::<f32>(rows * slices) }.map_err(dev)?;
-            let mut b = self.launch(self.kernel("sample_slices"));
-            b.arg(l)
-                .arg(&vi)
-                .arg(&nb)
-                .arg(&packed)
-                .arg(&sli)
-                .arg(&ki)
-                .arg(&mut keys)
-                .arg(&mut counts)
-                .arg(&mut zmax);
-            // SAFETY: argument order and types match sample_slices in
-            // sampling.cu; logits hold rows x V floats, params 5 words per row;
-            // a (row, slice) of at most SHARED_CAP tokens writes at most its
-            // row's k <= kout keys and one count and maximum, all in range.
-            let cfg = grid((slices as u32, rows as u32, 1), (SLICE_THREADS, 1, 1));
-            unsafe { b.launch(cfg) }.map_err(dev)?;
-            let mut b = self.launch(self.kernel("sample_merge"));
-            b.arg(&vi)
-                .arg(&nb)
-                .arg(&packed)
-                .arg(&si)
-                .arg(&ki)
-                .arg(&keys)
-                .arg(&counts)
-                .arg(&zmax)
-                .arg(&mut out);
-            // SAFETY: argument order and types match sample_merge; it reads
-            // what sample_slices wrote (at most slices·kout <= SHARED_CAP keys
-            // a row) and writes one id per row; 1024-thread blocks.
-            unsafe { b.launch(grid((rows as u32, 1, 1), (SAMPLE_THREADS, 1, 1))) }.map_err(dev)?;
-            return s.clone_dtoh(&out).map_err(dev);
+            self.sample_sliced_top_k(&job, kout)
+        } else if params.iter().all(|p| draw_in_index_order(p, v)) {
+            self.sample_index_order(&job)
+        } else {
+            self.sample_by_rows(&job)
         }
-        // No row cut by top-k or top-p: the index-order draw, its rows'
-        // slices spread over the GPU (draw_slice_max, draw_slice_sum), then
-        // a block a row (draw_finish).
-        if params.iter().all(|p| draw_in_index_order(p, v)) {
-            let (si, sli) = (int(OP, slices)?, int(OP, SHARED_CAP)?);
-            // SAFETY (the three allocations): uninitialised device memory
-            // that draw_slice_max and draw_slice_sum write in full (one
-            // entry per block of their (slices, rows) grids) before
-            // draw_slice_sum and draw_finish read it.
-            let mut zmax = unsafe { s.alloc::<f32>(rows * slices) }.map_err(dev)?;
-            let mut sums = unsafe { s.alloc::<u64>(rows * slices) }.map_err(dev)?;
-            let mut tops = unsafe { s.alloc::<u32>(rows * slices) }.map_err(dev)?;
-            let cfg = grid((slices as u32, rows as u32, 1), (SLICE_THREADS, 1, 1));
-            let mut b = self.launch(self.kernel("draw_slice_max"));
-            b.arg(l).arg(&vi).arg(&packed).arg(&sli).arg(&mut zmax);
-            // SAFETY: argument order and types match draw_slice_max in
-            // sampling.cu; logits hold rows x V floats, params 5 words per
-            // row; block (slice, row) writes zmax[row · slices + slice].
-            unsafe { b.launch(cfg) }.map_err(dev)?;
-            let mut b = self.launch(self.kernel("draw_slice_sum"));
-            b.arg(l)
-                .arg(&vi)
-                .arg(&nb)
-                .arg(&packed)
-                .arg(&sli)
-                .arg(&zmax)
-                .arg(&mut sums)
-                .arg(&mut tops);
-            // SAFETY: as above; it reads the row's slices' maxima and writes
-            // one sum and one top token per (row, slice).
-            unsafe { b.launch(cfg) }.map_err(dev)?;
-            let mut b = self.launch(self.kernel("draw_finish"));
-            b.arg(l)
-                .arg(&vi)
-                .arg(&nb)
-                .arg(&packed)
-                .arg(&sli)
-                .arg(&si)
-                .arg(&zmax)
-                .arg(&sums)
-                .arg(&tops)
-                .arg(&mut out);
-            // SAFETY: argument order and types match draw_finish; it reads
-            // what the two kernels above wrote and one slice of its row, and
-            // writes one id per row.
-            unsafe { b.launch(grid((rows as u32, 1, 1), (SLICE_THREADS, 1, 1))) }.map_err(dev)?;
-            return s.clone_dtoh(&out).map_err(dev);
-        }
-        let mut b = self.launch(self.kernel("sample_rows"));
-        b.arg(l).arg(&vi).arg(&nb).arg(&packed).arg(&mut out);
-        // SAFETY: argument order and types match sample_rows in sampling.cu;
-        // logits hold rows x V floats, params 5 words per row, out one id
-        // per row; the kernel is compiled for 1024-thread blocks.
+    }
+
+    /// Every row cut to a small top-k (at most `kout`): the rows' slices
+    /// spread over the GPU (sample_slices), then a block a row
+    /// (sample_merge).
+    fn sample_sliced_top_k(&self, job: &SampleJob, kout: usize) -> Result<Vec<u32>> {
+        const OP: &str = "sample";
+        let (s, rows, v) = (&self.dev.stream, job.rows, job.v);
+        let slices = v.div_ceil(SHARED_CAP);
+        let mut out = s.alloc_zeros::<u32>(rows).map_err(dev)?;
+        let (si, sli, ki) = (
+            int(OP, slices)?,
+            int(OP, v.div_ceil(slices))?,
+            int(OP, kout)?,
+        );
+        // SAFETY (the three allocations): uninitialised device memory;
+        // sample_slices writes every (row, slice)'s count and maximum and
+        // its first `count` keys, and sample_merge reads no more.
+        let mut keys = unsafe { s.alloc::<u64>(rows * slices * kout) }.map_err(dev)?;
+        let mut counts = unsafe { s.alloc::<u32>(rows * slices) }.map_err(dev)?;
+        let mut zmax = unsafe { s.alloc::<f32>(rows * slices) }.map_err(dev)?;
+        let mut b = self.launch(self.kernel("sample_slices"));
+        b.arg(job.logits)
+            .arg(&job.vi)
+            .arg(&job.nb)
+            .arg(job.packed)
+            .arg(&sli)
+            .arg(&ki)
+            .arg(&mut keys)
+            .arg(&mut counts)
+            .arg(&mut zmax);
+        // SAFETY: argument order and types match sample_slices in
+        // sampling.cu; logits hold rows x V floats, params 5 words per row;
+        // a (row, slice) of at most SHARED_CAP tokens writes at most its
+        // row's k <= kout keys and one count and maximum, all in range.
+        let cfg = grid((slices as u32, rows as u32, 1), (SLICE_THREADS, 1, 1));
+        unsafe { b.launch(cfg) }.map_err(dev)?;
+        let mut b = self.launch(self.kernel("sample_merge"));
+        b.arg(&job.vi)
+            .arg(&job.nb)
+            .arg(job.packed)
+            .arg(&si)
+            .arg(&ki)
+            .arg(&keys)
+            .arg(&counts)
+            .arg(&zmax)
+            .arg(&mut out);
+        // SAFETY: argument order and types match sample_merge; it reads
+        // what sample_slices wrote (at most slices·kout <= SHARED_CAP keys
+        // a row) and writes one id per row; 1024-thread blocks.
         unsafe { b.launch(grid((rows as u32, 1, 1), (SAMPLE_THREADS, 1, 1))) }.map_err(dev)?;
         s.clone_dtoh(&out).map_err(dev)
     }
+
+    /// No row cut by top-k or top-p: the index-order draw, its rows' slices
+    /// spread over the GPU (draw_slice_max, draw_slice_sum), then a block a
+    /// row (draw_finish).
+    fn sample_index_order(&self, job: &SampleJob) -> Result<Vec<u32>> {
+        const OP: &str = "sample";
+        let (s, rows) = (&self.dev.stream, job.rows);
+        let slices = job.v.div_ceil(SHARED_CAP);
+        let mut out = s.alloc_zeros::<u32>(rows).map_err(dev)?;
+        let (si, sli) = (int(OP, slices)?, int(OP, SHARED_CAP)?);
+        // SAFETY (the three allocations): uninitialised device memory that
+        // draw_slice_max and draw_slice_sum write in full (one entry per
+        // block of their (slices, rows) grids) before draw_slice_sum and
+        // draw_finish read it.
+        let mut zmax = unsafe { s.alloc::<f32>(rows * slices) }.map_err(dev)?;
+        let mut sums = unsafe { s.alloc::<u64>(rows * slices) }.map_err(dev)?;
+        let mut tops = unsafe { s.alloc::<u32>(rows * slices) }.map_err(dev)?;
+        let cfg = grid((slices as u32, rows as u32, 1), (SLICE_THREADS, 1, 1));
+        let mut b = self.launch(self.kernel("draw_slice_max"));
+        b.arg(job.logits)
+            .arg(&job.vi)
+            .arg(job.packed)
+            .arg(&sli)
+            .arg(&mut zmax);
+        // SAFETY: argument order and types match draw_slice_max in
+        // sampling.cu; logits hold rows x V floats, params 5 words per row;
+        // block (slice, row) writes zmax[row · slices + slice].
+        unsafe { b.launch(cfg) }.map_err(dev)?;
+        let mut b = self.launch(self.kernel("draw_slice_sum"));
+        b.arg(job.logits)
+            .arg(&job.vi)
+            .arg(&job.nb)
+            .arg(job.packed)
+            .arg(&sli)
+            .arg(&zmax)
+            .arg(&mut sums)
+            .arg(&mut tops);
+        // SAFETY: as above; it reads the row's slices' maxima and writes one
+        // sum and one top token per (row, slice).
+        unsafe { b.launch(cfg) }.map_err(dev)?;
+        let mut b = self.launch(self.kernel("draw_finish"));
+        b.arg(job.logits)
+            .arg(&job.vi)
+            .arg(&job.nb)
+            .arg(job.packed)
+            .arg(&sli)
+            .arg(&si)
+            .arg(&zmax)
+            .arg(&sums)
+            .arg(&tops)
+            .arg(&mut out);
+        // SAFETY: argument order and types match draw_finish; it reads what
+        // the two kernels above wrote and one slice of its row, and writes
+        // one id per row.
+        unsafe { b.launch(grid((rows as u32, 1, 1), (SLICE_THREADS, 1, 1))) }.map_err(dev)?;
+        s.clone_dtoh(&out).map_err(dev)
+    }
+
+    /// Any other rows: a block a row over the whole vocabulary
+    /// (sample_rows).
+    fn sample_by_rows(&self, job: &SampleJob) -> Result<Vec<u32>> {
+        let s = &self.dev.stream;
+        let mut out = s.alloc_zeros::<u32>(job.rows).map_err(dev)?;
+        let mut b = self.launch(self.kernel("sample_rows"));
+        b.arg(job.logits)
+            .arg(&job.vi)
+            .arg(&job.nb)
+            .arg(job.packed)
+            .arg(&mut out);
+        // SAFETY: argument order and types match sample_rows in sampling.cu;
+        // logits hold rows x V floats, params 5 words per row, out one id
+        // per row; the kernel is compiled for 1024-thread blocks.
+        unsafe { b.launch(grid((job.rows as u32, 1, 1), (SAMPLE_THREADS, 1, 1))) }.map_err(dev)?;
+        s.clone_dtoh(&out).map_err(dev)
+    }
+}
+
+/// What every sampling path reads: the logits, their shape (`vi`: V as a
+/// kernel int; `nb`: bits of a token index in the packed rank key) and the
+/// rows' packed parameters (5 words a row).
+struct SampleJob<'a> {
+    logits: &'a CudaSlice<f32>,
+    rows: usize,
+    v: usize,
+    vi: i32,
+    nb: i32,
+    packed: &'a CudaSlice<u32>,
 }
 
 /// Whether the spec draws `p`'s row in index order: no top-k cut (0 or at
