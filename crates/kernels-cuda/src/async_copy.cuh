@@ -9,6 +9,19 @@ __device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
 }
 
+// copy16_async to a shared address, reading `valid ? 16 : 0` bytes of
+// `gmem` and zero-filling the rest (a row past the data reads nothing).
+__device__ __forceinline__ void copy16_async_zfill(unsigned smem, const void* gmem, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+
+// 4 bytes to a shared address, reading `valid ? 4 : 0` bytes of `gmem`.
+__device__ __forceinline__ void copy4_async_zfill(unsigned smem, const void* gmem, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 4 : 0)
+                 : "memory");
+}
+
 // An L2 policy for data read once a step (weights): evicted first, so that
 // streaming a layer's weights through L2 leaves the small things every
 // kernel needs again there (the kernels' code, activations, the KV cache).

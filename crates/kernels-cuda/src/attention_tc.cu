@@ -83,8 +83,9 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
     // offsets are advanced from step to step (and row to row) without a
     // division: the runtime division by the block size was most of a step's
     // instructions (Nsight Compute, one sequence at 4,096 keys: 559 of about
-    // 860 a warp). (Loading the next step's slots a step early measured
-    // slower: 84 vs 81 us at B64 ctx512.)
+    // 860 a warp). (Loading the next step's slots into registers a step
+    // early measured slower, 84 vs 81 us at B64 ctx512; the entries now come
+    // through the shared ring below, by copies that hold no register.)
     const int q_step = TC_KEYS / bs, c_step = TC_KEYS % bs;
     const size_t kv_row = (size_t)Hkv * D;
     // This thread copies 16-byte chunk `o` of rows r_lo + RSTEP·x of every
@@ -93,17 +94,57 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
     static_assert(THREADS % CH == 0 && RSTEP * PIECES == TC_KEYS, "a step's rows split evenly");
     const int r_lo = tid / CH, o = (tid % CH) * 8;
     const int q_row = RSTEP / bs, c_row = RSTEP % bs;
-    const int kv_col = g * D + o;
+    // Byte addresses: this thread's 16 bytes of kv head g in cache slot 0,
+    // a slot's bytes, and the value cache's distance from the key cache, so
+    // that a row costs one multiply-add for its key and one add for its
+    // value (Nsight Compute: the copies were 337 of a step's ~720
+    // instructions a warp).
+    const char* k_col = reinterpret_cast<const char*>(kc + g * D + o);
+    const long long v_off = reinterpret_cast<const char*>(vc) - reinterpret_cast<const char*>(kc);
+    const unsigned slot_bytes = (unsigned)kv_row * 2u;
+    // The thread's first row in stage 0 (shared addresses); stage st and
+    // row x are constant offsets from it.
+    const unsigned k_dst0 = (unsigned)__cvta_generic_to_shared(ks + r_lo * KS + o);
+    constexpr unsigned STAGE_BYTES = TC_KEYS * KS * 2, V_BYTES = 2 * STAGE_BYTES;
+    // The block-table entries of a step's 64 rows reach shared memory three
+    // steps ahead, by 4-byte asynchronous copies (rows tid < TC_KEYS, one
+    // each): a step's copies then find their slots without waiting on a
+    // global load, which Nsight Compute showed each step's copies stalled
+    // on (the entries of a step are read by no earlier step).
+    __shared__ u32 ring[3][TC_KEYS];
+    const unsigned ring0 = (unsigned)__cvta_generic_to_shared(&ring[0][0]);
+    int fill_blk = 0, fill_off = 0;  // row tid of the next step fill_ring fetches: its table entry and offset
+    auto fill_ring = [&](int s) {
+        if (tid < TC_KEYS) {
+            const bool ok = s * TC_KEYS + tid < k_end;
+            copy4_async_zfill(ring0 + ((s % 3) * TC_KEYS + tid) * 4, ok ? table + fill_blk : table, ok);
+            fill_blk += q_step;
+            fill_off += c_step;
+            if (fill_off >= bs) {
+                fill_off -= bs;
+                fill_blk++;
+            }
+        }
+    };
     int blk0 = 0, off0 = 0;  // row r_lo of the next step copy_step copies: its table entry and offset
-    auto copy_step = [&](int s, int st) {
-        int len = min(TC_KEYS, k_end - s * TC_KEYS);
-        __nv_bfloat16* kd = ks + st * TC_KEYS * KS + o;
-        __nv_bfloat16* vd = vs + st * TC_KEYS * KS + o;
-        u32 slot[PIECES];
+    // Copies step s into stage st, its table entries read from global memory
+    // (a pass's first step) or from the ring.
+    auto copy_step = [&](int s, int st, bool from_ring) {
+        const int len = min(TC_KEYS, k_end - s * TC_KEYS);
+        const unsigned kd = k_dst0 + st * STAGE_BYTES;
+        const u32* ent = &ring[s % 3][r_lo];
         int b = blk0, f = off0;
 #pragma unroll
         for (int x = 0; x < PIECES; x++) {
-            slot[x] = r_lo + RSTEP * x < len ? table[b] * (u32)bs + (u32)f : 0;
+            // A row past the span is zero-filled (a weight of zero must not
+            // meet a stale NaN): the copy reads no byte of its source.
+            const bool ok = r_lo + RSTEP * x < len;
+            const u32 entry = !ok ? 0u : from_ring ? ent[RSTEP * x] : table[b];
+            const u32 slot = entry * (u32)bs + (u32)f;
+            const char* src = k_col + (unsigned long long)slot * slot_bytes;
+            const unsigned dst = kd + x * (RSTEP * KS * 2);
+            copy16_async_zfill(dst, src, ok);
+            copy16_async_zfill(dst + V_BYTES, src + v_off, ok);
             b += q_row;
             f += c_row;
             if (f >= bs) {
@@ -117,22 +158,12 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             off0 -= bs;
             blk0++;
         }
-#pragma unroll
-        for (int x = 0; x < PIECES; x++) {
-            int r = r_lo + RSTEP * x;
-            if (r < len) {
-                size_t src = (size_t)slot[x] * kv_row + kv_col;
-                copy16_async(kd + r * KS, kc + src);
-                copy16_async(vd + r * KS, vc + src);
-            } else {
-                *reinterpret_cast<uint4*>(kd + r * KS) = make_uint4(0, 0, 0, 0);
-                *reinterpret_cast<uint4*>(vd + r * KS) = make_uint4(0, 0, 0, 0);
-            }
-        }
     };
     auto start_pass = [&]() {
         blk0 = (s0 * TC_KEYS + r_lo) / bs;
         off0 = (s0 * TC_KEYS + r_lo) % bs;
+        fill_blk = ((s0 + 1) * TC_KEYS + tid) / bs;
+        fill_off = ((s0 + 1) * TC_KEYS + tid) % bs;
     };
 
     for (int r_base = 0; r_base < R; r_base += ROWS) {
@@ -145,8 +176,15 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
                 *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
         }
         start_pass();
-        copy_step(s0, 0);
+        // The ring's first two steps (a group of their own, waited for
+        // below while the first step's keys and values are in flight).
+        fill_ring(s0 + 1);
+        fill_ring(s0 + 2);
         copies_commit();
+        copy_step(s0, 0, false);
+        copies_commit();
+        copies_wait_groups<1>();
+        __syncthreads();
         // This thread's two rows (lane / 4 and lane / 4 + 8 of the warp's
         // 16): their positions; a padding row takes the tile's last one and
         // is never stored.
@@ -182,7 +220,10 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             // Every step commits a group (empty at the end), so that "all
             // but the newest" always means step s has landed (q with the
             // first).
-            if (s + 1 < steps) copy_step(s + 1, st ^ 1);
+            if (s + 1 < steps) copy_step(s + 1, st ^ 1, true);
+            // Step s's entries, which copy_step(s) read in the step before
+            // (a barrier ago), make room for step s + 3's.
+            if (s + 3 < steps) fill_ring(s + 3);
             copies_commit();
             copies_wait_groups<1>();
             __syncthreads();

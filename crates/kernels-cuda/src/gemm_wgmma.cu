@@ -42,11 +42,6 @@ __device__ __forceinline__ unsigned long long wg_desc(unsigned addr) {
     return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
 }
 
-__device__ __forceinline__ void wg_cp16(unsigned dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-
 // d (+)= A . B for one 64 x 64 x 16 step: d is this thread's 32 floats of
 // the 64 x 64 tile (warp w: rows 16w + lane/4 and + 8; columns 8j +
 // 2(lane % 4) and + 1 in d[4j..4j+1] and d[4j+2..4j+3]).
@@ -111,7 +106,7 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
             const int col = SILU ? n0 + (r & (BN / 2 - 1)) : n0 + r;  // BN / 2: a power of 2
             const int wrow = SILU && r >= BN / 2 ? N + col : col;
             const bool ok = col < N && k < K;
-            wg_cp16(st + wg_swizzle(r, c), ok ? w + (size_t)wrow * K + k : w, ok);
+            copy16_async_zfill(st + wg_swizzle(r, c), ok ? w + (size_t)wrow * K + k : w, ok);
         }
     };
     auto load_x = [&](int kt) {
@@ -121,8 +116,8 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
         for (int i = 0; i < 4; i++) {
             const int r = r0 + 16 * i;
             const bool ok = m0 + r < T && k < K;
-            wg_cp16(st + wg_swizzle(r, c), ok ? x + (size_t)(m0 + r) * K + k : x, ok);
-            if (HILO) wg_cp16(st + 64 * 128 + wg_swizzle(r, c), ok ? x_lo + (size_t)(m0 + r) * K + k : x, ok);
+            copy16_async_zfill(st + wg_swizzle(r, c), ok ? x + (size_t)(m0 + r) * K + k : x, ok);
+            if (HILO) copy16_async_zfill(st + 64 * 128 + wg_swizzle(r, c), ok ? x_lo + (size_t)(m0 + r) * K + k : x, ok);
         }
     };
     // The weight's first tiles need nothing from the kernel ahead; x's wait
