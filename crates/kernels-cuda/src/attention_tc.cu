@@ -176,8 +176,8 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
                 *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
         }
         start_pass();
-        // The ring's first two steps (a group of their own, waited for
-        // below while the first step's keys and values are in flight).
+        // The ring's first two steps, with q (a group of their own, waited
+        // for below while the first step's keys and values are in flight).
         fill_ring(s0 + 1);
         fill_ring(s0 + 2);
         copies_commit();
@@ -218,8 +218,7 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
         for (int s = s0; s < steps; s++) {
             int st = (s - s0) & 1;
             // Every step commits a group (empty at the end), so that "all
-            // but the newest" always means step s has landed (q with the
-            // first).
+            // but the newest" always means step s has landed.
             if (s + 1 < steps) copy_step(s + 1, st ^ 1, true);
             // Step s's entries, which copy_step(s) read in the step before
             // (a barrier ago), make room for step s + 3's.
