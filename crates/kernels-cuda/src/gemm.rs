@@ -14,12 +14,14 @@ use crate::launch::{grid, int};
 use crate::{CudaBackend, Scratch};
 
 /// A tile shape of gemm.cu or gemm_wgmma.cu: its kernel, the rows of x
-/// (BM) and of w (BN, output columns) a block takes, and its stages.
+/// (BM) and of w (BN, output columns) a block takes, its stages and its
+/// threads.
 struct Tile {
     name: &'static str,
     bm: u32,
     bn: u32,
     stages: u32,
+    threads: u32,
 }
 
 impl Tile {
@@ -29,15 +31,18 @@ impl Tile {
             bm,
             bn,
             stages: GSTAGES,
+            threads: THREADS,
         }
     }
 
-    const fn wg(name: &'static str, bn: u32, stages: u32) -> Tile {
+    /// A wgmma tile of one warpgroup (64 rows of x) or two (128).
+    const fn wg(name: &'static str, bm: u32, bn: u32, stages: u32) -> Tile {
         Tile {
             name,
-            bm: 64,
+            bm,
             bn,
             stages,
+            threads: THREADS * (bm / 64),
         }
     }
 }
@@ -57,17 +62,22 @@ const WG_STAGES_DEEP: u32 = 8;
 /// gemm_wgmma.cu's tiles: 64 rows of x by 64, 128 or 256 columns, 64 also
 /// with six stages (two blocks an SM) and both narrower ones with eight
 /// (one block an SM).
-const WG64: Tile = Tile::wg("gemm_wg_n64", 64, WG_STAGES);
-const WG64_S6: Tile = Tile::wg("gemm_wg_n64_s6", 64, 6);
-const WG64_DEEP: Tile = Tile::wg("gemm_wg_n64_deep", 64, WG_STAGES_DEEP);
-const WG128: Tile = Tile::wg("gemm_wg_n128", 128, WG_STAGES);
-const WG128_DEEP: Tile = Tile::wg("gemm_wg_n128_deep", 128, WG_STAGES_DEEP);
-const WG256: Tile = Tile::wg("gemm_wg_n256", 256, WG_STAGES);
+const WG64: Tile = Tile::wg("gemm_wg_n64", 64, 64, WG_STAGES);
+const WG64_S6: Tile = Tile::wg("gemm_wg_n64_s6", 64, 64, 6);
+const WG64_DEEP: Tile = Tile::wg("gemm_wg_n64_deep", 64, 64, WG_STAGES_DEEP);
+const WG128: Tile = Tile::wg("gemm_wg_n128", 64, 128, WG_STAGES);
+const WG128_DEEP: Tile = Tile::wg("gemm_wg_n128_deep", 64, 128, WG_STAGES_DEEP);
+const WG256: Tile = Tile::wg("gemm_wg_n256", 64, 256, WG_STAGES);
+/// 128 rows (two warpgroups sharing each stage of w) by 256 columns.
+const WG_M128: Tile = Tile::wg("gemm_wg_m128_n256", 128, 256, WG_STAGES);
 /// The fused gate/up + SiLU kernels as tiles: `bn` rows of w a stage (half
 /// gate, half up columns), so a block makes bn / 2 output columns.
-const SILU32_DEEP: Tile = Tile::wg("gemm_wg_silu_deep", 64, WG_STAGES_DEEP);
-const SILU32_S6: Tile = Tile::wg("gemm_wg_silu_s6", 64, 6);
-const SILU64: Tile = Tile::wg("gemm_wg_silu", 128, WG_STAGES);
+const SILU32_DEEP: Tile = Tile::wg("gemm_wg_silu_deep", 64, 64, WG_STAGES_DEEP);
+const SILU32_S6: Tile = Tile::wg("gemm_wg_silu_s6", 64, 64, 6);
+const SILU64: Tile = Tile::wg("gemm_wg_silu", 64, 128, WG_STAGES);
+const SILU_M128: Tile = Tile::wg("gemm_wg_silu_m128", 128, 256, WG_STAGES);
+/// The logits' hi/lo kernel: 64 rows of each half of x, 64 of w a stage.
+const HILO: Tile = Tile::wg("gemm_wg_hilo", 64, 64, WG_STAGES);
 
 /// What the tile choice needs of the device: SMs and shared memory an SM.
 #[derive(Clone, Copy)]
@@ -84,8 +94,8 @@ impl Gpu {
     }
 }
 
-/// Dynamic shared memory of a wgmma tile: its stages of 64 rows of x and
-/// `bn` of w.
+/// Dynamic shared memory of a wgmma tile: its stages of `bm` rows of x
+/// and `bn` of w.
 fn wg_smem(tile: &Tile) -> u32 {
     wg_stages_smem(tile.stages, tile.bm + tile.bn)
 }
@@ -117,6 +127,9 @@ fn deepest<'a>(blocks: u32, deeper: &[&'a Tile], base: &'a Tile, gpu: Gpu) -> &'
 /// blocks an SM. Its stages: see [`deepest`]. Every tile sums in the same
 /// order, so the choice may follow the row count.
 fn choose_wg_tile(t: u32, n: u32, splits: u32, gpu: Gpu) -> &'static Tile {
+    if uses_m128(t, n.div_ceil(256) * splits, gpu) {
+        return &WG_M128;
+    }
     let blocks = |bn: u32| n.div_ceil(bn) * t.div_ceil(64) * splits;
     let bn = if t <= 64 && blocks(64) <= 264 {
         64
@@ -134,11 +147,21 @@ fn choose_wg_tile(t: u32, n: u32, splits: u32, gpu: Gpu) -> &'static Tile {
     }
 }
 
+/// Whether `t` rows take a two-warpgroup tile (128 rows a block) whose
+/// grid has `col_blocks` blocks a row tile: prompt-sized row counts whose
+/// grid still fills every SM at least once.
+fn uses_m128(t: u32, col_blocks: u32, gpu: Gpu) -> bool {
+    t >= 512 && t.div_ceil(128) * col_blocks >= gpu.sms
+}
+
 /// The fused gate/up + SiLU tile for `t` rows and `i` output columns: 32
 /// columns a block with eight or six stages while the grid fits in one
 /// wave, else 64 columns with four (criterion: 0.6B at 128 rows 16.6 ->
 /// 11.8 us with six stages; at 256 rows the 64-column tile stays best).
 fn choose_silu_tile(t: u32, i: u32, gpu: Gpu) -> &'static Tile {
+    if uses_m128(t, i.div_ceil(SILU_M128.bn / 2), gpu) {
+        return &SILU_M128;
+    }
     let blocks = |tile: &Tile| t.div_ceil(64) * i.div_ceil(tile.bn / 2);
     [&SILU32_DEEP, &SILU32_S6]
         .into_iter()
@@ -307,7 +330,7 @@ impl CudaBackend {
                 format!("{n} columns are too many for one tensor-core GEMM"),
             ));
         }
-        let mut cfg = grid((row_tiles, col_tiles, splits), (THREADS, 1, 1));
+        let mut cfg = grid((row_tiles, col_tiles, splits), (tile.threads, 1, 1));
         cfg.shared_mem_bytes = if wgmma {
             wg_smem(tile)
         } else {
@@ -336,15 +359,15 @@ impl CudaBackend {
     }
 }
 
-/// The launch of a fused wgmma kernel (gemm_wg_silu, gemm_wg_hilo): a block
-/// per 64 rows by `block_cols` output columns, `stages` stages of
-/// `stage_rows` rows ([`wg_stages_smem`]).
+/// The launch of a fused wgmma kernel (gemm_wg_silu*, gemm_wg_hilo): a
+/// block per `tile.bm` rows by `block_cols` output columns, its stages of
+/// `x_rows` rows of x and `tile.bn` of w ([`wg_stages_smem`]).
 fn wg_fused_grid(
     op: &'static str,
     t: usize,
     (cols, block_cols): (usize, u32),
-    stage_rows: u32,
-    stages: u32,
+    tile: &Tile,
+    x_rows: u32,
 ) -> Result<LaunchConfig> {
     let col_tiles = (cols as u32).div_ceil(block_cols);
     if col_tiles > 65_535 {
@@ -353,8 +376,11 @@ fn wg_fused_grid(
             format!("{cols} columns are too many for one tensor-core GEMM"),
         ));
     }
-    let mut cfg = grid(((t as u32).div_ceil(64), col_tiles, 1), (THREADS, 1, 1));
-    cfg.shared_mem_bytes = wg_stages_smem(stages, stage_rows);
+    let mut cfg = grid(
+        ((t as u32).div_ceil(tile.bm), col_tiles, 1),
+        (tile.threads, 1, 1),
+    );
+    cfg.shared_mem_bytes = wg_stages_smem(tile.stages, x_rows + tile.bn);
     Ok(cfg)
 }
 
@@ -383,10 +409,10 @@ impl CudaBackend {
             return Ok(true);
         }
         let (ti, ki, ii) = (int(op, t)?, int(op, k)?, int(op, i)?);
-        // 64 rows of x and bn of w (bn / 2 gate, as many up columns) a stage.
+        // bm rows of x and bn of w (bn / 2 gate, as many up columns) a stage.
         let tile = choose_silu_tile(t as u32, i as u32, self.gpu());
         let (name, block_cols) = (tile.name, tile.bn / 2);
-        let cfg = wg_fused_grid(op, t, (i, block_cols), 64 + tile.bn, tile.stages)?;
+        let cfg = wg_fused_grid(op, t, (i, block_cols), tile, tile.bm)?;
         let mut b = self.launch(self.kernel(name));
         b.arg(x).arg(w).arg(out).arg(&ti).arg(&ki).arg(&ii);
         // SAFETY: argument order and types match gemm_wg_silu{,_s6,_deep} in gemm_wgmma.cu;
@@ -421,8 +447,8 @@ impl CudaBackend {
         }
         let (ti, ki, ni) = (int(op, t)?, int(op, k)?, int(op, n)?);
         // 64 rows of hi, 64 of lo and 64 of w a stage.
-        let cfg = wg_fused_grid(op, t, (n, 64), 3 * 64, WG_STAGES)?;
-        let mut b = self.launch(self.kernel("gemm_wg_hilo"));
+        let cfg = wg_fused_grid(op, t, (n, HILO.bn), &HILO, 2 * HILO.bm)?;
+        let mut b = self.launch(self.kernel(HILO.name));
         b.arg(hi).arg(lo).arg(w).arg(out).arg(&ti).arg(&ki).arg(&ni);
         // SAFETY: argument order and types match gemm_wg_hilo in gemm_wgmma.cu;
         // the caller checked that hi and lo hold t·k, w n·k and out t·n
@@ -449,10 +475,14 @@ mod tests {
     fn wgmma_tiles_follow_rows_and_blocks() {
         let name =
             |t: u32, k: usize, n: usize| choose_wg_tile(t, n as u32, k_splits(k, n), H100).name;
-        // A 2,048-token prompt step and the vocabulary projection at 256
-        // rows: 64 x 256 tiles, at least two blocks an SM.
-        assert_eq!(name(2048, 1024, 6144), "gemm_wg_n256");
-        assert_eq!(name(2048, 1024, 4096), "gemm_wg_n256");
+        // A 2,048-token prompt step: 128 x 256 tiles (two warpgroups), also
+        // o_proj's and down's 16 x 4 x 4 blocks; not 512 rows (qkv's 4 x 16
+        // such blocks would leave SMs idle).
+        assert_eq!(name(2048, 1024, 6144), "gemm_wg_m128_n256");
+        assert_eq!(name(2048, 1024, 4096), "gemm_wg_m128_n256");
+        assert_eq!(name(2048, 2048, 1024), "gemm_wg_m128_n256");
+        assert_eq!(name(512, 1024, 4096), "gemm_wg_n128");
+        // The vocabulary projection at 256 rows: 64 x 256 tiles.
         assert_eq!(name(256, 1024, 151_936), "gemm_wg_n256");
         // 256 rows: 64 x 128; gate_up's 192 blocks take two an SM (four
         // stages), qkv's 128 and o_proj's and down's (four K shares of 1,024
@@ -486,6 +516,8 @@ mod tests {
         assert_eq!(name(64, 3072), "gemm_wg_silu_deep");
         assert_eq!(name(128, 3072), "gemm_wg_silu_s6");
         assert_eq!(name(256, 3072), "gemm_wg_silu");
+        // A prompt step: 128 rows by 128 gate and 128 up columns.
+        assert_eq!(name(2048, 3072), "gemm_wg_silu_m128");
         // Qwen3-8B's 12,288 columns: 384 narrow blocks would take waves.
         assert_eq!(name(64, 12_288), "gemm_wg_silu");
     }

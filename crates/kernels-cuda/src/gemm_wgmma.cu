@@ -80,28 +80,34 @@ __device__ __forceinline__ void wg_fence_accs(float (&acc)[N][32]) {
 // tensor-core rows): out = (x . w) + (x_lo . w), the two products the
 // plain kernel would store and then add, with w read once.
 #define WG_HILO 2
-template <int NB, int MODE, int STAGES>
+template <int NB, int MODE, int STAGES, int MW = 1>
 __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_bfloat16* x_lo,
                                              const __nv_bfloat16* w, float* out, int T, int K, int N, int add,
                                              float* part, __nv_bfloat16* silu_out) {
     constexpr bool SILU = MODE == WG_SILU, HILO = MODE == WG_HILO;
-    // A stage: x's 64 rows (then x_lo's), then w's BN rows, 128 bytes each.
-    constexpr int NA = HILO ? 2 : 1, BN = 64 * NB, A_BYTES = NA * 64 * 128, STAGE = A_BYTES + BN * 128;
+    // MW warpgroups a block, each 64 rows of x against the same BN columns
+    // of w (one stage of w serves them all).
+    static_assert(MW == 1 || (MW == 2 && !HILO && (4 * NB) % MW == 0), "two warpgroups: plain or SiLU tiles");
+    constexpr int BM = 64 * MW, ROWS_STEP = 16 * MW;
+    // A stage: x's BM rows (then x_lo's), then w's BN rows, 128 bytes each.
+    constexpr int NA = HILO ? 2 : 1, BN = 64 * NB, A_BYTES = NA * BM * 128, STAGE = A_BYTES + BN * 128;
     extern __shared__ __align__(1024) unsigned char wg_smem[];
     const unsigned base = ((unsigned)__cvta_generic_to_shared(wg_smem) + 1023u) & ~1023u;
-    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-    const int m0 = blockIdx.x * 64, n0 = blockIdx.y * (SILU ? BN / 2 : BN);
+    // wg: this thread's warpgroup; warp: its warp in the warpgroup.
+    const int tid = threadIdx.x, lane = tid % 32, wg = MW == 1 ? 0 : tid / 128, warp = MW == 1 ? tid / 32 : (tid / 32) % 4;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * (SILU ? BN / 2 : BN);
     const int all_tiles = (K + WG_K - 1) / WG_K, per = (all_tiles + gridDim.z - 1) / gridDim.z;
     const int kt0 = blockIdx.z * per, kt_end = min(all_tiles, kt0 + per);
-    // This thread copies chunk c of rows r0 + 16i (every row's 8 chunks are
-    // 8 neighbouring threads: 128 contiguous bytes of global memory).
+    // This thread copies chunk c of rows r0 + ROWS_STEP·i (every row's 8
+    // chunks are 8 neighbouring threads: 128 contiguous bytes of global
+    // memory).
     const int c = tid & 7, r0 = tid >> 3;
     auto load_w = [&](int kt) {
         const unsigned st = base + (kt % STAGES) * STAGE + A_BYTES;
         const int k = kt * WG_K + c * 8;
 #pragma unroll
-        for (int i = 0; i < 4 * NB; i++) {
-            const int r = r0 + 16 * i;
+        for (int i = 0; i < 4 * NB / MW; i++) {
+            const int r = r0 + ROWS_STEP * i;
             // SILU: tile rows BN / 2.. are the up rows of the same columns.
             const int col = SILU ? n0 + (r & (BN / 2 - 1)) : n0 + r;  // BN / 2: a power of 2
             const int wrow = SILU && r >= BN / 2 ? N + col : col;
@@ -114,10 +120,10 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
         const int k = kt * WG_K + c * 8;
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const int r = r0 + 16 * i;
+            const int r = r0 + ROWS_STEP * i;
             const bool ok = m0 + r < T && k < K;
             copy16_async_zfill(st + wg_swizzle(r, c), ok ? x + (size_t)(m0 + r) * K + k : x, ok);
-            if (HILO) copy16_async_zfill(st + 64 * 128 + wg_swizzle(r, c), ok ? x_lo + (size_t)(m0 + r) * K + k : x, ok);
+            if (HILO) copy16_async_zfill(st + BM * 128 + wg_swizzle(r, c), ok ? x_lo + (size_t)(m0 + r) * K + k : x, ok);
         }
     };
     // The weight's first tiles need nothing from the kernel ahead; x's wait
@@ -156,14 +162,16 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
             }
             asm volatile("cp.async.commit_group;\n" ::: "memory");
         }
-        const unsigned a_st = base + (kt % STAGES) * STAGE, b_st = a_st + A_BYTES;
+        // This warpgroup's 64 rows of x (1,024-byte aligned: the swizzle's
+        // pattern repeats every 8 rows).
+        const unsigned a_st = base + (kt % STAGES) * STAGE + wg * 64 * 128, b_st = base + (kt % STAGES) * STAGE + A_BYTES;
         wg_fence_accs(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
         for (int ks = 0; ks < WG_K / 16; ks++) {
 #pragma unroll
             for (int a = 0; a < NA; a++) {
-                const unsigned long long da = wg_desc(a_st + a * 64 * 128 + ks * 32);
+                const unsigned long long da = wg_desc(a_st + a * BM * 128 + ks * 32);
 #pragma unroll
                 for (int j = 0; j < NB; j++)
                     wgmma_64x64(acc[a * NB + j], da, wg_desc(b_st + j * 64 * 128 + ks * 32));
@@ -182,7 +190,7 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
         for (int q = 0; q < 4 * NB; q++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                const int r = m0 + warp * 16 + lane / 4 + h * 8;
+                const int r = m0 + wg * 64 + warp * 16 + lane / 4 + h * 8;
                 const int col = n0 + q * 8 + (lane % 4) * 2;
                 if (r >= T) continue;
                 const int qu = q + 4 * NB;
@@ -206,7 +214,7 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
         for (int q = 0; q < 8; q++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                const int r = m0 + warp * 16 + lane / 4 + h * 8;
+                const int r = m0 + wg * 64 + warp * 16 + lane / 4 + h * 8;
                 const int col = n0 + j * 64 + q * 8 + (lane % 4) * 2;
                 if (r >= T) continue;
                 float v0 = acc[j][4 * q + 2 * h], v1 = acc[j][4 * q + 2 * h + 1];
@@ -232,32 +240,37 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
 // One kernel per tile width and stage count; the arguments are gemm.cu's
 // GEMM_KERNEL's. Needs K % 8 == 0 (16-byte copies) and STAGES stages of
 // dynamic shared memory plus 1,024 bytes for the alignment.
-#define GEMM_WG_KERNEL(NAME, NB, STAGES)                                                                       \
-    extern "C" __global__ void __launch_bounds__(WG_THREADS)                                                    \
+#define GEMM_WG_KERNEL(NAME, NB, STAGES, MW)                                                                   \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS * MW)                                               \
         NAME(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K, int N, int add,          \
              float* part) {                                                                                     \
-        gemm_wg_body<NB, WG_PLAIN, STAGES>(x, nullptr, w, out, T, K, N, add, part, nullptr);                   \
+        gemm_wg_body<NB, WG_PLAIN, STAGES, MW>(x, nullptr, w, out, T, K, N, add, part, nullptr);               \
     }
-GEMM_WG_KERNEL(gemm_wg_n64, 1, WG_STAGES)
-GEMM_WG_KERNEL(gemm_wg_n128, 2, WG_STAGES)
-GEMM_WG_KERNEL(gemm_wg_n256, 4, WG_STAGES)
-GEMM_WG_KERNEL(gemm_wg_n64_deep, 1, WG_STAGES_DEEP)
-GEMM_WG_KERNEL(gemm_wg_n64_s6, 1, 6)
-GEMM_WG_KERNEL(gemm_wg_n128_deep, 2, WG_STAGES_DEEP)
+GEMM_WG_KERNEL(gemm_wg_n64, 1, WG_STAGES, 1)
+GEMM_WG_KERNEL(gemm_wg_n128, 2, WG_STAGES, 1)
+GEMM_WG_KERNEL(gemm_wg_n256, 4, WG_STAGES, 1)
+GEMM_WG_KERNEL(gemm_wg_n64_deep, 1, WG_STAGES_DEEP, 1)
+GEMM_WG_KERNEL(gemm_wg_n64_s6, 1, 6, 1)
+GEMM_WG_KERNEL(gemm_wg_n128_deep, 2, WG_STAGES_DEEP, 1)
+// Two warpgroups (128 rows) against 256 columns: large row counts (prompt
+// steps), where a stage of w then serves twice the rows.
+GEMM_WG_KERNEL(gemm_wg_m128_n256, 4, WG_STAGES, 2)
 
 // The gate/up projection with the SiLU gate behind it: x [T, K], w [2N, K]
 // (gate, then up), out [T, N] bf16; no split K.
 // Grid (T / 64, N / (32·NB)): 64 columns of each half a block, or 32 (and
 // twice the blocks) with six or eight stages where that grid fits in one
 // wave (gemm.rs).
-#define GEMM_WG_SILU_KERNEL(NAME, NB, STAGES)                                                                  \
-    extern "C" __global__ void __launch_bounds__(WG_THREADS)                                                    \
+#define GEMM_WG_SILU_KERNEL(NAME, NB, STAGES, MW)                                                              \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS * MW)                                               \
         NAME(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* out, int T, int K, int N) {          \
-        gemm_wg_body<NB, WG_SILU, STAGES>(x, nullptr, w, nullptr, T, K, N, 0, nullptr, out);                   \
+        gemm_wg_body<NB, WG_SILU, STAGES, MW>(x, nullptr, w, nullptr, T, K, N, 0, nullptr, out);               \
     }
-GEMM_WG_SILU_KERNEL(gemm_wg_silu, 2, WG_STAGES)
-GEMM_WG_SILU_KERNEL(gemm_wg_silu_deep, 1, WG_STAGES_DEEP)
-GEMM_WG_SILU_KERNEL(gemm_wg_silu_s6, 1, 6)
+GEMM_WG_SILU_KERNEL(gemm_wg_silu, 2, WG_STAGES, 1)
+GEMM_WG_SILU_KERNEL(gemm_wg_silu_deep, 1, WG_STAGES_DEEP, 1)
+GEMM_WG_SILU_KERNEL(gemm_wg_silu_s6, 1, 6, 1)
+// 128 rows by 128 gate and 128 up columns (large row counts).
+GEMM_WG_SILU_KERNEL(gemm_wg_silu_m128, 4, WG_STAGES, 2)
 
 // out = x_hi . w + x_lo . w (see WG_HILO), f32 [T, N]; no split K.
 // Grid (T / 64, N / 64).

@@ -185,6 +185,8 @@ fn tensor_core_matmul_within_bound() {
         (33, 20, 1031, 300),
         // Enough rows and columns for 128 x 128 tiles, the last one partial.
         (600, 590, 256, 16_384),
+        // Prompt-sized: Hopper's 128-row tiles, the last one partial.
+        (1100, 1090, 1024, 4096),
     ] {
         g.set_tensor_core_rows(tc);
         let x = r.bf16s(t * k, 1.0);
@@ -231,8 +233,11 @@ fn tensor_core_matmul_is_batch_invariant() {
     let mut r = Rng::new("tensor-core invariance");
     // (64, 9000): the full batch takes 128-wide tiles, small sub-batches
     // 64-wide ones; (256, 16384): the full batch and the sub-batches of
-    // 512 take 128 x 128 tiles, the latter starting mid-tile.
+    // 512 take 128 x 128 tiles, the latter starting mid-tile; (1024, 4096)
+    // at 1,100 rows: the full batch and 1,063 rows from row 37 take the
+    // 128-row wgmma tiles, 600 rows the 64-row ones.
     for (k, n, t) in [
+        (1024, 4096, 1100),
         (1024, 4096, 200),
         (3072, 1024, 200),
         (37, 130, 200),
@@ -249,6 +254,9 @@ fn tensor_core_matmul_is_batch_invariant() {
         let mut subs = vec![(0, 1), (137, 1), (5, 63), (64, 64), (150, 50), (1, 199)];
         if t == 600 {
             subs.extend([(0, 512), (88, 512), (300, 300)]);
+        }
+        if t == 1100 {
+            subs.extend([(37, 1063), (0, 600), (500, 600)]);
         }
         for (start, len) in subs {
             g.set_tensor_core_rows(len);
@@ -489,10 +497,13 @@ fn tensor_core_gate_up_silu_equals_projection_then_gate() {
     let Some(mut g) = gpu() else { return };
     g.set_exact(false);
     let mut r = Rng::new("tensor-core rms_norm_matmul_silu");
-    // (tokens, hidden, intermediate): the 0.6B shape at a decode batch and
-    // a partial row tile, the 8B shape, K not a multiple of 64 with an
-    // intermediate that ends mid-tile, K not a multiple of 8 (gemm.cu).
+    // (tokens, hidden, intermediate): the 0.6B shape at prompt sizes (the
+    // 128-row tiles, one ending mid-tile), at a decode batch and a partial
+    // row tile, the 8B shape, K not a multiple of 64 with an intermediate
+    // that ends mid-tile, K not a multiple of 8 (gemm.cu).
     for (t, h, i) in [
+        (1100, 1024, 3072),
+        (777, 1024, 3072),
         (256, 1024, 3072),
         (70, 1024, 3072),
         (64, 4096, 12_288),
