@@ -18,7 +18,8 @@
 #                                    --tensor-core-decode); one JSON a run in
 #                                    $OUT (or ./gpu-logs), then a table of every
 #                                    run's output tok/s (throughput) or decode
-#                                    tok/s (latency) and each side's mean.
+#                                    tok/s and time to first token (latency)
+#                                    and each side's means.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -79,23 +80,40 @@ run() {
   python3 - "$out" "$runs" <<'EOF' | tee "$out/ab-summary.txt"
 import json, os, sys
 out, runs = sys.argv[1], int(sys.argv[2])
-def value(side, i):
+def load(side, i):
     try:
-        d = json.load(open(os.path.join(out, f"ab-{side}-{i}.json")))
+        return json.load(open(os.path.join(out, f"ab-{side}-{i}.json")))
     except (OSError, ValueError):
         return None
-    return d.get("output_tok_s", d.get("decode_tok_s"))
-rows = {s: [value(s, i) for i in range(1, runs + 1)] for s in ("base", "new")}
-print("| round | base tok/s | new tok/s |")
-print("|---|---|---|")
+runs_of = {s: [load(s, i) for i in range(1, runs + 1)] for s in ("base", "new")}
+# The headline of the mode: output tok/s (throughput) or decode tok/s
+# (latency, with the time to first token beside it).
+cols = [("output_tok_s", "tok/s", "{:,.1f}")] if any(
+    d and "output_tok_s" in d for d in runs_of["base"] + runs_of["new"]) else [
+    ("decode_tok_s", "tok/s", "{:,.1f}"), ("ttft_ms", "TTFT ms", "{:,.2f}")]
+def cell(d, key, fmt):
+    return "-" if not d or key not in d else fmt.format(d[key])
+head = [f"{side} {name}" for side in ("base", "new") for _, name, _ in cols]
+print("| round | " + " | ".join(head) + " |")
+print("|---|" + "---|" * len(head))
 for i in range(runs):
-    cells = ["-" if v is None else f"{v:,.1f}" for v in (rows["base"][i], rows["new"][i])]
-    print(f"| {i + 1} | {cells[0]} | {cells[1]} |")
-means = {s: [v for v in vs if v is not None] for s, vs in rows.items()}
-if means["base"] and means["new"]:
-    b = sum(means["base"]) / len(means["base"])
-    n = sum(means["new"]) / len(means["new"])
-    print(f"| mean | {b:,.1f} | {n:,.1f} ({100 * (n / b - 1):+.2f}%) |")
+    cells = [cell(runs_of[side][i], key, fmt) for side in ("base", "new") for key, _, fmt in cols]
+    print(f"| {i + 1} | " + " | ".join(cells) + " |")
+means = []
+for side in ("base", "new"):
+    for key, _, fmt in cols:
+        v = [d[key] for d in runs_of[side] if d and key in d]
+        means.append(sum(v) / len(v) if v else None)
+if all(m is not None for m in means):
+    n = len(cols)
+    cells = []
+    for j, (key, _, fmt) in enumerate(cols * 2):
+        m = means[j]
+        text = fmt.format(m)
+        if j >= n:
+            text += f" ({100 * (m / means[j - n] - 1):+.2f}%)"
+        cells.append(text)
+    print("| mean | " + " | ".join(cells) + " |")
 EOF
 }
 
