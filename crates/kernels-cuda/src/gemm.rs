@@ -51,8 +51,8 @@ const N32: Tile = Tile::new("gemm_tc_n32", 64, 32);
 const N64: Tile = Tile::new("gemm_tc_n64", 64, 64);
 const N128: Tile = Tile::new("gemm_tc", 64, 128);
 const M128: Tile = Tile::new("gemm_tc_m128", 128, 128);
-/// Threads a block: every tile's kernel has 2 x 2 warps (gemm.cu) or is
-/// one warpgroup (gemm_wgmma.cu).
+/// Threads a block of gemm.cu (2 x 2 warps) and of a one-warpgroup
+/// gemm_wgmma.cu tile; a two-warpgroup tile has twice as many.
 const THREADS: u32 = 128;
 
 /// Stages of gemm_wgmma.cu (WG_STAGES, WG_STAGES_DEEP), each 128 bytes a
@@ -61,7 +61,7 @@ const WG_STAGES: u32 = 4;
 const WG_STAGES_DEEP: u32 = 8;
 /// gemm_wgmma.cu's tiles: 64 rows of x by 64, 128 or 256 columns, 64 also
 /// with six stages (two blocks an SM) and both narrower ones with eight
-/// (one block an SM).
+/// (one block an SM); 128 rows by 256 columns for prompt-sized row counts.
 const WG64: Tile = Tile::wg("gemm_wg_n64", 64, 64, WG_STAGES);
 const WG64_S6: Tile = Tile::wg("gemm_wg_n64_s6", 64, 64, 6);
 const WG64_DEEP: Tile = Tile::wg("gemm_wg_n64_deep", 64, 64, WG_STAGES_DEEP);
@@ -121,8 +121,9 @@ fn deepest<'a>(blocks: u32, deeper: &[&'a Tile], base: &'a Tile, gpu: Gpu) -> &'
         .unwrap_or(base)
 }
 
-/// The wgmma tile for `t` rows by `n` columns in `splits` K shares. Its
-/// width: the widest that still makes enough blocks to cover the H100's
+/// The wgmma tile for `t` rows by `n` columns in `splits` K shares: 128 x
+/// 256 where [`uses_m128`] says so, else 64 rows and a width: the widest
+/// that still makes enough blocks to cover the H100's
 /// 132 SMs, and 64 for a single row tile (at most 64 rows) of at most two
 /// blocks an SM. Its stages: see [`deepest`]. Every tile sums in the same
 /// order, so the choice may follow the row count.

@@ -9,7 +9,8 @@
 // mixes the two instruction families in one row's history.
 //
 // A block is one warpgroup (4 warps) and takes 64 rows of x by BN = 64·NB
-// columns: its operands stream through STAGES shared-memory stages of 64
+// columns, or (MW = 2, prompt-sized row counts) two warpgroups and 128 rows,
+// each warpgroup its own 64 against the same stage of w: its operands stream through STAGES shared-memory stages of 64
 // k each (one 128-byte row of bf16 per matrix row, in the 128-byte swizzle
 // wgmma reads without bank conflicts), copied with cp.async WG_AHEAD tiles
 // ahead; wgmma reads them straight from shared memory (no ldmatrix), one
