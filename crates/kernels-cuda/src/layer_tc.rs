@@ -1,8 +1,9 @@
 //! A decoder layer whose rows are all on the tensor cores (prompt steps,
 //! `--tensor-core-decode`), with the output projection's split-K sum, its
 //! residual add and the post-attention RMSNorm in one kernel
-//! (`splits_add_rms_norm`) ahead of the fused gate/up + SiLU GEMM: the ops
-//! of `decoder_layer_ops`, the same bits, one launch fewer.
+//! (`splits_add_rms_norm`) ahead of the fused gate/up + SiLU GEMM, and the
+//! down projection's likewise with the next layer's input norm: the ops of
+//! `decoder_layer_ops`, the same bits, two launches fewer.
 
 use qwen_tensor::{
     check_norm_projection, check_projection, check_silu_mul, decoder_layer_attention, DType,
@@ -11,6 +12,7 @@ use qwen_tensor::{
 
 use crate::device::{bf16s, bf16s_mut, f32s_mut, T};
 use crate::gemm::k_splits;
+use crate::norm::check_norm_out;
 use crate::{CudaBackend, Scratch};
 
 const OP: &str = "decoder_layer";
@@ -77,6 +79,33 @@ impl CudaBackend {
                 Ok(())
             })
         })?;
-        self.matmul_add(a.act, w.down, x)
+        // down: its shares, residual add and the next layer's input norm in
+        // one kernel the same way, where down is split and a next layer
+        // wants its norm.
+        let (_, i, _) = check_projection(OP, a.act, w.down, x)?;
+        let splits = k_splits(i, h);
+        let Some(nw) = w.next_input_norm.filter(|_| splits > 1) else {
+            self.matmul_add(a.act, w.down, x)?;
+            return match w.next_input_norm {
+                Some(nw) => self.rms_norm(x, nw, eps, a.normed),
+                None => Ok(()),
+            };
+        };
+        check_norm_out(OP, (t, h), nw, a.normed)?;
+        self.with_gemm_shares(OP, t, h, |part| {
+            let (xs, ws) = (bf16s(OP, "act", a.act)?, bf16s(OP, "down", w.down)?);
+            self.gemm_tc_launch(
+                OP,
+                xs,
+                ws,
+                f32s_mut(OP, "x", x)?,
+                Some(&mut *part),
+                t,
+                i,
+                h,
+                true,
+            )?;
+            self.splits_add_rms_norm(part, splits, x, nw, eps, a.normed)
+        })
     }
 }

@@ -4,7 +4,7 @@ use cudarc::driver::CudaSlice;
 use qwen_tensor::{expect_2d, expect_shape, DType, Result};
 
 use crate::device::{bf16s_mut, dev, f32s, f32s_mut, T};
-use crate::launch::{grid, int};
+use crate::launch::{grid, int, shape_err};
 use crate::CudaBackend;
 
 /// Threads per block; a block normalises one row.
@@ -116,4 +116,31 @@ impl CudaBackend {
         unsafe { b.launch(cfg) }.map_err(dev)?;
         Ok(())
     }
+}
+
+/// An RMSNorm's weight f32 `[h]` and bf16 output `[t, h]` for `t` rows of
+/// `h`, as a fused kernel that writes the norm takes them.
+pub(crate) fn check_norm_out(
+    op: &'static str,
+    (t, h): (usize, usize),
+    w: &T,
+    out: &T,
+) -> Result<()> {
+    if w.shape() != [h]
+        || w.dtype() != DType::F32
+        || out.shape() != [t, h]
+        || out.dtype() != DType::BF16
+    {
+        return Err(shape_err(
+            op,
+            format!(
+                "norm weight {:?} {:?} and output {:?} {:?} for {t} rows of {h}",
+                w.shape(),
+                w.dtype(),
+                out.shape(),
+                out.dtype()
+            ),
+        ));
+    }
+    Ok(())
 }

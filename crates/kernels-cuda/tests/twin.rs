@@ -1389,12 +1389,15 @@ fn layer_weights<B: Backend>(w: &[Tensor<B>; 8]) -> LayerWeights<'_, B> {
         post_attention_norm: &w[5],
         gate_up: &w[6],
         down: &w[7],
+        next_input_norm: None,
     }
 }
 
 /// `layers` decoder layers in sequence over one token (x, every layer's
-/// caches), through `Backend::decoder_layer`: returns x after each layer,
-/// then each layer's k and v caches, q, attention output and act.
+/// caches), through `Backend::decoder_layer`, each layer handing the next
+/// its input norm: returns x after each layer, then each layer's k and v
+/// caches, q, attention output and act, then the norm each layer but the
+/// last wrote for the next.
 fn layers_on<B: Backend>(
     b: &B,
     layers: &[LayerHost],
@@ -1409,11 +1412,17 @@ fn layers_on<B: Backend>(
     let max_pos = c.rope.len() / geo.head_dim;
     let rope = up_f(&c.rope, &[max_pos, geo.head_dim]);
     let mut x = up_f(x0, &[1, h]);
+    let mut normed = poisoned(b, &[1, h], DType::BF16);
+    let ws: Vec<_> = layers
+        .iter()
+        .map(|l| upload_layer(b, l, geo, (h, i)))
+        .collect();
     let mut out = Vec::new();
     let mut tail = Vec::new();
-    for l in layers {
-        let w = upload_layer(b, l, geo, (h, i));
-        let lw = layer_weights(&w);
+    let mut norms = Vec::new();
+    for (li, w) in ws.iter().enumerate() {
+        let mut lw = layer_weights(w);
+        lw.next_input_norm = ws.get(li + 1).map(|n| &n[0]);
         let shape = geo.cache_shape(c.blocks);
         let mut kc = up_b(&c.kc, &shape);
         let mut vc = up_b(&c.vc, &shape);
@@ -1428,6 +1437,7 @@ fn layers_on<B: Backend>(
             meta: &meta,
             geo,
             scale: 1.0 / (geo.head_dim as f32).sqrt(),
+            normed_input: li > 0,
         };
         let acts = LayerActs {
             qkv: &mut qkv,
@@ -1435,6 +1445,7 @@ fn layers_on<B: Backend>(
             attn: &mut attn,
             gate_up: &mut gate_up,
             act: &mut act,
+            normed: &mut normed,
         };
         b.decoder_layer(&lw, inp, &mut x, &mut kc, &mut vc, acts)
             .unwrap();
@@ -1442,8 +1453,12 @@ fn layers_on<B: Backend>(
         for t in [&kc, &vc, &qkv, &q, &attn, &act] {
             tail.push(b.download(t).unwrap());
         }
+        if li + 1 < ws.len() {
+            norms.push(b.download(&normed).unwrap());
+        }
     }
     out.extend(tail);
+    out.extend(norms);
     out
 }
 
@@ -1479,16 +1494,20 @@ fn decoder_layer_at_one_token() {
             let x0 = r.f32s(h, 3.0);
             let c = layers_on(&cpu, &layers, geo, (h, i), &case, &x0);
             let names = ["k_cache", "v_cache", "qkv", "q", "attn", "act"];
+            let n = layers.len();
             // Twice: the second run reuses the barrier and chunk counters
             // the first left behind.
             for run in ["first", "second"] {
                 let gg = layers_on(&g, &layers, geo, (h, i), &case, &x0);
+                assert_eq!(gg.len(), c.len());
                 for (j, (cv, gv)) in c.iter().zip(&gg).enumerate() {
-                    let name = if j < layers.len() {
+                    let name = if j < n {
                         format!("x after layer {j}")
-                    } else {
-                        let k = j - layers.len();
+                    } else if j < n + n * names.len() {
+                        let k = j - n;
                         format!("layer {} {}", k / names.len(), names[k % names.len()])
+                    } else {
+                        format!("layer {} next input norm", j - n - n * names.len())
                     };
                     let what =
                         format!("{name} ({run} run): {hq}/{hkv} heads, h {h}, i {i}, ctx {ctx}");
@@ -1501,10 +1520,11 @@ fn decoder_layer_at_one_token() {
 
 /// A layer whose rows are all on the tensor cores takes decoder_layer_tc
 /// (o_proj's split-K sum, residual add and post-attention norm in one
-/// kernel) where it applies: every output the same bits as the ops one by
-/// one (`decoder_layer_ops` on the same backend), for a prompt, decode
-/// tokens beside it, and 256 decode tokens; and an odd shape it does not
-/// take (the ops themselves).
+/// kernel, and down's with the next layer's input norm) where it applies:
+/// every output, the next layer's norm included, the same bits as the ops
+/// one by one (`decoder_layer_ops` on the same backend), for a prompt,
+/// decode tokens beside it, and 256 decode tokens; and an odd shape it
+/// does not take (the ops themselves).
 #[test]
 fn tensor_core_decoder_layer_equals_its_ops() {
     let Some(mut g) = gpu() else { return };
@@ -1528,13 +1548,16 @@ fn tensor_core_decoder_layer_equals_its_ops() {
             let kc0 = r.bf16s(blocks * bs * hkv * d, 1.0);
             let vc0 = r.bf16s(blocks * bs * hkv * d, 1.0);
             let x0 = r.f32s(t * h, 3.0);
+            let next_norm = r.f32s(h, 1.0);
             let max_pos = l.positions.iter().max().map_or(1, |&p| p as usize + 1);
             let rope = rope_table(max_pos, d);
             let run = |fused: bool| -> Vec<HostVec> {
                 let up_f = |v: &[f32], s: &[usize]| g.upload(HostSlice::F32(v), s).unwrap();
                 let up_b = |v: &[bf16], s: &[usize]| g.upload(HostSlice::BF16(v), s).unwrap();
                 let w = upload_layer(&g, &lh, geo, (h, i));
-                let lw = layer_weights(&w);
+                let next = up_f(&next_norm, &[h]);
+                let mut lw = layer_weights(&w);
+                lw.next_input_norm = Some(&next);
                 let meta = g.upload_batch(&l).unwrap();
                 let rope_t = up_f(&rope, &[max_pos, d]);
                 let shape = geo.cache_shape(blocks);
@@ -1545,12 +1568,14 @@ fn tensor_core_decoder_layer_equals_its_ops() {
                 let mut attn = poisoned(&g, &[t, geo.q_width()], DType::BF16);
                 let mut gate_up = poisoned(&g, &[t, 2 * i], DType::F32);
                 let mut act = poisoned(&g, &[t, i], DType::BF16);
+                let mut normed = poisoned(&g, &[t, h], DType::BF16);
                 let inp = LayerInputs {
                     rope: &rope_t,
                     eps: 1e-6,
                     meta: &meta,
                     geo,
                     scale: 1.0 / (d as f32).sqrt(),
+                    normed_input: false,
                 };
                 let acts = LayerActs {
                     qkv: &mut qkv,
@@ -1558,6 +1583,7 @@ fn tensor_core_decoder_layer_equals_its_ops() {
                     attn: &mut attn,
                     gate_up: &mut gate_up,
                     act: &mut act,
+                    normed: &mut normed,
                 };
                 g.set_tensor_core_rows(t);
                 if fused {
@@ -1567,14 +1593,22 @@ fn tensor_core_decoder_layer_equals_its_ops() {
                     decoder_layer_ops(&g, &lw, inp, &mut x, &mut kc, &mut vc, acts).unwrap();
                 }
                 g.set_tensor_core_rows(0);
-                [&x, &kc, &vc, &qkv, &q, &attn, &gate_up, &act]
+                [&x, &kc, &vc, &qkv, &q, &attn, &gate_up, &act, &normed]
                     .iter()
                     .map(|t| g.download(t).unwrap())
                     .collect()
             };
             let (fused, ops) = (run(true), run(false));
             let names = [
-                "x", "k_cache", "v_cache", "qkv", "q", "attn", "gate_up", "act",
+                "x",
+                "k_cache",
+                "v_cache",
+                "qkv",
+                "q",
+                "attn",
+                "gate_up",
+                "act",
+                "next input norm",
             ];
             for ((name, a), b) in names.iter().zip(&fused).zip(&ops) {
                 same_bits(&format!("{name}: h {h}, {t} rows"), b, a);

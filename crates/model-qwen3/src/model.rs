@@ -49,6 +49,8 @@ struct Workspace<B: Backend> {
     attn: Tensor<B>,
     gate_up: Tensor<B>,
     act: Tensor<B>,
+    /// bf16 `[T, H]`: a layer's input RMSNorm, written by the layer before.
+    normed: Tensor<B>,
 }
 
 /// A recorded decode step: its graph and the buffers the graph reads and
@@ -463,6 +465,7 @@ impl<B: Backend> Qwen3<B> {
             attn,
             gate_up,
             act,
+            normed,
         } = ws;
         let meta = &*meta;
         let eps = cfg.rms_norm_eps;
@@ -486,6 +489,9 @@ impl<B: Backend> Qwen3<B> {
                     post_attention_norm: &l.post_attention_norm,
                     gate_up: &l.gate_up,
                     down: &l.down,
+                    // Each layer hands the next its input norm (which a
+                    // backend may fold into the down projection).
+                    next_input_norm: self.layers.get(li + 1).map(|n| &n.input_norm),
                 };
                 let inp = LayerInputs {
                     rope: &self.rope,
@@ -493,6 +499,7 @@ impl<B: Backend> Qwen3<B> {
                     meta,
                     geo,
                     scale,
+                    normed_input: li > 0,
                 };
                 let acts = LayerActs {
                     qkv,
@@ -500,6 +507,7 @@ impl<B: Backend> Qwen3<B> {
                     attn,
                     gate_up,
                     act,
+                    normed,
                 };
                 be.decoder_layer(&w, inp, x, kc, vc, acts)?;
                 continue;
@@ -543,6 +551,7 @@ impl<B: Backend> Qwen3<B> {
             attn: be.zeros(&[t, geo.q_width()], DType::BF16)?,
             gate_up: be.zeros(&[t, 2 * i], DType::F32)?,
             act: be.zeros(&[t, i], DType::BF16)?,
+            normed: be.zeros(&[t, h], DType::BF16)?,
         })
     }
 

@@ -22,6 +22,11 @@ fn greedy_decode_matches_hf_f32() {
 }
 
 #[test]
+fn layer_op_equals_the_ops() {
+    common::layer_op_equals_the_ops(&model());
+}
+
+#[test]
 fn prefill_in_one_pass_equals_token_by_token() {
     common::prefill_in_one_pass_equals_token_by_token(&model());
 }

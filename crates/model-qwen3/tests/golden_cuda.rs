@@ -44,6 +44,12 @@ fn cuda_logits_of_every_prompt_match_hf() {
 }
 
 #[test]
+fn cuda_layer_op_equals_the_ops() {
+    let Some(m) = gpu_model(false) else { return };
+    common::layer_op_equals_the_ops(&m);
+}
+
+#[test]
 fn cuda_greedy_decode_matches_hf_f32() {
     let Some(m) = gpu_model(false) else { return };
     common::greedy_decode_matches_hf_f32(&m);

@@ -23,6 +23,11 @@ pub struct LayerWeights<'a, B: Backend> {
     pub gate_up: &'a Tensor<B>,
     /// bf16 `[H, I]`.
     pub down: &'a Tensor<B>,
+    /// f32 `[H]`: the next layer's input RMSNorm, or None for the last
+    /// layer. When given, the layer ends by writing that norm of its output
+    /// into [`LayerActs::normed`], the first thing the next layer computes,
+    /// so that a backend may fold it into the layer's last projection.
+    pub next_input_norm: Option<&'a Tensor<B>>,
 }
 
 /// The per-layer inputs that are not weights: the rotation table, the norm
@@ -34,11 +39,15 @@ pub struct LayerInputs<'a, B: Backend> {
     pub meta: &'a BatchMeta<B>,
     pub geo: AttnGeometry,
     pub scale: f32,
+    /// [`LayerActs::normed`] already holds this layer's input RMSNorm of
+    /// `x` (the layer before wrote it through its `next_input_norm`): the
+    /// layer projects that instead of normalising `x` again.
+    pub normed_input: bool,
 }
 
 /// Activation buffers of one layer: after the op, `qkv`, `q`, `attn` and
 /// `act` hold what the composed ops leave there; `gate_up` is a workspace
-/// whose contents afterwards are unspecified.
+/// whose contents afterwards are unspecified; `normed` is described below.
 pub struct LayerActs<'a, B: Backend> {
     /// f32 `[T, (Hq + 2 Hkv) * D]`.
     pub qkv: &'a mut Tensor<B>,
@@ -50,12 +59,17 @@ pub struct LayerActs<'a, B: Backend> {
     pub gate_up: &'a mut Tensor<B>,
     /// bf16 `[T, I]`.
     pub act: &'a mut Tensor<B>,
+    /// bf16 `[T, H]`: on entry, with [`LayerInputs::normed_input`], the
+    /// input RMSNorm of `x`; afterwards, with
+    /// [`LayerWeights::next_input_norm`], `bf16(rmsnorm(x) * next_input_norm)`
+    /// of the new `x`; otherwise unspecified.
+    pub normed: &'a mut Tensor<B>,
 }
 
-/// The decoder layer as five ops in sequence: what
-/// [`Backend::decoder_layer`] computes on every backend, bit for bit.
-/// `x` (f32 `[T, H]`, the residual stream) is updated in place; the layer's
-/// k and v rows of this batch are stored in the caches.
+/// The decoder layer as five ops in sequence (six with the next layer's
+/// norm): what [`Backend::decoder_layer`] computes on every backend, bit
+/// for bit. `x` (f32 `[T, H]`, the residual stream) is updated in place;
+/// the layer's k and v rows of this batch are stored in the caches.
 pub fn decoder_layer_ops<B: Backend>(
     be: &B,
     w: &LayerWeights<'_, B>,
@@ -75,12 +89,18 @@ pub fn decoder_layer_ops<B: Backend>(
         a.gate_up,
         a.act,
     )?;
-    be.matmul_add(a.act, w.down, x)
+    be.matmul_add(a.act, w.down, x)?;
+    match w.next_input_norm {
+        Some(nw) => be.rms_norm(x, nw, inp.eps, a.normed),
+        None => Ok(()),
+    }
 }
 
 /// The first two of [`decoder_layer_ops`]' ops: the input RMSNorm with the
-/// fused QKV projection into `a.qkv`, then q/k-norm, RoPE, the cache store
-/// and attention into `a.q` and `a.attn`. For a backend that fuses the
+/// fused QKV projection into `a.qkv` (the projection of `a.normed` where
+/// the layer before wrote the norm, [`LayerInputs::normed_input`]: the
+/// same bits, as `rms_norm_matmul` is `rms_norm` then `matmul`), then
+/// q/k-norm, RoPE, the cache store and attention into `a.q` and `a.attn`. For a backend that fuses the
 /// rest of the layer and runs this half as the ops.
 pub fn decoder_layer_attention<B: Backend>(
     be: &B,
@@ -92,7 +112,11 @@ pub fn decoder_layer_attention<B: Backend>(
     a: &mut LayerActs<'_, B>,
 ) -> Result<()> {
     let eps = inp.eps;
-    be.rms_norm_matmul(x, w.input_norm, eps, w.qkv, a.qkv)?;
+    if inp.normed_input {
+        be.matmul(a.normed, w.qkv, a.qkv)?;
+    } else {
+        be.rms_norm_matmul(x, w.input_norm, eps, w.qkv, a.qkv)?;
+    }
     be.qk_norm_rope_attention(
         a.qkv, w.q_norm, w.k_norm, eps, inp.rope, inp.meta, inp.geo, inp.scale, a.q, k_cache,
         v_cache, a.attn,

@@ -435,3 +435,38 @@ pub fn preemption_leaves_greedy_output_unchanged<B: Backend>(m: &Qwen3<B>, prefi
     assert_eq!(st.generated_tokens, 6 * max_new as u64);
     assert_eq!(s.cache().free_blocks(), 9);
 }
+
+/// The forward pass through `Backend::decoder_layer` (each layer handing
+/// the next its input norm) gives the logits of the ops one by one
+/// (`forward_tapped` with a listener that changes nothing) bit for bit,
+/// over a prompt and then single tokens.
+pub fn layer_op_equals_the_ops<B: Backend>(m: &Qwen3<B>) {
+    let ids = random_ids(11, 30, m.config().vocab_size);
+    let run = |tapped: bool| -> Vec<Vec<u32>> {
+        let mut cache = m.new_cache(ids.len() + 1).unwrap();
+        let mut seq = Sequence::default();
+        let mut rows = Vec::new();
+        let mut pass = |seq: &mut Sequence, toks: &[u32]| {
+            let logits = if tapped {
+                m.forward_tapped(&mut cache, &mut [(seq, toks)], Logits::Last, &mut |_, _| {
+                    Ok(())
+                })
+            } else {
+                m.forward(&mut cache, &mut [(seq, toks)], Logits::Last)
+            };
+            m.backend().download(&logits.unwrap()).unwrap().to_bits()
+        };
+        rows.push(pass(&mut seq, &ids[..20]));
+        for &id in &ids[20..] {
+            rows.push(pass(&mut seq, &[id]));
+        }
+        rows
+    };
+    let (fused, ops) = (run(false), run(true));
+    for (s, (a, b)) in fused.iter().zip(&ops).enumerate() {
+        assert!(
+            a == b,
+            "pass {s}: the layer op's logits differ from the ops'"
+        );
+    }
+}
