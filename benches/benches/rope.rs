@@ -1,7 +1,8 @@
 //! Benchmarks of `qk_norm_rope_store`: per-head q/k RMSNorm and rotary
 //! embedding on the fused QKV output, q written out and k/v written into
 //! the paged KV cache, for Qwen3-0.6B and 8B, at 1 and 64 decoding
-//! sequences (one new token each, at position 511).
+//! sequences (one new token each, at position 511), and on the GPU a
+//! prompt step of 2,048 tokens (four prompts of 512, `P2048`).
 //!
 //! Bytes: the f32 QKV rows, both f32 norm weights, one f32 rope row
 //! (cos|sin) per token and the positions and slots read; q (bf16) and the
@@ -29,8 +30,15 @@ fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
             }
         }
         let rope = dev.upload(qwen_tensor::HostSlice::F32(&rope), &[CTX, d]);
-        for t in TOKENS {
-            let (layout, blocks) = paged_layout(&mut dev.rng(), &vec![(CTX, 1); t]);
+        // (sequences, new tokens each, the case's name)
+        let mut cases: Vec<(usize, usize, String)> =
+            TOKENS.iter().map(|&t| (t, 1, format!("T{t}"))).collect();
+        if dev.backend.name() != "cpu" {
+            cases.push((4, CTX, "P2048".into()));
+        }
+        for (seqs, new, name) in cases {
+            let t = seqs * new;
+            let (layout, blocks) = paged_layout(&mut dev.rng(), &vec![(CTX, new); seqs]);
             let meta = dev.batch(&layout);
             let mut k_cache = dev.zeros(&geo.cache_shape(blocks), BF16);
             let mut v_cache = dev.zeros(&geo.cache_shape(blocks), BF16);
@@ -43,7 +51,7 @@ fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
             h.bench(
                 dev,
                 "qk_norm_rope_store",
-                &format!("{}/T{t}", m.name),
+                &format!("{}/{name}", m.name),
                 work,
                 |_| {
                     dev.backend.qk_norm_rope_store(
