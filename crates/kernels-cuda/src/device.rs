@@ -134,6 +134,7 @@ const WGMMA_KERNELS: &[&str] = &[
     "gemm_wg_n64_s6",
     "gemm_wg_n128_deep",
     "gemm_wg_m128_n256",
+    "gemm_wg_m128_n128_shares",
     "gemm_wg_silu",
     "gemm_wg_silu_m128",
     "gemm_wg_silu_deep",

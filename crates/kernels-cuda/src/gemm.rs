@@ -15,13 +15,15 @@ use crate::{CudaBackend, Scratch};
 
 /// A tile shape of gemm.cu or gemm_wgmma.cu: its kernel, the rows of x
 /// (BM) and of w (BN, output columns) a block takes, its stages and its
-/// threads.
+/// threads, and whether a block makes a K-split weight's shares itself
+/// (one block a tile, no shares through memory).
 struct Tile {
     name: &'static str,
     bm: u32,
     bn: u32,
     stages: u32,
     threads: u32,
+    shares_in_block: bool,
 }
 
 impl Tile {
@@ -32,6 +34,7 @@ impl Tile {
             bn,
             stages: GSTAGES,
             threads: THREADS,
+            shares_in_block: false,
         }
     }
 
@@ -43,6 +46,7 @@ impl Tile {
             bn,
             stages,
             threads: THREADS * (bm / 64),
+            shares_in_block: false,
         }
     }
 }
@@ -70,6 +74,11 @@ const WG128_DEEP: Tile = Tile::wg("gemm_wg_n128_deep", 64, 128, WG_STAGES_DEEP);
 const WG256: Tile = Tile::wg("gemm_wg_n256", 64, 256, WG_STAGES);
 /// 128 rows (two warpgroups sharing each stage of w) by 256 columns.
 const WG_M128: Tile = Tile::wg("gemm_wg_m128_n256", 128, 256, WG_STAGES);
+/// 128 rows by 128 columns, a K-split weight's shares made in the block.
+const WG_M128_SHARES: Tile = Tile {
+    shares_in_block: true,
+    ..Tile::wg("gemm_wg_m128_n128_shares", 128, 128, 6)
+};
 /// The fused gate/up + SiLU kernels as tiles: `bn` rows of w a stage (half
 /// gate, half up columns), so a block makes bn / 2 output columns.
 const SILU32_DEEP: Tile = Tile::wg("gemm_wg_silu_deep", 64, 64, WG_STAGES_DEEP);
@@ -128,6 +137,13 @@ fn deepest<'a>(blocks: u32, deeper: &[&'a Tile], base: &'a Tile, gpu: Gpu) -> &'
 /// blocks an SM. Its stages: see [`deepest`]. Every tile sums in the same
 /// order, so the choice may follow the row count.
 fn choose_wg_tile(t: u32, n: u32, splits: u32, gpu: Gpu) -> &'static Tile {
+    // A split weight whose 128 x 128 tiles fill the GPU without splitting
+    // K across blocks: the shares stay in the block (at 2,048-row prompt
+    // chunks o_proj's four shares went through 32 MB of memory and a kernel
+    // of their own, as long as the GEMM itself).
+    if splits > 1 && uses_m128(t, n.div_ceil(WG_M128_SHARES.bn), gpu) {
+        return &WG_M128_SHARES;
+    }
     if uses_m128(t, n.div_ceil(256) * splits, gpu) {
         return &WG_M128;
     }
@@ -256,7 +272,7 @@ impl CudaBackend {
         if t == 0 || n == 0 {
             return Ok(());
         }
-        let splits = k_splits(k, n);
+        let splits = self.gemm_shares_out(t, k, n);
         if splits == 1 {
             return self.gemm_tc_launch(op, x, w, out, None, t, k, n, add);
         }
@@ -270,6 +286,21 @@ impl CudaBackend {
             // splits·len floats and `out` len.
             unsafe { b.launch(grid(((len as u32).div_ceil(256), 1, 1), (256, 1, 1))) }.map_err(dev)
         })
+    }
+
+    /// How many K shares of a `t` x `k` x `n` GEMM go through memory (the
+    /// `part` of [`Self::gemm_tc_launch`], added by the caller): the
+    /// weight's `k_splits`, or 1 where the tile makes them in the block.
+    pub(crate) fn gemm_shares_out(&self, t: usize, k: usize, n: usize) -> u32 {
+        let splits = k_splits(k, n);
+        let in_block = self.dev.wgmma
+            && k.is_multiple_of(8)
+            && choose_wg_tile(t as u32, n as u32, splits, self.gpu()).shares_in_block;
+        if in_block {
+            1
+        } else {
+            splits
+        }
     }
 
     /// Runs `f` with the scratch the K shares of a `t` x `n` GEMM go to
@@ -289,7 +320,8 @@ impl CudaBackend {
     }
 
     /// The GEMM kernel of [`Self::gemm_tc`] alone: with `part` (K split in
-    /// `k_splits(k, n)` shares) share z of every output goes to
+    /// `k_splits(k, n)` shares that go through memory,
+    /// [`Self::gemm_shares_out`]) share z of every output goes to
     /// `part[z · t · n ..]` and `out` is left alone, for the caller to add
     /// the shares in z order.
     #[allow(clippy::too_many_arguments)]
@@ -307,7 +339,8 @@ impl CudaBackend {
     ) -> Result<()> {
         let (ti, ki, ni, addi) = (int(op, t)?, int(op, k)?, int(op, n)?, add as i32);
         let splits = k_splits(k, n);
-        if (splits > 1) != part.is_some() {
+        let shares_out = self.gemm_shares_out(t, k, n);
+        if (shares_out > 1) != part.is_some() {
             return Err(crate::launch::shape_err(
                 op,
                 format!(
@@ -331,7 +364,7 @@ impl CudaBackend {
                 format!("{n} columns are too many for one tensor-core GEMM"),
             ));
         }
-        let mut cfg = grid((row_tiles, col_tiles, splits), (tile.threads, 1, 1));
+        let mut cfg = grid((row_tiles, col_tiles, shares_out), (tile.threads, 1, 1));
         cfg.shared_mem_bytes = if wgmma {
             wg_smem(tile)
         } else {
@@ -350,8 +383,14 @@ impl CudaBackend {
             Some(p) => b.arg(p),
             None => b.arg(&0u64),
         };
+        let splits_arg = splits as i32;
+        if tile.shares_in_block {
+            b.arg(&splits_arg);
+        }
         // SAFETY: argument order and types match every GEMM_KERNEL in gemm.cu
-        // and GEMM_WG_KERNEL in gemm_wgmma.cu (which gets K % 8 == 0 only);
+        // and GEMM_WG_KERNEL in gemm_wgmma.cu (which gets K % 8 == 0 only),
+        // and gemm_wg_m128_n128_shares, which takes the shares' count after
+        // them (its tile alone has shares_in_block);
         // the caller checked the slices' sizes, the kernel guards every access
         // by T, K and N, `part` (given exactly when K is split, from
         // with_gemm_shares) holds splits·t·n floats, and the dynamic shared

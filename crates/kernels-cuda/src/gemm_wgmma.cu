@@ -81,10 +81,16 @@ __device__ __forceinline__ void wg_fence_accs(float (&acc)[N][32]) {
 // tensor-core rows): out = (x . w) + (x_lo . w), the two products the
 // plain kernel would store and then add, with w read once.
 #define WG_HILO 2
-template <int NB, int MODE, int STAGES, int MW = 1>
+// ISPLIT: the block makes all `splits` K shares of its outputs itself, one
+// after another, each from +0.0 into the accumulators, and adds them in z
+// order as gemm_splits_sum does (the first share, then + each next one)
+// before the epilogue adds the total to out: the bits of the split grid and
+// gemm_splits_sum, without the shares' round trip through memory. Costs a
+// second set of accumulators, so only narrower tiles take it.
+template <int NB, int MODE, int STAGES, int MW = 1, bool ISPLIT = false>
 __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_bfloat16* x_lo,
                                              const __nv_bfloat16* w, float* out, int T, int K, int N, int add,
-                                             float* part, __nv_bfloat16* silu_out) {
+                                             float* part, __nv_bfloat16* silu_out, int splits = 1) {
     constexpr bool SILU = MODE == WG_SILU, HILO = MODE == WG_HILO;
     // MW warpgroups a block, each 64 rows of x against the same BN columns
     // of w (one stage of w serves them all).
@@ -97,8 +103,10 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
     // wg: this thread's warpgroup; warp: its warp in the warpgroup.
     const int tid = threadIdx.x, lane = tid % 32, wg = MW == 1 ? 0 : tid / 128, warp = MW == 1 ? tid / 32 : (tid / 32) % 4;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * (SILU ? BN / 2 : BN);
-    const int all_tiles = (K + WG_K - 1) / WG_K, per = (all_tiles + gridDim.z - 1) / gridDim.z;
-    const int kt0 = blockIdx.z * per, kt_end = min(all_tiles, kt0 + per);
+    static_assert(!ISPLIT || MODE == WG_PLAIN, "shares in a block: plain tiles");
+    const int all_tiles = (K + WG_K - 1) / WG_K;
+    const int per = ISPLIT ? (all_tiles + splits - 1) / splits : (all_tiles + gridDim.z - 1) / gridDim.z;
+    const int kt0 = ISPLIT ? 0 : blockIdx.z * per, kt_end = ISPLIT ? all_tiles : min(all_tiles, kt0 + per);
     // This thread copies chunk c of rows r0 + ROWS_STEP·i (every row's 8
     // chunks are 8 neighbouring threads: 128 contiguous bytes of global
     // memory).
@@ -147,7 +155,21 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
     for (int j = 0; j < NA * NB; j++)
 #pragma unroll
         for (int e = 0; e < 32; e++) acc[j][e] = 0.0f;
+    // ISPLIT: the shares before the current one, added in order.
+    float total[ISPLIT ? NB : 1][32];
     for (int kt = kt0; kt < kt_end; kt++) {
+        if (ISPLIT && kt > 0 && kt % per == 0) {
+            // Share kt / per starts: the one before is whole in acc.
+            asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+            wg_fence_accs(acc);
+#pragma unroll
+            for (int j = 0; j < NB; j++)
+#pragma unroll
+                for (int e = 0; e < 32; e++) {
+                    total[j][e] = kt == per ? acc[j][e] : total[j][e] + acc[j][e];
+                    acc[j][e] = 0.0f;
+                }
+        }
         asm volatile("cp.async.wait_group %0;\n" ::"n"(WG_AHEAD - 1) : "memory");
         // This thread's copies of tile kt are visible to the async proxy
         // wgmma reads through, and after the barrier everyone's are; every
@@ -184,6 +206,12 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
     }
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     wg_fence_accs(acc);
+    if (ISPLIT && all_tiles > per) {
+#pragma unroll
+        for (int j = 0; j < NB; j++)
+#pragma unroll
+            for (int e = 0; e < 32; e++) acc[j][e] = total[j][e] + acc[j][e];
+    }
 
     if (SILU) {
         // The gate's 8-column blocks q and the up's q + 4·NB.
@@ -256,6 +284,15 @@ GEMM_WG_KERNEL(gemm_wg_n128_deep, 2, WG_STAGES_DEEP, 1)
 // Two warpgroups (128 rows) against 256 columns: large row counts (prompt
 // steps), where a stage of w then serves twice the rows.
 GEMM_WG_KERNEL(gemm_wg_m128_n256, 4, WG_STAGES, 2)
+// 128 rows by 128 columns with a K-split weight's `splits` shares made in
+// the block (ISPLIT): prompt-sized row counts, whose grid fills the GPU
+// without splitting K across blocks. Six stages (one block an SM by
+// registers: two sets of accumulators).
+extern "C" __global__ void __launch_bounds__(WG_THREADS * 2)
+    gemm_wg_m128_n128_shares(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K, int N,
+                             int add, float* part, int splits) {
+    gemm_wg_body<2, WG_PLAIN, 6, 2, true>(x, nullptr, w, out, T, K, N, add, nullptr, nullptr, splits);
+}
 
 // The gate/up projection with the SiLU gate behind it: x [T, K], w [2N, K]
 // (gate, then up), out [T, N] bf16; no split K.

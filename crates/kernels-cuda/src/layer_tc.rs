@@ -40,7 +40,8 @@ impl CudaBackend {
     /// The layer as `decoder_layer_ops` runs it, but o_proj's shares go
     /// straight into the residual add + norm kernel, whose bf16 rows feed
     /// the fused gate/up + SiLU GEMM (which `rms_norm_matmul_silu` would
-    /// have fed from its own norm of the same x).
+    /// have fed from its own norm of the same x), and down's likewise into
+    /// the next layer's input norm.
     pub(crate) fn decoder_layer_tc(
         &self,
         w: &LayerWeights<'_, Self>,
@@ -54,58 +55,55 @@ impl CudaBackend {
         decoder_layer_attention(self, w, &inp, x, k_cache, v_cache, &mut a)?;
         let eps = inp.eps;
         // The checks matmul_add and rms_norm_matmul_silu make.
-        let (t, qw, h) = check_projection(OP, a.attn, w.o_proj, x)?;
+        let (t, _, h) = check_projection(OP, a.attn, w.o_proj, x)?;
         let (_, _, n) = check_norm_projection(OP, x, w.post_attention_norm, w.gate_up, a.gate_up)?;
         check_silu_mul(OP, a.gate_up, a.act)?;
-        let splits = k_splits(qw, h);
-        self.with_gemm_shares(OP, t, h, |part| {
-            let (xs, ws) = (bf16s(OP, "attn", a.attn)?, bf16s(OP, "o_proj", w.o_proj)?);
-            let out = f32s_mut(OP, "x", x)?;
-            self.gemm_tc_launch(OP, xs, ws, out, Some(&mut *part), t, qw, h, true)?;
-            self.with_scratch(Scratch::NormBf16, &[t, h], DType::BF16, |normed| {
-                self.splits_add_rms_norm(part, splits, x, w.post_attention_norm, eps, normed)?;
-                let (ns, gs) = (
-                    bf16s(OP, "normed", normed)?,
-                    bf16s(OP, "gate_up", w.gate_up)?,
-                );
-                let done =
-                    self.gemm_tc_silu(OP, ns, gs, bf16s_mut(OP, "act", a.act)?, t, h, n / 2)?;
-                if !done {
-                    return Err(crate::launch::shape_err(
-                        OP,
-                        "fused gate/up does not apply".into(),
-                    ));
-                }
-                Ok(())
-            })
+        self.with_scratch(Scratch::NormBf16, &[t, h], DType::BF16, |normed| {
+            self.project_add_norm(a.attn, w.o_proj, x, w.post_attention_norm, eps, normed)?;
+            let (ns, gs) = (
+                bf16s(OP, "normed", normed)?,
+                bf16s(OP, "gate_up", w.gate_up)?,
+            );
+            if !self.gemm_tc_silu(OP, ns, gs, bf16s_mut(OP, "act", a.act)?, t, h, n / 2)? {
+                return Err(crate::launch::shape_err(
+                    OP,
+                    "fused gate/up does not apply".into(),
+                ));
+            }
+            Ok(())
         })?;
-        // down: its shares, residual add and the next layer's input norm in
-        // one kernel the same way, where down is split and a next layer
-        // wants its norm.
-        let (_, i, _) = check_projection(OP, a.act, w.down, x)?;
-        let splits = k_splits(i, h);
-        let Some(nw) = w.next_input_norm.filter(|_| splits > 1) else {
-            self.matmul_add(a.act, w.down, x)?;
-            return match w.next_input_norm {
-                Some(nw) => self.rms_norm(x, nw, eps, a.normed),
-                None => Ok(()),
-            };
-        };
-        check_norm_out(OP, (t, h), nw, a.normed)?;
-        self.with_gemm_shares(OP, t, h, |part| {
-            let (xs, ws) = (bf16s(OP, "act", a.act)?, bf16s(OP, "down", w.down)?);
-            self.gemm_tc_launch(
-                OP,
-                xs,
-                ws,
-                f32s_mut(OP, "x", x)?,
-                Some(&mut *part),
-                t,
-                i,
-                h,
-                true,
-            )?;
-            self.splits_add_rms_norm(part, splits, x, nw, eps, a.normed)
+        match w.next_input_norm {
+            Some(nw) => self.project_add_norm(a.act, w.down, x, nw, eps, a.normed),
+            None => self.matmul_add(a.act, w.down, x),
+        }
+    }
+
+    /// `x += a · wᵀ` with every row on the tensor cores, then `normed =
+    /// bf16(rms_norm(x) * norm_w)`: matmul_add then rms_norm, the same
+    /// bits. Where the weight's K shares go through memory, their sum, the
+    /// residual add and the norm are one kernel (`splits_add_rms_norm`);
+    /// where the GEMM makes them in its blocks, it adds into x itself.
+    fn project_add_norm(
+        &self,
+        a: &T,
+        w: &T,
+        x: &mut T,
+        norm_w: &T,
+        eps: f32,
+        normed: &mut T,
+    ) -> Result<()> {
+        let (t, k, n) = check_projection(OP, a, w, x)?;
+        check_norm_out(OP, (t, n), norm_w, normed)?;
+        let (xs, ws) = (bf16s(OP, "x", a)?, bf16s(OP, "w", w)?);
+        let splits = self.gemm_shares_out(t, k, n);
+        if splits == 1 {
+            self.gemm_tc_launch(OP, xs, ws, f32s_mut(OP, "acc", x)?, None, t, k, n, true)?;
+            return self.rms_norm_impl(x, norm_w, eps, normed);
+        }
+        self.with_gemm_shares(OP, t, n, |part| {
+            let out = f32s_mut(OP, "acc", x)?;
+            self.gemm_tc_launch(OP, xs, ws, out, Some(&mut *part), t, k, n, true)?;
+            self.splits_add_rms_norm(part, splits, x, norm_w, eps, normed)
         })
     }
 }

@@ -187,6 +187,9 @@ fn tensor_core_matmul_within_bound() {
         (600, 590, 256, 16_384),
         // Prompt-sized: Hopper's 128-row tiles, the last one partial.
         (1100, 1090, 1024, 4096),
+        // A split weight at a row count whose 128 x 128 tiles fill the GPU:
+        // the K shares made inside the blocks.
+        (2200, 2190, 2048, 1024),
     ] {
         g.set_tensor_core_rows(tc);
         let x = r.bf16s(t * k, 1.0);
@@ -225,7 +228,7 @@ fn tensor_core_matmul_within_bound() {
 /// A prompt row's tensor-core result depends on nothing but that row: the
 /// same bits alone, in a batch of 200 (or 600) at any place, in batches
 /// whose size leaves a partial tile, and whichever tile shape the batch
-/// size picks.
+/// size picks, with or without an accumulator to add to.
 #[test]
 fn tensor_core_matmul_is_batch_invariant() {
     let Some(mut g) = gpu() else { return };
@@ -235,8 +238,13 @@ fn tensor_core_matmul_is_batch_invariant() {
     // 64-wide ones; (256, 16384): the full batch and the sub-batches of
     // 512 take 128 x 128 tiles, the latter starting mid-tile; (1024, 4096)
     // at 1,100 rows: the full batch and 1,063 rows from row 37 take the
-    // 128-row wgmma tiles, 600 rows the 64-row ones.
+    // 128-row wgmma tiles, 600 rows the 64-row ones; (2048, 1024) and
+    // (3072, 1024) at 2,200 rows: the full batch makes o_proj's and
+    // down's K shares inside its blocks, 1,200 rows and fewer split them
+    // over blocks and add them afterwards.
     for (k, n, t) in [
+        (2048, 1024, 2200),
+        (3072, 1024, 2200),
         (1024, 4096, 1100),
         (1024, 4096, 200),
         (3072, 1024, 200),
@@ -246,10 +254,10 @@ fn tensor_core_matmul_is_batch_invariant() {
     ] {
         let x = r.bf16s(t * k, 1.0);
         let w = r.bf16s(n * k, 0.05);
-        let acc = vec![0.0f32; t * n];
+        let acc = r.f32s(t * n, 2.0);
         g.set_tensor_core_rows(t);
-        let (full, _) = matmul_on(&g, &x, &w, &acc, t, k, n);
-        let full = full.to_bits();
+        let (full, full_add) = matmul_on(&g, &x, &w, &acc, t, k, n);
+        let (full, full_add) = (full.to_bits(), full_add.to_bits());
         // Sub-batches starting at various rows, of various sizes.
         let mut subs = vec![(0, 1), (137, 1), (5, 63), (64, 64), (150, 50), (1, 199)];
         if t == 600 {
@@ -258,14 +266,25 @@ fn tensor_core_matmul_is_batch_invariant() {
         if t == 1100 {
             subs.extend([(37, 1063), (0, 600), (500, 600)]);
         }
+        if t == 2200 {
+            subs.extend([(0, 1200), (1000, 1200), (2137, 63)]);
+        }
         for (start, len) in subs {
             g.set_tensor_core_rows(len);
             let xs = &x[start * k..(start + len) * k];
-            let (part, _) = matmul_on(&g, xs, &w, &acc[..len * n], len, k, n);
+            let acc_rows = &acc[start * n..(start + len) * n];
+            let (part, part_add) = matmul_on(&g, xs, &w, acc_rows, len, k, n);
+            let rows = start * n..(start + len) * n;
             assert_eq!(
                 part.to_bits(),
-                full[start * n..(start + len) * n],
+                full[rows.clone()],
                 "rows {start}..{} of {k}x{n} differ from the full batch",
+                start + len
+            );
+            assert_eq!(
+                part_add.to_bits(),
+                full_add[rows],
+                "rows {start}..{} of {k}x{n} added to an accumulator differ from the full batch",
                 start + len
             );
         }
@@ -1522,9 +1541,9 @@ fn decoder_layer_at_one_token() {
 /// (o_proj's split-K sum, residual add and post-attention norm in one
 /// kernel, and down's with the next layer's input norm) where it applies:
 /// every output, the next layer's norm included, the same bits as the ops
-/// one by one (`decoder_layer_ops` on the same backend), for a prompt,
-/// decode tokens beside it, and 256 decode tokens; and an odd shape it
-/// does not take (the ops themselves).
+/// one by one (`decoder_layer_ops` on the same backend), for a prompt (of
+/// 300 and of 2,200 tokens), decode tokens beside it, and 256 decode
+/// tokens; and an odd shape it does not take (the ops themselves).
 #[test]
 fn tensor_core_decoder_layer_equals_its_ops() {
     let Some(mut g) = gpu() else { return };
@@ -1536,6 +1555,8 @@ fn tensor_core_decoder_layer_equals_its_ops() {
         let geo = geometry(hq, hkv, d, bs);
         let runs: Vec<Vec<(usize, usize)>> = vec![
             vec![(300, 300)],
+            // Enough rows for o_proj's and down's K shares in the blocks.
+            vec![(2200, 2200)],
             std::iter::once((120, 57))
                 .chain((0..20).map(|j| (40 + 31 * j, 1)))
                 .collect(),
