@@ -83,7 +83,10 @@ impl CudaBackend {
             && self.tensor_core_rows(1) == 0
             && geo.head_dim == HEAD_DIM)
         {
-            return self.decoder_layer_kernels(w, inp, x, k_cache, v_cache, a);
+            if self.layer_tc_applies(w, meta.num_tokens()) {
+                return self.decoder_layer_tc(w, inp, x, k_cache, v_cache, a);
+            }
+            return decoder_layer_ops(self, w, inp, x, k_cache, v_cache, a);
         }
         // The kernel reads every operand itself: the ops' checks, once.
         let (t, h, _) = check_norm_projection(OP, x, w.input_norm, w.qkv, a.qkv)?;
@@ -107,7 +110,7 @@ impl CudaBackend {
             self.dev.smem_optin,
         );
         let Some(smem) = plan.filter(|_| t == 1) else {
-            return self.decoder_layer_kernels(w, inp, x, k_cache, v_cache, a);
+            return decoder_layer_ops(self, w, inp, x, k_cache, v_cache, a);
         };
         // The kernel normalises x itself (the same bits as a.normed holds
         // with `normed_input`), and leaves the next layer's norm to the op.
@@ -117,24 +120,6 @@ impl CudaBackend {
             Some(nw) => self.rms_norm_impl(x, nw, inp.eps, a.normed),
             None => Ok(()),
         }
-    }
-
-    /// The layer as separate kernels: on the tensor cores (layer_tc.rs) or
-    /// as the ops one by one.
-    fn decoder_layer_kernels(
-        &self,
-        w: &LayerWeights<'_, Self>,
-        inp: LayerInputs<'_, Self>,
-        x: &mut T,
-        k_cache: &mut T,
-        v_cache: &mut T,
-        a: LayerActs<'_, Self>,
-    ) -> Result<()> {
-        let t = inp.meta.num_tokens();
-        if self.layer_tc_applies(w, t) {
-            return self.decoder_layer_tc(w, inp, x, k_cache, v_cache, a);
-        }
-        decoder_layer_ops(self, w, inp, x, k_cache, v_cache, a)
     }
 
     #[allow(clippy::too_many_arguments)]
