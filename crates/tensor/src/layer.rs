@@ -100,8 +100,9 @@ pub fn decoder_layer_ops<B: Backend>(
 /// fused QKV projection into `a.qkv` (the projection of `a.normed` where
 /// the layer before wrote the norm, [`LayerInputs::normed_input`]: the
 /// same bits, as `rms_norm_matmul` is `rms_norm` then `matmul`), then
-/// q/k-norm, RoPE, the cache store and attention into `a.q` and `a.attn`. For a backend that fuses the
-/// rest of the layer and runs this half as the ops.
+/// q/k-norm, RoPE, the cache store and attention into `a.q` and `a.attn`.
+/// For a backend that fuses the rest of the layer and runs this half as
+/// the ops.
 pub fn decoder_layer_attention<B: Backend>(
     be: &B,
     w: &LayerWeights<'_, B>,
