@@ -138,9 +138,9 @@ fn deepest<'a>(blocks: u32, deeper: &[&'a Tile], base: &'a Tile, gpu: Gpu) -> &'
 /// order, so the choice may follow the row count.
 fn choose_wg_tile(t: u32, n: u32, splits: u32, gpu: Gpu) -> &'static Tile {
     // A split weight whose 128 x 128 tiles fill the GPU without splitting
-    // K across blocks: the shares stay in the block (at 2,048-row prompt
-    // chunks o_proj's four shares went through 32 MB of memory and a kernel
-    // of their own, as long as the GEMM itself).
+    // K across blocks: the shares stay in the block (split over blocks, the
+    // four shares of a 2,048-row o_proj are 32 MB through memory and a
+    // kernel of their own).
     if splits > 1 && uses_m128(t, n.div_ceil(WG_M128_SHARES.bn), gpu) {
         return &WG_M128_SHARES;
     }
