@@ -36,7 +36,7 @@ mod test_rng;
 pub use activation::silu_mul;
 pub use attention::{attention, ATTN_CHUNK};
 pub use attention_bound::{attention_tc_magnitudes, TC_ATTENTION_FACTOR};
-pub use embedding::{embedding, gather_rows};
+pub use embedding::{check_feed, embedding, feed_ids, gather_rows};
 pub use matmul::{logits, matmul, matmul_add, rms_norm_matmul, widen};
 pub use norm::{inv_rms, rms_norm};
 pub use rope::qk_norm_rope_store;
@@ -239,6 +239,10 @@ impl Backend for CpuBackend {
 
     fn gather_rows(&self, src: &T, rows: &T, out: &mut T) -> Result<()> {
         embedding::gather_rows(src, rows, out)
+    }
+
+    fn feed_ids(&self, tokens: &T, feed: &[(usize, usize)], ids: &mut T) -> Result<()> {
+        embedding::feed_ids(tokens, feed, ids)
     }
 
     fn argmax(&self, logits: &T) -> Result<Vec<u32>> {

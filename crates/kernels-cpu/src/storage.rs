@@ -70,6 +70,18 @@ pub(crate) fn u32s<'a>(op: &'static str, arg: &'static str, t: &'a T) -> Result<
     }
 }
 
+pub(crate) fn u32s_mut<'a>(
+    op: &'static str,
+    arg: &'static str,
+    t: &'a mut T,
+) -> Result<&'a mut [u32]> {
+    let e = wrong(op, arg, DType::U32, t);
+    match t.storage_mut() {
+        CpuStorage::U32(v) => Ok(v),
+        _ => Err(e),
+    }
+}
+
 pub(crate) fn shape_err(op: &'static str, msg: String) -> Error {
     Error::Shape { op, msg }
 }

@@ -28,7 +28,7 @@ const MODULES: &[(&str, &[&str], &[&str])] = &[
     (
         "embedding",
         &[include_str!("embedding.cu")],
-        &["embedding", "gather_rows"],
+        &["embedding", "gather_rows", "feed_ids"],
     ),
     (
         "norm",

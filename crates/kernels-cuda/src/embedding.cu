@@ -1,4 +1,4 @@
-// Token embedding lookup and row gathers: exact copies (twin of embedding.rs).
+// Token embedding lookup, row gathers and fed ids: exact copies (twin of embedding.rs).
 
 extern "C" __global__ void embedding(const __nv_bfloat16* table, const u32* ids, float* out, int V, int H) {
     wait_for_producers();
@@ -16,4 +16,14 @@ extern "C" __global__ void gather_rows(const float* src, const u32* rows, float*
     int r = blockIdx.x;
     size_t from = (size_t)rows[r] * H;
     for (int k = threadIdx.x; k < H; k += blockDim.x) out[(size_t)r * H + k] = src[from + k];
+}
+
+// ids[feed[2i]] = tokens[feed[2i + 1]]: a step's sampled tokens, still on the
+// device, become the next step's input. The host checked the pairs: in range,
+// no row twice.
+extern "C" __global__ void feed_ids(const u32* tokens, const u32* feed, u32* ids, int n) {
+    wait_for_producers();
+    start_dependents();
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) ids[feed[2 * i]] = tokens[feed[2 * i + 1]];
 }

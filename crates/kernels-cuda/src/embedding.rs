@@ -2,7 +2,7 @@
 
 use qwen_tensor::{expect_2d, expect_shape, Result};
 
-use crate::device::{bf16s, dev, f32s, f32s_mut, u32s, T};
+use crate::device::{bf16s, dev, f32s, f32s_mut, u32s, u32s_mut, T};
 use crate::launch::{grid, int};
 use crate::CudaBackend;
 
@@ -21,6 +21,39 @@ impl CudaBackend {
             .arg(&hi);
         // SAFETY: argument order and types match `embedding` in embedding.cu; shapes checked above.
         unsafe { b.launch(grid((n as u32, 1, 1), (256, 1, 1))) }.map_err(dev)?;
+        Ok(())
+    }
+
+    /// Twin of `qwen_kernels_cpu::feed_ids`: the pairs are checked here as
+    /// the CPU checks them, then copied up and applied a thread each.
+    pub(crate) fn feed_ids_impl(
+        &self,
+        tokens: &T,
+        feed: &[(usize, usize)],
+        ids: &mut T,
+    ) -> Result<()> {
+        const OP: &str = "feed_ids";
+        let src = u32s(OP, "tokens", tokens)?;
+        qwen_kernels_cpu::check_feed(OP, feed, tokens.numel(), ids.numel())?;
+        if feed.is_empty() {
+            return Ok(());
+        }
+        let n = int(OP, feed.len())?;
+        let pairs: Vec<u32> = feed
+            .iter()
+            .flat_map(|&(row, k)| [row as u32, k as u32])
+            .collect();
+        let pairs = self.dev.stream.clone_htod(&pairs).map_err(dev)?;
+        let mut b = self.launch(self.kernel("feed_ids"));
+        b.arg(src)
+            .arg(&pairs)
+            .arg(u32s_mut(OP, "ids", ids)?)
+            .arg(&n);
+        // SAFETY: argument order and types match `feed_ids` in embedding.cu;
+        // `pairs` holds n (row, k) pairs with row < ids.numel() and
+        // k < tokens.numel() (checked above, both below 2^32 as tensor sizes).
+        let blocks = (feed.len() as u32).div_ceil(256);
+        unsafe { b.launch(grid((blocks, 1, 1), (256, 1, 1))) }.map_err(dev)?;
         Ok(())
     }
 

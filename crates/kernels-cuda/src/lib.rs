@@ -32,6 +32,7 @@ mod rope;
 mod sampling;
 mod timing;
 mod trace;
+mod transfer;
 
 pub use compile::cuda_include_dir;
 pub use device::CudaStorage;
@@ -58,6 +59,8 @@ pub struct CudaBackend {
     pinned: std::sync::Mutex<std::collections::HashMap<PinnedKey, T>>,
     /// Set while `capture` runs: scratch then comes from `pinned`.
     capturing: std::sync::atomic::AtomicBool,
+    /// Page-locked buffers for `download_start` (transfer.rs).
+    host_buffers: transfer::HostBuffers,
 }
 
 /// (scratch slot, shape, dtype) of a pinned scratch tensor.
@@ -118,6 +121,7 @@ impl CudaBackend {
                     scratch: std::sync::Mutex::new((0..SCRATCH_SLOTS).map(|_| None).collect()),
                     pinned: Default::default(),
                     capturing: Default::default(),
+                    host_buffers: Default::default(),
                 })
             }
             Err(_) => Err(Error::Unsupported(
@@ -319,6 +323,10 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn download_start(&self, t: &T) -> Result<qwen_tensor::Download> {
+        self.download_start_impl(t)
+    }
+
     fn synchronize(&self) -> Result<()> {
         self.dev.stream.synchronize().map_err(dev)
     }
@@ -441,8 +449,16 @@ impl Backend for CudaBackend {
         self.gather_rows_impl(src, rows, out)
     }
 
+    fn feed_ids(&self, tokens: &T, feed: &[(usize, usize)], ids: &mut T) -> Result<()> {
+        self.feed_ids_impl(tokens, feed, ids)
+    }
+
     fn argmax(&self, logits: &T) -> Result<Vec<u32>> {
         self.argmax_impl(logits)
+    }
+
+    fn argmax_to(&self, logits: &T, out: &mut T) -> Result<()> {
+        self.argmax_to_impl(logits, out)
     }
 
     fn repetition_penalty(
@@ -456,5 +472,15 @@ impl Backend for CudaBackend {
 
     fn sample(&self, logits: &T, params: &[SampleParams], uniform: &[f32]) -> Result<Vec<u32>> {
         self.sample_impl(logits, params, uniform)
+    }
+
+    fn sample_to(
+        &self,
+        logits: &T,
+        params: &[SampleParams],
+        uniform: &[f32],
+        out: &mut T,
+    ) -> Result<()> {
+        self.sample_to_impl(logits, params, uniform, out)
     }
 }

@@ -24,37 +24,59 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(Vec::new());
         }
+        self.with_scratch(Scratch::ArgmaxOut, &[rows], DType::U32, |out| {
+            self.argmax_launch(logits, out)?;
+            self.dev
+                .stream
+                .clone_dtoh(u32s(OP, "out", out)?)
+                .map_err(dev)
+                .map(|mut h| {
+                    h.truncate(rows);
+                    h
+                })
+        })
+    }
+
+    /// [`argmax_impl`](Self::argmax_impl) into `out` (u32 `[B]`), nothing
+    /// downloaded.
+    pub(crate) fn argmax_to_impl(&self, logits: &T, out: &mut T) -> Result<()> {
+        const OP: &str = "argmax";
+        let (rows, v) = expect_2d(OP, "logits", logits)?;
+        if v == 0 {
+            return Err(shape_err(OP, "empty vocabulary".into()));
+        }
+        qwen_tensor::expect_shape(OP, "out", out, &[rows])?;
+        if rows == 0 {
+            return Ok(());
+        }
+        self.argmax_launch(logits, out)
+    }
+
+    /// The argmax's two kernels, writing one index per row of `logits`
+    /// (at least one row, a non-empty vocabulary) into `out`.
+    fn argmax_launch(&self, logits: &T, out: &mut T) -> Result<()> {
+        const OP: &str = "argmax";
+        let (rows, v) = expect_2d(OP, "logits", logits)?;
         let vi = int(OP, v)?;
         let parts = [rows * ARGMAX_SLICES as usize];
         self.with_scratch(Scratch::ArgmaxValues, &parts, DType::F32, |pv| {
             self.with_scratch(Scratch::ArgmaxIndices, &parts, DType::U32, |pi| {
-                self.with_scratch(Scratch::ArgmaxOut, &[rows], DType::U32, |out| {
-                    let mut b = self.launch(self.kernel("argmax_slices"));
-                    b.arg(f32s(OP, "logits", logits)?)
-                        .arg(&vi)
-                        .arg(f32s_mut(OP, "partial values", pv)?)
-                        .arg(u32s_mut(OP, "partial indices", pi)?);
-                    let cfg = grid((rows as u32, ARGMAX_SLICES, 1), (256, 1, 1));
-                    // SAFETY: argument order and types match argmax_slices in sampling.cu;
-                    // the partial buffers hold ARGMAX_SLICES entries per row.
-                    unsafe { b.launch(cfg) }.map_err(dev)?;
-                    let mut b = self.launch(self.kernel("argmax_finish"));
-                    b.arg(f32s(OP, "partial values", pv)?)
-                        .arg(u32s(OP, "partial indices", pi)?)
-                        .arg(u32s_mut(OP, "out", out)?);
-                    // SAFETY: argument order and types match argmax_finish in sampling.cu
-                    // (one warp per row, one lane per slice); out holds one index per row.
-                    unsafe { b.launch(grid((rows as u32, 1, 1), (ARGMAX_SLICES, 1, 1))) }
-                        .map_err(dev)?;
-                    self.dev
-                        .stream
-                        .clone_dtoh(u32s(OP, "out", out)?)
-                        .map_err(dev)
-                        .map(|mut h| {
-                            h.truncate(rows);
-                            h
-                        })
-                })
+                let mut b = self.launch(self.kernel("argmax_slices"));
+                b.arg(f32s(OP, "logits", logits)?)
+                    .arg(&vi)
+                    .arg(f32s_mut(OP, "partial values", pv)?)
+                    .arg(u32s_mut(OP, "partial indices", pi)?);
+                let cfg = grid((rows as u32, ARGMAX_SLICES, 1), (256, 1, 1));
+                // SAFETY: argument order and types match argmax_slices in sampling.cu;
+                // the partial buffers hold ARGMAX_SLICES entries per row.
+                unsafe { b.launch(cfg) }.map_err(dev)?;
+                let mut b = self.launch(self.kernel("argmax_finish"));
+                b.arg(f32s(OP, "partial values", pv)?)
+                    .arg(u32s(OP, "partial indices", pi)?)
+                    .arg(u32s_mut(OP, "out", out)?);
+                // SAFETY: argument order and types match argmax_finish in sampling.cu
+                // (one warp per row, one lane per slice); out holds one index per row.
+                unsafe { b.launch(grid((rows as u32, 1, 1), (ARGMAX_SLICES, 1, 1))) }.map_err(dev)
             })
         })
     }
@@ -124,6 +146,41 @@ impl CudaBackend {
         uniform: &[f32],
     ) -> Result<Vec<u32>> {
         const OP: &str = "sample";
+        let (rows, _) = expect_2d(OP, "logits", logits)?;
+        let s = &self.dev.stream;
+        // The paths write every row's id before anything reads it.
+        let mut out = s.alloc_zeros::<u32>(rows.max(1)).map_err(dev)?;
+        self.sample_launch(logits, params, uniform, &mut out)?;
+        let mut h = s.clone_dtoh(&out).map_err(dev)?;
+        h.truncate(rows);
+        Ok(h)
+    }
+
+    /// [`sample_impl`](Self::sample_impl) into `out` (u32 `[B]`), nothing
+    /// downloaded.
+    pub(crate) fn sample_to_impl(
+        &self,
+        logits: &T,
+        params: &[SampleParams],
+        uniform: &[f32],
+        out: &mut T,
+    ) -> Result<()> {
+        const OP: &str = "sample";
+        let (rows, _) = expect_2d(OP, "logits", logits)?;
+        qwen_tensor::expect_shape(OP, "out", out, &[rows])?;
+        self.sample_launch(logits, params, uniform, u32s_mut(OP, "out", out)?)
+    }
+
+    /// Checks the parameters and launches the sampling path that fits them,
+    /// writing one id per row into `out`.
+    fn sample_launch(
+        &self,
+        logits: &T,
+        params: &[SampleParams],
+        uniform: &[f32],
+        out: &mut CudaSlice<u32>,
+    ) -> Result<()> {
+        const OP: &str = "sample";
         let (rows, v) = expect_2d(OP, "logits", logits)?;
         let l = f32s(OP, "logits", logits)?;
         if params.len() != rows || uniform.len() != rows {
@@ -137,7 +194,7 @@ impl CudaBackend {
             ));
         }
         if rows == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         if v == 0 {
             return Err(shape_err(
@@ -178,22 +235,26 @@ impl CudaBackend {
         let slices = v.div_ceil(SHARED_CAP);
         let kout = params.iter().map(|p| p.top_k).max().unwrap_or(0);
         if params.iter().all(|p| p.top_k > 0 && p.top_k < v) && slices * kout <= SHARED_CAP {
-            self.sample_sliced_top_k(&job, kout)
+            self.sample_sliced_top_k(&job, kout, out)
         } else if params.iter().all(|p| draw_in_index_order(p, v)) {
-            self.sample_index_order(&job)
+            self.sample_index_order(&job, out)
         } else {
-            self.sample_by_rows(&job)
+            self.sample_by_rows(&job, out)
         }
     }
 
     /// Every row cut to a small top-k (at most `kout`): the rows' slices
     /// spread over the GPU (sample_slices), then a block a row
     /// (sample_merge).
-    fn sample_sliced_top_k(&self, job: &SampleJob, kout: usize) -> Result<Vec<u32>> {
+    fn sample_sliced_top_k(
+        &self,
+        job: &SampleJob,
+        kout: usize,
+        out: &mut CudaSlice<u32>,
+    ) -> Result<()> {
         const OP: &str = "sample";
         let (s, rows, v) = (&self.dev.stream, job.rows, job.v);
         let slices = v.div_ceil(SHARED_CAP);
-        let mut out = s.alloc_zeros::<u32>(rows).map_err(dev)?;
         let (si, sli, ki) = (
             int(OP, slices)?,
             int(OP, v.div_ceil(slices))?,
@@ -230,22 +291,21 @@ impl CudaBackend {
             .arg(&keys)
             .arg(&counts)
             .arg(&zmax)
-            .arg(&mut out);
+            .arg(out);
         // SAFETY: argument order and types match sample_merge; it reads
         // what sample_slices wrote (at most slices·kout <= SHARED_CAP keys
         // a row) and writes one id per row; 1024-thread blocks.
         unsafe { b.launch(grid((rows as u32, 1, 1), (SAMPLE_THREADS, 1, 1))) }.map_err(dev)?;
-        s.clone_dtoh(&out).map_err(dev)
+        Ok(())
     }
 
     /// No row cut by top-k or top-p: the index-order draw, its rows' slices
     /// spread over the GPU (draw_slice_max, draw_slice_sum), then a block a
     /// row (draw_finish).
-    fn sample_index_order(&self, job: &SampleJob) -> Result<Vec<u32>> {
+    fn sample_index_order(&self, job: &SampleJob, out: &mut CudaSlice<u32>) -> Result<()> {
         const OP: &str = "sample";
         let (s, rows) = (&self.dev.stream, job.rows);
         let slices = job.v.div_ceil(SHARED_CAP);
-        let mut out = s.alloc_zeros::<u32>(rows).map_err(dev)?;
         let (si, sli) = (int(OP, slices)?, int(OP, SHARED_CAP)?);
         // SAFETY (the three allocations): uninitialised device memory that
         // draw_slice_max and draw_slice_sum write in full (one entry per
@@ -287,30 +347,28 @@ impl CudaBackend {
             .arg(&zmax)
             .arg(&sums)
             .arg(&tops)
-            .arg(&mut out);
+            .arg(out);
         // SAFETY: argument order and types match draw_finish; it reads what
         // the two kernels above wrote and one slice of its row, and writes
         // one id per row.
         unsafe { b.launch(grid((rows as u32, 1, 1), (SLICE_THREADS, 1, 1))) }.map_err(dev)?;
-        s.clone_dtoh(&out).map_err(dev)
+        Ok(())
     }
 
     /// Any other rows: a block a row over the whole vocabulary
     /// (sample_rows).
-    fn sample_by_rows(&self, job: &SampleJob) -> Result<Vec<u32>> {
-        let s = &self.dev.stream;
-        let mut out = s.alloc_zeros::<u32>(job.rows).map_err(dev)?;
+    fn sample_by_rows(&self, job: &SampleJob, out: &mut CudaSlice<u32>) -> Result<()> {
         let mut b = self.launch(self.kernel("sample_rows"));
         b.arg(job.logits)
             .arg(&job.vi)
             .arg(&job.nb)
             .arg(job.packed)
-            .arg(&mut out);
+            .arg(out);
         // SAFETY: argument order and types match sample_rows in sampling.cu;
         // logits hold rows x V floats, params 5 words per row, out one id
         // per row; the kernel is compiled for 1024-thread blocks.
         unsafe { b.launch(grid((job.rows as u32, 1, 1), (SAMPLE_THREADS, 1, 1))) }.map_err(dev)?;
-        s.clone_dtoh(&out).map_err(dev)
+        Ok(())
     }
 }
 

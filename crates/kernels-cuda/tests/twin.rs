@@ -594,6 +594,79 @@ fn embedding_gather_and_silu_mul() {
     }
 }
 
+/// Sampled ids fed into the next step's ids (`feed_ids`), and downloads
+/// waited for later: the CPU's ids, the CPU's errors, the tokens back.
+#[test]
+fn fed_ids_and_later_downloads() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut r = Rng::new("feed_ids");
+    for (t, n, fed) in [(1, 1, 1), (300, 256, 200), (40, 7, 7), (5000, 4000, 3000)] {
+        let ids: Vec<u32> = (0..t).map(|_| (r.next() % 151_936) as u32).collect();
+        let tokens: Vec<u32> = (0..n).map(|_| (r.next() % 151_936) as u32).collect();
+        let mut rows: Vec<usize> = (0..t).collect();
+        for i in (1..t).rev() {
+            rows.swap(i, (r.next() % (i as u64 + 1)) as usize);
+        }
+        let feed: Vec<(usize, usize)> = rows[..fed]
+            .iter()
+            .map(|&row| (row, (r.next() % n as u64) as usize))
+            .collect();
+        let run = |b: &dyn Fn(&[u32], &[u32]) -> HostVec| b(&ids, &tokens);
+        let c = run(&|ids, tokens| feed_on(&cpu, ids, tokens, &feed));
+        let gg = run(&|ids, tokens| feed_on(&g, ids, tokens, &feed));
+        same_bits(&format!("feed_ids {t} ids, {n} tokens, {fed} fed"), &c, &gg);
+    }
+    // Bad pairs are errors on both, and write nothing.
+    for bad in [vec![(3, 0)], vec![(0, 2)], vec![(1, 0), (1, 1)]] {
+        assert!(feed_fails(&cpu, &bad), "{bad:?} accepted on the CPU");
+        assert!(feed_fails(&g, &bad), "{bad:?} accepted on the GPU");
+    }
+
+    // Downloads waited for out of order, one larger than the first buffers,
+    // one dropped unread while later work is queued.
+    let big: Vec<u32> = (0..10_000).map(|_| r.next() as u32).collect();
+    let small: Vec<u32> = (0..3).map(|_| r.next() as u32).collect();
+    let (bt, st) = (
+        g.upload(HostSlice::U32(&big), &[big.len()]).unwrap(),
+        g.upload(HostSlice::U32(&small), &[3]).unwrap(),
+    );
+    let (db, ds) = (
+        g.download_start(&bt).unwrap(),
+        g.download_start(&st).unwrap(),
+    );
+    let dropped = g.download_start(&bt).unwrap();
+    let gu = g
+        .upload(HostSlice::F32(&r.f32s(1 << 21, 2.0)), &[1 << 10, 1 << 11])
+        .unwrap();
+    let mut act = poisoned(&g, &[1 << 10, 1 << 10], DType::BF16);
+    g.silu_mul(&gu, &mut act).unwrap();
+    drop(dropped);
+    assert_eq!(ds.wait().unwrap(), HostVec::U32(small));
+    assert_eq!(db.wait().unwrap(), HostVec::U32(big));
+    assert!(g
+        .download(&act)
+        .unwrap()
+        .to_f32()
+        .iter()
+        .all(|x| x.is_finite()));
+}
+
+fn feed_on<B: Backend>(b: &B, ids: &[u32], tokens: &[u32], feed: &[(usize, usize)]) -> HostVec {
+    let mut it = b.upload(HostSlice::U32(ids), &[ids.len()]).unwrap();
+    let tt = b.upload(HostSlice::U32(tokens), &[tokens.len()]).unwrap();
+    b.feed_ids(&tt, feed, &mut it).unwrap();
+    b.download(&it).unwrap()
+}
+
+/// Whether `feed_ids` refuses `feed` over 3 ids and 2 tokens.
+fn feed_fails<B: Backend>(b: &B, feed: &[(usize, usize)]) -> bool {
+    let mut ids = b.upload(HostSlice::U32(&[7, 8, 9]), &[3]).unwrap();
+    let tokens = b.upload(HostSlice::U32(&[1, 2]), &[2]).unwrap();
+    let failed = b.feed_ids(&tokens, feed, &mut ids).is_err();
+    failed && b.download(&ids).unwrap() == HostVec::U32(vec![7, 8, 9])
+}
+
 fn silu_on<B: Backend>(b: &B, gu: &[f32], t: usize, i: usize) -> HostVec {
     let x = b.upload(HostSlice::F32(gu), &[t, 2 * i]).unwrap();
     let mut out = poisoned(b, &[t, i], DType::BF16);
@@ -844,6 +917,11 @@ fn sampling_primitives() {
     let c = sampling_on(&cpu, &logits, shape, &penalty, &history, &params, &uniform);
     let gg = sampling_on(&g, &logits, shape, &penalty, &history, &params, &uniform);
     assert_eq!(c.0, gg.0, "argmax");
+    let lt = g.upload(HostSlice::F32(&logits), &shape).unwrap();
+    let mut on_device = poisoned(&g, &[rows], DType::U32);
+    g.argmax_to(&lt, &mut on_device).unwrap();
+    let later = g.download_start(&on_device).unwrap().wait().unwrap();
+    assert_eq!(later, HostVec::U32(c.0.clone()), "argmax_to");
     assert_eq!(c.0[1], 17);
     assert_eq!(c.0[2], 5);
     same_bits("repetition_penalty", &c.1, &gg.1);
@@ -935,6 +1013,11 @@ fn check_sample_batch(g: &CudaBackend, r: &mut Rng, logits: &[f32], p: &[SampleP
                 p[i], u[i], got[i], want[i]
             );
         }
+        // The same draw left on the device and read back later.
+        let mut on_device = poisoned(g, &[rows], DType::U32);
+        g.sample_to(&gt, p, &u, &mut on_device).unwrap();
+        let later = g.download_start(&on_device).unwrap().wait().unwrap();
+        assert_eq!(later, HostVec::U32(want), "V {v}: sample_to");
         cases += rows;
     }
     cases

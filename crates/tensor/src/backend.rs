@@ -9,8 +9,8 @@
 //! `T` below is the number of tokens in the batch, across all sequences.
 
 use crate::{
-    decoder_layer_ops, AttnGeometry, BatchLayout, BatchMeta, DType, HostSlice, HostVec, LayerActs,
-    LayerInputs, LayerWeights, Result, Tensor,
+    decoder_layer_ops, AttnGeometry, BatchLayout, BatchMeta, DType, Download, HostSlice, HostVec,
+    LayerActs, LayerInputs, LayerWeights, Result, Tensor,
 };
 
 /// Per-row sampling parameters for [`Backend::sample`].
@@ -57,6 +57,13 @@ pub trait Backend: Sized + Send + Sync {
     fn write(&self, dst: &mut Tensor<Self>, data: HostSlice<'_>) -> Result<()>;
     /// Copies a tensor to the host.
     fn download(&self, t: &Tensor<Self>) -> Result<HostVec>;
+    /// Starts copying a tensor to the host and returns without waiting for
+    /// the work queued so far: [`Download::wait`] blocks until the copy has
+    /// landed (overlapped scheduling queues the next step before it reads
+    /// this one's tokens). The default downloads at once.
+    fn download_start(&self, t: &Tensor<Self>) -> Result<Download> {
+        Ok(Download::ready(self.download(t)?))
+    }
     /// Waits for queued work to finish (a no-op on synchronous backends).
     fn synchronize(&self) -> Result<()>;
 
@@ -267,6 +274,17 @@ pub trait Backend: Sized + Send + Sync {
     /// `out = bf16(silu(gate) * up)`: gate_up f32 `[T, 2I]` (gate then up), out bf16 `[T, I]`.
     fn silu_mul(&self, gate_up: &Tensor<Self>, out: &mut Tensor<Self>) -> Result<()>;
 
+    /// `ids[row] = tokens[k]` for each `(row, k)` of `feed`, other ids
+    /// untouched: ids u32 `[T]`, tokens u32 `[N]`. Puts tokens that are
+    /// still on the device (a step's sampled ids) into the next step's
+    /// input without a round trip through the host.
+    fn feed_ids(
+        &self,
+        tokens: &Tensor<Self>,
+        feed: &[(usize, usize)],
+        ids: &mut Tensor<Self>,
+    ) -> Result<()>;
+
     /// `out[r] = src[rows[r]]`: src f32 `[T, H]`, rows u32 `[R]`, out f32 `[R, H]`.
     fn gather_rows(
         &self,
@@ -279,6 +297,13 @@ pub trait Backend: Sized + Send + Sync {
 
     /// Index of the largest logit of each row (lowest index on ties): logits f32 `[B, V]`.
     fn argmax(&self, logits: &Tensor<Self>) -> Result<Vec<u32>>;
+
+    /// [`argmax`](Self::argmax) into a device tensor, out u32 `[B]`, without
+    /// waiting for it. The default computes on the host and writes.
+    fn argmax_to(&self, logits: &Tensor<Self>, out: &mut Tensor<Self>) -> Result<()> {
+        let picked = self.argmax(logits)?;
+        self.write(out, HostSlice::U32(&picked))
+    }
 
     /// Divides positive logits by `penalty[b]` and multiplies negative ones
     /// by it, once for each distinct token in `history[b]` (as HF does).
@@ -297,6 +322,19 @@ pub trait Backend: Sized + Send + Sync {
         params: &[SampleParams],
         uniform: &[f32],
     ) -> Result<Vec<u32>>;
+
+    /// [`sample`](Self::sample) into a device tensor, out u32 `[B]`, without
+    /// waiting for it. The default samples and writes.
+    fn sample_to(
+        &self,
+        logits: &Tensor<Self>,
+        params: &[SampleParams],
+        uniform: &[f32],
+        out: &mut Tensor<Self>,
+    ) -> Result<()> {
+        let picked = self.sample(logits, params, uniform)?;
+        self.write(out, HostSlice::U32(&picked))
+    }
 }
 
 /// [`Backend::upload_batch`] with the layout's query tiles already formed.

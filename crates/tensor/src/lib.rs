@@ -28,6 +28,7 @@
 mod attention;
 mod backend;
 mod checks;
+mod download;
 mod dtype;
 mod error;
 mod layer;
@@ -39,6 +40,7 @@ pub use checks::{
     check_attention, check_batch, check_cache, check_geometry, check_norm_projection,
     check_projection, check_qk_norm_rope, check_silu_mul,
 };
+pub use download::Download;
 pub use dtype::{DType, HostSlice, HostVec};
 pub use error::{Error, Result};
 pub use half::{bf16, f16};
