@@ -41,6 +41,6 @@ pub mod weights;
 
 pub use error::{ModelError, Result};
 pub use kv_cache::{BlockHash, KvCache, Sequence, DEFAULT_BLOCK_SIZE};
-pub use model::{Logits, Qwen3};
+pub use model::{Feed, Logits, Qwen3};
 pub use rope::rope_table;
 pub use scheduler::{Scheduler, SchedulerConfig};

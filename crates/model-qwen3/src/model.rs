@@ -74,6 +74,16 @@ struct Plan {
     row_of: Vec<u32>,
 }
 
+/// Tokens of a batch that are still on the device (overlapped scheduling):
+/// for each `(e, k)` of `entries`, batch entry `e` holds a one-token
+/// placeholder for `tokens[k]` (u32 `[N]`, a step's sampled ids), which the
+/// forward pass takes instead.
+#[derive(Clone, Copy)]
+pub struct Feed<'a, B: Backend> {
+    pub tokens: &'a Tensor<B>,
+    pub entries: &'a [(usize, usize)],
+}
+
 /// A listener handed every named activation of a forward pass.
 type Tap<'a, B> = dyn FnMut(&str, &mut Tensor<B>) -> Result<()> + 'a;
 
@@ -232,6 +242,18 @@ impl<B: Backend> Qwen3<B> {
         batch: &mut [(&mut Sequence, &[u32])],
         want: Logits,
     ) -> Result<Tensor<B>> {
+        self.forward_fed(cache, batch, want, None)
+    }
+
+    /// [`forward`](Self::forward) with some entries' tokens taken from the
+    /// device ([`Feed`]): the same ops on the same ids, so the same bits.
+    pub fn forward_fed(
+        &self,
+        cache: &mut KvCache<B>,
+        batch: &mut [(&mut Sequence, &[u32])],
+        want: Logits,
+        feed: Option<Feed<'_, B>>,
+    ) -> Result<Tensor<B>> {
         // Graphs record the exact path only: every row must be a generated
         // token (a sequence without a prompt length is in its prompt pass).
         let decode = want == Logits::Last
@@ -240,9 +262,41 @@ impl<B: Backend> Qwen3<B> {
                 .iter()
                 .all(|(seq, toks)| toks.len() == 1 && seq.prompt_len.is_some_and(|p| seq.len >= p));
         if decode && !self.no_graphs.load(Ordering::Relaxed) {
-            return self.decode_step(cache, batch);
+            return self.decode_step(cache, batch, feed);
         }
-        self.forward_inner(cache, batch, want, None)
+        self.forward_inner(cache, batch, want, None, feed)
+    }
+
+    /// Puts the fed tokens into `ids` (layout order; `row_of` from the plan).
+    fn apply_feed(
+        &self,
+        feed: Option<Feed<'_, B>>,
+        batch: &[(&mut Sequence, &[u32])],
+        row_of: &[u32],
+        ids: &mut Tensor<B>,
+    ) -> Result<()> {
+        let Some(feed) = feed else { return Ok(()) };
+        let mut start = Vec::with_capacity(batch.len());
+        let mut n = 0usize;
+        for (_, toks) in batch {
+            start.push(n);
+            n += toks.len();
+        }
+        let mut pairs = Vec::with_capacity(feed.entries.len());
+        for &(e, k) in feed.entries {
+            match batch.get(e) {
+                Some((_, toks)) if toks.len() == 1 => {
+                    pairs.push((row_of[start[e]] as usize, k));
+                }
+                _ => {
+                    return Err(ModelError::Request(format!(
+                        "fed entry {e} is not a one-token entry of a {}-entry batch",
+                        batch.len()
+                    )))
+                }
+            }
+        }
+        Ok(self.backend.feed_ids(feed.tokens, &pairs, ids)?)
     }
 
     /// One decode step (one token per sequence) through a recorded graph:
@@ -252,6 +306,7 @@ impl<B: Backend> Qwen3<B> {
         &self,
         cache: &mut KvCache<B>,
         batch: &mut [(&mut Sequence, &[u32])],
+        feed: Option<Feed<'_, B>>,
     ) -> Result<Tensor<B>> {
         let be = &self.backend;
         // One token per sequence, all of one kind: layout order is batch order.
@@ -259,7 +314,7 @@ impl<B: Backend> Qwen3<B> {
             mut layout,
             ids,
             prompt_rows,
-            ..
+            row_of,
         } = self.plan(cache, batch)?;
         let t = layout.num_tokens();
         // Pad the block tables and the context so the graph's shapes (and
@@ -294,11 +349,13 @@ impl<B: Backend> Qwen3<B> {
                 be.update_batch(&mut g.ws.meta, &layout)?;
                 g.ws.meta.set_context_capacity(capacity);
                 be.write(&mut g.ws.ids, HostSlice::U32(&ids))?;
+                self.apply_feed(feed, batch, &row_of, &mut g.ws.ids)?;
                 be.replay(&g.graph)?;
                 g.logits.clone()
             }
             Entry::Vacant(v) => {
                 let mut ws = self.workspace_for(&layout, &ids)?;
+                self.apply_feed(feed, batch, &row_of, &mut ws.ids)?;
                 ws.meta.set_context_capacity(capacity);
                 let mut logits = be.zeros(&[t, self.cfg.vocab_size], DType::F32)?;
                 let lm_head = self.lm_head.as_ref().unwrap_or(&self.embed);
@@ -344,7 +401,7 @@ impl<B: Backend> Qwen3<B> {
         want: Logits,
         tap: &mut dyn FnMut(&str, &mut Tensor<B>) -> Result<()>,
     ) -> Result<Tensor<B>> {
-        self.forward_inner(cache, batch, want, Some(tap))
+        self.forward_inner(cache, batch, want, Some(tap), None)
     }
 
     /// The eager forward pass, with or without a tap.
@@ -354,6 +411,7 @@ impl<B: Backend> Qwen3<B> {
         batch: &mut [(&mut Sequence, &[u32])],
         want: Logits,
         mut tap: Option<&mut Tap<'_, B>>,
+        feed: Option<Feed<'_, B>>,
     ) -> Result<Tensor<B>> {
         let be = &self.backend;
         let cfg = &self.cfg;
@@ -379,6 +437,7 @@ impl<B: Backend> Qwen3<B> {
             }
             None => guard.insert(self.workspace_for(&layout, &ids)?),
         };
+        self.apply_feed(feed, batch, &row_of, &mut ws.ids)?;
         self.run_layers(ws, cache, prompt_rows, tap.as_deref_mut())?;
         for (seq, toks) in batch.iter_mut() {
             seq.len += toks.len();

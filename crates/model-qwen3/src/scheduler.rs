@@ -40,12 +40,12 @@
 //! # Ok::<(), model_qwen3::ModelError>(())
 //! ```
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
-use qwen_tensor::{Backend, DType, HostSlice, Tensor};
+use qwen_tensor::{Backend, DType, Download, HostSlice, HostVec, Tensor};
 
 use crate::kv_cache::{BlockHash, KvCache, Sequence};
-use crate::model::{Logits, Qwen3};
+use crate::model::{Feed, Logits, Qwen3};
 use crate::{ModelError, Result};
 
 /// Identifies a request for its lifetime in a [`Scheduler`]: handed out in
@@ -96,13 +96,16 @@ pub struct Finished {
 #[derive(Debug, Clone, Copy)]
 pub struct SampleRow<'a> {
     pub id: RequestId,
-    /// The prompt, then every token generated so far.
+    /// The prompt, then every token generated so far that the host has.
     pub tokens: &'a [u32],
     pub prompt_len: usize,
+    /// Tokens generated after `tokens` that are still on the device
+    /// ([`Scheduler::step_overlapped`]; 0 in plain steps).
+    pub in_flight: usize,
 }
 
 impl<'a> SampleRow<'a> {
-    /// The tokens generated so far.
+    /// The tokens generated so far that the host has.
     pub fn generated(&self) -> &'a [u32] {
         &self.tokens[self.prompt_len..]
     }
@@ -113,6 +116,18 @@ pub fn greedy<B: Backend>(
     backend: &B,
 ) -> impl FnMut(&mut Tensor<B>, &[SampleRow<'_>]) -> Result<Vec<u32>> + '_ {
     move |logits, _| Ok(backend.argmax(logits)?)
+}
+
+/// Greedy decoding for [`Scheduler::step_overlapped`]: the argmax of every
+/// row, left on the device.
+pub fn greedy_on_device<B: Backend>(
+    backend: &B,
+) -> impl FnMut(&mut Tensor<B>, &[SampleRow<'_>]) -> Result<Tensor<B>> + '_ {
+    move |logits, rows| {
+        let mut out = backend.zeros(&[rows.len()], DType::U32)?;
+        backend.argmax_to(logits, &mut out)?;
+        Ok(out)
+    }
 }
 
 /// Limits and switches of a [`Scheduler`].
@@ -193,12 +208,22 @@ struct Active {
     prefill_tokens: usize,
     cached_tokens: usize,
     preemptions: usize,
+    /// Tokens sampled on the device that `tokens` does not hold yet
+    /// (overlapped steps): at most one when a step is scheduled.
+    in_flight: usize,
 }
 
 impl Active {
-    /// Tokens without keys and values in the cache yet.
+    /// Tokens without keys and values in the cache yet, an in-flight one
+    /// included.
     fn pending(&self) -> usize {
-        self.tokens.len() - self.seq.len()
+        self.tokens.len() + self.in_flight - self.seq.len()
+    }
+
+    /// Whether it has all its tokens, counting those in flight: nothing
+    /// more to run, only to be retired once they land.
+    fn complete(&self) -> bool {
+        self.tokens.len() + self.in_flight - self.prompt_len >= self.max_new
     }
 
     /// Makes sure the names of the first `n` full blocks are computed.
@@ -229,6 +254,16 @@ pub struct Scheduler<'m, B: Backend> {
     /// Set when a step failed part way: sequence state may then disagree
     /// with the cache, so no further step runs.
     failed: Option<String>,
+    /// The last overlapped step's sampled tokens, not yet read back.
+    in_flight: Option<InFlight<B>>,
+}
+
+/// A step's sampled tokens on their way to the host: the device tensor
+/// (u32, one per row), its copy, and the request of each row.
+struct InFlight<B: Backend> {
+    tokens: Tensor<B>,
+    download: Download,
+    ids: Vec<RequestId>,
 }
 
 impl<'m, B: Backend> Scheduler<'m, B> {
@@ -257,6 +292,7 @@ impl<'m, B: Backend> Scheduler<'m, B> {
             next_id: 0,
             stats: SchedulerStats::default(),
             failed: None,
+            in_flight: None,
         })
     }
 
@@ -315,6 +351,7 @@ impl<'m, B: Backend> Scheduler<'m, B> {
             prefill_tokens: 0,
             cached_tokens: 0,
             preemptions: 0,
+            in_flight: 0,
         });
         Ok(id)
     }
@@ -368,24 +405,66 @@ impl<'m, B: Backend> Scheduler<'m, B> {
         Ok(done)
     }
 
+    /// [`run`](Self::run) through [`step_overlapped`](Self::step_overlapped).
+    pub fn run_overlapped<G>(&mut self, sample: &mut G) -> Result<Vec<Finished>>
+    where
+        G: FnMut(&mut Tensor<B>, &[SampleRow<'_>]) -> Result<Tensor<B>>,
+    {
+        let mut done = Vec::new();
+        while self.has_unfinished() {
+            done.extend(self.step_overlapped(sample)?.finished);
+        }
+        done.sort_by_key(|f| f.id);
+        Ok(done)
+    }
+
     /// One forward pass: schedules, runs the batch, hands the logits of
     /// every sequence that needs a token to `sample`, which returns one
     /// token per row, and retires finished requests. `sample` is called at
     /// most once per step and sees each request once per generated token
     /// (a preempted request is never asked again for a token it already
-    /// has), so a stateful sampler stays in step.
+    /// has), so a stateful sampler stays in step. Tokens of an earlier
+    /// overlapped step still in flight are read back first.
     ///
     /// After an error the scheduler refuses further steps.
     pub fn step<F>(&mut self, sample: &mut F) -> Result<StepOutput>
     where
         F: FnMut(&mut Tensor<B>, &[SampleRow<'_>]) -> Result<Vec<u32>>,
     {
+        self.guarded(|s| s.step_inner(sample))
+    }
+
+    /// [`step`](Self::step) without waiting for its tokens: `sample` leaves
+    /// them on the device (u32, one per row; [`greedy_on_device`]), the next
+    /// step takes them as its input from there, and this step returns the
+    /// tokens (and finished requests) of the step before, which the host
+    /// reads while the GPU runs this one. So the host's work between two
+    /// steps (reading tokens back, retiring, scheduling, uploading the
+    /// batch) no longer leaves the device idle, as vLLM's async scheduling.
+    ///
+    /// The tokens are those [`step`](Self::step) gives: the same batches of
+    /// the same sequences, and every op batch-invariant. What differs is
+    /// the schedule around a stop token: the step after one is already
+    /// queued, so the request runs one more row whose token is dropped, and
+    /// its sampler may be asked for that one token more. `SampleRow::tokens`
+    /// lacks the request's `in_flight` tokens, so a sampler that reads the
+    /// history (a repetition penalty) belongs in plain steps. Steps that
+    /// must preempt read the tokens in flight back first.
+    pub fn step_overlapped<G>(&mut self, sample: &mut G) -> Result<StepOutput>
+    where
+        G: FnMut(&mut Tensor<B>, &[SampleRow<'_>]) -> Result<Tensor<B>>,
+    {
+        self.guarded(|s| s.step_overlapped_inner(sample))
+    }
+
+    /// Runs a step, refusing once one has failed.
+    fn guarded(&mut self, f: impl FnOnce(&mut Self) -> Result<StepOutput>) -> Result<StepOutput> {
         if let Some(e) = &self.failed {
             return Err(ModelError::Request(format!(
                 "the scheduler stopped after an earlier error: {e}"
             )));
         }
-        let r = self.step_inner(sample);
+        let r = f(self);
         if let Err(e) = &r {
             self.failed = Some(e.to_string());
         }
@@ -397,21 +476,120 @@ impl<'m, B: Backend> Scheduler<'m, B> {
         F: FnMut(&mut Tensor<B>, &[SampleRow<'_>]) -> Result<Vec<u32>>,
     {
         let mut out = StepOutput::default();
+        if let Some(prev) = self.in_flight.take() {
+            self.resolve(prev, &mut out)?;
+        }
         let chunks = self.schedule(&mut out)?;
-        if chunks.iter().all(|&n| n == 0) {
-            if self.has_unfinished() {
-                // Cannot happen: a request fits the cache alone (checked by
-                // `add_request`) and the oldest running one is never preempted
-                // for its own growth. Fail rather than spin.
-                return Err(ModelError::Request(
-                    "the scheduler could not schedule any token".into(),
-                ));
-            }
+        if self.nothing_to_run(&chunks)? {
             return Ok(out);
         }
+        let (mut logits, sampled) = self.run_batch(&chunks, &mut out, None)?;
+        if sampled.is_empty() {
+            return Ok(out);
+        }
+        let picks = {
+            let info = self.sample_rows(&sampled);
+            sample(&mut logits, &info)?
+        };
+        let ids: Vec<RequestId> = sampled.iter().map(|&k| self.running[k].id).collect();
+        self.take_tokens(&ids, &picks, &mut out)?;
+        Ok(out)
+    }
 
+    fn step_overlapped_inner<G>(&mut self, sample: &mut G) -> Result<StepOutput>
+    where
+        G: FnMut(&mut Tensor<B>, &[SampleRow<'_>]) -> Result<Tensor<B>>,
+    {
+        let mut out = StepOutput::default();
+        // Each running sequence grows by at most one block a step (prompts'
+        // blocks are reserved on admission), so with fewer free blocks than
+        // sequences this step may preempt: read the tokens in flight first,
+        // so that a preempted request resumes with all its tokens.
+        if self.cache.free_blocks() < self.running.len() {
+            if let Some(prev) = self.in_flight.take() {
+                self.resolve(prev, &mut out)?;
+            }
+        }
+        let chunks = self.schedule(&mut out)?;
+        let prev = self.in_flight.take();
+        if chunks.iter().all(|&n| n == 0) {
+            // Only tokens in flight are left (their requests complete).
+            if let Some(prev) = prev {
+                self.resolve(prev, &mut out)?;
+                return Ok(out);
+            }
+            self.nothing_to_run(&chunks)?;
+            return Ok(out);
+        }
+        let (mut logits, sampled) = self.run_batch(&chunks, &mut out, prev.as_ref())?;
+        let next = if sampled.is_empty() {
+            None
+        } else {
+            let tokens = {
+                let info = self.sample_rows(&sampled);
+                sample(&mut logits, &info)?
+            };
+            if tokens.dtype() != DType::U32 || tokens.numel() != sampled.len() {
+                return Err(ModelError::Request(format!(
+                    "the sampler returned a {:?} tensor of {} elements for {} rows",
+                    tokens.dtype(),
+                    tokens.numel(),
+                    sampled.len()
+                )));
+            }
+            let download = self.model.backend().download_start(&tokens)?;
+            let ids = sampled
+                .iter()
+                .map(|&k| {
+                    let s = &mut self.running[k];
+                    s.in_flight += 1;
+                    s.decoding = true;
+                    s.id
+                })
+                .collect();
+            Some(InFlight {
+                tokens,
+                download,
+                ids,
+            })
+        };
+        drop(logits);
+        if let Some(prev) = prev {
+            self.resolve(prev, &mut out)?;
+        }
+        self.in_flight = next;
+        Ok(out)
+    }
+
+    /// Whether a step's schedule runs nothing: fine when nothing is left,
+    /// an error (rather than a spin) when requests are.
+    fn nothing_to_run(&self, chunks: &[usize]) -> Result<bool> {
+        if chunks.iter().any(|&n| n > 0) {
+            return Ok(false);
+        }
+        if self.has_unfinished() {
+            // Cannot happen: a request fits the cache alone (checked by
+            // `add_request`) and the oldest running one is never preempted
+            // for its own growth. Fail rather than spin.
+            return Err(ModelError::Request(
+                "the scheduler could not schedule any token".into(),
+            ));
+        }
+        Ok(true)
+    }
+
+    /// Runs the scheduled chunks as one forward pass (tokens still in
+    /// flight fed from `prev`) and publishes new full prompt blocks; returns
+    /// the logits of the sequences that now need a token, and their indices
+    /// in `running`.
+    fn run_batch(
+        &mut self,
+        chunks: &[usize],
+        out: &mut StepOutput,
+        prev: Option<&InFlight<B>>,
+    ) -> Result<(Tensor<B>, Vec<usize>)> {
         // Count the work before the forward pass moves the sequences on.
-        for (s, &n) in self.running.iter_mut().zip(&chunks) {
+        for (s, &n) in self.running.iter_mut().zip(chunks) {
             if n == 0 {
                 continue;
             }
@@ -424,23 +602,52 @@ impl<'m, B: Backend> Scheduler<'m, B> {
                 self.stats.prefill_tokens += n as u64;
             }
         }
-        let want = Logits::Last;
+        let prev_row: HashMap<RequestId, usize> = prev
+            .map(|p| p.ids.iter().enumerate().map(|(r, &id)| (id, r)).collect())
+            .unwrap_or_default();
+        // A token in flight has no value on the host yet: its entry holds a
+        // placeholder that the forward pass replaces from the device.
+        const PLACEHOLDER: [u32; 1] = [0];
         let model = self.model;
         let mut batch: Vec<(&mut Sequence, &[u32])> = Vec::with_capacity(out.batch_seqs);
         let mut row_of: Vec<usize> = Vec::with_capacity(out.batch_seqs);
-        for (k, (s, &n)) in self.running.iter_mut().zip(&chunks).enumerate() {
-            if n > 0 {
-                let start = s.seq.len();
-                batch.push((&mut s.seq, &s.tokens[start..start + n]));
-                row_of.push(k);
+        let mut fed: Vec<(usize, usize)> = Vec::new();
+        for (k, (s, &n)) in self.running.iter_mut().zip(chunks).enumerate() {
+            if n == 0 {
+                continue;
             }
+            let start = s.seq.len();
+            if start < s.tokens.len() {
+                batch.push((&mut s.seq, &s.tokens[start..start + n]));
+            } else {
+                let r = prev_row
+                    .get(&s.id)
+                    .copied()
+                    .filter(|_| n == 1)
+                    .ok_or_else(|| {
+                        ModelError::Request(format!(
+                            "request {}: its next token is neither on the host nor in flight",
+                            s.id
+                        ))
+                    })?;
+                fed.push((batch.len(), r));
+                batch.push((&mut s.seq, &PLACEHOLDER[..]));
+            }
+            row_of.push(k);
         }
-        let logits = model.forward(&mut self.cache, &mut batch, want)?;
+        let feed = match (prev, fed.is_empty()) {
+            (Some(p), false) => Some(Feed {
+                tokens: &p.tokens,
+                entries: &fed,
+            }),
+            _ => None,
+        };
+        let logits = model.forward_fed(&mut self.cache, &mut batch, Logits::Last, feed)?;
         drop(batch);
         self.stats.steps += 1;
 
         if self.cfg.prefix_caching {
-            for (s, &n) in self.running.iter_mut().zip(&chunks) {
+            for (s, &n) in self.running.iter_mut().zip(chunks) {
                 if n == 0 {
                     continue;
                 }
@@ -463,56 +670,114 @@ impl<'m, B: Backend> Scheduler<'m, B> {
         let rows: Vec<usize> = (0..row_of.len())
             .filter(|&r| self.running[row_of[r]].pending() == 0)
             .collect();
-        let mut finished: Vec<Option<StopReason>> = vec![None; self.running.len()];
-        if !rows.is_empty() {
-            let be = model.backend();
-            let mut logits = if rows.len() == row_of.len() {
-                logits
-            } else {
-                let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-                let idx = be.upload(HostSlice::U32(&idx), &[idx.len()])?;
-                let mut picked = be.zeros(&[rows.len(), model.config().vocab_size], DType::F32)?;
-                be.gather_rows(&logits, &idx, &mut picked)?;
-                picked
-            };
-            let info: Vec<SampleRow<'_>> = rows
-                .iter()
-                .map(|&r| {
-                    let s = &self.running[row_of[r]];
-                    SampleRow {
-                        id: s.id,
-                        tokens: &s.tokens,
-                        prompt_len: s.prompt_len,
-                    }
-                })
-                .collect();
-            let picks = sample(&mut logits, &info)?;
-            drop(info);
-            if picks.len() != rows.len() {
-                return Err(ModelError::Request(format!(
-                    "the sampler returned {} tokens for {} rows",
-                    picks.len(),
-                    rows.len()
-                )));
-            }
-            let vocab = model.config().vocab_size as u32;
-            if let Some(bad) = picks.iter().find(|&&t| t >= vocab) {
-                return Err(ModelError::Request(format!(
-                    "the sampler returned token {bad}, outside the vocabulary ({vocab})"
-                )));
-            }
-            for (&r, &tok) in rows.iter().zip(&picks) {
-                let k = row_of[r];
-                let s = &mut self.running[k];
-                s.tokens.push(tok);
-                s.decoding = true;
-                out.tokens.push((s.id, tok));
-                self.stats.generated_tokens += 1;
-                if s.stop_ids.contains(&tok) {
-                    finished[k] = Some(StopReason::Stop);
-                } else if s.tokens.len() - s.prompt_len >= s.max_new {
-                    finished[k] = Some(StopReason::Length);
+        let sampled: Vec<usize> = rows.iter().map(|&r| row_of[r]).collect();
+        if rows.is_empty() || rows.len() == row_of.len() {
+            return Ok((logits, sampled));
+        }
+        let be = model.backend();
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = be.upload(HostSlice::U32(&idx), &[idx.len()])?;
+        let mut picked = be.zeros(&[rows.len(), model.config().vocab_size], DType::F32)?;
+        be.gather_rows(&logits, &idx, &mut picked)?;
+        Ok((picked, sampled))
+    }
+
+    /// What the sampler is told about the sequences `running[k]`.
+    fn sample_rows(&self, sampled: &[usize]) -> Vec<SampleRow<'_>> {
+        sampled
+            .iter()
+            .map(|&k| {
+                let s = &self.running[k];
+                SampleRow {
+                    id: s.id,
+                    tokens: &s.tokens,
+                    prompt_len: s.prompt_len,
+                    in_flight: s.in_flight,
                 }
+            })
+            .collect()
+    }
+
+    /// Reads an overlapped step's tokens back and hands them over.
+    fn resolve(&mut self, prev: InFlight<B>, out: &mut StepOutput) -> Result<()> {
+        let InFlight {
+            tokens,
+            download,
+            ids,
+        } = prev;
+        let picks = match download.wait()? {
+            HostVec::U32(v) => v,
+            _ => {
+                return Err(ModelError::Request(
+                    "the sampled tokens came back in another dtype".into(),
+                ))
+            }
+        };
+        drop(tokens);
+        if picks.len() != ids.len() {
+            return Err(ModelError::Request(format!(
+                "the sampler returned {} tokens for {} rows",
+                picks.len(),
+                ids.len()
+            )));
+        }
+        // Tokens of requests retired since (after a stop token) are dropped.
+        let index: HashMap<RequestId, usize> = self
+            .running
+            .iter()
+            .enumerate()
+            .map(|(k, s)| (s.id, k))
+            .collect();
+        let (mut live_ids, mut live_picks) = (Vec::new(), Vec::new());
+        for (&id, &tok) in ids.iter().zip(&picks) {
+            if let Some(&k) = index.get(&id) {
+                self.running[k].in_flight -= 1;
+                live_ids.push(id);
+                live_picks.push(tok);
+            }
+        }
+        self.take_tokens(&live_ids, &live_picks, out)
+    }
+
+    /// Appends each request's new token, then retires the requests that
+    /// ended (a stop token, or their last token).
+    fn take_tokens(
+        &mut self,
+        ids: &[RequestId],
+        picks: &[u32],
+        out: &mut StepOutput,
+    ) -> Result<()> {
+        if picks.len() != ids.len() {
+            return Err(ModelError::Request(format!(
+                "the sampler returned {} tokens for {} rows",
+                picks.len(),
+                ids.len()
+            )));
+        }
+        let vocab = self.model.config().vocab_size as u32;
+        if let Some(bad) = picks.iter().find(|&&t| t >= vocab) {
+            return Err(ModelError::Request(format!(
+                "the sampler returned token {bad}, outside the vocabulary ({vocab})"
+            )));
+        }
+        let index: HashMap<RequestId, usize> = self
+            .running
+            .iter()
+            .enumerate()
+            .map(|(k, s)| (s.id, k))
+            .collect();
+        let mut finished: Vec<Option<StopReason>> = vec![None; self.running.len()];
+        for (id, &tok) in ids.iter().zip(picks) {
+            let k = index[id];
+            let s = &mut self.running[k];
+            s.tokens.push(tok);
+            s.decoding = true;
+            out.tokens.push((s.id, tok));
+            self.stats.generated_tokens += 1;
+            if s.stop_ids.contains(&tok) {
+                finished[k] = Some(StopReason::Stop);
+            } else if s.tokens.len() - s.prompt_len >= s.max_new {
+                finished[k] = Some(StopReason::Length);
             }
         }
 
@@ -535,7 +800,7 @@ impl<'m, B: Backend> Scheduler<'m, B> {
                 });
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Chooses this step's tokens: returns, for each running sequence (in
@@ -551,6 +816,12 @@ impl<'m, B: Backend> Scheduler<'m, B> {
         // blocks were reserved on admission, so only decoding grows them.
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
+            if self.running[i].complete() {
+                // Its last token is in flight: nothing more to run.
+                chunks.push(0);
+                i += 1;
+                continue;
+            }
             let want = self.running[i].pending().min(budget);
             let extra = |s: &Active| {
                 (s.seq.len() + want)
@@ -559,6 +830,13 @@ impl<'m, B: Backend> Scheduler<'m, B> {
             };
             let mut evicted_self = false;
             while extra(&self.running[i]) > self.cache.free_blocks() {
+                if self.in_flight.is_some() {
+                    // step_overlapped reads them back before a step that
+                    // could preempt; a request must not lose one.
+                    return Err(ModelError::Request(
+                        "a preemption with tokens in flight".into(),
+                    ));
+                }
                 // Free the youngest; it may be this sequence itself, which
                 // then waits for the older ones to make room.
                 let victim = self.running.len() - 1;

@@ -56,20 +56,24 @@ fn cuda_greedy_decode_matches_hf_f32() {
 }
 
 /// Default mode (prompt rows on the tensor cores, generated rows exact):
-/// a prompt's greedy tokens are the same alone and in a batch of 64.
+/// a prompt's greedy tokens are the same alone and in a batch of 64, in
+/// plain and in overlapped steps.
 #[test]
 fn cuda_batch_of_64_gives_each_prompt_its_tokens_alone() {
     let Some(m) = gpu_model(false) else { return };
-    common::batch_of_64_is_invariant(&m);
+    common::batch_of_64_is_invariant(&m, false);
+    common::batch_of_64_is_invariant(&m, true);
 }
 
 /// With generated tokens on the tensor cores too, outputs are still the
-/// same alone and in a batch of 64 (the tensor-core GEMM is row-invariant).
+/// same alone and in a batch of 64 (the tensor-core GEMM is row-invariant),
+/// in plain and in overlapped steps.
 #[test]
 fn cuda_tensor_core_decode_is_batch_invariant() {
     let Some(m) = gpu_model(false) else { return };
     m.set_tensor_core_decode(true);
-    common::batch_of_64_is_invariant(&m);
+    common::batch_of_64_is_invariant(&m, false);
+    common::batch_of_64_is_invariant(&m, true);
 }
 
 /// Preemption on the GPU (default mode): a preempted request's recompute
@@ -78,8 +82,9 @@ fn cuda_tensor_core_decode_is_batch_invariant() {
 #[test]
 fn cuda_preemption_leaves_greedy_output_unchanged() {
     let Some(m) = gpu_model(false) else { return };
-    common::preemption_leaves_greedy_output_unchanged(&m, false);
-    common::preemption_leaves_greedy_output_unchanged(&m, true);
+    common::preemption_leaves_greedy_output_unchanged(&m, false, false);
+    common::preemption_leaves_greedy_output_unchanged(&m, true, false);
+    common::preemption_leaves_greedy_output_unchanged(&m, true, true);
 }
 
 /// The same with every row on the tensor cores (`--tensor-core-decode`).
@@ -87,7 +92,8 @@ fn cuda_preemption_leaves_greedy_output_unchanged() {
 fn cuda_tensor_core_decode_preemption_leaves_greedy_output_unchanged() {
     let Some(m) = gpu_model(false) else { return };
     m.set_tensor_core_decode(true);
-    common::preemption_leaves_greedy_output_unchanged(&m, false);
+    common::preemption_leaves_greedy_output_unchanged(&m, false, false);
+    common::preemption_leaves_greedy_output_unchanged(&m, false, true);
 }
 
 #[test]

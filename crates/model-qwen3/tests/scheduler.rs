@@ -7,7 +7,7 @@
 mod common;
 
 use common::{random_ids, tiny_dir, Golden};
-use model_qwen3::scheduler::{greedy, Finished, Request, SampleRow, StopReason};
+use model_qwen3::scheduler::{greedy, greedy_on_device, Finished, Request, SampleRow, StopReason};
 use model_qwen3::{KvCache, Qwen3, Scheduler, SchedulerConfig};
 use qwen_kernels_cpu::CpuBackend;
 use qwen_tensor::{Backend, Tensor};
@@ -113,17 +113,97 @@ fn a_batch_of_16_gives_each_prompt_its_tokens_alone() {
 
 #[test]
 fn a_batch_of_64_gives_each_prompt_its_tokens_alone() {
-    common::batch_of_64_is_invariant(&model());
+    common::batch_of_64_is_invariant(&model(), false);
+}
+
+#[test]
+fn a_batch_of_64_in_overlapped_steps_gives_each_prompt_its_tokens_alone() {
+    common::batch_of_64_is_invariant(&model(), true);
 }
 
 #[test]
 fn preemption_leaves_greedy_output_unchanged() {
-    common::preemption_leaves_greedy_output_unchanged(&model(), false);
+    common::preemption_leaves_greedy_output_unchanged(&model(), false, false);
 }
 
 #[test]
 fn preemption_with_prefix_caching_leaves_greedy_output_unchanged() {
-    common::preemption_leaves_greedy_output_unchanged(&model(), true);
+    common::preemption_leaves_greedy_output_unchanged(&model(), true, false);
+}
+
+#[test]
+fn preemption_in_overlapped_steps_leaves_greedy_output_unchanged() {
+    common::preemption_leaves_greedy_output_unchanged(&model(), false, true);
+    common::preemption_leaves_greedy_output_unchanged(&model(), true, true);
+}
+
+/// Overlapped steps around stop tokens: each request that stops ends on
+/// the same token as in plain steps (its extra row's token dropped), the
+/// others run to their length, and every block comes back.
+#[test]
+fn overlapped_steps_end_on_the_stop_tokens_of_plain_steps() {
+    let m = model();
+    let vocab = m.config().vocab_size;
+    let prompts: Vec<Vec<u32>> = (0..12)
+        .map(|k| random_ids(500 + k as u64, 5 + 9 * k, vocab))
+        .collect();
+    let free: Vec<Vec<u32>> = prompts.iter().map(|p| alone(&m, p, 20)).collect();
+    // Every third request stops on its 2nd..6th token; the others on a
+    // token they never make.
+    let stops: Vec<Vec<u32>> = free
+        .iter()
+        .enumerate()
+        .map(|(k, f)| {
+            if k % 3 == 0 {
+                vec![f[1 + k % 5]]
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
+    let cfg = SchedulerConfig {
+        max_num_seqs: 8,
+        max_num_batched_tokens: 48,
+        ..Default::default()
+    };
+    let run = |overlap: bool| -> (Vec<Finished>, usize, u64) {
+        let mut s = Scheduler::new(&m, cache(&m, 64), cfg).unwrap();
+        for (p, stop) in prompts.iter().zip(&stops) {
+            s.add_request(Request {
+                prompt: p.clone(),
+                max_new_tokens: 20,
+                stop_ids: stop.clone(),
+            })
+            .unwrap();
+        }
+        let done = if overlap {
+            s.run_overlapped(&mut greedy_on_device(m.backend()))
+        } else {
+            s.run(&mut greedy(m.backend()))
+        }
+        .unwrap();
+        (done, s.cache().free_blocks(), s.stats().decode_tokens)
+    };
+    let (plain, free_plain, decoded_plain) = run(false);
+    let (overlapped, free_overlapped, decoded_overlapped) = run(true);
+    assert_eq!((free_plain, free_overlapped), (64, 64));
+    // The step after a stop token was already queued: one row more for
+    // each of the four requests that stop.
+    assert_eq!(decoded_overlapped, decoded_plain + 4);
+    assert_eq!(plain.len(), 12);
+    for (k, (p, o)) in plain.iter().zip(&overlapped).enumerate() {
+        assert_eq!(
+            (o.id, &o.tokens, o.reason),
+            (p.id, &p.tokens, p.reason),
+            "request {k}"
+        );
+        let want = if k % 3 == 0 {
+            StopReason::Stop
+        } else {
+            StopReason::Length
+        };
+        assert_eq!(p.reason, want, "request {k}");
+    }
 }
 
 /// Runs `a`, then (after `a_steps` steps, or once `a` finished when `None`)

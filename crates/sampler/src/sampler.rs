@@ -1,7 +1,7 @@
 //! Per-sequence sampling state and the batched sampling step, written once
 //! against [`Backend`].
 
-use qwen_tensor::{Backend, SampleParams, Tensor};
+use qwen_tensor::{Backend, DType, HostSlice, SampleParams, Tensor};
 
 use crate::{uniform, SamplerError, SamplingConfig};
 
@@ -173,4 +173,51 @@ pub fn sample_batch<B: Backend>(
         s.step += 1;
     }
     Ok(tokens)
+}
+
+/// [`sample_batch`] with the tokens left on the device (u32 `[B]`), for
+/// overlapped scheduling: one `argmax_to` when every row is greedy, one
+/// `sample_to` when none is, the same tokens [`sample_batch`] picks. A
+/// batch mixing the two is sampled on the host and uploaded. A repetition
+/// penalty needs each row's whole history, which overlapped steps do not
+/// have on the host, so it is refused.
+pub fn sample_batch_on_device<B: Backend>(
+    backend: &B,
+    logits: &mut Tensor<B>,
+    samplers: &mut [&mut Sampler],
+) -> Result<Tensor<B>, SamplerError> {
+    let rows = rows_of(logits)?;
+    if samplers.len() != rows {
+        return Err(SamplerError::Batch(format!(
+            "{rows} logit rows but {} samplers",
+            samplers.len()
+        )));
+    }
+    if samplers.iter().any(|s| s.config.repetition_penalty != 1.0) {
+        return Err(SamplerError::Batch(
+            "a repetition penalty needs the whole history on the host; sample with sample_batch"
+                .into(),
+        ));
+    }
+    let mut out = backend.zeros(&[rows], DType::U32)?;
+    if rows > 0 {
+        if samplers.iter().all(|s| s.config.is_greedy()) {
+            backend.argmax_to(logits, &mut out)?;
+        } else if samplers.iter().all(|s| !s.config.is_greedy()) {
+            let (params, us): (Vec<SampleParams>, Vec<f32>) = samplers
+                .iter()
+                .map(|s| (s.config.sample_params(), s.next_uniform()))
+                .unzip();
+            backend.sample_to(logits, &params, &us, &mut out)?;
+        } else {
+            let none: Vec<&[u32]> = vec![&[]; rows];
+            let picked = sample_batch(backend, logits, samplers, &none)?;
+            backend.write(&mut out, HostSlice::U32(&picked))?;
+            return Ok(out);
+        }
+    }
+    for s in samplers.iter_mut() {
+        s.step += 1;
+    }
+    Ok(out)
 }

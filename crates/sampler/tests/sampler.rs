@@ -2,7 +2,9 @@
 //! penalties, validation and batch independence.
 
 use qwen_kernels_cpu::CpuBackend;
-use qwen_sampler::{sample_batch, uniform, Sampler, SamplerError, SamplingConfig};
+use qwen_sampler::{
+    sample_batch, sample_batch_on_device, uniform, Sampler, SamplerError, SamplingConfig,
+};
 use qwen_tensor::{Backend, HostSlice, HostVec, Tensor};
 
 type T = Tensor<CpuBackend>;
@@ -251,4 +253,58 @@ fn batch_shape_errors_leave_steps_alone() {
     assert!(sample_batch(&CpuBackend, &mut empty, &mut [], &[])
         .unwrap()
         .is_empty());
+}
+
+/// Tokens left on the device are the tokens `sample_batch` picks, for all
+/// greedy, all random and mixed batches; a repetition penalty is refused.
+#[test]
+fn on_device_batches_pick_what_host_batches_pick() {
+    let rows: Vec<Vec<f32>> = (0..4)
+        .map(|r| {
+            (0..500)
+                .map(|i| ((i * (r + 5) * 37) % 101) as f32 * 0.05)
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[f32]> = rows.iter().map(|r| r.as_slice()).collect();
+    let greedy = SamplingConfig::default();
+    let warm = SamplingConfig {
+        temperature: 0.6,
+        seed: 9,
+        ..Default::default()
+    };
+    for configs in [[greedy; 4], [warm; 4], [greedy, warm, warm, greedy]] {
+        let make = || -> Vec<Sampler> {
+            configs
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| Sampler::new(c, i as u64).unwrap())
+                .collect()
+        };
+        let (mut host, mut device) = (make(), make());
+        for step in 0..20 {
+            let mut views: Vec<&mut Sampler> = host.iter_mut().collect();
+            let none: [&[u32]; 4] = [&[]; 4];
+            let want = sample_batch(&CpuBackend, &mut upload(&refs), &mut views, &none).unwrap();
+            let mut views: Vec<&mut Sampler> = device.iter_mut().collect();
+            let got = sample_batch_on_device(&CpuBackend, &mut upload(&refs), &mut views).unwrap();
+            assert_eq!(
+                CpuBackend.download(&got).unwrap(),
+                HostVec::U32(want),
+                "step {step}"
+            );
+        }
+        assert!(device.iter().all(|s| s.step() == 20));
+    }
+    let mut s = Sampler::new(
+        SamplingConfig {
+            repetition_penalty: 1.2,
+            ..Default::default()
+        },
+        0,
+    )
+    .unwrap();
+    let r = sample_batch_on_device(&CpuBackend, &mut upload(&refs[..1]), &mut [&mut s]);
+    assert!(matches!(r, Err(SamplerError::Batch(_))), "{r:?}");
+    assert_eq!(s.step(), 0);
 }

@@ -305,7 +305,7 @@ pub fn random_ids(seed: u64, n: usize, vocab: usize) -> Vec<u32> {
 /// through the scheduler (chunked prefill, decode and prefill mixed, all 64
 /// in one batch at some step) produce exactly the greedy tokens each
 /// produces alone (one prefill pass, then a decode step at a time).
-pub fn batch_of_64_is_invariant<B: Backend>(m: &Qwen3<B>) {
+pub fn batch_of_64_is_invariant<B: Backend>(m: &Qwen3<B>, overlap: bool) {
     let vocab = m.config().vocab_size;
     let n = 64;
     let prompts: Vec<Vec<u32>> = (0..n)
@@ -333,9 +333,14 @@ pub fn batch_of_64_is_invariant<B: Backend>(m: &Qwen3<B>) {
         .unwrap();
     }
     let mut pick = model_qwen3::scheduler::greedy(m.backend());
+    let mut pick_on_device = model_qwen3::scheduler::greedy_on_device(m.backend());
     let (mut done, mut widest) = (Vec::new(), 0);
     while s.has_unfinished() {
-        let out = s.step(&mut pick).unwrap();
+        let out = if overlap {
+            s.step_overlapped(&mut pick_on_device).unwrap()
+        } else {
+            s.step(&mut pick).unwrap()
+        };
         widest = widest.max(out.batch_seqs);
         done.extend(out.finished);
     }
@@ -353,24 +358,40 @@ pub fn batch_of_64_is_invariant<B: Backend>(m: &Qwen3<B>) {
 }
 
 /// Greedy decoding that checks it is asked for each request's tokens in
-/// order, once each: the history it is shown must have grown by exactly
-/// the token it returned last time.
+/// order, once each: the history it is shown (with the tokens it said are
+/// in flight) must have grown by exactly the token it returned last time.
 pub fn counting_greedy<'a, B: Backend>(
     be: &'a B,
     seen: &'a mut HashMap<u64, usize>,
 ) -> impl FnMut(&mut Tensor<B>, &[SampleRow<'_>]) -> model_qwen3::Result<Vec<u32>> + 'a {
     move |logits, rows| {
-        for r in rows {
-            let n = seen.entry(r.id).or_insert(0);
-            assert_eq!(
-                r.generated().len(),
-                *n,
-                "request {} asked again for a token it has",
-                r.id
-            );
-            *n += 1;
-        }
+        count_rows(seen, rows);
         Ok(be.argmax(logits)?)
+    }
+}
+
+/// [`counting_greedy`] for overlapped steps: the tokens stay on the device.
+pub fn counting_greedy_on_device<'a, B: Backend>(
+    be: &'a B,
+    seen: &'a mut HashMap<u64, usize>,
+) -> impl FnMut(&mut Tensor<B>, &[SampleRow<'_>]) -> model_qwen3::Result<Tensor<B>> + 'a {
+    let mut pick = model_qwen3::scheduler::greedy_on_device(be);
+    move |logits, rows| {
+        count_rows(seen, rows);
+        pick(logits, rows)
+    }
+}
+
+fn count_rows(seen: &mut HashMap<u64, usize>, rows: &[SampleRow<'_>]) {
+    for r in rows {
+        let n = seen.entry(r.id).or_insert(0);
+        assert_eq!(
+            r.generated().len() + r.in_flight,
+            *n,
+            "request {} asked again for a token it has",
+            r.id
+        );
+        *n += 1;
     }
 }
 
@@ -380,7 +401,11 @@ pub fn counting_greedy<'a, B: Backend>(
 /// request still gets exactly the greedy tokens it gets alone, and is
 /// asked for each token once; without prefix caching a preempted request
 /// prefills more than its prompt (its generated tokens again).
-pub fn preemption_leaves_greedy_output_unchanged<B: Backend>(m: &Qwen3<B>, prefix_caching: bool) {
+pub fn preemption_leaves_greedy_output_unchanged<B: Backend>(
+    m: &Qwen3<B>,
+    prefix_caching: bool,
+    overlap: bool,
+) {
     let vocab = m.config().vocab_size;
     let prompts: Vec<Vec<u32>> = (0..6)
         .map(|k| random_ids(77 + k, 20 + 6 * k as usize, vocab))
@@ -402,7 +427,12 @@ pub fn preemption_leaves_greedy_output_unchanged<B: Backend>(m: &Qwen3<B>, prefi
         .unwrap();
     }
     let mut seen = HashMap::new();
-    let done = s.run(&mut counting_greedy(m.backend(), &mut seen)).unwrap();
+    let done = if overlap {
+        s.run_overlapped(&mut counting_greedy_on_device(m.backend(), &mut seen))
+    } else {
+        s.run(&mut counting_greedy(m.backend(), &mut seen))
+    }
+    .unwrap();
     let st = s.stats();
     assert!(
         st.preemptions > 0,
