@@ -73,6 +73,8 @@ usage: qwen-cli bench (--model DIR | --dummy-weights SHAPE) [options]
   --max-batched-tokens N   tokens per forward pass (default 8192)
   --max-seqs N             sequences running at once (default 256, at most --max-batched-tokens)
   --temperature F          sampling temperature, 0 greedy (default 0.6, as nano-vllm's bench)
+  --overlap on|off         on (default): each step is queued before the step before it is read
+                           back (overlapped scheduling); off: every step waits for its tokens
 
 usage: qwen-cli verify [--model DIR] --prompt TEXT [--against cpu|FILE] [--backend auto|cpu|cuda]
                        [--steps N] [--dump DIR] [--exact]

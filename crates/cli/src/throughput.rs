@@ -17,8 +17,8 @@ use model_qwen3::scheduler::{greedy, Request, SampleRow, Scheduler, SchedulerCon
 use model_qwen3::{KvCache, ModelError, Qwen3, DEFAULT_BLOCK_SIZE};
 use qwen_kernels_cpu::CpuBackend;
 use qwen_kernels_cuda::CudaBackend;
-use qwen_sampler::{sample_batch, Sampler, SamplingConfig};
-use qwen_tensor::{Backend, Tensor};
+use qwen_sampler::{sample_batch, sample_batch_on_device, Sampler, SamplingConfig};
+use qwen_tensor::{Backend, DType, Tensor};
 
 use crate::bench::BenchArgs;
 
@@ -60,6 +60,8 @@ pub struct ThroughputArgs {
     pub max_seqs: Option<usize>,
     /// Sampling temperature; 0 is greedy.
     pub temperature: f32,
+    /// Overlapped scheduling (`Scheduler::step_overlapped`).
+    pub overlap: bool,
     /// The throughput-only flags given, to refuse them in latency mode.
     pub given: Vec<String>,
 }
@@ -73,19 +75,21 @@ impl Default for ThroughputArgs {
             max_batched_tokens: 8192,
             max_seqs: None,
             temperature: 0.6,
+            overlap: true,
             given: Vec::new(),
         }
     }
 }
 
 /// The flags [`ThroughputArgs::set`] takes.
-pub const FLAGS: [&str; 6] = [
+pub const FLAGS: [&str; 7] = [
     "--num-seqs",
     "--max-len",
     "--kv-blocks",
     "--max-batched-tokens",
     "--max-seqs",
     "--temperature",
+    "--overlap",
 ];
 
 impl ThroughputArgs {
@@ -112,6 +116,13 @@ impl ThroughputArgs {
                 self.temperature = match v.parse::<f32>() {
                     Ok(t) if t.is_finite() && t >= 0.0 => t,
                     _ => return Err(format!("{flag}: '{v}' is not a temperature >= 0")),
+                }
+            }
+            "--overlap" => {
+                self.overlap = match v {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("{flag}: '{v}' is not on or off")),
                 }
             }
             other => return Err(format!("unknown option '{other}' (see qwen-cli --help)")),
@@ -248,6 +259,7 @@ pub struct Throughput {
     pub max_batched_tokens: usize,
     pub max_seqs: usize,
     pub temperature: f32,
+    pub overlap: bool,
 }
 
 impl Throughput {
@@ -261,7 +273,7 @@ impl Throughput {
             "prefill_tokens": self.prefill_tokens,
             "kv_blocks": self.kv_blocks, "block_size": DEFAULT_BLOCK_SIZE,
             "max_batched_tokens": self.max_batched_tokens, "max_seqs": self.max_seqs,
-            "temperature": self.temperature,
+            "temperature": self.temperature, "overlap": self.overlap,
         })
     }
 
@@ -272,7 +284,7 @@ impl Throughput {
              |---|---|---|---|---|---|---|---|---|\n\
              | {} | {} | {} | {} | {} | {:.2} | {:.1} | {:.1} | {} |\n\
              (lengths uniform in [{}, {}]; {} steps of at most {} tokens and {} sequences; \
-             KV cache {} blocks of {}; temperature {})",
+             KV cache {} blocks of {}; temperature {}; overlapped steps {})",
             self.shape,
             self.backend,
             self.num_seqs,
@@ -289,7 +301,8 @@ impl Throughput {
             self.max_seqs,
             self.kv_blocks,
             DEFAULT_BLOCK_SIZE,
-            self.temperature
+            self.temperature,
+            if self.overlap { "on" } else { "off" }
         )
     }
 }
@@ -347,6 +360,31 @@ impl Samplers {
         rows: &[SampleRow<'_>],
     ) -> model_qwen3::Result<Vec<u32>> {
         let fail = |e: qwen_sampler::SamplerError| ModelError::Request(e.to_string());
+        let mut taken = self.take(rows).map_err(fail)?;
+        let histories: Vec<&[u32]> = rows.iter().map(|r| r.tokens).collect();
+        let mut refs: Vec<&mut Sampler> = taken.iter_mut().collect();
+        let picked = sample_batch(be, logits, &mut refs, &histories);
+        self.put_back(rows, taken);
+        picked.map_err(fail)
+    }
+
+    /// [`pick`](Self::pick) with the tokens left on the device.
+    fn pick_on_device<B: Backend>(
+        &mut self,
+        be: &B,
+        logits: &mut Tensor<B>,
+        rows: &[SampleRow<'_>],
+    ) -> model_qwen3::Result<Tensor<B>> {
+        let fail = |e: qwen_sampler::SamplerError| ModelError::Request(e.to_string());
+        let mut taken = self.take(rows).map_err(fail)?;
+        let mut refs: Vec<&mut Sampler> = taken.iter_mut().collect();
+        let picked = sample_batch_on_device(be, logits, &mut refs);
+        self.put_back(rows, taken);
+        picked.map_err(fail)
+    }
+
+    /// Each row's sampler, made on first use, out of the table while it draws.
+    fn take(&mut self, rows: &[SampleRow<'_>]) -> Result<Vec<Sampler>, qwen_sampler::SamplerError> {
         let mut taken = Vec::with_capacity(rows.len());
         for r in rows {
             let id = r.id as usize;
@@ -355,17 +393,17 @@ impl Samplers {
             }
             let s = match self.by_id[id].take() {
                 Some(s) => s,
-                None => Sampler::new(self.config, r.id).map_err(fail)?,
+                None => Sampler::new(self.config, r.id)?,
             };
             taken.push(s);
         }
-        let histories: Vec<&[u32]> = rows.iter().map(|r| r.tokens).collect();
-        let mut refs: Vec<&mut Sampler> = taken.iter_mut().collect();
-        let picked = sample_batch(be, logits, &mut refs, &histories);
+        Ok(taken)
+    }
+
+    fn put_back(&mut self, rows: &[SampleRow<'_>], taken: Vec<Sampler>) {
         for (r, s) in rows.iter().zip(taken) {
             self.by_id[r.id as usize] = Some(s);
         }
-        picked.map_err(fail)
     }
 }
 
@@ -444,6 +482,11 @@ pub fn run<B: Backend>(
         config: sampling,
         by_id: Vec::new(),
     };
+    // The overlapped steps' samplers (a run takes one kind of step).
+    let mut device_samplers = Samplers {
+        config: sampling,
+        by_id: Vec::new(),
+    };
     let profile = std::env::var_os("QWEN_PROFILE").is_some();
     // Profiled: when the host had the step's forward pass enqueued, how
     // long the GPU then still took with it, and how long sampling took.
@@ -466,13 +509,30 @@ pub fn run<B: Backend>(
             }
             Ok(picked)
         };
+    // The profile times each step's own tokens, so it runs plain steps.
+    let overlap = t.overlap && !profile;
+    let mut pick_on_device =
+        |logits: &mut Tensor<B>, rows: &[SampleRow<'_>]| -> model_qwen3::Result<Tensor<B>> {
+            if t.temperature == 0.0 {
+                let mut out = be.zeros(&[rows.len()], DType::U32)?;
+                be.argmax_to(logits, &mut out)?;
+                Ok(out)
+            } else {
+                device_samplers.pick_on_device(be, logits, rows)
+            }
+        };
     let started = Instant::now();
     let mut last_report = started;
     let (mut done, mut output_tokens) = (0usize, 0usize);
     let mut steps: Vec<StepTime> = Vec::new();
     while s.has_unfinished() {
         let step_start = Instant::now();
-        let out = s.step(&mut pick).map_err(err)?;
+        let out = if overlap {
+            s.step_overlapped(&mut pick_on_device)
+        } else {
+            s.step(&mut pick)
+        }
+        .map_err(err)?;
         if profile {
             let (host, gpu_tail, sample) = match enqueued.take() {
                 Some((at, wait, sample)) => ((at - step_start).as_secs_f64(), wait, sample),
@@ -526,6 +586,7 @@ pub fn run<B: Backend>(
         max_batched_tokens: t.max_batched_tokens,
         max_seqs: t.max_seqs(),
         temperature: t.temperature,
+        overlap,
     })
 }
 
