@@ -7,8 +7,8 @@
 //! `matmul/.../prompt` runs the same rows as prompt rows (the CUDA
 //! backend's tensor-core GEMM), also at 128, 256 and 2,048 rows; likewise
 //! `rms_norm_matmul_silu/.../prompt` at 1, 64, 128 and 256 rows and
-//! `logits/.../prompt` at 1 and 64 (the GEMM with the SiLU gate or the
-//! hi/lo sum in its epilogue).
+//! `logits/.../prompt` at 1, 64, 128 and 256 (the GEMM with the SiLU gate
+//! or the hi/lo sum in its epilogue).
 //!
 //! Bytes: x and w read once, out written once (read and written for
 //! `matmul_add`'s accumulator). FLOPs: 2·T·K·N. Weights rotate through
@@ -157,6 +157,24 @@ fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
                                 });
                             }
                             dev.backend.set_tensor_core_rows(0);
+                            if dev.backend.name() != "cpu" && t == TOKENS[TOKENS.len() - 1] {
+                                // Decode batches of the throughput workload.
+                                for big in [128, 256] {
+                                    let xb = dev.f32(&[big, k], 3.0);
+                                    let mut ob = dev.zeros(&[big, n], F32);
+                                    let work = Work::new()
+                                        .read(big * k + k, F32)
+                                        .read(n * k, BF16)
+                                        .gemm(big, k, n)
+                                        .write(big * n, F32);
+                                    dev.backend.set_tensor_core_rows(big);
+                                    let bid = format!("{}/{}/T{big}/prompt", m.name, p.name);
+                                    h.bench(dev, "logits", &bid, work, |i| {
+                                        dev.backend.logits(&xb, &norm_w, EPS, next_w(i), &mut ob)
+                                    });
+                                    dev.backend.set_tensor_core_rows(0);
+                                }
+                            }
                         }
                     }
                 }

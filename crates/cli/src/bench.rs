@@ -161,7 +161,11 @@ pub fn latency<B: Backend>(
             queued.push_back(be.download_start(&picked).map_err(be_err)?);
             fed = Some(picked);
             if queued.len() > 1 {
-                queued.pop_front().map(Download::wait).transpose().map_err(be_err)?;
+                queued
+                    .pop_front()
+                    .map(Download::wait)
+                    .transpose()
+                    .map_err(be_err)?;
             }
             if report && step % 32 == 0 {
                 eprint!("\rdecode {step}/{gen}");

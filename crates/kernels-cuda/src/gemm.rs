@@ -85,8 +85,11 @@ const SILU32_DEEP: Tile = Tile::wg("gemm_wg_silu_deep", 64, 64, WG_STAGES_DEEP);
 const SILU32_S6: Tile = Tile::wg("gemm_wg_silu_s6", 64, 64, 6);
 const SILU64: Tile = Tile::wg("gemm_wg_silu", 64, 128, WG_STAGES);
 const SILU_M128: Tile = Tile::wg("gemm_wg_silu_m128", 128, 256, WG_STAGES);
-/// The logits' hi/lo kernel: 64 rows of each half of x, 64 of w a stage.
+const SILU_M128_N64: Tile = Tile::wg("gemm_wg_silu_m128_n64", 128, 128, 6);
+/// The logits' hi/lo kernels: 64 rows of each half of x, 64 or 128 of w a
+/// stage.
 const HILO: Tile = Tile::wg("gemm_wg_hilo", 64, 64, WG_STAGES);
+const HILO128: Tile = Tile::wg("gemm_wg_hilo_n128", 64, 128, WG_STAGES);
 
 /// What the tile choice needs of the device: SMs and shared memory an SM.
 #[derive(Clone, Copy)]
@@ -173,17 +176,28 @@ fn uses_m128(t: u32, col_blocks: u32, gpu: Gpu) -> bool {
 
 /// The fused gate/up + SiLU tile for `t` rows and `i` output columns: 32
 /// columns a block with eight or six stages while the grid fits in one
-/// wave, else 64 columns with four (criterion: 0.6B at 128 rows 16.6 ->
-/// 11.8 us with six stages; at 256 rows the 64-column tile stays best).
+/// wave (criterion: 0.6B at 128 rows 16.6 -> 11.8 us with six stages),
+/// then 128 rows by 64 columns while that grid does, else 64 x 64 with four.
 fn choose_silu_tile(t: u32, i: u32, gpu: Gpu) -> &'static Tile {
     if uses_m128(t, i.div_ceil(SILU_M128.bn / 2), gpu) {
         return &SILU_M128;
     }
-    let blocks = |tile: &Tile| t.div_ceil(64) * i.div_ceil(tile.bn / 2);
-    [&SILU32_DEEP, &SILU32_S6]
+    let blocks = |tile: &Tile| t.div_ceil(tile.bm) * i.div_ceil(tile.bn / 2);
+    [&SILU32_DEEP, &SILU32_S6, &SILU_M128_N64]
         .into_iter()
         .find(|tile| blocks(tile) <= gpu.resident(tile))
         .unwrap_or(&SILU64)
+}
+
+/// The hi/lo logits tile for `t` rows: 128 columns a block once there are
+/// several row tiles (every block reads its rows of x_hi and x_lo whole,
+/// so wider blocks read x fewer times), 64 for one.
+fn choose_hilo_tile(t: u32) -> &'static Tile {
+    if t > 64 {
+        &HILO128
+    } else {
+        &HILO
+    }
 }
 
 /// k per stage, padded shared rows, and stages, as GK, GS and GSTAGES.
@@ -455,7 +469,7 @@ impl CudaBackend {
         let cfg = wg_fused_grid(op, t, (i, block_cols), tile, tile.bm)?;
         let mut b = self.launch(self.kernel(name));
         b.arg(x).arg(w).arg(out).arg(&ti).arg(&ki).arg(&ii);
-        // SAFETY: argument order and types match gemm_wg_silu{,_s6,_deep} in gemm_wgmma.cu;
+        // SAFETY: argument order and types match gemm_wg_silu* in gemm_wgmma.cu;
         // the caller checked that x holds t·k, w 2i·k and out t·i elements, the
         // kernel guards every access by T, K and N = i, K % 8 == 0, and the
         // dynamic shared memory holds its stages.
@@ -486,11 +500,12 @@ impl CudaBackend {
             return Ok(true);
         }
         let (ti, ki, ni) = (int(op, t)?, int(op, k)?, int(op, n)?);
-        // 64 rows of hi, 64 of lo and 64 of w a stage.
-        let cfg = wg_fused_grid(op, t, (n, HILO.bn), &HILO, 2 * HILO.bm)?;
-        let mut b = self.launch(self.kernel(HILO.name));
+        // 64 rows of hi, 64 of lo and bn of w a stage.
+        let tile = choose_hilo_tile(t as u32);
+        let cfg = wg_fused_grid(op, t, (n, tile.bn), tile, 2 * tile.bm)?;
+        let mut b = self.launch(self.kernel(tile.name));
         b.arg(hi).arg(lo).arg(w).arg(out).arg(&ti).arg(&ki).arg(&ni);
-        // SAFETY: argument order and types match gemm_wg_hilo in gemm_wgmma.cu;
+        // SAFETY: argument order and types match gemm_wg_hilo{,_n128} in gemm_wgmma.cu;
         // the caller checked that hi and lo hold t·k, w n·k and out t·n
         // elements, the kernel guards every access by T, K and N, K % 8 == 0,
         // and the dynamic shared memory holds its stages.
@@ -555,7 +570,10 @@ mod tests {
         assert_eq!(name(1, 3072), "gemm_wg_silu_deep");
         assert_eq!(name(64, 3072), "gemm_wg_silu_deep");
         assert_eq!(name(128, 3072), "gemm_wg_silu_s6");
-        assert_eq!(name(256, 3072), "gemm_wg_silu");
+        // Two row tiles of 128 by 48 column tiles: one block an SM.
+        assert_eq!(name(129, 3072), "gemm_wg_silu_m128_n64");
+        assert_eq!(name(256, 3072), "gemm_wg_silu_m128_n64");
+        assert_eq!(name(384, 3072), "gemm_wg_silu");
         // A prompt step: 128 rows by 128 gate and 128 up columns.
         assert_eq!(name(2048, 3072), "gemm_wg_silu_m128");
         // Qwen3-8B's 12,288 columns: 384 narrow blocks would take waves.

@@ -309,11 +309,20 @@ GEMM_WG_SILU_KERNEL(gemm_wg_silu_deep, 1, WG_STAGES_DEEP, 1)
 GEMM_WG_SILU_KERNEL(gemm_wg_silu_s6, 1, 6, 1)
 // 128 rows by 128 gate and 128 up columns (large row counts).
 GEMM_WG_SILU_KERNEL(gemm_wg_silu_m128, 4, WG_STAGES, 2)
+// 128 rows by 64 gate and 64 up columns, six stages (one block an SM): a
+// few row tiles (129-256 rows at the 0.6B shape), whose 64-row grid would
+// put two blocks on some SMs and none on others.
+GEMM_WG_SILU_KERNEL(gemm_wg_silu_m128_n64, 2, 6, 2)
 
 // out = x_hi . w + x_lo . w (see WG_HILO), f32 [T, N]; no split K.
-// Grid (T / 64, N / 64).
-extern "C" __global__ void __launch_bounds__(WG_THREADS)
-    gemm_wg_hilo(const __nv_bfloat16* x_hi, const __nv_bfloat16* x_lo, const __nv_bfloat16* w, float* out, int T,
-                 int K, int N) {
-    gemm_wg_body<1, WG_HILO, WG_STAGES>(x_hi, x_lo, w, out, T, K, N, 0, nullptr, nullptr);
-}
+// Grid (T / 64, N / (64·NB)).
+#define GEMM_WG_HILO_KERNEL(NAME, NB)                                                                          \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS)                                                    \
+        NAME(const __nv_bfloat16* x_hi, const __nv_bfloat16* x_lo, const __nv_bfloat16* w, float* out, int T,   \
+             int K, int N) {                                                                                    \
+        gemm_wg_body<NB, WG_HILO, WG_STAGES>(x_hi, x_lo, w, out, T, K, N, 0, nullptr, nullptr);                \
+    }
+GEMM_WG_HILO_KERNEL(gemm_wg_hilo, 1)
+// 128 columns a block: several row tiles of the vocabulary projection read
+// their 64 rows of x_hi and x_lo from L2 once per 128 columns instead of 64.
+GEMM_WG_HILO_KERNEL(gemm_wg_hilo_n128, 2)

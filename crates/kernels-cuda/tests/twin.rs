@@ -517,13 +517,16 @@ fn tensor_core_gate_up_silu_equals_projection_then_gate() {
     g.set_exact(false);
     let mut r = Rng::new("tensor-core rms_norm_matmul_silu");
     // (tokens, hidden, intermediate): the 0.6B shape at prompt sizes (the
-    // 128-row tiles, one ending mid-tile), at a decode batch and a partial
-    // row tile, the 8B shape, K not a multiple of 64 with an intermediate
+    // 128-row tiles, one ending mid-tile), at decode batches (128 rows by
+    // 64 columns at 256 and 200 rows, at 150 also with K not a multiple of
+    // 64) and a partial row tile, the 8B shape, K not a multiple of 64 with an intermediate
     // that ends mid-tile, K not a multiple of 8 (gemm.cu).
     for (t, h, i) in [
         (1100, 1024, 3072),
         (777, 1024, 3072),
         (256, 1024, 3072),
+        (200, 1024, 3072),
+        (150, 200, 100),
         (70, 1024, 3072),
         (64, 4096, 12_288),
         (65, 200, 100),
