@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use model_qwen3::config::Qwen3Config;
 use model_qwen3::dummy::{dummy_config, random_weights};
-use model_qwen3::{Feed, Logits, Qwen3, Sequence};
-use qwen_tensor::{Backend, DType, Download, Tensor};
+use model_qwen3::{Logits, Qwen3, Sequence};
+use qwen_tensor::Backend;
 
 /// Options of `qwen-cli bench`.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,45 +134,17 @@ pub fn latency<B: Backend>(
         let logits = model
             .forward(&mut cache, &mut [(&mut seq, &prompt[..])], Logits::Last)
             .map_err(err)?;
-        let first = be.argmax(&logits).map_err(|e| e.to_string())?[0];
+        let mut tok = be.argmax(&logits).map_err(|e| e.to_string())?[0];
         let ttft = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        // As `generate` decodes: each step queued before the token before it
-        // is read back, its input fed from the device.
-        let mut fed: Option<Tensor<B>> = None;
-        let mut queued: std::collections::VecDeque<Download> = Default::default();
-        let be_err = |e: qwen_tensor::Error| e.to_string();
         for step in 1..gen {
-            let logits = match &fed {
-                None => model.forward(&mut cache, &mut [(&mut seq, &[first])], Logits::Last),
-                Some(t) => model.forward_fed(
-                    &mut cache,
-                    &mut [(&mut seq, &[0])],
-                    Logits::Last,
-                    Some(Feed {
-                        tokens: t,
-                        entries: &[(0, 0)],
-                    }),
-                ),
-            }
-            .map_err(err)?;
-            let mut picked = be.zeros(&[1], DType::U32).map_err(be_err)?;
-            be.argmax_to(&logits, &mut picked).map_err(be_err)?;
-            queued.push_back(be.download_start(&picked).map_err(be_err)?);
-            fed = Some(picked);
-            if queued.len() > 1 {
-                queued
-                    .pop_front()
-                    .map(Download::wait)
-                    .transpose()
-                    .map_err(be_err)?;
-            }
+            let logits = model
+                .forward(&mut cache, &mut [(&mut seq, &[tok])], Logits::Last)
+                .map_err(err)?;
+            tok = be.argmax(&logits).map_err(|e| e.to_string())?[0];
             if report && step % 32 == 0 {
                 eprint!("\rdecode {step}/{gen}");
             }
-        }
-        for d in queued {
-            d.wait().map_err(be_err)?;
         }
         if report {
             eprintln!("\rdecode {gen}/{gen}");

@@ -8,9 +8,9 @@ use std::time::Instant;
 use model_qwen3::chat::{ChatMessage, ChatTemplate};
 use model_qwen3::generation_config::GenerationConfig;
 use model_qwen3::tokenizer::{StreamDecoder, Tokenizer};
-use model_qwen3::{Feed, Logits, Sequence};
-use qwen_sampler::{sample_batch_on_device, FinishReason, Sampler, SamplingConfig, StopCriteria};
-use qwen_tensor::{Backend, Download, HostVec, Tensor};
+use model_qwen3::{Logits, Sequence};
+use qwen_sampler::{FinishReason, Sampler, SamplingConfig, StopCriteria};
+use qwen_tensor::Backend;
 
 use crate::args::GenerateArgs;
 
@@ -145,13 +145,6 @@ pub fn run<B: Backend>(backend: B, args: &GenerateArgs, dir: &Path) -> Result<Ou
     let mut tokens = vec![first];
     let t1 = Instant::now();
     let mut steps = 0usize;
-    // Without a repetition penalty the sampler needs no history, so each
-    // step is queued before the token before it is read back (its input
-    // fed from the device): the host's turnaround leaves the GPU no gap.
-    // A step queued past an end-of-sequence token is dropped.
-    let overlap = sampling.repetition_penalty == 1.0;
-    let mut queued: std::collections::VecDeque<Download> = Default::default();
-    let mut fed: Option<Tensor<B>> = None;
     let finish = loop {
         let tok = *tokens.last().expect("at least one token");
         history.push(tok);
@@ -162,48 +155,14 @@ pub fn run<B: Backend>(backend: B, args: &GenerateArgs, dir: &Path) -> Result<Ou
         if let Some(r) = reason {
             break r;
         }
-        if !overlap {
-            logits = model
-                .forward(&mut cache, &mut [(&mut seq, &[tok])], Logits::Last)
-                .map_err(err)?;
-            tokens.push(
-                sampler
-                    .sample(be, &mut logits, &history)
-                    .map_err(|e| e.to_string())?,
-            );
-            steps += 1;
-            continue;
-        }
-        // Keep the step after the next token queued too, while the length
-        // limit still wants its token.
-        while queued.len() < 2 && tokens.len() + queued.len() < max_new {
-            let mut logits = match &fed {
-                None => model.forward(&mut cache, &mut [(&mut seq, &[tok])], Logits::Last),
-                Some(t) => model.forward_fed(
-                    &mut cache,
-                    &mut [(&mut seq, &[0])],
-                    Logits::Last,
-                    Some(Feed {
-                        tokens: t,
-                        entries: &[(0, 0)],
-                    }),
-                ),
-            }
+        logits = model
+            .forward(&mut cache, &mut [(&mut seq, &[tok])], Logits::Last)
             .map_err(err)?;
-            let picked = sample_batch_on_device(be, &mut logits, &mut [&mut sampler])
-                .map_err(|e| e.to_string())?;
-            queued.push_back(be.download_start(&picked).map_err(|e| e.to_string())?);
-            fed = Some(picked);
-        }
-        let next = queued
-            .pop_front()
-            .ok_or("no decode step was queued")?
-            .wait()
-            .map_err(|e| e.to_string())?;
-        match next {
-            HostVec::U32(v) if v.len() == 1 => tokens.push(v[0]),
-            _ => return Err("a decode step returned no token".into()),
-        }
+        tokens.push(
+            sampler
+                .sample(be, &mut logits, &history)
+                .map_err(|e| e.to_string())?,
+        );
         steps += 1;
     };
     let decode_s = t1.elapsed().as_secs_f64();
