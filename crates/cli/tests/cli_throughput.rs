@@ -17,43 +17,50 @@ fn a_small_workload_reports_throughput_and_preemptions() {
     // Every prompt and output is 24 tokens (47 positions, 3 blocks); 6
     // blocks admit three prompts at once but let only two grow to full
     // length, so the scheduler must preempt.
+    // Overlapped steps (the default) read their tokens back before a step
+    // that may preempt; plain steps wait for every step's tokens.
     let dir = tiny();
-    let (out, err, ok) = cli(&[
-        "bench",
-        "--mode",
-        "throughput",
-        "--model",
-        &dir,
-        "--num-seqs",
-        "6",
-        "--max-len",
-        "24",
-        "--kv-blocks",
-        "6",
-        "--temperature",
-        "0",
-        "--backend",
-        "cpu",
-        "--json",
-    ]);
-    assert!(ok, "{err}");
-    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
-    assert_eq!(v["mode"], "throughput");
-    assert_eq!(v["num_seqs"], 6);
-    assert_eq!(v["prompt_tokens"], 6 * 24);
-    assert_eq!(v["output_tokens"], 6 * 24);
-    assert_eq!(v["kv_blocks"], 6);
-    assert!(v["preemptions"].as_u64().unwrap() > 0, "{v}");
-    // Preempted sequences were prefilled again.
-    assert!(v["prefill_tokens"].as_u64().unwrap() > 6 * 24, "{v}");
-    let (o, t, w) = (
-        v["output_tok_s"].as_f64().unwrap(),
-        v["total_tok_s"].as_f64().unwrap(),
-        v["wall_s"].as_f64().unwrap(),
-    );
-    assert!(o > 0.0 && (t - 2.0 * o).abs() < 1e-6 * t, "{v}");
-    assert!((o * w - 144.0).abs() < 1e-6 * 144.0, "{v}");
-    assert!(err.contains("6/6 done"), "progress on stderr: {err}");
+    for overlap in ["on", "off"] {
+        let (out, err, ok) = cli(&[
+            "bench",
+            "--mode",
+            "throughput",
+            "--model",
+            &dir,
+            "--num-seqs",
+            "6",
+            "--max-len",
+            "24",
+            "--kv-blocks",
+            "6",
+            "--temperature",
+            "0",
+            "--overlap",
+            overlap,
+            "--backend",
+            "cpu",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+        assert_eq!(v["mode"], "throughput");
+        assert_eq!(v["overlap"], overlap == "on");
+        assert_eq!(v["num_seqs"], 6);
+        assert_eq!(v["prompt_tokens"], 6 * 24);
+        assert_eq!(v["output_tokens"], 6 * 24);
+        assert_eq!(v["kv_blocks"], 6);
+        assert!(v["preemptions"].as_u64().unwrap() > 0, "{v}");
+        // Preempted sequences were prefilled again.
+        assert!(v["prefill_tokens"].as_u64().unwrap() > 6 * 24, "{v}");
+        let (o, t, w) = (
+            v["output_tok_s"].as_f64().unwrap(),
+            v["total_tok_s"].as_f64().unwrap(),
+            v["wall_s"].as_f64().unwrap(),
+        );
+        assert!(o > 0.0 && (t - 2.0 * o).abs() < 1e-6 * t, "{v}");
+        assert!((o * w - 144.0).abs() < 1e-6 * 144.0, "{v}");
+        assert!(err.contains("6/6 done"), "progress on stderr: {err}");
+    }
 }
 
 #[test]
@@ -90,6 +97,10 @@ fn throughput_mistakes_are_one_error_line() {
         ),
         (vec!["--num-seqs", "3"], "only applies to --mode throughput"),
         (vec!["--mode", "fast"], "unknown --mode"),
+        (
+            vec!["--mode", "throughput", "--overlap", "maybe"],
+            "not on or off",
+        ),
         (
             vec!["--mode", "throughput", "--num-seqs", "0"],
             "--num-seqs",
