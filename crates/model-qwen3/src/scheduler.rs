@@ -24,6 +24,12 @@
 //! model crate free of any sampling policy ([`greedy`] is here for tests and
 //! benchmarks).
 //!
+//! [`Scheduler::step_overlapped`] queues each step before the host reads
+//! the step before it back: the sampler leaves its tokens on the device
+//! ([`greedy_on_device`]), the next step takes them as input from there,
+//! and the host retires and schedules while the GPU runs. Same tokens as
+//! [`Scheduler::step`].
+//!
 //! ```
 //! use model_qwen3::scheduler::{greedy, Request, Scheduler, SchedulerConfig};
 //! use model_qwen3::Qwen3;
