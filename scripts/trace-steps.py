@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Where a throughput run's time goes, from a kernel trace of the whole run.
+
+Run `qwen-cli bench --mode throughput --tensor-core-decode` with
+QWEN_CUDA_TRACE=FILE (crates/kernels-cuda/src/trace.rs), then
+`scripts/trace-steps.py FILE`. Each record is the time a kernel got past its
+wait for the kernel before (when that one completed), so the gap to the next
+record is a kernel's share of the run's critical path. Steps are cut at the
+vocabulary projection (the kernel with a grid of 1,000 or more column
+blocks); a decode step of the tensor-core layer is, after the vocabulary
+projection, three sampling kernels, the embedding and the first input norm,
+then 8 kernels a layer (qkv, RoPE, attention, o_proj, add + norm, gate/up +
+SiLU, down, add + next norm; the last layer ends with the shares' sum, the
+final norm and the hi/lo split). The gap after the third sampling kernel is
+that kernel plus the host's time until the next step's first kernel (the
+step boundary). Steps with prompt tokens have other shapes and are only
+counted. Prints the totals and a table of ms a step by batch size (32-row
+buckets; a decode step's batch is the sampling kernels' grid height).
+Usage: scripts/trace-steps.py FILE [--layers N]
+"""
+import argparse, collections
+
+ap = argparse.ArgumentParser()
+ap.add_argument("file")
+ap.add_argument("--layers", type=int, default=28)
+a = ap.parse_args()
+
+recs = []
+with open(a.file) as f:
+    for line in f:
+        if line.startswith("#"):
+            continue
+        t, gx, gy, th = map(int, line.split())
+        recs.append((t, gx, gy, th))
+recs.sort()
+gap = [(recs[i + 1][0] - recs[i][0]) / 1e3 for i in range(len(recs) - 1)] + [0.0]
+lm = [i for i, r in enumerate(recs) if r[2] >= 1000]
+layer = ["qkv", "rope", "attention", "o_proj", "add+norm", "gate_up+silu", "down", "add+norm"]
+tail = ["shares sum", "final norm", "hi/lo split"]
+after = ["lm_head", "sample 1", "sample 2", "sample 3 + boundary", "embedding", "input norm"]
+total = collections.defaultdict(float)
+by = collections.defaultdict(lambda: collections.defaultdict(float))
+steps = collections.Counter()
+prompt_us, prompt_steps = 0.0, 0
+for a_i, b_i in zip(lm[:-1], lm[1:-1]):
+    first = a_i + 6  # qkv of layer 0
+    if b_i - first != a.layers * 8 - 1 + len(tail):
+        prompt_us += (recs[b_i][0] - recs[a_i + 1][0]) / 1e3
+        prompt_steps += 1
+        continue
+    bucket = (recs[a_i + 1][2] - 1) // 32
+    names = [layer[j % 8] for j in range(a.layers * 8 - 1)] + tail
+    for k, name in enumerate(names):
+        total[name] += gap[first + k]
+        by[bucket][name] += gap[first + k]
+    for k, name in enumerate(after):
+        total[name] += gap[b_i + k]
+        by[bucket][name] += gap[b_i + k]
+    steps[bucket] += 1
+decode_us = sum(total.values())
+print(f"decode steps {sum(steps.values())}: {decode_us / 1e6:.3f} s; "
+      f"steps with prompt tokens {prompt_steps}: {prompt_us / 1e6:.3f} s")
+for name, us in sorted(total.items(), key=lambda kv: -kv[1]):
+    print(f"{name:>22} {us / 1e6:8.3f} s {100 * us / (decode_us + prompt_us):5.1f}%")
+cols = ["attention", "qkv", "rope", "o_proj", "add+norm", "gate_up+silu", "down", "lm_head",
+        "sample 1", "sample 2", "sample 3 + boundary"]
+print("\n| seqs | steps | " + " | ".join(cols) + " | all (ms a step) |")
+print("|" + "---|" * (len(cols) + 3))
+for bucket in sorted(steps):
+    n = steps[bucket]
+    row = [by[bucket][c] / n / 1e3 for c in cols]
+    print(f"| {bucket * 32 + 1}-{bucket * 32 + 32} | {n} | " + " | ".join(f"{v:.3f}" for v in row)
+          + f" | {sum(by[bucket].values()) / n / 1e3:.3f} |")
