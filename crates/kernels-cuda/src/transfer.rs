@@ -65,6 +65,9 @@ impl CudaBackend {
             return Ok(Download::ready(self.download(t)?));
         };
         let n = t.numel();
+        if n == 0 {
+            return Ok(Download::ready(HostVec::U32(Vec::new())));
+        }
         let s = &self.dev.stream;
         let reused = self.host_buffers.lock().ok().and_then(|mut pool| {
             pool.iter()

@@ -403,12 +403,7 @@ impl<'m, B: Backend> Scheduler<'m, B> {
     where
         F: FnMut(&mut Tensor<B>, &[SampleRow<'_>]) -> Result<Vec<u32>>,
     {
-        let mut done = Vec::new();
-        while self.has_unfinished() {
-            done.extend(self.step(sample)?.finished);
-        }
-        done.sort_by_key(|f| f.id);
-        Ok(done)
+        self.run_with(|s| s.step(sample))
     }
 
     /// [`run`](Self::run) through [`step_overlapped`](Self::step_overlapped).
@@ -416,9 +411,16 @@ impl<'m, B: Backend> Scheduler<'m, B> {
     where
         G: FnMut(&mut Tensor<B>, &[SampleRow<'_>]) -> Result<Tensor<B>>,
     {
+        self.run_with(|s| s.step_overlapped(sample))
+    }
+
+    fn run_with(
+        &mut self,
+        mut step: impl FnMut(&mut Self) -> Result<StepOutput>,
+    ) -> Result<Vec<Finished>> {
         let mut done = Vec::new();
         while self.has_unfinished() {
-            done.extend(self.step_overlapped(sample)?.finished);
+            done.extend(step(self)?.finished);
         }
         done.sort_by_key(|f| f.id);
         Ok(done)
