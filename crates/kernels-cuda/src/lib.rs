@@ -267,6 +267,23 @@ impl Backend for CudaBackend {
         Ok(Tensor::from_parts(st, shape.to_vec(), dtype))
     }
 
+    fn empty(&self, shape: &[usize], dtype: DType) -> Result<T> {
+        let n: usize = shape.iter().product::<usize>().max(1);
+        let s = &self.dev.stream;
+        // SAFETY: uninitialised device memory is no hazard to the host: the
+        // tensor's contents are unspecified by contract until an op writes
+        // them, and reading them on the device yields arbitrary bits, not UB.
+        let st = unsafe {
+            match dtype {
+                DType::BF16 => CudaStorage::BF16(s.alloc::<half::bf16>(n).map_err(dev)?),
+                DType::F16 => CudaStorage::F16(s.alloc::<half::f16>(n).map_err(dev)?),
+                DType::F32 => CudaStorage::F32(s.alloc::<f32>(n).map_err(dev)?),
+                DType::U32 => CudaStorage::U32(s.alloc::<u32>(n).map_err(dev)?),
+            }
+        };
+        Ok(Tensor::from_parts(st, shape.to_vec(), dtype))
+    }
+
     fn upload(&self, data: HostSlice<'_>, shape: &[usize]) -> Result<T> {
         let n: usize = shape.iter().product();
         if n != data.len() {

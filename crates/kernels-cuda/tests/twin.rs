@@ -620,6 +620,11 @@ fn fed_ids_and_later_downloads() {
         let gg = run(&|ids, tokens| feed_on(&g, ids, tokens, &feed));
         same_bits(&format!("feed_ids {t} ids, {n} tokens, {fed} fed"), &c, &gg);
     }
+    // An unspecified tensor has its shape and dtype; an op then fills it.
+    let mut e = g.empty(&[3, 5], DType::U32).unwrap();
+    assert_eq!((e.shape(), e.dtype()), (&[3usize, 5][..], DType::U32));
+    g.write(&mut e, HostSlice::U32(&[9; 15])).unwrap();
+    assert_eq!(g.download(&e).unwrap(), HostVec::U32(vec![9; 15]));
     // Bad pairs are errors on both, and write nothing.
     for bad in [vec![(3, 0)], vec![(0, 2)], vec![(1, 0), (1, 1)]] {
         assert!(feed_fails(&cpu, &bad), "{bad:?} accepted on the CPU");

@@ -451,13 +451,13 @@ impl<B: Backend> Qwen3<B> {
             // in the layers), then put back in batch order.
             Logits::All => {
                 be.set_tensor_core_rows(prompt_rows);
-                let mut all = be.zeros(&[t, v], DType::F32)?;
+                let mut all = be.empty(&[t, v], DType::F32)?;
                 be.logits(x, &self.final_norm, eps, lm_head, &mut all)?;
                 if in_order {
                     all
                 } else {
                     let rows_t = be.upload(HostSlice::U32(&row_of), &[t])?;
-                    let mut ordered = be.zeros(&[t, v], DType::F32)?;
+                    let mut ordered = be.empty(&[t, v], DType::F32)?;
                     be.gather_rows(&all, &rows_t, &mut ordered)?;
                     ordered
                 }
@@ -478,7 +478,7 @@ impl<B: Backend> Qwen3<B> {
                         row_of[end - 1]
                     })
                     .collect();
-                let mut out = be.zeros(&[rows.len(), v], DType::F32)?;
+                let mut out = be.empty(&[rows.len(), v], DType::F32)?;
                 if rows.len() == t && in_order {
                     be.logits(x, &self.final_norm, eps, lm_head, &mut out)?;
                 } else {

@@ -51,6 +51,12 @@ pub trait Backend: Sized + Send + Sync {
 
     /// A zero-filled tensor.
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>>;
+    /// A tensor whose contents are unspecified, for the output of an op
+    /// that writes every element (a decode step's `[rows, vocab]` logits are
+    /// not worth zeroing first). The default zero-fills.
+    fn empty(&self, shape: &[usize], dtype: DType) -> Result<Tensor<Self>> {
+        self.zeros(shape, dtype)
+    }
     /// Copies host data to a new tensor of `shape`.
     fn upload(&self, data: HostSlice<'_>, shape: &[usize]) -> Result<Tensor<Self>>;
     /// Overwrites a tensor's contents; dtype and length must match.
