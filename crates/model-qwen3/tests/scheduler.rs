@@ -8,9 +8,9 @@ mod common;
 
 use common::{random_ids, tiny_dir, Golden};
 use model_qwen3::scheduler::{greedy, greedy_on_device, Finished, Request, SampleRow, StopReason};
-use model_qwen3::{KvCache, Qwen3, Scheduler, SchedulerConfig};
+use model_qwen3::{Feed, KvCache, Logits, Qwen3, Scheduler, SchedulerConfig, Sequence};
 use qwen_kernels_cpu::CpuBackend;
-use qwen_tensor::{Backend, Tensor};
+use qwen_tensor::{Backend, HostSlice, Tensor};
 
 fn model() -> Qwen3<CpuBackend> {
     Qwen3::load(CpuBackend::new(), &tiny_dir(), &mut |_, _| {}).expect("tiny checkpoint loads")
@@ -402,4 +402,60 @@ fn logits_of_a_mixed_batch_come_back_in_batch_order() {
     assert!(both[vocab..] == b_alone[..], "the prompt rows moved");
     assert_eq!(sb.prompt_len(), Some(b_prompt.len()));
     assert_eq!(sa.prompt_len(), Some(a_prompt.len()));
+}
+
+/// `forward_fed` takes a one-token entry's token from a device tensor: the
+/// logits of `forward` with that token on the host. A feed naming a longer
+/// entry, or a token past the tensor, is an error.
+#[test]
+fn fed_tokens_give_the_logits_of_host_tokens() {
+    let m = model();
+    let be = m.backend();
+    let prompt = random_ids(9, 20, m.config().vocab_size);
+    let run = |fed: bool| -> Vec<f32> {
+        let mut cache = m.new_cache(32).unwrap();
+        let mut seq = Sequence::default();
+        m.forward(&mut cache, &mut [(&mut seq, &prompt[..])], Logits::Last)
+            .unwrap();
+        let next = 4242u32;
+        let logits = if fed {
+            let tokens = be.upload(HostSlice::U32(&[7, next]), &[2]).unwrap();
+            let feed = Feed {
+                tokens: &tokens,
+                entries: &[(0, 1)],
+            };
+            m.forward_fed(
+                &mut cache,
+                &mut [(&mut seq, &[0])],
+                Logits::Last,
+                Some(feed),
+            )
+        } else {
+            m.forward(&mut cache, &mut [(&mut seq, &[next])], Logits::Last)
+        }
+        .unwrap();
+        be.download(&logits).unwrap().to_f32()
+    };
+    assert_eq!(run(true), run(false));
+
+    let mut cache = m.new_cache(32).unwrap();
+    let tokens = be.upload(HostSlice::U32(&[7]), &[1]).unwrap();
+    for (toks, entries) in [(&prompt[..3], [(0usize, 0usize)]), (&prompt[..1], [(0, 1)])] {
+        let mut seq = Sequence::default();
+        let feed = Feed {
+            tokens: &tokens,
+            entries: &entries,
+        };
+        let r = m.forward_fed(
+            &mut cache,
+            &mut [(&mut seq, toks)],
+            Logits::Last,
+            Some(feed),
+        );
+        assert!(
+            r.is_err(),
+            "{} tokens, feed {entries:?} accepted",
+            toks.len()
+        );
+    }
 }
