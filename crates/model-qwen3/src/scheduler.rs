@@ -730,12 +730,7 @@ impl<'m, B: Backend> Scheduler<'m, B> {
             )));
         }
         // Tokens of requests retired since (after a stop token) are dropped.
-        let index: HashMap<RequestId, usize> = self
-            .running
-            .iter()
-            .enumerate()
-            .map(|(k, s)| (s.id, k))
-            .collect();
+        let index = self.running_index();
         let (mut live_ids, mut live_picks) = (Vec::new(), Vec::new());
         for (&id, &tok) in ids.iter().zip(&picks) {
             if let Some(&k) = index.get(&id) {
@@ -745,6 +740,15 @@ impl<'m, B: Backend> Scheduler<'m, B> {
             }
         }
         self.take_tokens(&live_ids, &live_picks, out)
+    }
+
+    /// Each running request's index in `running`.
+    fn running_index(&self) -> HashMap<RequestId, usize> {
+        self.running
+            .iter()
+            .enumerate()
+            .map(|(k, s)| (s.id, k))
+            .collect()
     }
 
     /// Appends each request's new token, then retires the requests that
@@ -768,12 +772,7 @@ impl<'m, B: Backend> Scheduler<'m, B> {
                 "the sampler returned token {bad}, outside the vocabulary ({vocab})"
             )));
         }
-        let index: HashMap<RequestId, usize> = self
-            .running
-            .iter()
-            .enumerate()
-            .map(|(k, s)| (s.id, k))
-            .collect();
+        let index = self.running_index();
         let mut finished: Vec<Option<StopReason>> = vec![None; self.running.len()];
         for (id, &tok) in ids.iter().zip(picks) {
             let k = index[id];
