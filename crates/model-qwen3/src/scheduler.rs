@@ -499,8 +499,7 @@ impl<'m, B: Backend> Scheduler<'m, B> {
             let info = self.sample_rows(&sampled);
             sample(&mut logits, &info)?
         };
-        let ids: Vec<RequestId> = sampled.iter().map(|&k| self.running[k].id).collect();
-        self.take_tokens(&ids, &picks, &mut out)?;
+        self.take_tokens(&sampled, &picks, &mut out)?;
         Ok(out)
     }
 
@@ -730,40 +729,31 @@ impl<'m, B: Backend> Scheduler<'m, B> {
             )));
         }
         // Tokens of requests retired since (after a stop token) are dropped.
-        let index = self.running_index();
-        let (mut live_ids, mut live_picks) = (Vec::new(), Vec::new());
-        for (&id, &tok) in ids.iter().zip(&picks) {
-            if let Some(&k) = index.get(&id) {
-                self.running[k].in_flight -= 1;
-                live_ids.push(id);
-                live_picks.push(tok);
-            }
-        }
-        self.take_tokens(&live_ids, &live_picks, out)
-    }
-
-    /// Each running request's index in `running`.
-    fn running_index(&self) -> HashMap<RequestId, usize> {
-        self.running
+        let index: HashMap<RequestId, usize> = self
+            .running
             .iter()
             .enumerate()
             .map(|(k, s)| (s.id, k))
-            .collect()
+            .collect();
+        let (mut live, mut live_picks) = (Vec::new(), Vec::new());
+        for (id, &tok) in ids.iter().zip(&picks) {
+            if let Some(&k) = index.get(id) {
+                self.running[k].in_flight -= 1;
+                live.push(k);
+                live_picks.push(tok);
+            }
+        }
+        self.take_tokens(&live, &live_picks, out)
     }
 
-    /// Appends each request's new token, then retires the requests that
-    /// ended (a stop token, or their last token).
-    fn take_tokens(
-        &mut self,
-        ids: &[RequestId],
-        picks: &[u32],
-        out: &mut StepOutput,
-    ) -> Result<()> {
-        if picks.len() != ids.len() {
+    /// Appends the new token of each `running[k]` of `ks`, then retires
+    /// the requests that ended (a stop token, or their last token).
+    fn take_tokens(&mut self, ks: &[usize], picks: &[u32], out: &mut StepOutput) -> Result<()> {
+        if picks.len() != ks.len() {
             return Err(ModelError::Request(format!(
                 "the sampler returned {} tokens for {} rows",
                 picks.len(),
-                ids.len()
+                ks.len()
             )));
         }
         let vocab = self.model.config().vocab_size as u32;
@@ -772,10 +762,8 @@ impl<'m, B: Backend> Scheduler<'m, B> {
                 "the sampler returned token {bad}, outside the vocabulary ({vocab})"
             )));
         }
-        let index = self.running_index();
         let mut finished: Vec<Option<StopReason>> = vec![None; self.running.len()];
-        for (id, &tok) in ids.iter().zip(picks) {
-            let k = index[id];
+        for (&k, &tok) in ks.iter().zip(picks) {
             let s = &mut self.running[k];
             s.tokens.push(tok);
             s.decoding = true;
