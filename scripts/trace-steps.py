@@ -8,14 +8,16 @@ wait for the kernel before (when that one completed), so the gap to the next
 record is a kernel's share of the run's critical path. Steps are cut at the
 vocabulary projection (the kernel with a grid of 1,000 or more column
 blocks); a decode step of the tensor-core layer is, after the vocabulary
-projection, three sampling kernels, the embedding and the first input norm,
-then 8 kernels a layer (qkv, RoPE, attention, o_proj, add + norm, gate/up +
-SiLU, down, add + next norm; the last layer ends with the shares' sum, the
-final norm and the hi/lo split). The gap after the third sampling kernel is
-that kernel plus the host's time until the next step's first kernel (the
-step boundary). Steps with prompt tokens have other shapes and are only
-counted. Prints the totals and a table of ms a step by batch size (32-row
-buckets; a decode step's batch is the sampling kernels' grid height).
+projection, three sampling kernels, the next step's first kernels (the fed
+ids in overlapped steps, the embedding, the first input norm), then 8
+kernels a layer (qkv, RoPE, attention, o_proj, add + norm, gate/up + SiLU,
+down, add + next norm; the last layer ends with the shares' sum, the final
+norm and the hi/lo split). The gap after the third sampling kernel is that
+kernel plus any time until the next step's first kernel (the step
+boundary: the host's, in plain steps). Steps with prompt tokens have other
+shapes and are only counted (a decode step embeds as many rows as it
+samples). Prints the totals and a table of ms a step by batch size (32-row
+buckets; a decode step's batch is its sampling kernels' grid height).
 Usage: scripts/trace-steps.py FILE [--layers N]
 """
 import argparse, collections
@@ -37,18 +39,26 @@ gap = [(recs[i + 1][0] - recs[i][0]) / 1e3 for i in range(len(recs) - 1)] + [0.0
 lm = [i for i, r in enumerate(recs) if r[2] >= 1000]
 layer = ["qkv", "rope", "attention", "o_proj", "add+norm", "gate_up+silu", "down", "add+norm"]
 tail = ["shares sum", "final norm", "hi/lo split"]
-after = ["lm_head", "sample 1", "sample 2", "sample 3 + boundary", "embedding", "input norm"]
+after = ["lm_head", "sample 1", "sample 2", "sample 3 + boundary"]
 total = collections.defaultdict(float)
 by = collections.defaultdict(lambda: collections.defaultdict(float))
 steps = collections.Counter()
 prompt_us, prompt_steps = 0.0, 0
-for a_i, b_i in zip(lm[:-1], lm[1:-1]):
-    first = a_i + 6  # qkv of layer 0
-    if b_i - first != a.layers * 8 - 1 + len(tail):
-        prompt_us += (recs[b_i][0] - recs[a_i + 1][0]) / 1e3
+for a_i, b_i in zip(lm[:-1], lm[1:]):
+    # A step: its first kernels after the step before's sampling (the fed
+    # ids in overlapped steps, the embedding, the input norm), its layers
+    # from qkv (`first`) on, its vocabulary projection (b_i) and sampling.
+    first = b_i - (a.layers * 8 - 1 + len(tail))
+    if b_i + 4 >= len(recs):
+        break
+    rows = recs[b_i + 1][2]  # the sampling kernels' grid height
+    emb = recs[first - 2]
+    # A decode step embeds as many rows as it samples; a prompt step more.
+    if first - (a_i + 4) not in (2, 3) or emb[1] != rows:
+        prompt_us += (recs[b_i + 4][0] - recs[a_i + 4][0]) / 1e3
         prompt_steps += 1
         continue
-    bucket = (recs[a_i + 1][2] - 1) // 32
+    bucket = (rows - 1) // 32
     names = [layer[j % 8] for j in range(a.layers * 8 - 1)] + tail
     for k, name in enumerate(names):
         total[name] += gap[first + k]
@@ -56,6 +66,9 @@ for a_i, b_i in zip(lm[:-1], lm[1:-1]):
     for k, name in enumerate(after):
         total[name] += gap[b_i + k]
         by[bucket][name] += gap[b_i + k]
+    for k in range(a_i + 4, first):
+        total["step start"] += gap[k]
+        by[bucket]["step start"] += gap[k]
     steps[bucket] += 1
 decode_us = sum(total.values())
 print(f"decode steps {sum(steps.values())}: {decode_us / 1e6:.3f} s; "
@@ -63,7 +76,7 @@ print(f"decode steps {sum(steps.values())}: {decode_us / 1e6:.3f} s; "
 for name, us in sorted(total.items(), key=lambda kv: -kv[1]):
     print(f"{name:>22} {us / 1e6:8.3f} s {100 * us / (decode_us + prompt_us):5.1f}%")
 cols = ["attention", "qkv", "rope", "o_proj", "add+norm", "gate_up+silu", "down", "lm_head",
-        "sample 1", "sample 2", "sample 3 + boundary"]
+        "sample 1", "sample 2", "sample 3 + boundary", "step start"]
 print("\n| seqs | steps | " + " | ".join(cols) + " | all (ms a step) |")
 print("|" + "---|" * (len(cols) + 3))
 for bucket in sorted(steps):
