@@ -16,19 +16,15 @@ impl CudaBackend {
     /// Argmax per row (twin of `qwen_kernels_cpu::argmax`): 32 blocks per
     /// row reduce slices, then a warp per row reduces the slices.
     pub(crate) fn argmax_impl(&self, logits: &T) -> Result<Vec<u32>> {
-        const OP: &str = "argmax";
-        let (rows, v) = expect_2d(OP, "logits", logits)?;
-        if v == 0 {
-            return Err(shape_err(OP, "empty vocabulary".into()));
-        }
-        if rows == 0 {
-            return Ok(Vec::new());
-        }
+        let (rows, _) = expect_2d("argmax", "logits", logits)?;
         self.with_scratch(Scratch::ArgmaxOut, &[rows], DType::U32, |out| {
-            self.argmax_launch(logits, out)?;
+            self.argmax_to_impl(logits, out)?;
+            if rows == 0 {
+                return Ok(Vec::new());
+            }
             self.dev
                 .stream
-                .clone_dtoh(u32s(OP, "out", out)?)
+                .clone_dtoh(u32s("argmax", "out", out)?)
                 .map_err(dev)
                 .map(|mut h| {
                     h.truncate(rows);
@@ -49,14 +45,6 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        self.argmax_launch(logits, out)
-    }
-
-    /// The argmax's two kernels, writing one index per row of `logits`
-    /// (at least one row, a non-empty vocabulary) into `out`.
-    fn argmax_launch(&self, logits: &T, out: &mut T) -> Result<()> {
-        const OP: &str = "argmax";
-        let (rows, v) = expect_2d(OP, "logits", logits)?;
         let vi = int(OP, v)?;
         let parts = [rows * ARGMAX_SLICES as usize];
         self.with_scratch(Scratch::ArgmaxValues, &parts, DType::F32, |pv| {
