@@ -78,11 +78,18 @@ struct Plan {
 /// for each `(e, k)` of `entries`, batch entry `e` holds a one-token
 /// placeholder for `tokens[k]` (u32 `[N]`, a step's sampled ids), which the
 /// forward pass takes instead.
-#[derive(Clone, Copy)]
 pub struct Feed<'a, B: Backend> {
     pub tokens: &'a Tensor<B>,
     pub entries: &'a [(usize, usize)],
 }
+
+// Two references: copyable whatever the backend (a derive would ask B: Copy).
+impl<B: Backend> Clone for Feed<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<B: Backend> Copy for Feed<'_, B> {}
 
 /// A listener handed every named activation of a forward pass.
 type Tap<'a, B> = dyn FnMut(&str, &mut Tensor<B>) -> Result<()> + 'a;
@@ -254,6 +261,19 @@ impl<B: Backend> Qwen3<B> {
         want: Logits,
         feed: Option<Feed<'_, B>>,
     ) -> Result<Tensor<B>> {
+        // Checked before `plan` reserves anything for the batch.
+        if let Some(f) = feed {
+            if let Some(&(e, _)) = f
+                .entries
+                .iter()
+                .find(|&&(e, _)| batch.get(e).is_none_or(|(_, toks)| toks.len() != 1))
+            {
+                return Err(ModelError::Request(format!(
+                    "fed entry {e} is not a one-token entry of a {}-entry batch",
+                    batch.len()
+                )));
+            }
+        }
         // Graphs record the exact path only: every row must be a generated
         // token (a sequence without a prompt length is in its prompt pass).
         let decode = want == Logits::Last
@@ -267,7 +287,8 @@ impl<B: Backend> Qwen3<B> {
         self.forward_inner(cache, batch, want, None, feed)
     }
 
-    /// Puts the fed tokens into `ids` (layout order; `row_of` from the plan).
+    /// Puts the fed tokens into `ids` (layout order; `row_of` from the plan;
+    /// the entries checked by `forward_fed`).
     fn apply_feed(
         &self,
         feed: Option<Feed<'_, B>>,
@@ -282,20 +303,11 @@ impl<B: Backend> Qwen3<B> {
             start.push(n);
             n += toks.len();
         }
-        let mut pairs = Vec::with_capacity(feed.entries.len());
-        for &(e, k) in feed.entries {
-            match batch.get(e) {
-                Some((_, toks)) if toks.len() == 1 => {
-                    pairs.push((row_of[start[e]] as usize, k));
-                }
-                _ => {
-                    return Err(ModelError::Request(format!(
-                        "fed entry {e} is not a one-token entry of a {}-entry batch",
-                        batch.len()
-                    )))
-                }
-            }
-        }
+        let pairs: Vec<(usize, usize)> = feed
+            .entries
+            .iter()
+            .map(|&(e, k)| (row_of[start[e]] as usize, k))
+            .collect();
         Ok(self.backend.feed_ids(feed.tokens, &pairs, ids)?)
     }
 
