@@ -1,6 +1,7 @@
 //! Benchmarks of `attention` over the paged KV cache: decode steps of 1 and
-//! 64 sequences at contexts 512 and 4096 and of 16 at 1536 (the throughput
-//! workload's tail), one 512-token prefill, and a
+//! 64 sequences at contexts 512 and 4096, of 16 at 1536 (the throughput
+//! workload's tail) and of 256 and 48 over a spread of contexts (its
+//! buckets), one 512-token prefill, and a
 //! chunked-prefill step (2,048 tokens of prompts and decode tokens), for
 //! Qwen3-0.6B and 8B (GQA: 16 or 32 q heads over 8 kv heads); and of the
 //! decode steps as `qk_norm_rope_attention` (q/k-norm, RoPE and the cache
@@ -30,6 +31,20 @@ fn cases() -> Vec<(String, Vec<(usize, usize)>)> {
     }
     // The throughput workload's tail: few sequences, long contexts.
     v.push(("decode/ctx1536/B16".into(), vec![(1536, 1); 16]));
+    // Its decode buckets with their spread of contexts (some blocks finish
+    // long before others), in no order of length: 256 sequences of
+    // 150-1,350 positions, 48 of 900-1,900.
+    let spread = |n: usize, lo: usize, hi: usize| -> Vec<(usize, usize)> {
+        (0..n)
+            .map(|i| (lo + (i * 37 % n) * (hi - lo) / (n - 1), 1))
+            .collect()
+    };
+    v.push(("decode/spread150-1350/B256".into(), spread(256, 150, 1350)));
+    v.push(("decode/spread900-1900/B48".into(), spread(48, 900, 1900)));
+    // The same batch, longest context first (blocks start in that order).
+    let mut sorted = spread(256, 150, 1350);
+    sorted.sort_by(|a, b| b.cmp(a));
+    v.push(("decode/spread150-1350/B256/longest-first".into(), sorted));
     v.push(("prefill/T512".into(), vec![(512, 512)]));
     // A chunked-prefill step of the throughput workload: 2,048 tokens, a
     // prompt's second chunk and two whole prompts beside 240 decode tokens.

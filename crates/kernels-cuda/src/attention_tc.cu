@@ -20,6 +20,9 @@
 
 #define TC_KEYS 64     // keys a step; fixed, as the partition of a row's sums
 #define TC_SPAN 1024   // keys a block; fixed too (spans of one row merge in order)
+// A span's partials of a row: m, l, two unused words, then D outputs (16-byte
+// aligned for the merge's vector loads).
+#define TC_SPAN_HEAD 4
 #define TC_PAD 8       // bf16 of padding a shared row: ldmatrix without bank conflicts
 // Warps come in fours: warp w takes keys [16(w % 4), 16(w % 4) + 16) of
 // every step for the pass's rows [16(w / 4), 16(w / 4) + 16). A block has
@@ -428,8 +431,8 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             if (row_ctx <= TC_SPAN) {
                 out[(size_t)r_out[r] * D + i] = __float2bfloat16_rn(O / rl[r]);
             } else {
-                float* dst = spans + ((size_t)r_out[r] * max_spans + blockIdx.y) * (D + 2);
-                dst[2 + i] = O;
+                float* dst = spans + ((size_t)r_out[r] * max_spans + blockIdx.y) * (D + TC_SPAN_HEAD);
+                dst[TC_SPAN_HEAD + i] = O;
                 if (i == 0) {
                     dst[0] = rm[r];
                     dst[1] = rl[r];
@@ -451,20 +454,77 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
     if (!last) return;
     __threadfence();
     if (tid == 0) done[blockIdx.x] = 0;
-    for (int e = tid; e < R * D; e += THREADS) {
-        int rr = e / D, i = e % D;
-        int t = t0 + rr / G, h = g * G + rr % G, row_spans = ((int)pos[t] + TC_SPAN) / TC_SPAN;
-        if (row_spans == 1) continue;
-        const float* p = spans + ((size_t)t * Hq + h) * max_spans * (D + 2);
-        float mx = NEG_INF;
-        for (int c = 0; c < row_spans; c++) mx = fmaxf(mx, __ldcg(p + c * (D + 2)));
-        float L = 0.0f, O = 0.0f;
-        for (int c = 0; c < row_spans; c++) {
-            float f = q_exp(__ldcg(p + c * (D + 2)) - mx);
-            L = L + __ldcg(p + c * (D + 2) + 1) * f;
-            O = O + __ldcg(p + c * (D + 2) + 2 + i) * f;
+    // Each row's factors f_c and sum L once a row (a thread each), then the
+    // outputs four at a time, every span's loads issued before the sums:
+    // the same sums as one element at a time (recomputing the factors for
+    // every element, with dependent loads from L2, took a prompt tile's
+    // merging block tens of microseconds). The stages hold [row][span]
+    // factors and [row] sums for RC rows at a time (at least one: checked by
+    // the launcher).
+    constexpr int SH = TC_SPAN_HEAD, D4 = D / 4;
+    constexpr int SMEM_FLOATS = (16 * RGP + 4 * TC_KEYS) * KS / 2;
+    const int RC = SMEM_FLOATS / (max_spans + 1);
+    float* mf = reinterpret_cast<float*>(smem_raw);
+    float* ml = mf + RC * max_spans;
+    auto row_at = [&](int rr) {
+        int t = t0 + rr / G, h = g * G + rr % G;
+        return spans + ((size_t)t * Hq + h) * max_spans * (D + SH);
+    };
+    auto spans_of = [&](int rr) { return ((int)pos[t0 + rr / G] + TC_SPAN) / TC_SPAN; };
+    for (int r0 = 0; r0 < R; r0 += RC) {
+        const int rn = min(RC, R - r0);
+        for (int r = tid; r < rn; r += THREADS) {
+            const int rr = r0 + r, ns = spans_of(rr);
+            if (ns == 1) continue;
+            const float* p = row_at(rr);
+            float mx = NEG_INF;
+            for (int c = 0; c < ns; c++) mx = fmaxf(mx, __ldcg(p + c * (D + SH)));
+            float L = 0.0f;
+            for (int c = 0; c < ns; c++) {
+                float f = q_exp(__ldcg(p + c * (D + SH)) - mx);
+                mf[r * max_spans + c] = f;
+                L = L + __ldcg(p + c * (D + SH) + 1) * f;
+            }
+            ml[r] = L;
         }
-        out[((size_t)t * Hq + h) * D + i] = __float2bfloat16_rn(O / L);
+        __syncthreads();
+        for (int e = tid; e < rn * D4; e += THREADS) {
+            const int r = e / D4, rr = r0 + r, i = (e % D4) * 4;
+            const int ns = spans_of(rr);
+            if (ns == 1) continue;
+            const float* p = row_at(rr) + SH + i;
+            const float* f = mf + r * max_spans;
+            float O[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            int c = 0;
+            for (; c + 4 <= ns; c += 4) {
+                float4 v[4];
+#pragma unroll
+                for (int u = 0; u < 4; u++) v[u] = __ldcg(reinterpret_cast<const float4*>(p + (c + u) * (D + SH)));
+#pragma unroll
+                for (int u = 0; u < 4; u++) {
+                    const float fc = f[c + u];
+                    O[0] = O[0] + v[u].x * fc;
+                    O[1] = O[1] + v[u].y * fc;
+                    O[2] = O[2] + v[u].z * fc;
+                    O[3] = O[3] + v[u].w * fc;
+                }
+            }
+            for (; c < ns; c++) {
+                const float4 v = __ldcg(reinterpret_cast<const float4*>(p + c * (D + SH)));
+                const float fc = f[c];
+                O[0] = O[0] + v.x * fc;
+                O[1] = O[1] + v.y * fc;
+                O[2] = O[2] + v.z * fc;
+                O[3] = O[3] + v.w * fc;
+            }
+            const float L = ml[r];
+            const int t = t0 + rr / G, h = g * G + rr % G;
+            __nv_bfloat16* o = out + ((size_t)t * Hq + h) * D + i;
+#pragma unroll
+            for (int u = 0; u < 4; u++) o[u] = __float2bfloat16_rn(O[u] / L);
+        }
+        // The next rows' factors overwrite these.
+        __syncthreads();
     }
 }
 

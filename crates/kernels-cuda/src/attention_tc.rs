@@ -9,11 +9,13 @@ use crate::launch::{grid, int, shape_err};
 use crate::{CudaBackend, Scratch};
 
 const OP: &str = "attention";
-/// Keys a step and a block, and shared-row padding; TC_KEYS, TC_SPAN and
-/// TC_PAD in attention_tc.cu.
+/// Keys a step and a block, shared-row padding, and the words before a
+/// span's outputs in its partials; TC_KEYS, TC_SPAN, TC_PAD and
+/// TC_SPAN_HEAD in attention_tc.cu.
 const TC_KEYS: usize = 64;
 const TC_SPAN: usize = 1024;
 const TC_PAD: usize = 8;
+const TC_SPAN_HEAD: usize = 4;
 
 /// attention_tc.cu's kernels: head_dim 32, 64, 128 or 256, one or two row
 /// groups a pass.
@@ -80,6 +82,17 @@ impl CudaBackend {
         // through `spans` (per row and span: max, sum, D outputs) and a
         // counter per (tile, kv head), both left alone when one span does.
         let max_spans = meta.max_context().div_ceil(TC_SPAN).max(1);
+        // The spans' merge keeps a factor per (row, span) and a sum per row
+        // where the stages were, for as many rows at a time as fit: one at least.
+        if max_spans > 1 && (max_spans + 1) * 4 > smem {
+            return Err(shape_err(
+                OP,
+                format!(
+                    "context of {} positions is too long for tensor-core attention with {group} q heads per kv head",
+                    meta.max_context()
+                ),
+            ));
+        }
         let mut cfg = grid(
             ((tiles * geo.num_kv_heads) as u32, max_spans as u32, 1),
             (128 * groups as u32, 1, 1),
@@ -127,18 +140,19 @@ impl CudaBackend {
             // sequence, and no context longer than max_context, so that
             // without `spans` (null) every tile has one span and the kernel
             // reads neither pointer; with them, `spans` holds max_spans
-            // entries of head_dim + 2 floats per (token, q head) and `done`
+            // entries of head_dim + 4 floats per (token, q head) and `done`
             // a counter per (tile, kv head). The shared memory holds 16 q
             // rows a row group and two stages of TC_KEYS keys and values, as
             // attention_tc.cu lays it out (the quarters' partials, (64·head_dim
-            // + 128) floats a row group, fit in the stages); 128 threads a row
+            // + 128) floats a row group, fit in the stages, as do one row's
+            // factors for the spans' merge, checked above); 128 threads a row
             // group, as the kernel reads them.
             unsafe { b.launch(cfg) }.map_err(dev)
         };
         if max_spans == 1 {
             return launch(None);
         }
-        let part_shape = [meta.num_tokens() * geo.num_q_heads * max_spans * (d + 2)];
+        let part_shape = [meta.num_tokens() * geo.num_q_heads * max_spans * (d + TC_SPAN_HEAD)];
         self.with_scratch(Scratch::TcSpans, &part_shape, DType::F32, |part| {
             // Zero when created; the merging block sets its counter back.
             let done_shape = [tiles * geo.num_kv_heads];

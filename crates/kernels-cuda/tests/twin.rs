@@ -1260,6 +1260,11 @@ fn tensor_core_attention_within_bound() {
         (8, 1, 256, vec![(200, 2)], 2),
         // A group of 16: rows in passes of 128.
         (16, 1, 128, vec![(50, 20)], 20),
+        // Five spans (the merge's loads four spans at a time, then one), and
+        // 23 for a tile of 256 rows: more factors than the merge keeps at
+        // once (head_dim 32), so its rows merge in two rounds.
+        (16, 8, 128, vec![(4500, 40)], 40),
+        (16, 1, 32, vec![(23000, 16)], 16),
         // One token per sequence: some, or all, on the tensor cores.
         (16, 8, 128, (0..64).map(|i| (100 + 37 * i, 1)).collect(), 10),
         (16, 8, 128, (0..64).map(|i| (1 + 29 * i, 1)).collect(), 64),
@@ -1359,7 +1364,14 @@ fn tensor_core_attention_is_batch_invariant() {
     g.set_exact(false);
     let mut r = Rng::new("tensor-core attention invariance");
     let bs = 16;
-    for (hq, hkv, d) in [(16, 8, 128), (32, 8, 128), (4, 2, 32)] {
+    // Groups of 2, 4, 8 and 16 q heads a kv head.
+    for (hq, hkv, d) in [
+        (16, 8, 128),
+        (32, 8, 128),
+        (4, 2, 32),
+        (64, 8, 128),
+        (16, 1, 64),
+    ] {
         let geo = geometry(hq, hkv, d, bs);
         // Sequence 0: a 1,300-token prompt (two spans of 1,024 keys); sequences
         // 1..: others of 90.
