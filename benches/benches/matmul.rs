@@ -5,7 +5,7 @@
 //! (o_proj and down with the residual add) and `logits` (final norm and
 //! vocabulary projection) — for Qwen3-0.6B and 8B at 1 and 64 tokens;
 //! `matmul/.../prompt` runs the same rows as prompt rows (the CUDA
-//! backend's tensor-core GEMM), also at 128, 256 and 2,048 rows; likewise
+//! backend's tensor-core GEMM), also at 128, 256, 2,048 and 8,192 rows; likewise
 //! `rms_norm_matmul_silu/.../prompt` at 1, 64, 128 and 256 rows and
 //! `logits/.../prompt` at 1, 64, 128 and 256 (the GEMM with the SiLU gate
 //! or the hi/lo sum in its epilogue).
@@ -49,9 +49,10 @@ fn run<B: Timed>(h: &mut Harness, dev: &Device<B>) {
                 }
 
                 // Larger batches on the tensor cores only: a large decode
-                // batch (256 rows) and a prefill chunk (2,048).
+                // batch (256 rows), a prefill chunk (2,048) and a throughput
+                // prompt step (8,192).
                 if dev.backend.name() != "cpu" && t == TOKENS[TOKENS.len() - 1] {
-                    for big in [128, 256, 2048] {
+                    for big in [128, 256, 2048, 8192] {
                         let xb = dev.bf16(&[big, k], 1.0);
                         let mut ob = dev.zeros(&[big, n], F32);
                         let work = Work::new()
