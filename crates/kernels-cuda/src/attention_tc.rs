@@ -88,7 +88,8 @@ impl CudaBackend {
             return Err(shape_err(
                 OP,
                 format!(
-                    "context of {} positions is too long for tensor-core attention with {group} q heads per kv head",
+                    "context of {} positions is too long for tensor-core attention: \
+                     the merge of its {max_spans} spans does not fit a block's shared memory",
                     meta.max_context()
                 ),
             ));
