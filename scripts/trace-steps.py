@@ -22,19 +22,14 @@ Usage: scripts/trace-steps.py FILE [--layers N]
 """
 import argparse, collections
 
+import trace_records
+
 ap = argparse.ArgumentParser()
 ap.add_argument("file")
 ap.add_argument("--layers", type=int, default=28)
 a = ap.parse_args()
 
-recs = []
-with open(a.file) as f:
-    for line in f:
-        if line.startswith("#"):
-            continue
-        t, gx, gy, th = map(int, line.split())
-        recs.append((t, gx, gy, th))
-recs.sort()
+recs = trace_records.read(a.file)
 gap = [(recs[i + 1][0] - recs[i][0]) / 1e3 for i in range(len(recs) - 1)] + [0.0]
 lm = [i for i, r in enumerate(recs) if r[2] >= 1000]
 layer = ["qkv", "rope", "attention", "o_proj", "add+norm", "gate_up+silu", "down", "add+norm"]

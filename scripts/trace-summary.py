@@ -11,6 +11,8 @@ Usage: scripts/trace-summary.py FILE [--from FRACTION] [--max-gap-us US]
 """
 import argparse, collections, signal, statistics
 
+import trace_records
+
 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 ap = argparse.ArgumentParser()
@@ -21,14 +23,7 @@ ap.add_argument("--max-gap-us", type=float, default=1000.0,
                 help="gaps longer than this are host time between steps; left out")
 a = ap.parse_args()
 
-recs = []
-with open(a.file) as f:
-    for line in f:
-        if line.startswith("#"):
-            continue
-        t, gx, gy, th = map(int, line.split())
-        recs.append((t, f"{gx}x{gy} blocks of {th}"))
-recs.sort()
+recs = [(t, f"{gx}x{gy} blocks of {th}") for t, gx, gy, th in trace_records.read(a.file)]
 recs = recs[int(len(recs) * a.start):]
 groups = collections.defaultdict(list)
 for (t0, k0), (t1, k1) in zip(recs, recs[1:]):
