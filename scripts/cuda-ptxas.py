@@ -7,9 +7,13 @@ its code; BENCHMARKS.md).
 Catches what scripts/cuda-syntax.sh cannot (asm operands, PTX, register
 pressure) on a machine without a GPU. Setup, once:
   pip install --target /tmp/cudapy nvidia-cuda-nvrtc-cu12 nvidia-cuda-nvcc-cu12 nvidia-cuda-runtime-cu12
-Usage: scripts/cuda-ptxas.py [--root /tmp/cudapy] [module ...]
+With --keep DIR each module's cubin is kept as DIR/MODULE.cubin, to read
+its SASS with nvdisasm (`pip install --target /tmp/cudapy2
+nvidia-cuda-nvdisasm`, then `/tmp/cudapy2/nvidia/cu13/bin/nvdisasm -c -fun
+KERNEL DIR/MODULE.cubin`).
+Usage: scripts/cuda-ptxas.py [--root /tmp/cudapy] [--keep DIR] [module ...]
 """
-import argparse, ctypes, os, subprocess, sys, tempfile
+import argparse, ctypes, os, shutil, subprocess, sys, tempfile
 
 SRC = os.path.join(os.path.dirname(__file__), "..", "crates", "kernels-cuda", "src")
 HEADERS = ["numerics.cuh", "dependent_launch.cuh", "async_copy.cuh", "tensor_core.cuh"]
@@ -47,6 +51,7 @@ def text_sizes(cubin):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="/tmp/cudapy")
+    ap.add_argument("--keep", help="keep each module's cubin in this folder")
     ap.add_argument("modules", nargs="*")
     a = ap.parse_args()
     nv = os.path.join(a.root, "nvidia")
@@ -82,6 +87,9 @@ def main():
         cubin = f.name[:-4] + ".cubin"
         r = subprocess.run([ptxas, f"-arch=sm_{ARCH.get(m, '90')}", "-v", f.name, "-o", cubin], capture_output=True, text=True)
         os.unlink(f.name)
+        if a.keep and os.path.exists(cubin):
+            os.makedirs(a.keep, exist_ok=True)
+            shutil.copyfile(cubin, os.path.join(a.keep, m + ".cubin"))
         sizes = text_sizes(cubin)
         print(f"== {m}")
         for line in (r.stdout + r.stderr).splitlines():

@@ -39,6 +39,27 @@
 // own quarter of every step's keys (online softmax); the four quarters are
 // merged in order at the end: M = max m_w, f_w = exp(m_w − M),
 // L = Σ l_w·f_w, O = Σ o_w·f_w, out = bf16(O / L).
+// A thread's weights of a step, p = exp(s − m) of its 2 x 4 scores (rows
+// lane / 4 and lane / 4 + 8; the second only for NE = 4, else zeros), a
+// masked key's (s = −inf) zero. Every exp as one straight line, the masked
+// ones selected away afterwards, so that their chains interleave (as
+// branches, each exp was its own basic block).
+template <int NE>
+__device__ __forceinline__ void step_weights(float (&sc)[2][4], const float (&m)[2]) {
+    const float NEG_INF = __int_as_float(0xff800000);
+#pragma unroll
+    for (int j = 0; j < 2; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            if (e >= NE) {
+                sc[j][e] = 0.0f;
+                continue;
+            }
+            const float pe = q_exp(sc[j][e] - m[e / 2]);
+            sc[j][e] = sc[j][e] == NEG_INF ? 0.0f : pe;
+        }
+}
+
 template <int D, int RGP>
 __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_bfloat16* kc,
                                              const __nv_bfloat16* vc, const u32* pos, const u32* seq,
@@ -274,8 +295,10 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
                 mb[i] = fmaxf(mb[i], __shfl_xor_sync(0xffffffffu, mb[i], 1));
                 mb[i] = fmaxf(mb[i], __shfl_xor_sync(0xffffffffu, mb[i], 2));
                 float mn = fmaxf(m[i], mb[i]);
-                // An unchanged max (no key of the row here) scales by exactly 1.
-                f[i] = mn == m[i] ? 1.0f : q_exp(m[i] - mn);
+                // An unchanged max (no key of the row here) scales by exactly 1
+                // (selected after the exp, so that the code stays a straight line).
+                const float fe = q_exp(m[i] - mn);
+                f[i] = mn == m[i] ? 1.0f : fe;
                 m[i] = mn;
                 rescale = rescale || f[i] != 1.0f;
             }
@@ -313,7 +336,8 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
                     const float x11 = __shfl_sync(0xffffffffu, sc[1][1], src);
                     const float mr = __shfl_sync(0xffffffffu, m[0], src);
                     const float x = key < 8 ? ((key & 1) ? x01 : x00) : ((key & 1) ? x11 : x10);
-                    ps[sl] = (!valid || x == NEG_INF) ? 0.0f : q_exp(x - mr);
+                    const float pe = q_exp(x - mr);
+                    ps[sl] = (!valid || x == NEG_INF) ? 0.0f : pe;
                 }
                 const int r = lane >> 2;
 #pragma unroll
@@ -329,18 +353,19 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
                         sc[j][e + 2] = 0.0f;
                     }
             } else {
+                // Every weight first (step_weights), then the sums in the
+                // order they always had.
+                // Warp-uniform: only the second rows' weights differ.
+                if (upper)
+                    step_weights<4>(sc, m);
+                else
+                    step_weights<2>(sc, m);
+                const int ne = upper ? 4 : 2;
 #pragma unroll
                 for (int j = 0; j < 2; j++)
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        if (e >= 2 && !upper) {
-                            sc[j][e] = 0.0f;
-                            continue;
-                        }
-                        float p = sc[j][e] == NEG_INF ? 0.0f : q_exp(sc[j][e] - m[e / 2]);
-                        sc[j][e] = p;
-                        l[e / 2] = l[e / 2] + p;
-                    }
+                    for (int e = 0; e < 4; e++)
+                        if (e < ne) l[e / 2] = l[e / 2] + sc[j][e];
             }
             // o += (p_hi + p_lo) . v: the two score tiles are the A fragment
             // of the warp's 16 keys.

@@ -89,6 +89,11 @@ const MODULES: &[(&str, &[&str], &[&str])] = &[
         &["silu_mul"],
     ),
     (
+        "numerics",
+        &[include_str!("numerics.cu")],
+        &["numerics_exp"],
+    ),
+    (
         "sampling",
         &[include_str!("sampling.cu")],
         &[

@@ -28,6 +28,7 @@ mod layer;
 mod layer_tc;
 mod matmul;
 mod norm;
+mod numerics;
 mod rope;
 mod sampling;
 mod timing;

@@ -220,8 +220,10 @@ struct Row {
         return live_z(z);
     }
     __device__ __forceinline__ bool live_z(float z) const { return !(z - z_max < -30.0f); }
+    // The exp worked out either way and selected (straight-line code).
     __device__ __forceinline__ float weight(float z) const {
-        return z == z_max ? 1.0f : q_exp(z - z_max);
+        const float e = q_exp(z - z_max);
+        return z == z_max ? 1.0f : e;
     }
 };
 
