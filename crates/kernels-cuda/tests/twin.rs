@@ -1426,8 +1426,9 @@ fn tensor_core_attention_is_batch_invariant() {
     ] {
         let geo = geometry(hq, hkv, d, bs);
         // Sequence 0: a 1,300-token prompt (two spans of 1,024 keys); sequences
-        // 1..: others of 90.
-        let (len, others) = (1300, 5);
+        // 1..: others of 90 (decode batches of 21, 11 and 6 tokens: grids of
+        // 2.5, 1.3 and 0.7 blocks an H100 SM at 8 kv heads).
+        let (len, others) = (1300, 20);
         let (base, blocks) = layout(
             &mut r,
             &std::iter::once((len, len))
@@ -1488,6 +1489,14 @@ fn tensor_core_attention_is_batch_invariant() {
             (0..others)
                 .map(|s| (s + 1, 89..90))
                 .chain([(0, 1050..1051)])
+                .collect(),
+            (0..10)
+                .map(|s| (s + 1, 89..90))
+                .chain([(0, 700..701)])
+                .collect(),
+            (0..5)
+                .map(|s| (s + 1, 89..90))
+                .chain([(0, 1200..1201)])
                 .collect(),
             vec![(0, 1299..1300)],
         ];
