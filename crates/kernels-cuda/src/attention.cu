@@ -54,7 +54,7 @@ __device__ __forceinline__ void combine_head_from(Part part, int chunks, float* 
     }
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
 #pragma unroll 1
-    for (int c = lane; c < chunks; c += 32) f[c] = q_exp(f[c] - m);
+    for (int c = lane; c < chunks; c += 32) f[c] = q_exp_branchy(f[c] - m);
     __syncwarp();
     // Every lane forms the same sums in the same order.
     float l = 0.0f;
@@ -157,19 +157,14 @@ __device__ __forceinline__ void rope_q(const float* x, const float w[PER], const
 // One score row of a chunk, by one warp: m_c = the max of sh[0, len)
 // (exact in any order), sh[p] = exp(sh[p] - m_c), and l_c = the sum of
 // those in increasing p from +0.0; lane 0 writes m_c and l_c to dst[0, 1].
-// A row is at most CHUNK = 64 wide: a lane's two exps are worked out side
-// by side (whatever the row holds past len) and stored where p < len.
 __device__ __forceinline__ void softmax_row(float* sh, int len, float* dst) {
-    static_assert(CHUNK == 64, "two scores a lane");
     int lane = threadIdx.x % 32;
     float m = __int_as_float(0xff800000);
-    const float x0 = sh[lane], x1 = sh[lane + 32];
-    if (lane < len) m = x0;
-    if (lane + 32 < len) m = fmaxf(m, x1);
+    if (lane < len) m = sh[lane];
+    if (lane + 32 < len) m = fmaxf(m, sh[lane + 32]);
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    const float e0 = q_exp(x0 - m), e1 = q_exp(x1 - m);
-    if (lane < len) sh[lane] = e0;
-    if (lane + 32 < len) sh[lane + 32] = e1;
+#pragma unroll 1
+    for (int j = lane; j < len; j += 32) sh[j] = q_exp_branchy(sh[j] - m);
     __syncwarp();
     if (lane == 0) {
         float l = 0.0f;

@@ -8,19 +8,11 @@ typedef unsigned int u32;
 __device__ __forceinline__ float pow2i(int k) { return __int_as_float((k + 127) << 23); }
 
 // exp(x) = 2^n * e^r, n = rint(x log2 e), two-part Cody-Waite r, degree-7
-// Taylor polynomial in Horner form, 2^n applied in two exact steps.
-// Branch-free: the polynomial is worked out for x clamped into the range
-// where it is used (the same x there, so the same bits) and the specials
-// (NaN, overflow to +inf, underflow to 0) are selected at the end, as the
-// CPU twin returns them early. Early returns made every call its own basic
-// block, so the 8 exps of an attention step ran one after another; as
-// straight-line code they interleave (Nsight Compute: fixed-latency waits
-// were the commonest stall of the tensor-core attention).
-__device__ __forceinline__ float q_exp(float x) {
-    const float hi = __int_as_float(0x42b17218), lo = __int_as_float(0xc2cff1b5);
-    const float xc = fminf(fmaxf(x, lo), hi);  // NaN -> lo (fmaxf drops a NaN)
-    float n = rintf(xc * __int_as_float(0x3fb8aa3b));
-    float r = (xc - n * __int_as_float(0x3f318000)) - n * __int_as_float(0xb95e8083);
+// Taylor polynomial in Horner form, 2^n applied in two exact steps; for x
+// in [EXP_LO, EXP_HI] (numerics.rs), which q_exp and q_exp_branchy see to.
+__device__ __forceinline__ float q_exp_in_range(float x) {
+    float n = rintf(x * __int_as_float(0x3fb8aa3b));
+    float r = (x - n * __int_as_float(0x3f318000)) - n * __int_as_float(0xb95e8083);
     float p = __int_as_float(0x39500d01);
     p = p * r + __int_as_float(0x3ab60b61);
     p = p * r + __int_as_float(0x3c088889);
@@ -32,10 +24,35 @@ __device__ __forceinline__ float q_exp(float x) {
     int ni = (int)n;
     int n1 = ni >> 1;
     int n2 = ni - n1;
-    float e = (p * pow2i(n1)) * pow2i(n2);
-    e = x < lo ? 0.0f : e;
-    e = x > hi ? __int_as_float(0x7f800000) : e;
+    return (p * pow2i(n1)) * pow2i(n2);
+}
+
+#define Q_EXP_HI __int_as_float(0x42b17218)
+#define Q_EXP_LO __int_as_float(0xc2cff1b5)
+
+// exp as the CPU's numerics::exp: NaN returned as it is, +inf above EXP_HI,
+// 0 below EXP_LO. Branch-free: the polynomial is worked out for x clamped
+// into its range (the same x there, so the same bits) and the specials are
+// selected at the end. Early returns made every call its own basic block,
+// so the 8 exps of a tensor-core attention step ran one after another; as
+// straight-line code they interleave (BENCHMARKS.md).
+__device__ __forceinline__ float q_exp(float x) {
+    const float xc = fminf(fmaxf(x, Q_EXP_LO), Q_EXP_HI);  // NaN -> EXP_LO
+    float e = q_exp_in_range(xc);
+    e = x < Q_EXP_LO ? 0.0f : e;
+    e = x > Q_EXP_HI ? __int_as_float(0x7f800000) : e;
     return isnan(x) ? x : e;
+}
+
+// The same function with the specials returned early, for the exact decode
+// attention (attention.cu), which batch-1 decode runs: each of its blocks
+// runs its code once with a cold instruction cache, where a loop around one
+// smaller copy beats interleaved straight-line code (BENCHMARKS.md).
+__device__ __forceinline__ float q_exp_branchy(float x) {
+    if (isnan(x)) return x;
+    if (x > Q_EXP_HI) return __int_as_float(0x7f800000);
+    if (x < Q_EXP_LO) return 0.0f;
+    return q_exp_in_range(x);
 }
 
 __device__ __forceinline__ float q_silu(float x) { return x / (1.0f + q_exp(-x)); }

@@ -1,5 +1,5 @@
-//! Launcher for numerics.cu: the shared exp of numerics.cuh over a tensor,
-//! the twin of `qwen_kernels_cpu::numerics::exp`.
+//! Launcher for numerics.cu: both forms of the shared exp of numerics.cuh
+//! over a tensor, each the twin of `qwen_kernels_cpu::numerics::exp`.
 
 use qwen_tensor::{DType, Result};
 
@@ -8,22 +8,21 @@ use crate::launch::{grid, int, shape_err};
 use crate::CudaBackend;
 
 impl CudaBackend {
-    /// `out[i] = exp(x[i])` with the exp every kernel uses (numerics.cuh),
-    /// which must equal `qwen_kernels_cpu::numerics::exp` bit for bit on
-    /// every input, NaN, infinities and the overflow and underflow bounds
-    /// included. Not a model op: it lets a test check that promise directly.
-    /// x and out f32 of the same number of elements.
+    /// `out[0][i] = exp(x[i])` by the exp most kernels use (numerics.cuh's
+    /// straight-line `q_exp`) and `out[1][i]` by its branching form
+    /// (`q_exp_branchy`, the exact decode attention's), both of which must
+    /// equal `qwen_kernels_cpu::numerics::exp` bit for bit on every input,
+    /// NaN, infinities and the overflow and underflow bounds included. Not
+    /// a model op: it lets a test check that promise directly.
+    /// x f32 of n elements, out f32 `[2, n]`.
     pub fn numerics_exp(&self, x: &T, out: &mut T) -> Result<()> {
         const OP: &str = "numerics_exp";
         let n = x.shape().iter().product::<usize>();
-        if x.dtype() != DType::F32
-            || out.dtype() != DType::F32
-            || out.shape().iter().product::<usize>() != n
-        {
+        if x.dtype() != DType::F32 || out.dtype() != DType::F32 || out.shape() != [2, n] {
             return Err(shape_err(
                 OP,
                 format!(
-                    "x {:?} {:?} and out {:?} {:?}: f32 of one size expected",
+                    "x {:?} {:?} and out {:?} {:?}: f32 x and f32 [2, x's size] expected",
                     x.shape(),
                     x.dtype(),
                     out.shape(),
@@ -40,8 +39,8 @@ impl CudaBackend {
             .arg(f32s_mut(OP, "out", out)?)
             .arg(&ni);
         // SAFETY: argument order and types match numerics_exp in
-        // numerics.cu; both buffers hold n f32 (checked above) and the
-        // kernel touches only indices below n.
+        // numerics.cu; x holds n f32 and out 2n (checked above), and the
+        // kernel reads x below n and writes out below 2n.
         unsafe { b.launch(grid(((n as u32).div_ceil(256), 1, 1), (256, 1, 1))) }.map_err(dev)?;
         Ok(())
     }

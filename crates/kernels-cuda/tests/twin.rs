@@ -597,8 +597,8 @@ fn embedding_gather_and_silu_mul() {
     }
 }
 
-/// The exp every kernel uses (numerics.cuh's q_exp) against the CPU's
-/// `numerics::exp`, bit for bit: NaNs (their payloads kept), infinities,
+/// Both forms of the exp the kernels use (numerics.cuh's q_exp and
+/// q_exp_branchy) against the CPU's `numerics::exp`, bit for bit: NaNs (their payloads kept), infinities,
 /// zeros, subnormals, the overflow and underflow bounds and the floats
 /// beside them, a sweep of the range where exp is finite and nonzero, and
 /// random bit patterns of every kind.
@@ -643,10 +643,21 @@ fn exp_matches_cpu_on_every_kind_of_input() {
         .map(|&x| qwen_kernels_cpu::numerics::exp(x))
         .collect();
     let xt = g.upload(HostSlice::F32(&xs), &[xs.len()]).unwrap();
-    let mut out = poisoned(&g, &[xs.len()], DType::F32);
+    let mut out = poisoned(&g, &[2, xs.len()], DType::F32);
     g.numerics_exp(&xt, &mut out).unwrap();
-    let got = g.download(&out).unwrap();
-    same_bits("exp", &HostVec::F32(want), &got);
+    // to_f32 of f32 keeps every bit (NaN payloads included).
+    let got = g.download(&out).unwrap().to_f32();
+    let (straight, branchy) = got.split_at(xs.len());
+    same_bits(
+        "q_exp",
+        &HostVec::F32(want.clone()),
+        &HostVec::F32(straight.to_vec()),
+    );
+    same_bits(
+        "q_exp_branchy",
+        &HostVec::F32(want),
+        &HostVec::F32(branchy.to_vec()),
+    );
 }
 
 /// Sampled ids fed into the next step's ids (`feed_ids`), and downloads
