@@ -29,16 +29,6 @@
 // RGP such row groups a pass: one for decode tokens (a token's G rows fit
 // 16), two for prompt tiles.
 
-// Dynamic shared memory: 16·RGP q rows, then two stages of TC_KEYS keys and
-// TC_KEYS values, every row D + TC_PAD bf16; the stages then hold the
-// warps' partial results for the merge, and each row's merge weights. Rows
-// r of a tile are token-major (token r / G, q head g·G + r % G), 16·RGP a
-// pass over the keys.
-//
-// Each warp keeps, for its 16 rows, a running max, sum and output over its
-// own quarter of every step's keys (online softmax); the four quarters are
-// merged in order at the end: M = max m_w, f_w = exp(m_w − M),
-// L = Σ l_w·f_w, O = Σ o_w·f_w, out = bf16(O / L).
 // A thread's weights of a step, p = exp(s − m) of its 2 x 4 scores (rows
 // lane / 4 and lane / 4 + 8; the second only for NE = 4, else zeros), a
 // masked key's (s = −inf) zero. Every exp as one straight line, the masked
@@ -60,6 +50,16 @@ __device__ __forceinline__ void step_weights(float (&sc)[2][4], const float (&m)
         }
 }
 
+// Dynamic shared memory: 16·RGP q rows, then two stages of TC_KEYS keys and
+// TC_KEYS values, every row D + TC_PAD bf16; the stages then hold the
+// warps' partial results for the merge, and each row's merge weights. Rows
+// r of a tile are token-major (token r / G, q head g·G + r % G), 16·RGP a
+// pass over the keys.
+//
+// Each warp keeps, for its 16 rows, a running max, sum and output over its
+// own quarter of every step's keys (online softmax); the four quarters are
+// merged in order at the end: M = max m_w, f_w = exp(m_w − M),
+// L = Σ l_w·f_w, O = Σ o_w·f_w, out = bf16(O / L).
 template <int D, int RGP>
 __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_bfloat16* kc,
                                              const __nv_bfloat16* vc, const u32* pos, const u32* seq,
@@ -353,9 +353,8 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
                         sc[j][e + 2] = 0.0f;
                     }
             } else {
-                // Every weight first (step_weights), then the sums in the
-                // order they always had.
-                // Warp-uniform: only the second rows' weights differ.
+                // Every weight first (step_weights; `upper` is warp-uniform),
+                // then the sums in the order they always had.
                 if (upper)
                     step_weights<4>(sc, m);
                 else
