@@ -14,10 +14,12 @@ kernels a layer (qkv, RoPE, attention, o_proj, add + norm, gate/up + SiLU,
 down, add + next norm; the last layer ends with the shares' sum, the final
 norm and the hi/lo split). The gap after the third sampling kernel is that
 kernel plus any time until the next step's first kernel (the step
-boundary: the host's, in plain steps). Steps with prompt tokens have other
-shapes and are only counted (a decode step embeds as many rows as it
-samples). Prints the totals and a table of ms a step by batch size (32-row
-buckets; a decode step's batch is its sampling kernels' grid height).
+boundary: the host's, in plain steps). Steps with prompt tokens (a decode
+step embeds as many rows as it samples; a prompt step more) run the same
+8 kernels a layer and are tabled apart, by the tokens they embed (2,048-
+token buckets). Prints the totals and a table of ms a step by batch size
+(32-row buckets; a decode step's batch is its sampling kernels' grid
+height), then the prompt steps' table.
 Usage: scripts/trace-steps.py FILE [--layers N]
 """
 import argparse, collections
@@ -38,7 +40,10 @@ after = ["lm_head", "sample 1", "sample 2", "sample 3 + boundary"]
 total = collections.defaultdict(float)
 by = collections.defaultdict(lambda: collections.defaultdict(float))
 steps = collections.Counter()
+p_by = collections.defaultdict(lambda: collections.defaultdict(float))
+p_steps = collections.Counter()
 prompt_us, prompt_steps = 0.0, 0
+names = [layer[j % 8] for j in range(a.layers * 8 - 1)] + tail
 for a_i, b_i in zip(lm[:-1], lm[1:]):
     # A step: its first kernels after the step before's sampling (the fed
     # ids in overlapped steps, the embedding, the input norm), its layers
@@ -52,9 +57,17 @@ for a_i, b_i in zip(lm[:-1], lm[1:]):
     if first - (a_i + 4) not in (2, 3) or emb[1] != rows:
         prompt_us += (recs[b_i + 4][0] - recs[a_i + 4][0]) / 1e3
         prompt_steps += 1
+        # A step that embeds more tokens than it samples (not the run's
+        # first few steps, which are shaped otherwise).
+        if emb[1] > rows:
+            p_bucket = (emb[1] - 1) // 2048
+            for k, name in enumerate(names + after):
+                p_by[p_bucket][name] += gap[first + k] if k < len(names) else gap[b_i + k - len(names)]
+            for k in range(a_i + 4, first):
+                p_by[p_bucket]["step start"] += gap[k]
+            p_steps[p_bucket] += 1
         continue
     bucket = (rows - 1) // 32
-    names = [layer[j % 8] for j in range(a.layers * 8 - 1)] + tail
     for k, name in enumerate(names):
         total[name] += gap[first + k]
         by[bucket][name] += gap[first + k]
@@ -79,3 +92,12 @@ for bucket in sorted(steps):
     row = [by[bucket][c] / n / 1e3 for c in cols]
     print(f"| {bucket * 32 + 1}-{bucket * 32 + 32} | {n} | " + " | ".join(f"{v:.3f}" for v in row)
           + f" | {sum(by[bucket].values()) / n / 1e3:.3f} |")
+if p_steps:
+    print("\nSteps with prompt tokens, ms a step by tokens embedded:")
+    print("\n| tokens | steps | " + " | ".join(cols) + " | all (ms a step) |")
+    print("|" + "---|" * (len(cols) + 3))
+    for bucket in sorted(p_steps):
+        n = p_steps[bucket]
+        row = [p_by[bucket][c] / n / 1e3 for c in cols]
+        print(f"| {bucket * 2048 + 1}-{bucket * 2048 + 2048} | {n} | " + " | ".join(f"{v:.3f}" for v in row)
+              + f" | {sum(p_by[bucket].values()) / n / 1e3:.3f} |")
