@@ -85,19 +85,19 @@ for name, us in sorted(total.items(), key=lambda kv: -kv[1]):
     print(f"{name:>22} {us / 1e6:8.3f} s {100 * us / (decode_us + prompt_us):5.1f}%")
 cols = ["attention", "qkv", "rope", "o_proj", "add+norm", "gate_up+silu", "down", "lm_head",
         "sample 1", "sample 2", "sample 3 + boundary", "step start"]
-print("\n| seqs | steps | " + " | ".join(cols) + " | all (ms a step) |")
-print("|" + "---|" * (len(cols) + 3))
-for bucket in sorted(steps):
-    n = steps[bucket]
-    row = [by[bucket][c] / n / 1e3 for c in cols]
-    print(f"| {bucket * 32 + 1}-{bucket * 32 + 32} | {n} | " + " | ".join(f"{v:.3f}" for v in row)
-          + f" | {sum(by[bucket].values()) / n / 1e3:.3f} |")
+
+def table(label, width, steps, by):
+    """Ms a step by kernel, one row per bucket of `width` (rows or tokens)."""
+    print(f"\n| {label} | steps | " + " | ".join(cols) + " | all (ms a step) |")
+    print("|" + "---|" * (len(cols) + 3))
+    for bucket in sorted(steps):
+        n = steps[bucket]
+        row = [by[bucket][c] / n / 1e3 for c in cols]
+        print(f"| {bucket * width + 1}-{bucket * width + width} | {n} | " + " | ".join(f"{v:.3f}" for v in row)
+              + f" | {sum(by[bucket].values()) / n / 1e3:.3f} |")
+
+
+table("seqs", 32, steps, by)
 if p_steps:
     print("\nSteps with prompt tokens, ms a step by tokens embedded:")
-    print("\n| tokens | steps | " + " | ".join(cols) + " | all (ms a step) |")
-    print("|" + "---|" * (len(cols) + 3))
-    for bucket in sorted(p_steps):
-        n = p_steps[bucket]
-        row = [p_by[bucket][c] / n / 1e3 for c in cols]
-        print(f"| {bucket * 2048 + 1}-{bucket * 2048 + 2048} | {n} | " + " | ".join(f"{v:.3f}" for v in row)
-              + f" | {sum(p_by[bucket].values()) / n / 1e3:.3f} |")
+    table("tokens", 2048, p_steps, p_by)
