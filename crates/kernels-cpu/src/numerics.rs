@@ -52,8 +52,10 @@ fn pow2i(k: i32) -> f32 {
 const LOG2E: f32 = f32::from_bits(0x3fb8_aa3b); // 1.44269504
 const LN2_HI: f32 = f32::from_bits(0x3f31_8000); // 0.693359375, exact times small ints
 const LN2_LO: f32 = f32::from_bits(0xb95e_8083); // -2.12194440e-4
-const EXP_HI: f32 = f32::from_bits(0x42b1_7218); // 88.7228394: above this e^x overflows
-const EXP_LO: f32 = f32::from_bits(0xc2cf_f1b5); // -103.972084: below this e^x rounds to 0
+/// Above this `exp` returns +inf (88.7228394).
+pub const EXP_HI: f32 = f32::from_bits(0x42b1_7218);
+/// Below this `exp` returns 0 (-103.972084).
+pub const EXP_LO: f32 = f32::from_bits(0xc2cf_f1b5);
 const C2: f32 = f32::from_bits(0x3f00_0000); // 1/2
 const C3: f32 = f32::from_bits(0x3e2a_aaab); // 1/6
 const C4: f32 = f32::from_bits(0x3d2a_aaab); // 1/24
