@@ -93,7 +93,10 @@ def main():
         sizes = text_sizes(cubin)
         print(f"== {m}")
         for line in (r.stdout + r.stderr).splitlines():
-            if "Compiling entry" in line or "Used" in line or "spill" in line and "0 bytes spill" not in line or "error" in line.lower():
+            low = line.lower()
+            # Warnings too: ptxas says there when it serialises wgmma.
+            if ("Compiling entry" in line or "Used" in line or "spill" in line and "0 bytes spill" not in line
+                    or "error" in low or "warning" in low):
                 print("  " + line.strip().replace("ptxas info    : ", ""))
             if "Compiling entry" in line:
                 name = line.split("'")[1]

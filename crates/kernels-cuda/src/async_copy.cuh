@@ -16,6 +16,12 @@ __device__ __forceinline__ void copy16_async_zfill(unsigned smem, const void* gm
                  : "memory");
 }
 
+// copy16_async to a shared address, reading `bytes` (16 or 0) of `gmem` and
+// zero-filling the rest.
+__device__ __forceinline__ void copy16_async_bytes(unsigned smem, const void* gmem, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(bytes) : "memory");
+}
+
 // 4 bytes to a shared address, reading `valid ? 4 : 0` bytes of `gmem`.
 __device__ __forceinline__ void copy4_async_zfill(unsigned smem, const void* gmem, bool valid) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 4 : 0)

@@ -44,6 +44,15 @@ __device__ __forceinline__ unsigned long long wg_desc(unsigned addr) {
     return (unsigned long long)((addr & 0x3FFFF) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
 }
 
+// The descriptor of the tile `bytes` (a multiple of 16) past the one `desc`
+// describes: the address field is the low bits, and every shared address
+// stays below 2^18, so adding to it never carries into the other fields.
+// (Worked out from the address instead, each of a k-tile's descriptors cost
+// about six instructions.)
+__device__ __forceinline__ unsigned long long wg_desc_at(unsigned long long desc, unsigned bytes) {
+    return desc + (bytes >> 4);
+}
+
 // d (+)= A . B for one 64 x 64 x 16 step: d is this thread's 32 floats of
 // the 64 x 64 tile (warp w: rows 16w + lane/4 and + 8; columns 8j +
 // 2(lane % 4) and + 1 in d[4j..4j+1] and d[4j+2..4j+3]).
@@ -127,6 +136,7 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
     constexpr int NA = HILO ? 2 : 1, BN = 64 * NB, A_BYTES = NA * BM * 128, STAGE = A_BYTES + BN * 128;
     extern __shared__ __align__(1024) unsigned char wg_smem[];
     const unsigned base = ((unsigned)__cvta_generic_to_shared(wg_smem) + 1023u) & ~1023u;
+    const unsigned long long d_base = wg_desc(base);
     // wg: this thread's warpgroup; warp: its warp in the warpgroup.
     const int tid = threadIdx.x, lane = tid % 32, wg = MW == 1 ? 0 : tid / 128, warp = MW == 1 ? tid / 32 : (tid / 32) % 4;
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * (SILU ? BN / 2 : BN);
@@ -136,30 +146,65 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
     const int kt0 = ISPLIT ? 0 : blockIdx.z * per, kt_end = ISPLIT ? all_tiles : min(all_tiles, kt0 + per);
     // This thread copies chunk c of rows r0 + ROWS_STEP·i (every row's 8
     // chunks are 8 neighbouring threads: 128 contiguous bytes of global
-    // memory).
+    // memory). Each copy's source row is worked out once, as a pointer that
+    // then moves on by a k-tile at each of its (in-order) tiles. A row of x
+    // past T reads nothing (zeros); a column of w past N copies row N - 1
+    // instead: a row of w only ever meets x in its own output column, which
+    // is not stored, so the stored outputs are the same, and only the last
+    // column tile has such rows. (Rows of x past T copied from row T - 1
+    // instead would be most of a small batch's reads, all of one row: 2.7x
+    // slower logits at one row.) A chunk past K, which every output would
+    // meet, reads as zeros. (Bounds checked and addresses multiplied out at
+    // every copy were most of a k-tile's ~270 instructions a warp: Nsight
+    // Compute and the SASS of the 0.6B qkv at 256 rows, BENCHMARKS.md.)
     const int c = tid & 7, r0 = tid >> 3;
-    auto load_w = [&](int kt) {
-        const unsigned st = base + (kt % STAGES) * STAGE + A_BYTES;
-        const int k = kt * WG_K + c * 8;
+    constexpr int NW = 4 * NB / MW;
+    // Where chunk c of rows r0 + ROWS_STEP·i lands in a stage: the swizzle's
+    // row pattern repeats every 8 rows, and ROWS_STEP is a multiple of 8.
+    const unsigned sw = wg_swizzle(r0, c);
+    static_assert(ROWS_STEP % 8 == 0, "one swizzle pattern for all of a thread's rows");
+    const __nv_bfloat16* w_src[NW];
+    const __nv_bfloat16* x_src[4];
+    const __nv_bfloat16* xlo_src[HILO ? 4 : 1];
+    int x_bytes[4];
 #pragma unroll
-        for (int i = 0; i < 4 * NB / MW; i++) {
-            const int r = r0 + ROWS_STEP * i;
-            // SILU: tile rows BN / 2.. are the up rows of the same columns.
-            const int col = SILU ? n0 + (r & (BN / 2 - 1)) : n0 + r;  // BN / 2: a power of 2
-            const int wrow = SILU && r >= BN / 2 ? N + col : col;
-            const bool ok = col < N && k < K;
-            copy16_async_zfill(st + wg_swizzle(r, c), ok ? w + (size_t)wrow * K + k : w, ok);
+    for (int i = 0; i < NW; i++) {
+        const int r = r0 + ROWS_STEP * i;
+        // SILU: tile rows BN / 2.. are the up rows of the same columns.
+        const int col = min(SILU ? n0 + (r & (BN / 2 - 1)) : n0 + r, N - 1);  // BN / 2: a power of 2
+        const int wrow = SILU && r >= BN / 2 ? N + col : col;
+        w_src[i] = w + (size_t)wrow * K + kt0 * WG_K + c * 8;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const int row = m0 + r0 + ROWS_STEP * i;
+        const size_t off = row < T ? (size_t)row * K + kt0 * WG_K + c * 8 : 0;
+        x_bytes[i] = row < T ? 16 : 0;
+        x_src[i] = x + off;
+        if (HILO) xlo_src[i] = x_lo + off;
+    }
+    // Tile kt of w (the one after the last tile loaded).
+    auto load_w = [&](int kt) {
+        const unsigned st = base + (kt % STAGES) * STAGE + A_BYTES + sw;
+        const int k_bytes = kt * WG_K + c * 8 < K ? 16 : 0;
+#pragma unroll
+        for (int i = 0; i < NW; i++) {
+            copy16_async_bytes(st + i * ROWS_STEP * 128, w_src[i], k_bytes);
+            w_src[i] += WG_K;
         }
     };
+    // Tile kt of x (the one after the last tile loaded).
     auto load_x = [&](int kt) {
-        const unsigned st = base + (kt % STAGES) * STAGE;
-        const int k = kt * WG_K + c * 8;
+        const unsigned st = base + (kt % STAGES) * STAGE + sw;
+        const int k_bytes = kt * WG_K + c * 8 < K ? 16 : 0;
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const int r = r0 + ROWS_STEP * i;
-            const bool ok = m0 + r < T && k < K;
-            copy16_async_zfill(st + wg_swizzle(r, c), ok ? x + (size_t)(m0 + r) * K + k : x, ok);
-            if (HILO) copy16_async_zfill(st + BM * 128 + wg_swizzle(r, c), ok ? x_lo + (size_t)(m0 + r) * K + k : x, ok);
+            copy16_async_bytes(st + i * ROWS_STEP * 128, x_src[i], x_bytes[i] & k_bytes);
+            x_src[i] += WG_K;
+            if (HILO) {
+                copy16_async_bytes(st + BM * 128 + i * ROWS_STEP * 128, xlo_src[i], x_bytes[i] & k_bytes);
+                xlo_src[i] += WG_K;
+            }
         }
     };
     // The weight's first tiles need nothing from the kernel ahead; x's wait
@@ -184,6 +229,11 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
         for (int e = 0; e < 32; e++) acc[j][e] = 0.0f;
     // ISPLIT: the shares before the current one, added in order.
     float total[ISPLIT ? NB : 1][32];
+    // Not unrolled: unrolled, the first tile's wgmma, whose accumulators
+    // ptxas knows are zero, becomes one that does not add them (and
+    // +0.0 + (-0.0) is +0.0 where the product alone is -0.0); made opaque
+    // instead, the zeros made ptxas serialise every wgmma (C7514).
+#pragma unroll 1
     for (int kt = kt0; kt < kt_end; kt++) {
         if (ISPLIT && kt > 0 && kt % per == 0) {
             // Share kt / per starts: the one before is whole in acc.
@@ -213,16 +263,16 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
             asm volatile("cp.async.commit_group;\n" ::: "memory");
         }
         // This warpgroup's 64 rows of x (1,024-byte aligned: the swizzle's
-        // pattern repeats every 8 rows).
-        const unsigned a_st = base + (kt % STAGES) * STAGE + wg * 64 * 128, b_st = base + (kt % STAGES) * STAGE + A_BYTES;
+        // pattern repeats every 8 rows), then w.
+        const unsigned long long d_st = wg_desc_at(d_base, (kt % STAGES) * STAGE);
         wg_fence_accs(acc);
         asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll
         for (int ks = 0; ks < WG_K / 16; ks++) {
 #pragma unroll
             for (int a = 0; a < NA; a++) {
-                const unsigned long long da = wg_desc(a_st + a * BM * 128 + ks * 32);
-                const unsigned long long db = wg_desc(b_st + ks * 32);
+                const unsigned long long da = wg_desc_at(d_st, wg * 64 * 128 + a * BM * 128 + ks * 32);
+                const unsigned long long db = wg_desc_at(d_st, A_BYTES + ks * 32);
                 if constexpr (SILU && NB == 4) {
                     wgmma_64x256(acc[a * NB], acc[a * NB + 1], acc[a * NB + 2], acc[a * NB + 3], da, db);
                 } else if constexpr (SILU && NB == 2) {
@@ -230,7 +280,7 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
                 } else {
 #pragma unroll
                     for (int j = 0; j < NB; j++)
-                        wgmma_64x64(acc[a * NB + j], da, wg_desc(b_st + j * 64 * 128 + ks * 32));
+                        wgmma_64x64(acc[a * NB + j], da, wg_desc_at(d_st, A_BYTES + j * 64 * 128 + ks * 32));
                 }
             }
         }
