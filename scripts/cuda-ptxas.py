@@ -94,9 +94,10 @@ def main():
         print(f"== {m}")
         for line in (r.stdout + r.stderr).splitlines():
             low = line.lower()
-            # Warnings too: ptxas says there when it serialises wgmma.
+            # Warnings and performance notes too: ptxas says (C7514, an
+            # info line) when it serialises a kernel's wgmma instructions.
             if ("Compiling entry" in line or "Used" in line or "spill" in line and "0 bytes spill" not in line
-                    or "error" in low or "warning" in low):
+                    or "error" in low or "warning" in low or "performance" in low):
                 print("  " + line.strip().replace("ptxas info    : ", ""))
             if "Compiling entry" in line:
                 name = line.split("'")[1]

@@ -183,43 +183,59 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
         x_src[i] = x + off;
         if (HILO) xlo_src[i] = x_lo + off;
     }
-    // Tile kt of w (the one after the last tile loaded).
-    auto load_w = [&](int kt) {
+    // Tile kt of w, `ahead` tiles past the sources' current one (the
+    // unrolled prologue: a constant, so an offset in the copy's address), or
+    // (ahead < 0) the current one, each source then moved on by a tile.
+    auto load_w = [&](int kt, int ahead) {
         const unsigned st = base + (kt % STAGES) * STAGE + A_BYTES + sw;
         const int k_bytes = kt * WG_K + c * 8 < K ? 16 : 0;
 #pragma unroll
         for (int i = 0; i < NW; i++) {
-            copy16_async_bytes(st + i * ROWS_STEP * 128, w_src[i], k_bytes);
-            w_src[i] += WG_K;
+            copy16_async_bytes(st + i * ROWS_STEP * 128, w_src[i] + max(ahead, 0) * WG_K, k_bytes);
+            if (ahead < 0) w_src[i] += WG_K;
         }
     };
-    // Tile kt of x (the one after the last tile loaded).
-    auto load_x = [&](int kt) {
+    auto load_x = [&](int kt, int ahead) {
         const unsigned st = base + (kt % STAGES) * STAGE + sw;
         const int k_bytes = kt * WG_K + c * 8 < K ? 16 : 0;
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            copy16_async_bytes(st + i * ROWS_STEP * 128, x_src[i], x_bytes[i] & k_bytes);
-            x_src[i] += WG_K;
+            copy16_async_bytes(st + i * ROWS_STEP * 128, x_src[i] + max(ahead, 0) * WG_K, x_bytes[i] & k_bytes);
+            if (ahead < 0) x_src[i] += WG_K;
             if (HILO) {
-                copy16_async_bytes(st + BM * 128 + i * ROWS_STEP * 128, xlo_src[i], x_bytes[i] & k_bytes);
-                xlo_src[i] += WG_K;
+                copy16_async_bytes(st + BM * 128 + i * ROWS_STEP * 128, xlo_src[i] + max(ahead, 0) * WG_K,
+                                   x_bytes[i] & k_bytes);
+                if (ahead < 0) xlo_src[i] += WG_K;
             }
         }
     };
     // The weight's first tiles need nothing from the kernel ahead; x's wait
     // for it. Group s holds tile kt0 + s's x (and, for s = 0, the early
     // weight tiles), so "all but the newest WG_AHEAD - 1 groups" still
-    // means tile kt has landed.
+    // means tile kt has landed. The narrow tiles (decode sizes, whose
+    // prologue is much of their run) copy these tiles at constant offsets
+    // and move the sources on once (ptxas: 676 -> 428 prologue instructions
+    // for 64 x 128); in the wider ones that made ptxas's k loop longer.
+    constexpr bool AT_OFFSETS = NA * NB <= 2;
+    constexpr int STEP = AT_OFFSETS ? 0 : -1;
 #pragma unroll
     for (int s = 0; s < WG_AHEAD; s++)
-        if (kt0 + s < kt_end) load_w(kt0 + s);
+        if (kt0 + s < kt_end) load_w(kt0 + s, STEP < 0 ? STEP : s);
     wait_for_producers();
     start_dependents();
 #pragma unroll
     for (int s = 0; s < WG_AHEAD; s++) {
-        if (kt0 + s < kt_end) load_x(kt0 + s);
+        if (kt0 + s < kt_end) load_x(kt0 + s, STEP < 0 ? STEP : s);
         asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
+    if (AT_OFFSETS) {
+#pragma unroll
+        for (int i = 0; i < NW; i++) w_src[i] += WG_AHEAD * WG_K;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            x_src[i] += WG_AHEAD * WG_K;
+            if (HILO) xlo_src[i] += WG_AHEAD * WG_K;
+        }
     }
     // acc[NB + j]: x_lo's products (HILO).
     float acc[NA * NB][32];
@@ -233,9 +249,13 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
     // ptxas knows are zero, becomes one that does not add them (and
     // +0.0 + (-0.0) is +0.0 where the product alone is -0.0); made opaque
     // instead, the zeros made ptxas serialise every wgmma (C7514).
+    // ISPLIT: the first tile of the next share (counted, not kt % per: the
+    // division was a fifth of a tile's instructions).
+    int next_share = per;
 #pragma unroll 1
     for (int kt = kt0; kt < kt_end; kt++) {
-        if (ISPLIT && kt > 0 && kt % per == 0) {
+        if (ISPLIT && kt == next_share) {
+            next_share += per;
             // Share kt / per starts: the one before is whole in acc.
             asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
             wg_fence_accs(acc);
@@ -257,8 +277,8 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
         {
             const int nk = kt + WG_AHEAD;
             if (nk < kt_end) {
-                load_x(nk);
-                load_w(nk);
+                load_x(nk, -1);
+                load_w(nk, -1);
             }
             asm volatile("cp.async.commit_group;\n" ::: "memory");
         }
