@@ -217,15 +217,14 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
     // and move the sources on once (ptxas: 676 -> 428 prologue instructions
     // for 64 x 128); in the wider ones that made ptxas's k loop longer.
     constexpr bool AT_OFFSETS = NA * NB <= 2;
-    constexpr int STEP = AT_OFFSETS ? 0 : -1;
 #pragma unroll
     for (int s = 0; s < WG_AHEAD; s++)
-        if (kt0 + s < kt_end) load_w(kt0 + s, STEP < 0 ? STEP : s);
+        if (kt0 + s < kt_end) load_w(kt0 + s, AT_OFFSETS ? s : -1);
     wait_for_producers();
     start_dependents();
 #pragma unroll
     for (int s = 0; s < WG_AHEAD; s++) {
-        if (kt0 + s < kt_end) load_x(kt0 + s, STEP < 0 ? STEP : s);
+        if (kt0 + s < kt_end) load_x(kt0 + s, AT_OFFSETS ? s : -1);
         asm volatile("cp.async.commit_group;\n" ::: "memory");
     }
     if (AT_OFFSETS) {
@@ -245,13 +244,13 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
         for (int e = 0; e < 32; e++) acc[j][e] = 0.0f;
     // ISPLIT: the shares before the current one, added in order.
     float total[ISPLIT ? NB : 1][32];
+    // ISPLIT: the first tile of the next share (counted, not kt % per: the
+    // division was a fifth of a tile's instructions).
+    int next_share = per;
     // Not unrolled: unrolled, the first tile's wgmma, whose accumulators
     // ptxas knows are zero, becomes one that does not add them (and
     // +0.0 + (-0.0) is +0.0 where the product alone is -0.0); made opaque
     // instead, the zeros made ptxas serialise every wgmma (C7514).
-    // ISPLIT: the first tile of the next share (counted, not kt % per: the
-    // division was a fifth of a tile's instructions).
-    int next_share = per;
 #pragma unroll 1
     for (int kt = kt0; kt < kt_end; kt++) {
         if (ISPLIT && kt == next_share) {
