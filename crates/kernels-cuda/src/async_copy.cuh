@@ -9,17 +9,15 @@ __device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
 }
 
-// copy16_async to a shared address, reading `valid ? 16 : 0` bytes of
-// `gmem` and zero-filling the rest (a row past the data reads nothing).
-__device__ __forceinline__ void copy16_async_zfill(unsigned smem, const void* gmem, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-
 // copy16_async to a shared address, reading `bytes` (16 or 0) of `gmem` and
-// zero-filling the rest.
+// zero-filling the rest (a row past the data reads nothing).
 __device__ __forceinline__ void copy16_async_bytes(unsigned smem, const void* gmem, int bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(bytes) : "memory");
+}
+
+// copy16_async_bytes of all 16 bytes where `valid`, else none.
+__device__ __forceinline__ void copy16_async_zfill(unsigned smem, const void* gmem, bool valid) {
+    copy16_async_bytes(smem, gmem, valid ? 16 : 0);
 }
 
 // 4 bytes to a shared address, reading `valid ? 4 : 0` bytes of `gmem`.
