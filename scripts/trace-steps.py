@@ -11,8 +11,8 @@ blocks); a decode step of the tensor-core layer is, after the vocabulary
 projection, three sampling kernels, the next step's first kernels (the fed
 ids in overlapped steps, the embedding, the first input norm), then 8
 kernels a layer (qkv, RoPE, attention, o_proj, add + norm, gate/up + SiLU,
-down, add + next norm; the last layer ends with the shares' sum, the final
-norm and the hi/lo split). The gap after the third sampling kernel is that
+down, add + next norm; 7 where attention makes q itself, attn_tc_rope; the
+last layer ends with the shares' sum, the final norm and the hi/lo split). The gap after the third sampling kernel is that
 kernel plus any time until the next step's first kernel (the step
 boundary: the host's, in plain steps). Steps with prompt tokens (a decode
 step embeds as many rows as it samples; a prompt step more) run the same
@@ -35,6 +35,9 @@ recs = trace_records.read(a.file)
 gap = [(recs[i + 1][0] - recs[i][0]) / 1e3 for i in range(len(recs) - 1)] + [0.0]
 lm = [i for i, r in enumerate(recs) if r[2] >= 1000]
 layer = ["qkv", "rope", "attention", "o_proj", "add+norm", "gate_up+silu", "down", "add+norm"]
+# A decode step whose attention kernel makes q and the new rows itself
+# (attn_tc_rope: small tensor-core decode grids) has no RoPE kernel.
+fused = [k for k in layer if k != "rope"]
 tail = ["shares sum", "final norm", "hi/lo split"]
 after = ["lm_head", "sample 1", "sample 2", "sample 3 + boundary"]
 total = collections.defaultdict(float)
@@ -43,17 +46,24 @@ steps = collections.Counter()
 p_by = collections.defaultdict(lambda: collections.defaultdict(float))
 p_steps = collections.Counter()
 prompt_us, prompt_steps = 0.0, 0
-names = [layer[j % 8] for j in range(a.layers * 8 - 1)] + tail
 for a_i, b_i in zip(lm[:-1], lm[1:]):
     # A step: its first kernels after the step before's sampling (the fed
     # ids in overlapped steps, the embedding, the input norm), its layers
     # from qkv (`first`) on, its vocabulary projection (b_i) and sampling.
-    first = b_i - (a.layers * 8 - 1 + len(tail))
     if b_i + 4 >= len(recs):
         break
     rows = recs[b_i + 1][2]  # the sampling kernels' grid height
-    emb = recs[first - 2]
     # A decode step embeds as many rows as it samples; a prompt step more.
+    for kl in (layer, fused):
+        first = b_i - (a.layers * len(kl) - 1 + len(tail))
+        emb = recs[first - 2]
+        if first - (a_i + 4) in (2, 3) and emb[1] == rows:
+            break
+    else:
+        kl = layer
+        first = b_i - (a.layers * len(kl) - 1 + len(tail))
+        emb = recs[first - 2]
+    names = [kl[j % len(kl)] for j in range(a.layers * len(kl) - 1)] + tail
     if first - (a_i + 4) not in (2, 3) or emb[1] != rows:
         prompt_us += (recs[b_i + 4][0] - recs[a_i + 4][0]) / 1e3
         prompt_steps += 1

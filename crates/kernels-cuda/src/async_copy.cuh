@@ -42,6 +42,21 @@ __device__ __forceinline__ void copy16_async_once(void* smem, const void* gmem, 
                  : "memory");
 }
 
+// copy16_async_zfill under `policy`.
+__device__ __forceinline__ void copy16_async_zfill_hint(unsigned smem, const void* gmem, bool valid,
+                                                        unsigned long long policy) {
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(smem), "l"(gmem),
+                 "r"(valid ? 16 : 0), "l"(policy)
+                 : "memory");
+}
+
+// The default L2 policy, as a policy operand.
+__device__ __forceinline__ unsigned long long l2_evict_normal() {
+    unsigned long long p;
+    asm("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(p));
+    return p;
+}
+
 // Closes this thread's group of copies issued since the last commit.
 __device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 

@@ -122,10 +122,13 @@ impl CudaBackend {
         }
     }
 
-    /// q/k-norm, RoPE and the cache store, then attention. In a small
-    /// decode batch the attention kernel does all of it (the rows it needs
-    /// are its own token's); otherwise the two kernels, as for large decode
-    /// batches, whose every block would compute its group's q again.
+    /// q/k-norm, RoPE and the cache store, then attention. In a decode
+    /// batch (one token per sequence) the attention kernel does all of it
+    /// (the rows it needs are its own token's): on the tensor cores where
+    /// every row is theirs, else in a small batch's exact kernel; otherwise
+    /// the two kernels (large exact decode batches, whose every block would
+    /// compute its group's q again, and batches with prompt rows, whose
+    /// tiles read each other's new rows).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn rope_attention_impl(
         &self,
@@ -139,7 +142,10 @@ impl CudaBackend {
         out: &mut T,
     ) -> Result<()> {
         let tokens = meta.num_tokens();
-        if tokens == 0 || !few_decode_blocks(meta, geo) || self.tensor_core_rows(tokens) > 0 {
+        let decode = seqs(meta) == tokens && meta.tiles_are_tokens();
+        let tc = self.tensor_core_rows(tokens);
+        let tc_decode = tokens > 0 && decode && tc == tokens && self.rope_in_tc_attention();
+        if !tc_decode && (tokens == 0 || !few_decode_blocks(meta, geo) || tc > 0) {
             self.qk_norm_rope_store_impl(
                 r.qkv, r.q_norm, r.k_norm, r.eps, r.rope, meta, geo, q_out, k_cache, v_cache,
             )?;
@@ -162,6 +168,10 @@ impl CudaBackend {
         check_head_dim(OP, geo)?;
         // The kernel writes q_out and the caches through these pointers;
         // the exclusive borrows above keep anyone else from them meanwhile.
+        if tc_decode {
+            return self
+                .rope_attention_tensor_cores(r, meta, geo, scale, q_out, k_cache, v_cache, out);
+        }
         self.attention_chunks(Some(r), q_out, k_cache, v_cache, meta, geo, scale, out)
     }
 

@@ -50,6 +50,66 @@ __device__ __forceinline__ void step_weights(float (&sc)[2][4], const float (&m)
         }
 }
 
+// ROPE (decode tokens only: one token per sequence, each its own tile, one
+// row group): q and the token's new key and value rows are made here from
+// the QKV projection's f32 output, as rope.cu's qk_norm_rope_store makes
+// them (norm_rope_head; the same bits), instead of by a kernel of their own
+// ahead of this one. Each block makes its token's q rows (span 0's block
+// also writes them to q_out); the block of the span holding the token's
+// position makes the new key and value rows, stores them in the caches and
+// puts them into its own copy of that step over whatever the copy read
+// from their slot (the copy may race the store). No other block reads a
+// new row: with one token per sequence a row's keys before its position
+// are earlier steps'.
+struct TcRope {
+    const float* qkv;  // [T, (Hq + 2·Hkv)·D]
+    const float* qn;
+    const float* kn;
+    float eps;
+    const float* rope;  // [positions, D]: cosines, then sines
+    const u32* slots;
+    __nv_bfloat16* q_out;
+    __nv_bfloat16* kc;
+    __nv_bfloat16* vc;
+};
+
+// ROPE's rows for the decode token t (position p) of kv head g, a warp a
+// head: its G q heads into q rows 0..G-1 of `qs` (and, from span 0's
+// block, q_out), and with `new_rows` the key (normalised and rotated) and
+// value (rounded) into the caches and `nrow` (key, then value).
+template <int D>
+__device__ __forceinline__ void rope_rows(const TcRope& rp, int t, int g, int G, int Hq, int Hkv, int p,
+                                          bool new_rows, __nv_bfloat16* qs, int ks_row, __nv_bfloat16* nrow) {
+    constexpr int PER = D / 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const float* xt = rp.qkv + (size_t)t * (Hq + 2 * Hkv) * D;
+    const float* cs = rp.rope + (size_t)p * D;
+    for (int h = warp; h < G + (new_rows ? 2 : 0); h += 4) {
+        const bool is_q = h < G, is_k = h == G;
+        const float* x = xt + (size_t)(is_q ? g * G + h : Hq + (is_k ? 0 : Hkv) + g) * D;
+        float xv[PER], y[PER];
+        load_per<PER>(x + lane * PER, xv);
+        if (is_q || is_k) {
+            float wv[PER], c[PER], sn[PER];
+            load_per<PER>((is_q ? rp.qn : rp.kn) + lane * PER, wv);
+            load_per<PER>(cs + (lane % 16) * PER, c);
+            load_per<PER>(cs + D / 2 + (lane % 16) * PER, sn);
+            norm_rope_head<PER>(xv, wv, c, sn, rp.eps, y);
+        } else {
+#pragma unroll
+            for (int e = 0; e < PER; e++) y[e] = xv[e];
+        }
+        if (is_q) {
+            store_per<PER>(qs + h * ks_row + lane * PER, y);
+            if (blockIdx.y == 0) store_per<PER>(rp.q_out + ((size_t)t * Hq + g * G + h) * D + lane * PER, y);
+        } else {
+            __nv_bfloat16* cache = is_k ? rp.kc : rp.vc;
+            store_per<PER>(cache + ((size_t)rp.slots[t] * Hkv + g) * D + lane * PER, y);
+            store_per<PER>(nrow + (is_k ? 0 : D) + lane * PER, y);
+        }
+    }
+}
+
 // Dynamic shared memory: 16·RGP q rows, then two stages of TC_KEYS keys and
 // TC_KEYS values, every row D + TC_PAD bf16; the stages then hold the
 // warps' partial results for the merge, and each row's merge weights. Rows
@@ -60,12 +120,13 @@ __device__ __forceinline__ void step_weights(float (&sc)[2][4], const float (&m)
 // own quarter of every step's keys (online softmax); the four quarters are
 // merged in order at the end: M = max m_w, f_w = exp(m_w − M),
 // L = Σ l_w·f_w, O = Σ o_w·f_w, out = bf16(O / L).
-template <int D, int RGP>
+template <int D, int RGP, bool ROPE = false>
 __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_bfloat16* kc,
                                              const __nv_bfloat16* vc, const u32* pos, const u32* seq,
                                              const u32* tables, const u32* tiles, int max_blocks, int bs, int Hq,
                                              int Hkv, float scale, int tc_rows, int max_spans, float* spans,
-                                             u32* done, __nv_bfloat16* out) {
+                                             u32* done, __nv_bfloat16* out, TcRope rp = TcRope{}) {
+    static_assert(!ROPE || RGP == 1, "ROPE: decode tokens, one row group");
     const int THREADS = 128 * RGP, ROWS = 16 * RGP;
     const int KS = D + TC_PAD, DT = D / 8, PIECES = TC_KEYS * (D / 8) / THREADS;
     const float NEG_INF = __int_as_float(0xff800000);
@@ -150,6 +211,12 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             }
         }
     };
+    // A one-token tile's keys and values are read by no other block of the
+    // launch (decode tokens: one a sequence), and not again before the next
+    // step: evicted from L2 first, so that what later blocks read again
+    // (their q, the block tables) stays there. A prompt tile's keys are read
+    // by the sequence's later tiles too.
+    const unsigned long long kv_policy = n == 1 ? l2_evict_first() : l2_evict_normal();
     int blk0 = 0, off0 = 0;  // row r_lo of the next step copy_step copies: its table entry and offset
     // Copies step s into stage st, its table entries read from global memory
     // (a pass's first step) or from the ring.
@@ -167,8 +234,8 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             const u32 slot = entry * (u32)bs + (u32)f;
             const char* src = k_col + (unsigned long long)slot * slot_bytes;
             const unsigned dst = kd + x * (RSTEP * KS * 2);
-            copy16_async_zfill(dst, src, ok);
-            copy16_async_zfill(dst + V_BYTES, src + v_off, ok);
+            copy16_async_zfill_hint(dst, src, ok, kv_policy);
+            copy16_async_zfill_hint(dst + V_BYTES, src + v_off, ok, kv_policy);
             b += q_row;
             f += c_row;
             if (f >= bs) {
@@ -190,14 +257,18 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
         fill_off = ((s0 + 1) * TC_KEYS + tid) % bs;
     };
 
+    // ROPE: the new rows (key, then value) and the step that holds them in
+    // this block (-1: not this span's).
+    __shared__ __align__(16) __nv_bfloat16 nrow[ROPE ? 2 * D : 8];
+    const int new_step = ROPE && k_end == ctx ? (ctx - 1) / TC_KEYS : -1;
     for (int r_base = 0; r_base < R; r_base += ROWS) {
         for (int i = tid; i < ROWS * (D / 8); i += THREADS) {
             int r = i / (D / 8), o = (i % (D / 8)) * 8, rr = r_base + r;
             __nv_bfloat16* dst = qs + r * KS + o;
-            if (rr < R)
-                copy16_async(dst, q + ((size_t)(t0 + rr / G) * Hq + g * G + rr % G) * D + o);
-            else
+            if (rr >= R)
                 *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+            else if (!ROPE)
+                copy16_async(dst, q + ((size_t)(t0 + rr / G) * Hq + g * G + rr % G) * D + o);
         }
         start_pass();
         // The ring's first two steps, with q (a group of their own, waited
@@ -207,6 +278,9 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
         copies_commit();
         copy_step(s0, 0, false);
         copies_commit();
+        // ROPE: q's rows and (the span holding the position) the new key
+        // and value rows, while the first step's copies are in flight.
+        if constexpr (ROPE) rope_rows<D>(rp, t0, g, G, Hq, Hkv, ctx - 1, new_step >= 0, qs, KS, nrow);
         copies_wait_groups<1>();
         __syncthreads();
         // This thread's two rows (lane / 4 and lane / 4 + 8 of the warp's
@@ -249,6 +323,16 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             if (s + 3 < steps) fill_ring(s + 3);
             copies_commit();
             copies_wait_groups<1>();
+            // ROPE: the new rows over what this thread's copies of their
+            // chunks read (those have landed: its own group).
+            if constexpr (ROPE) {
+                const int rn = ctx - 1 - s * TC_KEYS, ch = (tid % CH) * 8;
+                if (s == new_step && rn % RSTEP == r_lo) {
+                    __nv_bfloat16* kd = ks + (st * TC_KEYS + rn) * KS + ch;
+                    *reinterpret_cast<uint4*>(kd) = *reinterpret_cast<const uint4*>(nrow + ch);
+                    *reinterpret_cast<uint4*>(kd + 2 * TC_KEYS * KS) = *reinterpret_cast<const uint4*>(nrow + D + ch);
+                }
+            }
             __syncthreads();
             const __nv_bfloat16* kst = ks + (st * TC_KEYS + kq * 16) * KS;
             const __nv_bfloat16* vst = vs + (st * TC_KEYS + kq * 16) * KS;
@@ -568,6 +652,24 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
         attn_tc_body<DD, RG>(q, kc, vc, pos, seq, tables, tiles, max_blocks, bs, Hq, Hkv, scale, tc_rows,        \
                              max_spans, spans, done, out);                                                     \
     }
+// The ROPE variant (decode tokens, one row group): qkv, the norm weights,
+// eps, the rotation table and the new rows' slots, then q_out and the
+// caches (written), then attn_tc's parameters from pos on.
+#define TC_ROPE_KERNEL(DD, MINB)                                                                               \
+    extern "C" __global__ void __launch_bounds__(128, MINB)                                                     \
+        attn_tc_rope_d##DD(const float* qkv, const float* qn, const float* kn, float eps, const float* rope,     \
+                           const u32* slots, __nv_bfloat16* q_out, __nv_bfloat16* kc, __nv_bfloat16* vc,       \
+                           const u32* pos, const u32* seq, const u32* tables, const u32* tiles, int max_blocks, \
+                           int bs, int Hq, int Hkv, float scale, int tc_rows, int max_spans, float* spans,     \
+                           u32* done, __nv_bfloat16* out) {                                                    \
+        const TcRope rp = {qkv, qn, kn, eps, rope, slots, q_out, kc, vc};                                      \
+        attn_tc_body<DD, 1, true>(q_out, kc, vc, pos, seq, tables, tiles, max_blocks, bs, Hq, Hkv, scale,       \
+                                  tc_rows, max_spans, spans, done, out, rp);                                   \
+    }
+TC_ROPE_KERNEL(32, 4)
+TC_ROPE_KERNEL(64, 4)
+TC_ROPE_KERNEL(128, 3)
+TC_ROPE_KERNEL(256, 1)
 TC_KERNEL(32, 1, 4)
 TC_KERNEL(32, 2, 2)
 TC_KERNEL(64, 1, 4)

@@ -4,7 +4,8 @@
 
 use qwen_tensor::{AttnGeometry, BatchMeta, DType, Result};
 
-use crate::device::{bf16s, bf16s_mut, dev, f32s_mut, u32s, u32s_mut, T};
+use crate::attention::RopeArgs;
+use crate::device::{bf16s, bf16s_mut, dev, f32s, f32s_mut, u32s, u32s_mut, T};
 use crate::launch::{grid, int, shape_err};
 use crate::{CudaBackend, Scratch};
 
@@ -18,7 +19,8 @@ const TC_PAD: usize = 8;
 const TC_SPAN_HEAD: usize = 4;
 
 /// attention_tc.cu's kernels: head_dim 32, 64, 128 or 256, one or two row
-/// groups a pass.
+/// groups a pass; then the ROPE variants of the one-row-group kernels
+/// (decode tokens: q and the new rows made in the kernel), by head_dim.
 pub(crate) const KERNELS: &[&str] = &[
     "attn_tc_d32_r1",
     "attn_tc_d32_r2",
@@ -28,7 +30,37 @@ pub(crate) const KERNELS: &[&str] = &[
     "attn_tc_d128_r2",
     "attn_tc_d256_r1",
     "attn_tc_d256_r2",
+    "attn_tc_rope_d32",
+    "attn_tc_rope_d64",
+    "attn_tc_rope_d128",
+    "attn_tc_rope_d256",
 ];
+
+/// The kernel for head width index `width` (0..4: 32 to 256), `groups`
+/// row groups, with or without RoPE.
+fn kernel_name(width: usize, groups: usize, rope: bool) -> &'static str {
+    if rope {
+        KERNELS[8 + width]
+    } else {
+        KERNELS[2 * width + groups - 1]
+    }
+}
+
+/// Where a tensor-core attention launch gets q: from `q`, or (ROPE) from
+/// the QKV output, writing q_out and the new rows into the caches.
+enum TcInputs<'a> {
+    Plain {
+        q: &'a T,
+        k_cache: &'a T,
+        v_cache: &'a T,
+    },
+    Rope {
+        r: RopeArgs<'a>,
+        q_out: &'a mut T,
+        k_cache: &'a mut T,
+        v_cache: &'a mut T,
+    },
+}
 
 /// The query tiles of `meta`, checked as far as the host can: `tiles`
 /// pairs, at most one per token.
@@ -58,11 +90,69 @@ impl CudaBackend {
         tc_rows: usize,
         out: &mut T,
     ) -> Result<()> {
+        let inputs = TcInputs::Plain {
+            q,
+            k_cache,
+            v_cache,
+        };
+        self.tc_attention(inputs, meta, geo, scale, tc_rows, out)
+    }
+
+    /// Whether a tensor-core decode batch makes q and its new rows inside
+    /// attention (attn_tc_rope): yes unless `QWEN_CUDA_TC_ROPE=0` (device.rs),
+    /// which keeps qk_norm_rope_store ahead of it, to measure the two.
+    pub(crate) fn rope_in_tc_attention(&self) -> bool {
+        self.dev.tc_rope
+    }
+
+    /// q/k-norm, RoPE, the cache store and attention of a decode batch
+    /// (one token per sequence, every row on the tensor cores) in one
+    /// kernel: the same bits as `qk_norm_rope_store` then
+    /// [`Self::attention_tensor_cores`] (arguments already checked by the
+    /// caller, as for both).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn rope_attention_tensor_cores(
+        &self,
+        r: RopeArgs<'_>,
+        meta: &BatchMeta<CudaBackend>,
+        geo: AttnGeometry,
+        scale: f32,
+        q_out: &mut T,
+        k_cache: &mut T,
+        v_cache: &mut T,
+        out: &mut T,
+    ) -> Result<()> {
+        let tokens = meta.num_tokens();
+        let inputs = TcInputs::Rope {
+            r,
+            q_out,
+            k_cache,
+            v_cache,
+        };
+        self.tc_attention(inputs, meta, geo, scale, tokens, out)
+    }
+
+    fn tc_attention(
+        &self,
+        mut inputs: TcInputs<'_>,
+        meta: &BatchMeta<CudaBackend>,
+        geo: AttnGeometry,
+        scale: f32,
+        tc_rows: usize,
+        out: &mut T,
+    ) -> Result<()> {
         let tiles = check_tiles(meta)?;
         let (d, group) = (geo.head_dim, geo.num_q_heads / geo.num_kv_heads);
         // Row groups of 16 a pass: one where every tile is a token (its
         // group's rows fit one), else two. Either way each row's sums are
         // the same (attention_tc.cu), so the choice is free.
+        let rope = matches!(inputs, TcInputs::Rope { .. });
+        if rope && !meta.tiles_are_tokens() {
+            return Err(shape_err(
+                OP,
+                "RoPE in tensor-core attention needs decode tokens".into(),
+            ));
+        }
         let groups = if meta.tiles_are_tokens() || group == 1 {
             1
         } else {
@@ -108,11 +198,35 @@ impl CudaBackend {
             _ => return Err(shape_err(OP, format!("head_dim {d}"))),
         };
         let mut launch = |spans: Option<(&mut T, &mut T)>| -> Result<()> {
-            let mut b = self.launch(self.kernel(KERNELS[2 * width + groups - 1]));
-            b.arg(bf16s(OP, "q", q)?)
-                .arg(bf16s(OP, "k_cache", k_cache)?)
-                .arg(bf16s(OP, "v_cache", v_cache)?)
-                .arg(u32s(OP, "positions", meta.positions())?)
+            let mut b = self.launch(self.kernel(kernel_name(width, groups, rope)));
+            match &mut inputs {
+                TcInputs::Plain {
+                    q,
+                    k_cache,
+                    v_cache,
+                } => {
+                    b.arg(bf16s(OP, "q", q)?)
+                        .arg(bf16s(OP, "k_cache", k_cache)?)
+                        .arg(bf16s(OP, "v_cache", v_cache)?);
+                }
+                TcInputs::Rope {
+                    r,
+                    q_out,
+                    k_cache,
+                    v_cache,
+                } => {
+                    b.arg(f32s(OP, "qkv", r.qkv)?)
+                        .arg(f32s(OP, "q_norm", r.q_norm)?)
+                        .arg(f32s(OP, "k_norm", r.k_norm)?)
+                        .arg(&r.eps)
+                        .arg(f32s(OP, "rope", r.rope)?)
+                        .arg(u32s(OP, "slots", meta.slots())?)
+                        .arg(bf16s_mut(OP, "q_out", q_out)?)
+                        .arg(bf16s_mut(OP, "k_cache", k_cache)?)
+                        .arg(bf16s_mut(OP, "v_cache", v_cache)?);
+                }
+            }
+            b.arg(u32s(OP, "positions", meta.positions())?)
                 .arg(u32s(OP, "seq_of_token", meta.seq_of_token())?)
                 .arg(u32s(OP, "block_tables", meta.block_tables())?)
                 .arg(u32s(OP, "query_tiles", meta.query_tiles())?)
@@ -134,7 +248,10 @@ impl CudaBackend {
             }
             b.arg(bf16s_mut(OP, "out", out)?);
             // SAFETY: the arguments are the attn_tc kernels' parameters in
-            // order (the kernel of this head_dim and row-group count); the
+            // order (the kernel of this head_dim and row-group count; the
+            // ROPE kernels' first nine are qk_norm_rope_store's inputs and
+            // outputs, checked by the caller as that op checks them: a rope
+            // row for every position, every slot in the caches); the
             // grid is one block per (query tile, kv head, span), the tiles
             // coming from BatchLayout::query_tiles (at most one per token,
             // checked above), each of at most 16 consecutive positions of one

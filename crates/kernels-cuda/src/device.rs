@@ -80,7 +80,7 @@ const MODULES: &[(&str, &[&str], &[&str])] = &[
     ),
     (
         "attention_tc",
-        &[include_str!("attention_tc.cu")],
+        &[include_str!("rope.cu"), include_str!("attention_tc.cu")],
         crate::attention_tc::KERNELS,
     ),
     (
@@ -207,6 +207,10 @@ pub(crate) struct Device {
     /// Whether tensor-core GEMMs take gemm_wgmma.cu (Hopper) rather than
     /// gemm.cu: one or the other for every batch, never a mix.
     pub wgmma: bool,
+    /// Whether decode batches on the tensor cores make q/k-norm and RoPE
+    /// inside the attention kernel (attn_tc_rope): on unless
+    /// `QWEN_CUDA_TC_ROPE=0`, to measure what it gains.
+    pub tc_rope: bool,
     /// The kernel trace (`QWEN_CUDA_TRACE`), written out on drop.
     trace: Option<Trace>,
 }
@@ -312,6 +316,7 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
         sm_count: sm_count.max(0) as usize,
         layer_kernel: false,
         wgmma,
+        tc_rope: std::env::var("QWEN_CUDA_TC_ROPE").map_or(true, |v| v != "0"),
         trace,
     };
     if std::env::var("QWEN_CUDA_LAYER_KERNEL").is_ok_and(|v| v == "1") {

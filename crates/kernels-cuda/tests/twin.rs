@@ -940,6 +940,71 @@ fn qk_norm_rope_and_attention() {
     }
 }
 
+/// A decode batch on the tensor cores: q/k-norm, RoPE, the cache store and
+/// attention as one kernel (`qk_norm_rope_attention`, attn_tc_rope) give
+/// the bits of the two ops (qk_norm_rope_store, then tensor-core
+/// attention): q, both caches and the output. New rows at the start, end
+/// and middle of a 64-key step and of a 1,024-key span, contexts of one to
+/// three spans, every head width and groups of 1 to 16 q heads a kv head.
+/// (tests/trace.rs checks that the one kernel is what runs.)
+#[test]
+fn tensor_core_rope_attention_equals_its_ops() {
+    let Some(mut g) = gpu() else { return };
+    g.set_exact(false);
+    let mut r = Rng::new("tensor-core rope attention");
+    let bs = 16;
+    let spread: Vec<(usize, usize)> = (0..40).map(|i| (1 + 53 * i, 1)).collect();
+    let edges: Vec<(usize, usize)> = [
+        1, 2, 63, 64, 65, 128, 1023, 1024, 1025, 1090, 2048, 2049, 2600,
+    ]
+    .iter()
+    .map(|&c| (c, 1))
+    .collect();
+    // (q heads, kv heads, head_dim, sequences as (context, new tokens)).
+    type Case<'a> = (usize, usize, usize, &'a [(usize, usize)]);
+    let cases: Vec<Case> = vec![
+        (16, 8, 128, &edges),
+        (16, 8, 128, &spread),
+        (32, 8, 128, &edges),
+        (64, 8, 128, &spread),
+        (40, 8, 128, &edges),
+        (4, 2, 32, &edges),
+        (12, 4, 64, &spread),
+        (16, 1, 64, &edges),
+        (8, 1, 256, &edges),
+    ];
+    for (hq, hkv, d, ctxs) in cases {
+        let geo = geometry(hq, hkv, d, bs);
+        let (layout, blocks) = layout(&mut r, ctxs, bs);
+        let t = layout.num_tokens();
+        let rope = rope_table(layout.max_context(), d);
+        let mut kn = r.f32s(d, 1.0);
+        kn[1] = 96.5;
+        let case = AttnCase {
+            geo,
+            qkv: r.f32s(t * geo.qkv_width(), 2.0),
+            qn: r.f32s(d, 1.0),
+            kn,
+            kc: r.bf16s(blocks * bs * hkv * d, 1.0),
+            vc: r.bf16s(blocks * bs * hkv * d, 1.0),
+            rope,
+            layout,
+            blocks,
+        };
+        g.set_tensor_core_rows(t);
+        let ops = attn_on(&g, &case, false);
+        let what = format!("{hq}/{hkv} heads, d {d}, {t} tokens");
+        // Twice: the second run reuses the span counters the first left behind.
+        for run in ["fused", "fused again"] {
+            let one = attn_on(&g, &case, true);
+            for (i, name) in ["q", "k_cache", "v_cache", "attention"].iter().enumerate() {
+                same_bits(&format!("{name} ({run}): {what}"), &ops[i], &one[i]);
+            }
+        }
+        g.set_tensor_core_rows(0);
+    }
+}
+
 /// Argmax, then the repetition penalty, then filtered sampling of the
 /// penalised logits, on one backend.
 fn sampling_on<B: Backend>(
