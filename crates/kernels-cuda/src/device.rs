@@ -146,7 +146,7 @@ const WGMMA_KERNELS: &[&str] = &[
     "gemm_wg_silu_s6",
     "gemm_wg_silu_m128_n64",
     "gemm_wg_hilo",
-    "gemm_wg_hilo_n128",
+    "gemm_wg_hilo_m128",
 ];
 
 /// Kernels whose dynamic shared memory grows with the shape (a norm row in

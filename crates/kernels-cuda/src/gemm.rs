@@ -86,10 +86,11 @@ const SILU32_S6: Tile = Tile::wg("gemm_wg_silu_s6", 64, 64, 6);
 const SILU64: Tile = Tile::wg("gemm_wg_silu", 64, 128, WG_STAGES);
 const SILU_M128: Tile = Tile::wg("gemm_wg_silu_m128", 128, 256, WG_STAGES);
 const SILU_M128_N64: Tile = Tile::wg("gemm_wg_silu_m128_n64", 128, 128, 6);
-/// The logits' hi/lo kernels: 64 rows of each half of x, 64 or 128 of w a
-/// stage.
+/// The logits' hi/lo kernels: 64 rows of each half of x and 64 of w a
+/// stage, or 128 and 128.
 const HILO: Tile = Tile::wg("gemm_wg_hilo", 64, 64, WG_STAGES);
-const HILO128: Tile = Tile::wg("gemm_wg_hilo_n128", 64, 128, WG_STAGES);
+/// 128 rows (two warpgroups) of each half by 128 columns.
+const HILO_M128: Tile = Tile::wg("gemm_wg_hilo_m128", 128, 128, WG_STAGES);
 
 /// What the tile choice needs of the device: SMs and shared memory an SM.
 #[derive(Clone, Copy)]
@@ -189,12 +190,13 @@ fn choose_silu_tile(t: u32, i: u32, gpu: Gpu) -> &'static Tile {
         .unwrap_or(&SILU64)
 }
 
-/// The hi/lo logits tile for `t` rows: 128 columns a block once there are
-/// several row tiles (every block reads its rows of x_hi and x_lo whole,
-/// so wider blocks read x fewer times), 64 for one.
+/// The hi/lo logits tile for `t` rows: 128 rows by 128 columns once there
+/// are several 64-row tiles (every block reads its rows of x_hi and x_lo
+/// whole and its columns of w whole, so bigger blocks read both fewer
+/// times), 64 x 64 for one.
 fn choose_hilo_tile(t: u32) -> &'static Tile {
     if t > 64 {
-        &HILO128
+        &HILO_M128
     } else {
         &HILO
     }

@@ -130,7 +130,7 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
     constexpr bool SILU = MODE == WG_SILU, HILO = MODE == WG_HILO;
     // MW warpgroups a block, each 64 rows of x against the same BN columns
     // of w (one stage of w serves them all).
-    static_assert(MW == 1 || (MW == 2 && !HILO && (4 * NB) % MW == 0), "two warpgroups: plain or SiLU tiles");
+    static_assert(MW == 1 || (MW == 2 && (4 * NB) % MW == 0), "one or two warpgroups");
     constexpr int BM = 64 * MW, ROWS_STEP = 16 * MW;
     // A stage: x's BM rows (then x_lo's), then w's BN rows, 128 bytes each.
     constexpr int NA = HILO ? 2 : 1, BN = 64 * NB, A_BYTES = NA * BM * 128, STAGE = A_BYTES + BN * 128;
@@ -419,13 +419,14 @@ GEMM_WG_SILU_KERNEL(gemm_wg_silu_m128_n64, 2, 6, 2)
 
 // out = x_hi . w + x_lo . w (see WG_HILO), f32 [T, N]; no split K.
 // Grid (T / 64, N / (64·NB)).
-#define GEMM_WG_HILO_KERNEL(NAME, NB)                                                                          \
-    extern "C" __global__ void __launch_bounds__(WG_THREADS)                                                    \
+#define GEMM_WG_HILO_KERNEL(NAME, NB, MW)                                                                      \
+    extern "C" __global__ void __launch_bounds__(WG_THREADS * MW)                                               \
         NAME(const __nv_bfloat16* x_hi, const __nv_bfloat16* x_lo, const __nv_bfloat16* w, float* out, int T,   \
              int K, int N) {                                                                                    \
-        gemm_wg_body<NB, WG_HILO, WG_STAGES>(x_hi, x_lo, w, out, T, K, N, 0, nullptr, nullptr);                \
+        gemm_wg_body<NB, WG_HILO, WG_STAGES, MW>(x_hi, x_lo, w, out, T, K, N, 0, nullptr, nullptr);            \
     }
-GEMM_WG_HILO_KERNEL(gemm_wg_hilo, 1)
-// 128 columns a block: several row tiles of the vocabulary projection read
-// their 64 rows of x_hi and x_lo from L2 once per 128 columns instead of 64.
-GEMM_WG_HILO_KERNEL(gemm_wg_hilo_n128, 2)
+GEMM_WG_HILO_KERNEL(gemm_wg_hilo, 1, 1)
+// 128 rows (two warpgroups) by 128 columns: a stage of w serves twice the
+// rows, so more than 64 rows move half the vocabulary's weight tiles from
+// L2 to the SMs (the projection's 311 MB at 0.6B, read once per row tile).
+GEMM_WG_HILO_KERNEL(gemm_wg_hilo_m128, 2, 2)

@@ -350,9 +350,14 @@ fn tensor_core_logits_equal_their_two_gemms() {
     let Some(mut g) = gpu() else { return };
     g.set_exact(false);
     let mut r = Rng::new("tensor-core logits hi lo");
-    // The 0.6B shape at a decode batch, a partial row tile and a vocabulary
-    // that ends mid-tile, K not a multiple of 64.
-    for (t, h, n) in [(256, 1024, 8192), (70, 1024, 1000), (5, 200, 515)] {
+    // The 0.6B shape at a decode batch, partial row tiles (of 128 rows and
+    // of 64) and a vocabulary that ends mid-tile, K not a multiple of 64.
+    for (t, h, n) in [
+        (256, 1024, 8192),
+        (200, 1024, 1000),
+        (70, 1024, 1000),
+        (5, 200, 515),
+    ] {
         g.set_tensor_core_rows(t);
         let x = r.f32s(t * h, 3.0);
         let nw = r.f32s(h, 1.0);
