@@ -214,8 +214,10 @@ struct Row {
     int V, nb;
     // z of token i (NaN counts as -inf) and whether the token is live (for
     // the infinite cases, where z - z_max is NaN, it is).
-    __device__ __forceinline__ bool live(int i, float& z) const {
-        z = x[i] / temp;
+    __device__ __forceinline__ bool live(int i, float& z) const { return live_x(x[i], z); }
+    // live() of a token whose logit xi is already loaded.
+    __device__ __forceinline__ bool live_x(float xi, float& z) const {
+        z = xi / temp;
         if (isnan(z)) z = __int_as_float(0xff800000);
         return live_z(z);
     }
@@ -436,6 +438,27 @@ __device__ __forceinline__ u64 draw_target(float u, u64 total) {
     return __double2ull_rz((double)u * __ull2double_rn(total));
 }
 
+// One token's share of warp_range_sum: its quantised weight added to
+// `sum` if it is live and at least min_p, and (find_top) the lowest token
+// at z_max kept in `top`.
+__device__ __forceinline__ void range_term(const Row& row, float min_p, int j, float xj, bool find_top, u64& sum,
+                                           int& top) {
+    float z;
+    if (!row.live_x(xj, z)) return;
+    if (find_top && z == row.z_max && j < top) top = j;
+    const float e = row.weight(z);
+    if (e >= min_p) sum += quantise(e);
+}
+
+// The warp's total of `sum` and least `top`, in every lane.
+__device__ __forceinline__ void warp_sum_top(u64& sum, int& top) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        sum += __shfl_xor_sync(FULL_MASK, sum, o);
+        top = min(top, __shfl_xor_sync(FULL_MASK, top, o));
+    }
+}
+
 // The warp's sum of q (exact u64, so the order is free) over the live
 // tokens j = from, from + step, ... below `to` (each lane its own `from`)
 // whose weight passes min_p, and with `find_top` its first token at z_max
@@ -445,18 +468,8 @@ __device__ __forceinline__ void warp_range_sum(const Row& row, float min_p, int 
     sum = 0;
     top = NO_TOKEN;
 #pragma unroll 2
-    for (int j = from; j < to; j += step) {
-        float z;
-        if (!row.live(j, z)) continue;
-        if (find_top && z == row.z_max && j < top) top = j;
-        const float e = row.weight(z);
-        if (e >= min_p) sum += quantise(e);
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        sum += __shfl_xor_sync(FULL_MASK, sum, o);
-        top = min(top, __shfl_xor_sync(FULL_MASK, top, o));
-    }
+    for (int j = from; j < to; j += step) range_term(row, min_p, j, row.x[j], find_top, sum, top);
+    warp_sum_top(sum, top);
 }
 
 // The state the index-order draw shares across its block.
@@ -884,7 +897,33 @@ __device__ __forceinline__ float slices_max(const float* zmax_in, int S) {
     return m;
 }
 
-// params as sample_rows'. Grid (S, rows), SLICE_THREADS threads.
+// Calls f(i, x[i]) for every token i of [lo, hi), this thread's share: 8
+// neighbouring tokens at a time, read as two 16-byte loads issued together
+// where the row allows (16-byte aligned: V % 4 == 0), else one token at a
+// time. The draw's max and sums do not depend on the order (a max, and
+// integer sums), only on which tokens are visited: every one, once.
+template <typename F>
+__device__ __forceinline__ void slice_visit(const float* x, int V, int lo, int hi, F f) {
+    const int tid = threadIdx.x, nt = blockDim.x;
+    if ((V & 3) != 0) {
+        for (int i = lo + tid; i < hi; i += nt) f(i, x[i]);
+        return;
+    }
+    for (int i = lo + 8 * tid; i < hi; i += 8 * nt) {
+        if (i + 8 <= hi) {
+            const float4 a = *reinterpret_cast<const float4*>(x + i);
+            const float4 b = *reinterpret_cast<const float4*>(x + i + 4);
+            const float v[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+            for (int e = 0; e < 8; e++) f(i + e, v[e]);
+        } else {
+            for (int j = i; j < hi; j++) f(j, x[j]);
+        }
+    }
+}
+
+// params as sample_rows'. Grid (S, rows), SLICE_THREADS threads; slices
+// start at multiples of 8 tokens (SHARED_CAP).
 extern "C" __global__ void __launch_bounds__(SLICE_THREADS)
 draw_slice_max(const float* logits, int V, const u32* params, int slice, float* zmax_out) {
     wait_for_producers();
@@ -896,10 +935,10 @@ draw_slice_max(const float* logits, int V, const u32* params, int slice, float* 
     const float temp = __uint_as_float(params[5 * (size_t)row]);
     const int lo = blockIdx.x * slice, hi = min(V, lo + slice);
     float m = __int_as_float(0xff800000);
-    for (int i = lo + tid; i < hi; i += blockDim.x) {
-        const float z = x[i] / temp;
+    slice_visit(x, V, lo, hi, [&](int, float xi) {
+        const float z = xi / temp;
         if (z > m) m = z;
-    }
+    });
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float y = __shfl_xor_sync(FULL_MASK, m, o);
@@ -941,9 +980,11 @@ draw_slice_sum(const float* logits, int V, int nb, const u32* params, int slice,
     __syncthreads();
     const Row r = {logits + (size_t)row * V, temp, zmax_s, V, nb};
     const int lo = blockIdx.x * slice, hi = min(V, lo + slice);
-    u64 sum;
-    int top;
-    warp_range_sum(r, min_p, lo + tid, hi, blockDim.x, true, sum, top);
+    // warp_range_sum's sums over this thread's tokens (slice_visit's).
+    u64 sum = 0;
+    int top = NO_TOKEN;
+    slice_visit(r.x, V, lo, hi, [&](int j, float xj) { range_term(r, min_p, j, xj, true, sum, top); });
+    warp_sum_top(sum, top);
     if (lane == 0) {
         warp_sum[warp] = sum;
         atomicMin(&top_s, top);

@@ -1202,6 +1202,8 @@ fn sample_matches_cpu_on_random_rows() {
         (256, 151_936, Cut::None),
         (64, 2049, Cut::None),
         (8, 4097, Cut::None),
+        // Rows of whole 16-byte groups whose last slice ends mid-group.
+        (8, 4100, Cut::None),
         (16, 3, Cut::None),
         (4, 1, Cut::None),
     ] {
