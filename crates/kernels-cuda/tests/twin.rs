@@ -1583,6 +1583,14 @@ fn tensor_core_attention_is_batch_invariant() {
                 .chain([(0, 1200..1201)])
                 .collect(),
             vec![(0, 1299..1300)],
+            // Decode tokens ahead of a prompt chunk (as the scheduler orders
+            // a step), one of them over two spans; and behind one.
+            (0..others)
+                .map(|s| (s + 1, 89..90))
+                .chain([(0, 700..900)])
+                .collect(),
+            vec![(0, 1100..1101), (1, 3..90), (2, 89..90)],
+            vec![(0, 900..1000), (1, 89..90), (2, 89..90)],
         ];
         for runs in arrangements {
             for (p, bits) in batch(&runs) {
