@@ -82,21 +82,28 @@ impl BatchLayout {
     /// The batch's tokens cut into query tiles, as `(first token, count)`
     /// pairs flattened: runs of consecutive tokens of one sequence at
     /// consecutive positions (a prompt or a chunk of one), each cut into
-    /// pieces of at most [`QUERY_TILE`]. A decode token is a tile alone.
+    /// pieces of at most [`QUERY_TILE`] from its start, the pieces of a run
+    /// listed last first. A decode token is a tile alone. (A run's last
+    /// pieces attend over the most keys; a backend that gives each tile a
+    /// block in this order then starts the longest first and ends a step on
+    /// short ones.)
     pub fn query_tiles(&self) -> Vec<u32> {
         let mut tiles = Vec::new();
         let mut t = 0;
         while t < self.positions.len() {
-            let mut n = 1;
-            while t + n < self.positions.len()
-                && n < QUERY_TILE
-                && self.seq_of_token[t + n] == self.seq_of_token[t]
-                && self.positions[t + n] == self.positions[t] + n as u32
+            let mut len = 1;
+            while t + len < self.positions.len()
+                && self.seq_of_token[t + len] == self.seq_of_token[t]
+                && self.positions[t + len] == self.positions[t] + len as u32
             {
-                n += 1;
+                len += 1;
             }
-            tiles.extend([t as u32, n as u32]);
-            t += n;
+            let pieces = len.div_ceil(QUERY_TILE);
+            for p in (0..pieces).rev() {
+                let first = p * QUERY_TILE;
+                tiles.extend([(t + first) as u32, QUERY_TILE.min(len - first) as u32]);
+            }
+            t += len;
         }
         tiles
     }
@@ -279,7 +286,7 @@ mod tests {
         };
         assert_eq!(
             l.query_tiles(),
-            vec![0, 16, 16, 16, 32, 3, 35, 1, 36, 2, 38, 2]
+            vec![32, 3, 16, 16, 0, 16, 35, 1, 36, 2, 38, 2]
         );
         assert!(BatchLayout::default().query_tiles().is_empty());
         assert!(!BatchLayout::tiles_are_tokens(&l.query_tiles()));
