@@ -820,6 +820,29 @@ fn rope_table(max_pos: usize, d: usize) -> Vec<f32> {
     rope
 }
 
+/// Random inputs of q/k-norm, RoPE and attention for sequences given as
+/// (context, new tokens), the caches' blocks shuffled; k_norm has one of
+/// Qwen3's huge channels.
+fn attn_case(r: &mut Rng, geo: AttnGeometry, ctxs: &[(usize, usize)]) -> AttnCase {
+    let (d, bs) = (geo.head_dim, geo.block_size);
+    let (layout, blocks) = layout(r, ctxs, bs);
+    let t = layout.num_tokens();
+    let rope = rope_table(layout.max_context(), d);
+    let mut kn = r.f32s(d, 1.0);
+    kn[1] = 96.5;
+    AttnCase {
+        geo,
+        qkv: r.f32s(t * geo.qkv_width(), 2.0),
+        qn: r.f32s(d, 1.0),
+        kn,
+        kc: r.bf16s(blocks * bs * geo.num_kv_heads * d, 1.0),
+        vc: r.bf16s(blocks * bs * geo.num_kv_heads * d, 1.0),
+        rope,
+        layout,
+        blocks,
+    }
+}
+
 /// q/k-norm + RoPE + cache store, then attention: as two ops, or as the
 /// fused `qk_norm_rope_attention` (`fused`).
 fn attn_on<B: Backend>(b: &B, c: &AttnCase, fused: bool) -> [HostVec; 4] {
@@ -911,23 +934,8 @@ fn qk_norm_rope_and_attention() {
         (64, 8, 128, vec![(1000, 1)]),
     ];
     for (hq, hkv, d, ctxs) in cases {
-        let geo = geometry(hq, hkv, d, bs);
-        let (layout, blocks) = layout(&mut r, &ctxs, bs);
-        let t = layout.num_tokens();
-        let rope = rope_table(layout.max_context(), d);
-        let mut kn = r.f32s(d, 1.0);
-        kn[1] = 96.5; // Qwen3's huge k_norm channels
-        let case = AttnCase {
-            geo,
-            qkv: r.f32s(t * geo.qkv_width(), 2.0),
-            qn: r.f32s(d, 1.0),
-            kn,
-            kc: r.bf16s(blocks * bs * hkv * d, 1.0),
-            vc: r.bf16s(blocks * bs * hkv * d, 1.0),
-            rope,
-            layout,
-            blocks,
-        };
+        let case = attn_case(&mut r, geometry(hq, hkv, d, bs), &ctxs);
+        let t = case.layout.num_tokens();
         let c = attn_on(&cpu, &case, false);
         assert_eq!(
             attn_on(&cpu, &case, true),
@@ -979,23 +987,8 @@ fn tensor_core_rope_attention_equals_its_ops() {
         (8, 1, 256, &edges),
     ];
     for (hq, hkv, d, ctxs) in cases {
-        let geo = geometry(hq, hkv, d, bs);
-        let (layout, blocks) = layout(&mut r, ctxs, bs);
-        let t = layout.num_tokens();
-        let rope = rope_table(layout.max_context(), d);
-        let mut kn = r.f32s(d, 1.0);
-        kn[1] = 96.5;
-        let case = AttnCase {
-            geo,
-            qkv: r.f32s(t * geo.qkv_width(), 2.0),
-            qn: r.f32s(d, 1.0),
-            kn,
-            kc: r.bf16s(blocks * bs * hkv * d, 1.0),
-            vc: r.bf16s(blocks * bs * hkv * d, 1.0),
-            rope,
-            layout,
-            blocks,
-        };
+        let case = attn_case(&mut r, geometry(hq, hkv, d, bs), ctxs);
+        let t = case.layout.num_tokens();
         g.set_tensor_core_rows(t);
         let ops = attn_on(&g, &case, false);
         let what = format!("{hq}/{hkv} heads, d {d}, {t} tokens");
