@@ -18,7 +18,8 @@ import argparse, ctypes, os, shutil, subprocess, sys, tempfile
 SRC = os.path.join(os.path.dirname(__file__), "..", "crates", "kernels-cuda", "src")
 HEADERS = ["numerics.cuh", "dependent_launch.cuh", "async_copy.cuh", "tensor_core.cuh"]
 # Modules built from several files (device.rs's MODULES): the extra files first.
-PARTS = {"layer": ["norm.cu", "attention.cu", "layer.cu"], "attention_tc": ["rope.cu", "attention_tc.cu"]}
+PARTS = {"layer": ["norm.cu", "attention.cu", "layer.cu"], "attention_tc": ["rope.cu", "attention_tc.cu"],
+         "gemm_wgmma": ["rope.cu", "gemm_wgmma.cu"]}
 # Modules compiled for an architecture's own features (device.rs: Hopper's
 # wgmma needs sm_90a); the rest for sm_90.
 ARCH = {"gemm_wgmma": "90a"}

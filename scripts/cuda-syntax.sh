@@ -15,6 +15,7 @@ for cu in "$src"/*.cu; do
   before=()
   [ "$(basename "$cu")" = layer.cu ] && before=("$src/norm.cu" "$src/attention.cu")
   [ "$(basename "$cu")" = attention_tc.cu ] && before=("$src/rope.cu")
+  [ "$(basename "$cu")" = gemm_wgmma.cu ] && before=("$src/rope.cu")
   # Inline PTX is target code: stand a no-op in for each asm statement.
   cat "$src/numerics.cuh" "$src/dependent_launch.cuh" "$src/async_copy.cuh" "$src/tensor_core.cuh" "${before[@]}" "$cu" |
     sed -E 's/asm volatile\(/ASM_STUB(/' >"$tmp/$(basename "$cu").cpp"

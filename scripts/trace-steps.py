@@ -11,7 +11,9 @@ blocks); a decode step of the tensor-core layer is, after the vocabulary
 projection, three sampling kernels, the next step's first kernels (the fed
 ids in overlapped steps, the embedding, the first input norm), then 8
 kernels a layer (qkv, RoPE, attention, o_proj, add + norm, gate/up + SiLU,
-down, add + next norm; 7 where attention makes q itself, attn_tc_rope; the
+down, add + next norm; 7 where attention makes q itself, attn_tc_rope, or
+in prompt steps the QKV projection does, gemm_wg_m128_n256_rope_d128, its
+time then under "qkv"; the
 last layer ends with the shares' sum, the final norm and the hi/lo split). The gap after the third sampling kernel is that
 kernel plus any time until the next step's first kernel (the step
 boundary: the host's, in plain steps). Steps with prompt tokens (a decode
@@ -54,10 +56,13 @@ for a_i, b_i in zip(lm[:-1], lm[1:]):
         break
     rows = recs[b_i + 1][2]  # the sampling kernels' grid height
     # A decode step embeds as many rows as it samples; a prompt step more.
+    # The layer's kernel count (8, or 7 where attention or, in prompt steps,
+    # the QKV projection makes RoPE) is what puts the step's first kernels
+    # 2 or 3 records after the step before's sampling.
     for kl in (layer, fused):
         first = b_i - (a.layers * len(kl) - 1 + len(tail))
         emb = recs[first - 2]
-        if first - (a_i + 4) in (2, 3) and emb[1] == rows:
+        if first - (a_i + 4) in (2, 3):
             break
     else:
         kl = layer

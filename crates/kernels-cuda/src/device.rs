@@ -125,10 +125,11 @@ const LAYER_MODULE: (&str, &[&str], &[&str]) = (
 
 /// The tensor-core GEMM on Hopper's warpgroup MMA, compiled for sm_90a
 /// (the architecture's own features) and loaded on compute capability 9.0
-/// only; every other device takes gemm.cu's kernels.
+/// only; every other device takes gemm.cu's kernels. rope.cu comes first:
+/// the QKV projection with RoPE in its epilogue uses its device functions.
 const WGMMA_MODULE: (&str, &[&str], &[&str]) = (
     "gemm_wgmma",
-    &[include_str!("gemm_wgmma.cu")],
+    &[include_str!("rope.cu"), include_str!("gemm_wgmma.cu")],
     WGMMA_KERNELS,
 );
 const WGMMA_KERNELS: &[&str] = &[
@@ -140,6 +141,7 @@ const WGMMA_KERNELS: &[&str] = &[
     "gemm_wg_n128_deep",
     "gemm_wg_m128_n256",
     "gemm_wg_m128_n128_shares",
+    "gemm_wg_m128_n256_rope_d128",
     "gemm_wg_silu",
     "gemm_wg_silu_m128",
     "gemm_wg_silu_deep",
@@ -211,6 +213,10 @@ pub(crate) struct Device {
     /// inside the attention kernel (attn_tc_rope): on unless
     /// `QWEN_CUDA_TC_ROPE=0`, to measure what it gains.
     pub tc_rope: bool,
+    /// Whether a prompt step's QKV projection makes q/k-norm, RoPE and the
+    /// cache store in its epilogue (gemm_wg_m128_n256_rope_d128): on unless
+    /// `QWEN_CUDA_QKV_ROPE=0`, to measure what it gains.
+    pub qkv_rope: bool,
     /// The kernel trace (`QWEN_CUDA_TRACE`), written out on drop.
     trace: Option<Trace>,
 }
@@ -317,6 +323,7 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
         layer_kernel: false,
         wgmma,
         tc_rope: std::env::var("QWEN_CUDA_TC_ROPE").map_or(true, |v| v != "0"),
+        qkv_rope: std::env::var("QWEN_CUDA_QKV_ROPE").map_or(true, |v| v != "0"),
         trace,
     };
     if std::env::var("QWEN_CUDA_LAYER_KERNEL").is_ok_and(|v| v == "1") {

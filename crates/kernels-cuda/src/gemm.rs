@@ -7,9 +7,10 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::bf16;
-use qwen_tensor::{DType, Result};
+use qwen_tensor::{AttnGeometry, BatchMeta, DType, Result};
 
-use crate::device::{dev, f32s_mut};
+use crate::attention::RopeArgs;
+use crate::device::{bf16s, bf16s_mut, dev, f32s, f32s_mut, u32s, T};
 use crate::launch::{grid, int};
 use crate::{CudaBackend, Scratch};
 
@@ -74,6 +75,13 @@ const WG128_DEEP: Tile = Tile::wg("gemm_wg_n128_deep", 64, 128, WG_STAGES_DEEP);
 const WG256: Tile = Tile::wg("gemm_wg_n256", 64, 256, WG_STAGES);
 /// 128 rows (two warpgroups sharing each stage of w) by 256 columns.
 const WG_M128: Tile = Tile::wg("gemm_wg_m128_n256", 128, 256, WG_STAGES);
+/// The 128 x 256 tile of a QKV projection with q/k-norm, RoPE and the
+/// cache store in its epilogue (head_dim 128: two whole heads a tile).
+const WG_M128_ROPE: Tile = Tile::wg("gemm_wg_m128_n256_rope_d128", 128, 256, WG_STAGES);
+/// Dynamic shared memory of that tile's epilogue (WG_ROPE_SMEM in
+/// gemm_wgmma.cu: the product tile in rows of 264 floats, each row's
+/// 128-float rotation row, the 1,024-byte alignment), past its stages'.
+const ROPE_EPILOGUE_SMEM: u32 = 128 * (256 + 8) * 4 + 128 * 128 * 4 + 1024;
 /// 128 rows by 128 columns, a K-split weight's shares made in the block.
 const WG_M128_SHARES: Tile = Tile {
     shares_in_block: true,
@@ -477,6 +485,78 @@ impl CudaBackend {
         // dynamic shared memory holds its stages.
         unsafe { b.launch(cfg) }.map_err(dev)?;
         Ok(true)
+    }
+
+    /// Whether [`Self::gemm_tc_qkv_rope`] takes a `t`-row QKV projection of
+    /// `k` x `n` (n = (Hq + 2·Hkv)·D) at head width `d`: wgmma, K in one
+    /// share, head_dim 128, and enough rows for the 128 x 256 tiles that
+    /// gemm_tc would pick for it (prompt steps; `QWEN_CUDA_QKV_ROPE=0`
+    /// turns it off).
+    pub(crate) fn qkv_rope_applies(&self, t: usize, k: usize, n: usize, d: usize) -> bool {
+        self.dev.qkv_rope
+            && d == 128
+            && ROPE_EPILOGUE_SMEM as usize <= self.dev.smem_optin
+            && self.wg_fused_applies(k, n)
+            && choose_wg_tile(t as u32, n as u32, 1, self.gpu()).name == WG_M128.name
+    }
+
+    /// The QKV projection `x · wᵀ` (bf16 x `[t, k]`, the fused `w`) followed
+    /// by `qk_norm_rope_store` in one kernel, the same bits, without the f32
+    /// QKV output going through memory: q into `q_out`, the batch's key and
+    /// value rows into the caches. Where [`Self::qkv_rope_applies`] says so;
+    /// the caller has checked the projection's and the RoPE op's arguments
+    /// (`check_projection`, `check_qk_norm_rope`, `check_batch`).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_tc_qkv_rope(
+        &self,
+        x: &T,
+        w: &T,
+        r: &RopeArgs<'_>,
+        meta: &BatchMeta<CudaBackend>,
+        geo: AttnGeometry,
+        q_out: &mut T,
+        k_cache: &mut T,
+        v_cache: &mut T,
+    ) -> Result<()> {
+        const OP: &str = "qkv_rope";
+        let (t, n) = (meta.num_tokens(), geo.qkv_width());
+        let k = x.shape().get(1).copied().unwrap_or(0);
+        if !self.qkv_rope_applies(t, k, n, geo.head_dim) {
+            return Err(crate::launch::shape_err(
+                OP,
+                "the fused tile does not apply".into(),
+            ));
+        }
+        let (ti, ki, ni) = (int(OP, t)?, int(OP, k)?, int(OP, n)?);
+        let (hq, hkv) = (int(OP, geo.num_q_heads)?, int(OP, geo.num_kv_heads)?);
+        let tile = &WG_M128_ROPE;
+        let mut cfg = wg_fused_grid(OP, t, (n, tile.bn), tile, tile.bm)?;
+        cfg.shared_mem_bytes = cfg.shared_mem_bytes.max(ROPE_EPILOGUE_SMEM);
+        let mut b = self.launch(self.kernel(tile.name));
+        b.arg(bf16s(OP, "x", x)?)
+            .arg(bf16s(OP, "w", w)?)
+            .arg(&ti)
+            .arg(&ki)
+            .arg(&ni)
+            .arg(f32s(OP, "q_norm", r.q_norm)?)
+            .arg(f32s(OP, "k_norm", r.k_norm)?)
+            .arg(&r.eps)
+            .arg(f32s(OP, "rope", r.rope)?)
+            .arg(u32s(OP, "positions", meta.positions())?)
+            .arg(u32s(OP, "slots", meta.slots())?)
+            .arg(bf16s_mut(OP, "q_out", q_out)?)
+            .arg(bf16s_mut(OP, "k_cache", k_cache)?)
+            .arg(bf16s_mut(OP, "v_cache", v_cache)?)
+            .arg(&hq)
+            .arg(&hkv);
+        // SAFETY: argument order and types match gemm_wg_m128_n256_rope_d128 in
+        // gemm_wgmma.cu; the caller checked that x holds t·k and w n·k
+        // elements, q_out t·Hq·128, that every position has a rope row and
+        // every slot is in the caches (check_batch); the kernel guards its
+        // rows by T and its heads by N, K % 8 == 0, and the dynamic shared
+        // memory holds its stages and the epilogue's tile and rotation rows.
+        unsafe { b.launch(cfg) }.map_err(dev)?;
+        Ok(())
     }
 
     /// `out[t, n] = Σ_k hi[t, k]·w[n, k] + Σ_k lo[t, k]·w[n, k]` for the

@@ -117,6 +117,132 @@ __device__ __forceinline__ void wg_fence_accs(float (&acc)[N][32]) {
 // tensor-core rows): out = (x . w) + (x_lo . w), the two products the
 // plain kernel would store and then add, with w read once.
 #define WG_HILO 2
+// The QKV projection (w the fused [(Hq + 2·Hkv)·D, K] rows) followed by
+// rope.cu's qk_norm_rope_store: instead of the f32 row pieces, the block
+// stages its product tile in shared memory and makes each (row, head) of
+// it there as that kernel's warps do from the stored output (norm_rope_head
+// for q and k heads, a rounding for v heads; the same functions on the same
+// f32 values, so the same bits), writing q_out and the caches: the f32 QKV
+// output never goes through memory and the RoPE kernel is not launched.
+// Tiles of 128 x 256 with D = 128: a tile holds two whole heads.
+#define WG_ROPE 3
+struct WgRope {
+    const float* qn;
+    const float* kn;
+    float eps;
+    const float* rope;  // [positions, D]: cosines, then sines
+    const u32* pos;
+    const u32* slots;
+    __nv_bfloat16* q_out;  // [T, Hq·D]
+    __nv_bfloat16* kc;     // [slots, Hkv, D]
+    __nv_bfloat16* vc;
+    int Hq;
+    int Hkv;
+};
+// Units (a row's head) a warp takes at once: each is a chain of dependent
+// steps (the norm's butterfly, the division).
+#define WG_ROPE_UNITS 4
+// Shared memory of the WG_ROPE epilogue past the alignment: the BM x BN
+// product tile in rows of BN + 8 floats (a half-warp's float2 stores of 8
+// rows by 8 columns hit 32 banks), then each row's rotation row (D floats).
+#define WG_ROPE_SMEM(BM, BN, D) ((BM) * ((BN) + 8) * 4 + (BM) * (D) * 4)
+
+// The WG_ROPE epilogue: the block's tile (this thread's acc) into shared
+// memory at `sm` (shared address `sm_addr`), its rows' rotation rows and
+// cache slots beside it, all copied at once (read unit by unit they were a
+// chain of dependent loads from L2 per unit: the epilogue took longer than
+// the product), then the (row, head) units, WG_ROPE_UNITS a warp at a time,
+// from shared memory alone.
+template <int NB, int MW, int D>
+__device__ __forceinline__ void wg_rope_epilogue(const float (&acc)[NB][32], unsigned char* sm, unsigned sm_addr,
+                                                 int m0, int n0, int T, int N, const WgRope& rp) {
+    constexpr int BN = 64 * NB, BM = 64 * MW, TS = BN + 8, PER = D / 32, HEADS = BN / D, U = WG_ROPE_UNITS;
+    constexpr int THREADS = WG_THREADS * MW, CH = D / 4;  // 16-byte chunks of a rotation row
+    static_assert(BN % D == 0 && THREADS % CH == 0 && BM % (THREADS / CH) == 0, "whole heads a tile");
+    const int tid = threadIdx.x, lane = tid % 32, wg = tid / 128, warp = (tid / 32) % 4;
+    float* tile = reinterpret_cast<float*>(sm);
+    const float* csr = tile + BM * TS;
+    __shared__ u32 rslot[BM];
+    // Every warpgroup's wgmma has read its last stage (each waited for its
+    // own): the stages are free.
+    __syncthreads();
+    {
+        // Chunk c of rows r0, r0 + THREADS / CH, ...: every position read
+        // before any copy needs it. Rows past T take row T - 1's (unused).
+        constexpr int RS = THREADS / CH, PIECES = BM / RS;
+        const int c = tid % CH, r0 = tid / CH;
+        u32 p[PIECES];
+#pragma unroll
+        for (int i = 0; i < PIECES; i++) p[i] = rp.pos[min(m0 + r0 + RS * i, T - 1)];
+        const unsigned dst = sm_addr + BM * TS * 4 + (r0 * D + c * 4) * 4;
+#pragma unroll
+        for (int i = 0; i < PIECES; i++)
+            copy16_async_bytes(dst + RS * i * D * 4, rp.rope + (size_t)p[i] * D + c * 4, 16);
+        copies_commit();
+        for (int r = tid; r < BM; r += THREADS) rslot[r] = rp.slots[min(m0 + r, T - 1)];
+    }
+#pragma unroll
+    for (int j = 0; j < NB; j++)
+#pragma unroll
+        for (int q = 0; q < 8; q++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int r = wg * 64 + warp * 16 + lane / 4 + h * 8, col = j * 64 + q * 8 + (lane % 4) * 2;
+                *reinterpret_cast<float2*>(tile + r * TS + col) =
+                    make_float2(acc[j][4 * q + 2 * h], acc[j][4 * q + 2 * h + 1]);
+            }
+    copies_wait();
+    __syncthreads();
+    // The norm weights: the same for every unit of a kind.
+    float wq[PER], wk[PER];
+    load_per<PER>(rp.qn + lane * PER, wq);
+    load_per<PER>(rp.kn + lane * PER, wk);
+    for (int u0 = (tid / 32) * U; u0 < BM * HEADS; u0 += THREADS / 32 * U) {
+        // kind: 0 a q head, 1 a k head, 2 a v head, -1 none (a row past T
+        // or a head past N); warp-uniform, as in qk_norm_rope_store.
+        int kind[U];
+        __nv_bfloat16* dst[U];
+        float xv[U][PER], c[U][PER], s[U][PER], y[U][PER];
+#pragma unroll
+        for (int i = 0; i < U; i++) {
+            const int u = u0 + i, r = u / HEADS, hh = u % HEADS, t = m0 + r, h = (n0 + hh * D) / D;
+            kind[i] = t >= T || n0 + hh * D >= N ? -1 : h < rp.Hq ? 0 : h < rp.Hq + rp.Hkv ? 1 : 2;
+            load_per<PER>(tile + r * TS + hh * D + lane * PER, xv[i]);
+            load_per<PER>(csr + r * D + (lane % 16) * PER, c[i]);
+            load_per<PER>(csr + r * D + D / 2 + (lane % 16) * PER, s[i]);
+            const size_t slot = rslot[r];
+            dst[i] = kind[i] == 0   ? rp.q_out + ((size_t)t * rp.Hq + h) * D
+                     : kind[i] == 1 ? rp.kc + (slot * rp.Hkv + (h - rp.Hq)) * D
+                                    : rp.vc + (slot * rp.Hkv + (h - rp.Hq - rp.Hkv)) * D;
+        }
+        // Every unit normalised and rotated, a v head's result then
+        // replaced by its rounding: one straight line, so that the units'
+        // chains interleave (as branches, each was a block of its own); a
+        // tile of v heads only (warp-uniform) just rounds.
+        bool any_qk = false;
+#pragma unroll
+        for (int i = 0; i < U; i++) any_qk = any_qk || kind[i] == 0 || kind[i] == 1;
+#pragma unroll
+        for (int i = 0; i < U; i++) {
+            if (!any_qk) {
+#pragma unroll
+                for (int e = 0; e < PER; e++) y[i][e] = xv[i][e];
+                continue;
+            }
+            // Selected by element: a selected array would live in local memory.
+            float wv[PER];
+#pragma unroll
+            for (int e = 0; e < PER; e++) wv[e] = kind[i] == 0 ? wq[e] : wk[e];
+            norm_rope_head<PER>(xv[i], wv, c[i], s[i], rp.eps, y[i]);
+#pragma unroll
+            for (int e = 0; e < PER; e++) y[i][e] = kind[i] == 2 ? xv[i][e] : y[i][e];
+        }
+#pragma unroll
+        for (int i = 0; i < U; i++)
+            if (kind[i] >= 0) store_per<PER>(dst[i] + lane * PER, y[i]);
+    }
+}
+
 // ISPLIT: the block makes all `splits` K shares of its outputs itself, one
 // after another, each from +0.0 into the accumulators, and adds them in z
 // order as gemm_splits_sum does (the first share, then + each next one)
@@ -126,8 +252,9 @@ __device__ __forceinline__ void wg_fence_accs(float (&acc)[N][32]) {
 template <int NB, int MODE, int STAGES, int MW = 1, bool ISPLIT = false>
 __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_bfloat16* x_lo,
                                              const __nv_bfloat16* w, float* out, int T, int K, int N, int add,
-                                             float* part, __nv_bfloat16* silu_out, int splits = 1) {
-    constexpr bool SILU = MODE == WG_SILU, HILO = MODE == WG_HILO;
+                                             float* part, __nv_bfloat16* silu_out, int splits = 1,
+                                             WgRope rp = WgRope{}) {
+    constexpr bool SILU = MODE == WG_SILU, HILO = MODE == WG_HILO, ROPE = MODE == WG_ROPE;
     // MW warpgroups a block, each 64 rows of x against the same BN columns
     // of w (one stage of w serves them all).
     static_assert(MW == 1 || (MW == 2 && (4 * NB) % MW == 0), "one or two warpgroups");
@@ -316,6 +443,13 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
             for (int e = 0; e < 32; e++) acc[j][e] = total[j][e] + acc[j][e];
     }
 
+    if constexpr (ROPE) {
+        // The launcher gives the block the larger of its stages and
+        // WG_ROPE_SMEM (past the 1,024-byte alignment).
+        unsigned char* sm = wg_smem + (base - (unsigned)__cvta_generic_to_shared(wg_smem));
+        wg_rope_epilogue<NB, MW, 128>(acc, sm, base, m0, n0, T, N, rp);
+        return;
+    }
     if (SILU) {
         // The gate's 8-column blocks q and the up's q + 4·NB.
 #pragma unroll
@@ -395,6 +529,18 @@ extern "C" __global__ void __launch_bounds__(WG_THREADS * 2)
     gemm_wg_m128_n128_shares(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int T, int K, int N,
                              int add, float* part, int splits) {
     gemm_wg_body<2, WG_PLAIN, 6, 2, true>(x, nullptr, w, out, T, K, N, add, nullptr, nullptr, splits);
+}
+
+// The QKV projection into q/k-norm, RoPE and the cache store (WG_ROPE):
+// x [T, K] (the normed input), w [(Hq + 2·Hkv)·128, K], then
+// qk_norm_rope_store's parameters from q_norm on; 128 x 256 tiles, no split K.
+extern "C" __global__ void __launch_bounds__(WG_THREADS * 2)
+    gemm_wg_m128_n256_rope_d128(const __nv_bfloat16* x, const __nv_bfloat16* w, int T, int K, int N,
+                                const float* qn, const float* kn, float eps, const float* rope, const u32* pos,
+                                const u32* slots, __nv_bfloat16* q_out, __nv_bfloat16* kc, __nv_bfloat16* vc,
+                                int Hq, int Hkv) {
+    const WgRope rp = {qn, kn, eps, rope, pos, slots, q_out, kc, vc, Hq, Hkv};
+    gemm_wg_body<4, WG_ROPE, WG_STAGES, 2>(x, nullptr, w, nullptr, T, K, N, 0, nullptr, nullptr, 1, rp);
 }
 
 // The gate/up projection with the SiLU gate behind it: x [T, K], w [2N, K]

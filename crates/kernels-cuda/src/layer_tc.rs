@@ -6,10 +6,11 @@
 //! `decoder_layer_ops`, the same bits, two launches fewer.
 
 use qwen_tensor::{
-    check_norm_projection, check_projection, check_silu_mul, decoder_layer_attention, DType,
-    LayerActs, LayerInputs, LayerWeights, Result,
+    check_batch, check_norm_projection, check_projection, check_silu_mul, decoder_layer_attention,
+    DType, LayerActs, LayerInputs, LayerWeights, Result,
 };
 
+use crate::attention::{seqs, RopeArgs};
 use crate::device::{bf16s, bf16s_mut, f32s_mut, T};
 use crate::gemm::k_splits;
 use crate::norm::check_norm_out;
@@ -52,7 +53,9 @@ impl CudaBackend {
         mut a: LayerActs<'_, Self>,
     ) -> Result<()> {
         use qwen_tensor::Backend;
-        decoder_layer_attention(self, w, &inp, x, k_cache, v_cache, &mut a)?;
+        if !self.attention_half_qkv_rope(w, &inp, x, k_cache, v_cache, &mut a)? {
+            decoder_layer_attention(self, w, &inp, x, k_cache, v_cache, &mut a)?;
+        }
         let eps = inp.eps;
         // The checks matmul_add and rms_norm_matmul_silu make.
         let (t, _, h) = check_projection(OP, a.attn, w.o_proj, x)?;
@@ -76,6 +79,60 @@ impl CudaBackend {
             Some(nw) => self.project_add_norm(a.act, w.down, x, nw, eps, a.normed),
             None => self.matmul_add(a.act, w.down, x),
         }
+    }
+
+    /// [`decoder_layer_attention`] with the QKV projection making q/k-norm,
+    /// RoPE and the cache store in its epilogue ([`Self::gemm_tc_qkv_rope`])
+    /// where that kernel applies and the ops would have run
+    /// qk_norm_rope_store ahead of attention (batches with prompt rows; a
+    /// decode batch makes them inside attention instead): the same bits,
+    /// with `a.qkv` left untouched. `false` (nothing done) otherwise.
+    fn attention_half_qkv_rope(
+        &self,
+        w: &LayerWeights<'_, Self>,
+        inp: &LayerInputs<'_, Self>,
+        x: &T,
+        k_cache: &mut T,
+        v_cache: &mut T,
+        a: &mut LayerActs<'_, Self>,
+    ) -> Result<bool> {
+        let (meta, geo) = (inp.meta, inp.geo);
+        let tokens = meta.num_tokens();
+        let decode = seqs(meta) == tokens && meta.tiles_are_tokens();
+        // The checks matmul (or rms_norm_matmul) makes.
+        let (t, k, n) = if inp.normed_input {
+            check_projection(OP, a.normed, w.qkv, a.qkv)?
+        } else {
+            check_norm_projection(OP, x, w.input_norm, w.qkv, a.qkv)?
+        };
+        if (decode && self.rope_in_tc_attention())
+            || w.qkv.dtype() != DType::BF16
+            || !self.qkv_rope_applies(t, k, n, geo.head_dim)
+        {
+            return Ok(false);
+        }
+        // The checks qk_norm_rope_store makes (attention_impl makes its own).
+        let (rope_rows, cache_slots) = qwen_tensor::check_qk_norm_rope(
+            OP, a.qkv, w.q_norm, w.k_norm, inp.rope, tokens, geo, a.q, k_cache, v_cache,
+        )?;
+        check_batch(OP, meta, geo, Some(rope_rows), cache_slots)?;
+        let r = RopeArgs {
+            qkv: a.qkv,
+            q_norm: w.q_norm,
+            k_norm: w.k_norm,
+            eps: inp.eps,
+            rope: inp.rope,
+        };
+        if inp.normed_input {
+            self.gemm_tc_qkv_rope(a.normed, w.qkv, &r, meta, geo, a.q, k_cache, v_cache)?;
+        } else {
+            self.with_scratch(Scratch::NormBf16, &[t, k], DType::BF16, |normed| {
+                self.rms_norm_impl(x, w.input_norm, inp.eps, normed)?;
+                self.gemm_tc_qkv_rope(normed, w.qkv, &r, meta, geo, a.q, k_cache, v_cache)
+            })?;
+        }
+        self.attention_impl(a.q, k_cache, v_cache, meta, geo, inp.scale, a.attn)?;
+        Ok(true)
     }
 
     /// `x += a · wᵀ` with every row on the tensor cores, then `normed =

@@ -1,6 +1,7 @@
 //! The kernel trace (`QWEN_CUDA_TRACE`, trace.rs): a run of two dependent
-//! kernels leaves one record each, with their grids and in order; and a
-//! decode batch's q/k-norm, RoPE and tensor-core attention leave one. In a
+//! kernels leaves one record each, with their grids and in order; a
+//! decode batch's q/k-norm, RoPE and tensor-core attention leave one; and a
+//! prompt layer's QKV projection makes RoPE itself. In a
 //! test binary of its own, because the variable applies to every backend
 //! the process opens (so one test, its parts one after another).
 
@@ -117,4 +118,95 @@ fn trace_records_each_kernel_in_order() {
     };
     assert_eq!(recs.len(), 1, "{recs:?}");
     assert_eq!(&recs[0][1..], &[3 * 8, 2, 128], "{recs:?}");
+
+    prompt_layer_makes_rope_in_the_projection();
+}
+
+/// A prompt of 2,200 tokens through a Qwen3-0.6B-shaped layer whose rows
+/// are all on the tensor cores, its input norm handed in: the QKV
+/// projection (a 128 x 256 tile a block, 18 x 16 blocks of 256 threads)
+/// makes q/k-norm, RoPE and the cache store itself, so the next kernel is
+/// attention (a block per query tile, kv head and 1,024-key span: grid y
+/// 3), where the ops would launch qk_norm_rope_store (grid y 1) between.
+/// (A part of the one test: see the file's comment.)
+fn prompt_layer_makes_rope_in_the_projection() {
+    use qwen_tensor::{LayerActs, LayerInputs, LayerWeights};
+    let Some(recs) = traced(|g| {
+        let geo = AttnGeometry {
+            num_q_heads: 16,
+            num_kv_heads: 8,
+            head_dim: 128,
+            block_size: 16,
+        };
+        let (t, h, i, d) = (2200usize, 1024usize, 3072usize, geo.head_dim);
+        let blocks = t.div_ceil(16);
+        let l = BatchLayout {
+            positions: (0..t as u32).collect(),
+            seq_of_token: vec![0; t],
+            block_tables: (0..blocks as u32).collect(),
+            max_blocks: blocks,
+            block_size: 16,
+        };
+        let meta = g.upload_batch(&l).unwrap();
+        let f = |v: f32, s: &[usize]| {
+            let n = s.iter().product();
+            g.upload(HostSlice::F32(&vec![v; n]), s).unwrap()
+        };
+        let b = |v: f32, s: &[usize]| {
+            let n = s.iter().product();
+            let data = vec![half::bf16::from_f32(v); n];
+            g.upload(HostSlice::BF16(&data), s).unwrap()
+        };
+        let (norm_h, norm_d) = (f(1.0, &[h]), f(1.0, &[d]));
+        let qkv_w = b(0.01, &[geo.qkv_width(), h]);
+        let o_w = b(0.01, &[h, geo.q_width()]);
+        let gu_w = b(0.01, &[2 * i, h]);
+        let down_w = b(0.01, &[h, i]);
+        let w = LayerWeights {
+            input_norm: &norm_h,
+            qkv: &qkv_w,
+            q_norm: &norm_d,
+            k_norm: &norm_d,
+            o_proj: &o_w,
+            post_attention_norm: &norm_h,
+            gate_up: &gu_w,
+            down: &down_w,
+            next_input_norm: Some(&norm_h),
+        };
+        let rope = f(0.5, &[t, d]);
+        let shape = geo.cache_shape(blocks);
+        let (mut kc, mut vc) = (b(0.0, &shape), b(0.0, &shape));
+        let mut x = f(0.5, &[t, h]);
+        let (mut qkv, mut q, mut attn) = (
+            f(0.0, &[t, geo.qkv_width()]),
+            b(0.0, &[t, geo.q_width()]),
+            b(0.0, &[t, geo.q_width()]),
+        );
+        let (mut gate_up, mut act, mut normed) =
+            (f(0.0, &[t, 2 * i]), b(0.0, &[t, i]), b(0.5, &[t, h]));
+        let inp = LayerInputs {
+            rope: &rope,
+            eps: 1e-6,
+            meta: &meta,
+            geo,
+            scale: 0.1,
+            normed_input: true,
+        };
+        let acts = LayerActs {
+            qkv: &mut qkv,
+            q: &mut q,
+            attn: &mut attn,
+            gate_up: &mut gate_up,
+            act: &mut act,
+            normed: &mut normed,
+        };
+        g.set_tensor_core_rows(t);
+        g.decoder_layer(&w, inp, &mut x, &mut kc, &mut vc, acts)
+            .unwrap();
+    }) else {
+        return;
+    };
+    assert!(recs.len() >= 2, "{recs:?}");
+    assert_eq!(&recs[0][1..], &[18, 16, 256], "{recs:?}");
+    assert_eq!(recs[1][2], 3, "{recs:?}");
 }

@@ -1788,11 +1788,15 @@ fn decoder_layer_at_one_token() {
 
 /// A layer whose rows are all on the tensor cores takes decoder_layer_tc
 /// (o_proj's split-K sum, residual add and post-attention norm in one
-/// kernel, and down's with the next layer's input norm) where it applies:
-/// every output, the next layer's norm included, the same bits as the ops
-/// one by one (`decoder_layer_ops` on the same backend), for a prompt (of
-/// 300 and of 2,200 tokens), decode tokens beside it, and 256 decode
-/// tokens; and an odd shape it does not take (the ops themselves).
+/// kernel, and down's with the next layer's input norm; from 512 prompt
+/// rows at head_dim 128 the QKV projection with q/k-norm, RoPE and the
+/// cache store in its epilogue) where it applies: every output, the next
+/// layer's norm included, the same bits as the ops one by one
+/// (`decoder_layer_ops` on the same backend), for a prompt (of 300 and of
+/// 2,200 tokens, the input norm made by the layer or handed in), decode
+/// tokens beside it, and 256 decode tokens; and an odd shape it does not
+/// take (the ops themselves). `qkv` is a workspace of the layer op (the
+/// fused epilogue never writes it), so it is not compared.
 #[test]
 fn tensor_core_decoder_layer_equals_its_ops() {
     let Some(mut g) = gpu() else { return };
@@ -1802,16 +1806,22 @@ fn tensor_core_decoder_layer_equals_its_ops() {
     for (hq, hkv, h, i) in [(16, 8, 1024, 3072), (4, 2, 96, 80)] {
         let d = if h == 96 { 32 } else { 128 };
         let geo = geometry(hq, hkv, d, bs);
-        let runs: Vec<Vec<(usize, usize)>> = vec![
-            vec![(300, 300)],
-            // Enough rows for o_proj's and down's K shares in the blocks.
-            vec![(2200, 2200)],
-            std::iter::once((120, 57))
-                .chain((0..20).map(|j| (40 + 31 * j, 1)))
-                .collect(),
-            (0..256).map(|j| (1 + 3 * j, 1)).collect(),
+        // (sequences, whether the layer's input norm is handed in).
+        let runs: Vec<(Vec<(usize, usize)>, bool)> = vec![
+            (vec![(300, 300)], false),
+            // Enough rows for o_proj's and down's K shares in the blocks,
+            // and for the QKV projection's RoPE epilogue.
+            (vec![(2200, 2200)], false),
+            (vec![(2200, 2200)], true),
+            (
+                std::iter::once((120, 57))
+                    .chain((0..20).map(|j| (40 + 31 * j, 1)))
+                    .collect(),
+                false,
+            ),
+            ((0..256).map(|j| (1 + 3 * j, 1)).collect(), false),
         ];
-        for seqs in runs {
+        for (seqs, normed_input) in runs {
             let (l, blocks) = layout(&mut r, &seqs, bs);
             let t = l.num_tokens();
             let lh = layer_host(&mut r, geo, h, i);
@@ -1819,6 +1829,7 @@ fn tensor_core_decoder_layer_equals_its_ops() {
             let vc0 = r.bf16s(blocks * bs * hkv * d, 1.0);
             let x0 = r.f32s(t * h, 3.0);
             let next_norm = r.f32s(h, 1.0);
+            let normed0 = r.bf16s(t * h, 1.0);
             let max_pos = l.positions.iter().max().map_or(1, |&p| p as usize + 1);
             let rope = rope_table(max_pos, d);
             let run = |fused: bool| -> Vec<HostVec> {
@@ -1838,14 +1849,18 @@ fn tensor_core_decoder_layer_equals_its_ops() {
                 let mut attn = poisoned(&g, &[t, geo.q_width()], DType::BF16);
                 let mut gate_up = poisoned(&g, &[t, 2 * i], DType::F32);
                 let mut act = poisoned(&g, &[t, i], DType::BF16);
-                let mut normed = poisoned(&g, &[t, h], DType::BF16);
+                let mut normed = if normed_input {
+                    up_b(&normed0, &[t, h])
+                } else {
+                    poisoned(&g, &[t, h], DType::BF16)
+                };
                 let inp = LayerInputs {
                     rope: &rope_t,
                     eps: 1e-6,
                     meta: &meta,
                     geo,
                     scale: 1.0 / (d as f32).sqrt(),
-                    normed_input: false,
+                    normed_input,
                 };
                 let acts = LayerActs {
                     qkv: &mut qkv,
@@ -1863,7 +1878,7 @@ fn tensor_core_decoder_layer_equals_its_ops() {
                     decoder_layer_ops(&g, &lw, inp, &mut x, &mut kc, &mut vc, acts).unwrap();
                 }
                 g.set_tensor_core_rows(0);
-                [&x, &kc, &vc, &qkv, &q, &attn, &gate_up, &act, &normed]
+                [&x, &kc, &vc, &q, &attn, &gate_up, &act, &normed]
                     .iter()
                     .map(|t| g.download(t).unwrap())
                     .collect()
@@ -1873,7 +1888,6 @@ fn tensor_core_decoder_layer_equals_its_ops() {
                 "x",
                 "k_cache",
                 "v_cache",
-                "qkv",
                 "q",
                 "attn",
                 "gate_up",
@@ -1881,7 +1895,11 @@ fn tensor_core_decoder_layer_equals_its_ops() {
                 "next input norm",
             ];
             for ((name, a), b) in names.iter().zip(&fused).zip(&ops) {
-                same_bits(&format!("{name}: h {h}, {t} rows"), b, a);
+                same_bits(
+                    &format!("{name}: h {h}, {t} rows, normed input {normed_input}"),
+                    b,
+                    a,
+                );
             }
         }
     }

@@ -45,9 +45,10 @@ pub struct LayerInputs<'a, B: Backend> {
     pub normed_input: bool,
 }
 
-/// Activation buffers of one layer: after the op, `qkv`, `q`, `attn` and
-/// `act` hold what the composed ops leave there; `gate_up` is a workspace
-/// whose contents afterwards are unspecified; `normed` is described below.
+/// Activation buffers of one layer: after the op, `q`, `attn` and `act`
+/// hold what the composed ops leave there; `qkv` and `gate_up` are
+/// workspaces whose contents afterwards are unspecified (a backend may fuse
+/// the projection into what reads it); `normed` is described below.
 pub struct LayerActs<'a, B: Backend> {
     /// f32 `[T, (Hq + 2 Hkv) * D]`.
     pub qkv: &'a mut Tensor<B>,
