@@ -58,11 +58,13 @@ for a_i, b_i in zip(lm[:-1], lm[1:]):
     # A decode step embeds as many rows as it samples; a prompt step more.
     # The layer's kernel count (8, or 7 where attention or, in prompt steps,
     # the QKV projection makes RoPE) is what puts the step's first kernels
-    # 2 or 3 records after the step before's sampling.
+    # 2 or 3 records after the step before's sampling in decode steps, 1 to
+    # 4 around prompt steps (whose sampling takes 2 to 4 kernels); the two
+    # counts differ by a kernel a layer, so only one fits.
     for kl in (layer, fused):
         first = b_i - (a.layers * len(kl) - 1 + len(tail))
         emb = recs[first - 2]
-        if first - (a_i + 4) in (2, 3):
+        if first - (a_i + 4) in (1, 2, 3, 4):
             break
     else:
         kl = layer
