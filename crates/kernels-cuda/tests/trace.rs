@@ -42,6 +42,16 @@ fn traced(f: impl FnOnce(&CudaBackend)) -> Option<Vec<[u64; 4]>> {
     )
 }
 
+/// Qwen3-0.6B's attention heads, in blocks of 16 positions.
+fn qwen3_06b_heads() -> AttnGeometry {
+    AttnGeometry {
+        num_q_heads: 16,
+        num_kv_heads: 8,
+        head_dim: 128,
+        block_size: 16,
+    }
+}
+
 #[test]
 fn trace_records_each_kernel_in_order() {
     let Some(recs) = traced(|g| {
@@ -71,12 +81,7 @@ fn trace_records_each_kernel_in_order() {
     // kernel, a block per (token, kv head) and span, where the two ops
     // would launch qk_norm_rope_store first.
     let Some(recs) = traced(|g| {
-        let geo = AttnGeometry {
-            num_q_heads: 16,
-            num_kv_heads: 8,
-            head_dim: 128,
-            block_size: 16,
-        };
+        let geo = qwen3_06b_heads();
         let contexts = [5usize, 70, 1100];
         let max_blocks = 1100usize.div_ceil(16);
         let mut l = BatchLayout {
@@ -132,12 +137,7 @@ fn trace_records_each_kernel_in_order() {
 fn prompt_layer_makes_rope_in_the_projection() {
     use qwen_tensor::{LayerActs, LayerInputs, LayerWeights};
     let Some(recs) = traced(|g| {
-        let geo = AttnGeometry {
-            num_q_heads: 16,
-            num_kv_heads: 8,
-            head_dim: 128,
-            block_size: 16,
-        };
+        let geo = qwen3_06b_heads();
         let (t, h, i, d) = (2200usize, 1024usize, 3072usize, geo.head_dim);
         let blocks = t.div_ceil(16);
         let l = BatchLayout {
