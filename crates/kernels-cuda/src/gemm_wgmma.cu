@@ -53,6 +53,16 @@ __device__ __forceinline__ unsigned long long wg_desc_at(unsigned long long desc
     return desc + (bytes >> 4);
 }
 
+// Where this thread's accumulators land (the m64nNk16 layout below):
+// acc[j][4q + 2h] and acc[j][4q + 2h + 1] are row wg_acc_row(r0, wg, warp,
+// lane, h) and columns wg_acc_col(c0 + 64j, q, lane) and + 1 of a tile
+// whose first row and column are r0 and c0 (wg: the warpgroup, warp: its
+// warp in it).
+__device__ __forceinline__ int wg_acc_row(int r0, int wg, int warp, int lane, int h) {
+    return r0 + wg * 64 + warp * 16 + lane / 4 + h * 8;
+}
+__device__ __forceinline__ int wg_acc_col(int c0, int q, int lane) { return c0 + q * 8 + (lane % 4) * 2; }
+
 // d (+)= A . B for one 64 x 64 x 16 step: d is this thread's 32 floats of
 // the 64 x 64 tile (warp w: rows 16w + lane/4 and + 8; columns 8j +
 // 2(lane % 4) and + 1 in d[4j..4j+1] and d[4j+2..4j+3]).
@@ -187,7 +197,7 @@ __device__ __forceinline__ void wg_rope_epilogue(const float (&acc)[NB][32], uns
         for (int q = 0; q < 8; q++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                const int r = wg * 64 + warp * 16 + lane / 4 + h * 8, col = j * 64 + q * 8 + (lane % 4) * 2;
+                const int r = wg_acc_row(0, wg, warp, lane, h), col = wg_acc_col(j * 64, q, lane);
                 *reinterpret_cast<float2*>(tile + r * TS + col) =
                     make_float2(acc[j][4 * q + 2 * h], acc[j][4 * q + 2 * h + 1]);
             }
@@ -456,8 +466,8 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
         for (int q = 0; q < 4 * NB; q++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                const int r = m0 + wg * 64 + warp * 16 + lane / 4 + h * 8;
-                const int col = n0 + q * 8 + (lane % 4) * 2;
+                const int r = wg_acc_row(m0, wg, warp, lane, h);
+                const int col = wg_acc_col(n0, q, lane);
                 if (r >= T) continue;
                 const int qu = q + 4 * NB;
 #pragma unroll
@@ -480,8 +490,8 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
         for (int q = 0; q < 8; q++)
 #pragma unroll
             for (int h = 0; h < 2; h++) {
-                const int r = m0 + wg * 64 + warp * 16 + lane / 4 + h * 8;
-                const int col = n0 + j * 64 + q * 8 + (lane % 4) * 2;
+                const int r = wg_acc_row(m0, wg, warp, lane, h);
+                const int col = wg_acc_col(n0 + j * 64, q, lane);
                 if (r >= T) continue;
                 float v0 = acc[j][4 * q + 2 * h], v1 = acc[j][4 * q + 2 * h + 1];
                 if (HILO) {
