@@ -10,8 +10,19 @@ __device__ __forceinline__ float pow2i(int k) { return __int_as_float((k + 127) 
 // exp(x) = 2^n * e^r, n = rint(x log2 e), two-part Cody-Waite r, degree-7
 // Taylor polynomial in Horner form, 2^n applied in two exact steps; for x
 // in [EXP_LO, EXP_HI] (numerics.rs), which q_exp and q_exp_branchy see to.
+//
+// rint(y) and its integer by the shifter 1.5·2^23 instead of conversion
+// instructions (a quarter-rate pipe, under a software exp that is most of a
+// prompt step's attention): y + 1.5·2^23 lands in [2^23, 2^24), whose floats
+// are the integers, so the sum is 1.5·2^23 + rint(y) rounded to nearest even
+// (1.5·2^23 is even: the same tie as rint's) for |y| < 2^22, and both the
+// difference back and the bit patterns' difference are exact. Here |y| <=
+// 151. A zero n may come out +0 where rint gives -0 (y in [-0.5, -0]): r
+// and the result are the same either way (x - n·C1 - n·C2 with C2 < 0).
 __device__ __forceinline__ float q_exp_in_range(float x) {
-    float n = rintf(x * __int_as_float(0x3fb8aa3b));
+    const float SHIFT = __int_as_float(0x4b400000);  // 1.5·2^23
+    const float t = x * __int_as_float(0x3fb8aa3b) + SHIFT;
+    float n = t - SHIFT;
     float r = (x - n * __int_as_float(0x3f318000)) - n * __int_as_float(0xb95e8083);
     float p = __int_as_float(0x39500d01);
     p = p * r + __int_as_float(0x3ab60b61);
@@ -21,7 +32,7 @@ __device__ __forceinline__ float q_exp_in_range(float x) {
     p = p * r + __int_as_float(0x3f000000);
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    int ni = (int)n;
+    int ni = __float_as_int(t) - __float_as_int(SHIFT);
     int n1 = ni >> 1;
     int n2 = ni - n1;
     return (p * pow2i(n1)) * pow2i(n2);
