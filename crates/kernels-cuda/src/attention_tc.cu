@@ -45,7 +45,7 @@ __device__ __forceinline__ void step_weights(float (&sc)[2][4], const float (&m)
                 sc[j][e] = 0.0f;
                 continue;
             }
-            const float pe = q_exp(sc[j][e] - m[e / 2]);
+            const float pe = q_exp_nonpos(sc[j][e] - m[e / 2]);
             sc[j][e] = sc[j][e] == NEG_INF ? 0.0f : pe;
         }
 }
@@ -305,6 +305,9 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
         const int vr = min(max(R - (r_base + rg * 16), 0), 8);
         const bool spread = !upper && vr <= 4;
         float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+        // Keys below this every row of the tile sees (rows past the tile
+        // take its last position).
+        const int all_see = (int)pos[t0] + 1;
         constexpr bool QREG = RGP == 1 && D <= 128;
         unsigned qa[QREG ? D / 16 : 1][4];
         float o[DT][4];
@@ -359,31 +362,59 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             // (exact in any order; a row's 4 threads meet).
             int key0 = s * TC_KEYS + kq * 16 + 2 * (lane % 4);
             float mb[2] = {NEG_INF, NEG_INF};
+            // Prompt tiles (two row groups): a step whose keys every row of
+            // the tile sees (its positions are consecutive, the first the
+            // least) masks nothing, and skips the comparisons.
+            if (RGP == 1 || (s + 1) * TC_KEYS > all_see) {
 #pragma unroll
-            for (int j = 0; j < 2; j++)
+                for (int j = 0; j < 2; j++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    float v = sc[j][e] * scale;
-                    v = key0 + j * 8 + (e % 2) <= prow[e / 2] ? v : NEG_INF;
-                    sc[j][e] = v;
-                    mb[e / 2] = fmaxf(mb[e / 2], v);
-                }
+                    for (int e = 0; e < 4; e++) {
+                        float v = sc[j][e] * scale;
+                        v = key0 + j * 8 + (e % 2) <= prow[e / 2] ? v : NEG_INF;
+                        sc[j][e] = v;
+                        mb[e / 2] = fmaxf(mb[e / 2], v);
+                    }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 2; j++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const float v = sc[j][e] * scale;
+                        sc[j][e] = v;
+                        mb[e / 2] = fmaxf(mb[e / 2], v);
+                    }
+            }
+            float mn[2] = {m[0], m[1]};
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                if (i == 1 && !upper) continue;
+                mb[i] = fmaxf(mb[i], __shfl_xor_sync(0xffffffffu, mb[i], 1));
+                mb[i] = fmaxf(mb[i], __shfl_xor_sync(0xffffffffu, mb[i], 2));
+                mn[i] = fmaxf(m[i], mb[i]);
+            }
+            // An unchanged max (no key of the row here) scales by exactly 1
+            // (selected after the exp, so that the code stays a straight
+            // line). A row's four lanes hold the same max before and after:
+            // with both rows in use each lane works out one of the two
+            // factors (even lanes the first row's, odd lanes the second's),
+            // handed round by two shuffles, instead of every lane both.
             float f[2];
+            if (upper) {
+                const float fe = q_exp_nonpos((lane & 1) ? m[1] - mn[1] : m[0] - mn[0]);
+                const float f0 = __shfl_sync(0xffffffffu, fe, lane & ~3);
+                const float f1 = __shfl_sync(0xffffffffu, fe, (lane & ~3) | 1);
+                f[0] = mn[0] == m[0] ? 1.0f : f0;
+                f[1] = mn[1] == m[1] ? 1.0f : f1;
+            } else {
+                const float fe = q_exp_nonpos(m[0] - mn[0]);
+                f[0] = mn[0] == m[0] ? 1.0f : fe;
+                f[1] = 1.0f;
+            }
             bool rescale = false;
 #pragma unroll
             for (int i = 0; i < 2; i++) {
-                if (i == 1 && !upper) {
-                    f[i] = 1.0f;
-                    continue;
-                }
-                mb[i] = fmaxf(mb[i], __shfl_xor_sync(0xffffffffu, mb[i], 1));
-                mb[i] = fmaxf(mb[i], __shfl_xor_sync(0xffffffffu, mb[i], 2));
-                float mn = fmaxf(m[i], mb[i]);
-                // An unchanged max (no key of the row here) scales by exactly 1
-                // (selected after the exp, so that the code stays a straight line).
-                const float fe = q_exp(m[i] - mn);
-                f[i] = mn == m[i] ? 1.0f : fe;
-                m[i] = mn;
+                m[i] = mn[i];
                 rescale = rescale || f[i] != 1.0f;
             }
             // Multiplying by exactly 1 changes no bit (the accumulators only
@@ -420,7 +451,7 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
                     const float x11 = __shfl_sync(0xffffffffu, sc[1][1], src);
                     const float mr = __shfl_sync(0xffffffffu, m[0], src);
                     const float x = key < 8 ? ((key & 1) ? x01 : x00) : ((key & 1) ? x11 : x10);
-                    const float pe = q_exp(x - mr);
+                    const float pe = q_exp_nonpos(x - mr);
                     ps[sl] = (!valid || x == NEG_INF) ? 0.0f : pe;
                 }
                 const int r = lane >> 2;
@@ -518,7 +549,7 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             float L = 0.0f;
 #pragma unroll
             for (int w = 0; w < 4; w++) {
-                float f = q_exp(mw[w] - mx);  // a quarter that saw no key: exp(-inf) = 0
+                float f = q_exp_nonpos(mw[w] - mx);  // a quarter that saw no key: exp(-inf) = 0
                 rf[4 * r + w] = f;
                 L = L + pm[(w * ROWS + r) * 2 + 1] * f;
             }
@@ -589,7 +620,7 @@ __device__ __forceinline__ void attn_tc_body(const __nv_bfloat16* q, const __nv_
             for (int c = 0; c < ns; c++) mx = fmaxf(mx, __ldcg(p + c * (D + SH)));
             float L = 0.0f;
             for (int c = 0; c < ns; c++) {
-                float f = q_exp(__ldcg(p + c * (D + SH)) - mx);
+                float f = q_exp_nonpos(__ldcg(p + c * (D + SH)) - mx);
                 mf[r * max_spans + c] = f;
                 L = L + __ldcg(p + c * (D + SH) + 1) * f;
             }

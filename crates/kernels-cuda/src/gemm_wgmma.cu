@@ -149,8 +149,9 @@ struct WgRope {
     int Hq;
     int Hkv;
 };
-// Units (a row's head) a warp takes at once: each is a chain of dependent
-// steps (the norm's butterfly, the division).
+// Slots of two units (a row's head each, one a half-warp) a warp takes at
+// once: each is a chain of dependent steps (the norm's butterfly, the
+// division).
 #define WG_ROPE_UNITS 4
 // Shared memory of the WG_ROPE epilogue past the alignment: the BM x BN
 // product tile in rows of BN + 8 floats (a half-warp's float2 stores of 8
@@ -161,8 +162,8 @@ struct WgRope {
 // memory at `sm` (shared address `sm_addr`), its rows' rotation rows and
 // cache slots beside it, all copied at once (read unit by unit they were a
 // chain of dependent loads from L2 per unit: the epilogue took longer than
-// the product), then the (row, head) units, WG_ROPE_UNITS a warp at a time,
-// from shared memory alone.
+// the product), then the (row, head) units, 2·WG_ROPE_UNITS a warp at a
+// time (norm_rope_pair), from shared memory alone.
 template <int NB, int MW, int D>
 __device__ __forceinline__ void wg_rope_epilogue(const float (&acc)[NB][32], unsigned char* sm, unsigned sm_addr,
                                                  int m0, int n0, int T, int N, const WgRope& rp) {
@@ -203,24 +204,34 @@ __device__ __forceinline__ void wg_rope_epilogue(const float (&acc)[NB][32], uns
             }
     copies_wait();
     __syncthreads();
-    // The norm weights: the same for every unit of a kind.
-    float wq[PER], wk[PER];
-    load_per<PER>(rp.qn + lane * PER, wq);
-    load_per<PER>(rp.kn + lane * PER, wk);
-    for (int u0 = (tid / 32) * U; u0 < BM * HEADS; u0 += THREADS / 32 * U) {
+    // Two units a warp (norm_rope_pair): lanes 16h.. take unit 2i + h of a
+    // slot, lane p of them a head's elements p·PER.. (lo) and (p + 16)·PER..
+    // (hi). The norm weights: the same for every unit of a kind.
+    const int hw = lane / 16, p = lane % 16;
+    float wql[PER], wqh[PER], wkl[PER], wkh[PER];
+    load_per<PER>(rp.qn + p * PER, wql);
+    load_per<PER>(rp.qn + (p + 16) * PER, wqh);
+    load_per<PER>(rp.kn + p * PER, wkl);
+    load_per<PER>(rp.kn + (p + 16) * PER, wkh);
+    for (int u0 = (tid / 32) * 2 * U; u0 < BM * HEADS; u0 += THREADS / 32 * 2 * U) {
         // kind: 0 a q head, 1 a k head, 2 a v head, -1 none (a row past T
-        // or a head past N); warp-uniform, as in qk_norm_rope_store.
+        // or a head past N), as in qk_norm_rope_store; a half-warp's.
         int kind[U];
         __nv_bfloat16* dst[U];
-        float xv[U][PER], c[U][PER], s[U][PER], y[U][PER];
+        float xl[U][PER], xh[U][PER], c[U][PER], s[U][PER], yl[U][PER], yh[U][PER];
 #pragma unroll
         for (int i = 0; i < U; i++) {
-            const int u = u0 + i, r = u / HEADS, hh = u % HEADS, t = m0 + r, h = (n0 + hh * D) / D;
-            kind[i] = t >= T || n0 + hh * D >= N ? -1 : h < rp.Hq ? 0 : h < rp.Hq + rp.Hkv ? 1 : 2;
-            load_per<PER>(tile + r * TS + hh * D + lane * PER, xv[i]);
-            load_per<PER>(csr + r * D + (lane % 16) * PER, c[i]);
-            load_per<PER>(csr + r * D + D / 2 + (lane % 16) * PER, s[i]);
-            const size_t slot = rslot[r];
+            const int u = u0 + 2 * i + hw, r = u / HEADS, hh = u % HEADS, t = m0 + r, h = (n0 + hh * D) / D;
+            kind[i] = u >= BM * HEADS || t >= T || n0 + hh * D >= N ? -1
+                      : h < rp.Hq                                    ? 0
+                      : h < rp.Hq + rp.Hkv                           ? 1
+                                                                     : 2;
+            const int rr = min(r, BM - 1);  // a unit past the tile: any row, not stored
+            load_per<PER>(tile + rr * TS + hh * D + p * PER, xl[i]);
+            load_per<PER>(tile + rr * TS + hh * D + (p + 16) * PER, xh[i]);
+            load_per<PER>(csr + rr * D + p * PER, c[i]);
+            load_per<PER>(csr + rr * D + D / 2 + p * PER, s[i]);
+            const size_t slot = rslot[rr];
             dst[i] = kind[i] == 0   ? rp.q_out + ((size_t)t * rp.Hq + h) * D
                      : kind[i] == 1 ? rp.kc + (slot * rp.Hkv + (h - rp.Hq)) * D
                                     : rp.vc + (slot * rp.Hkv + (h - rp.Hq - rp.Hkv)) * D;
@@ -228,28 +239,42 @@ __device__ __forceinline__ void wg_rope_epilogue(const float (&acc)[NB][32], uns
         // Every unit normalised and rotated, a v head's result then
         // replaced by its rounding: one straight line, so that the units'
         // chains interleave (as branches, each was a block of its own); a
-        // tile of v heads only (warp-uniform) just rounds.
-        bool any_qk = false;
+        // warp with v heads only just rounds.
+        bool qk = false;
 #pragma unroll
-        for (int i = 0; i < U; i++) any_qk = any_qk || kind[i] == 0 || kind[i] == 1;
+        for (int i = 0; i < U; i++) qk = qk || kind[i] == 0 || kind[i] == 1;
+        if (__any_sync(0xffffffffu, qk)) {
 #pragma unroll
-        for (int i = 0; i < U; i++) {
-            if (!any_qk) {
+            for (int i = 0; i < U; i++) {
+                // Selected by element: a selected array would live in local memory.
+                float wl[PER], wh[PER];
 #pragma unroll
-                for (int e = 0; e < PER; e++) y[i][e] = xv[i][e];
-                continue;
+                for (int e = 0; e < PER; e++) {
+                    wl[e] = kind[i] == 0 ? wql[e] : wkl[e];
+                    wh[e] = kind[i] == 0 ? wqh[e] : wkh[e];
+                }
+                norm_rope_pair<PER>(xl[i], xh[i], wl, wh, c[i], s[i], rp.eps, yl[i], yh[i]);
+#pragma unroll
+                for (int e = 0; e < PER; e++) {
+                    yl[i][e] = kind[i] == 2 ? xl[i][e] : yl[i][e];
+                    yh[i][e] = kind[i] == 2 ? xh[i][e] : yh[i][e];
+                }
             }
-            // Selected by element: a selected array would live in local memory.
-            float wv[PER];
+        } else {
 #pragma unroll
-            for (int e = 0; e < PER; e++) wv[e] = kind[i] == 0 ? wq[e] : wk[e];
-            norm_rope_head<PER>(xv[i], wv, c[i], s[i], rp.eps, y[i]);
+            for (int i = 0; i < U; i++)
 #pragma unroll
-            for (int e = 0; e < PER; e++) y[i][e] = kind[i] == 2 ? xv[i][e] : y[i][e];
+                for (int e = 0; e < PER; e++) {
+                    yl[i][e] = xl[i][e];
+                    yh[i][e] = xh[i][e];
+                }
         }
 #pragma unroll
         for (int i = 0; i < U; i++)
-            if (kind[i] >= 0) store_per<PER>(dst[i] + lane * PER, y[i]);
+            if (kind[i] >= 0) {
+                store_per<PER>(dst[i] + p * PER, yl[i]);
+                store_per<PER>(dst[i] + (p + 16) * PER, yh[i]);
+            }
     }
 }
 

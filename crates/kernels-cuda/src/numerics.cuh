@@ -55,6 +55,16 @@ __device__ __forceinline__ float q_exp(float x) {
     return isnan(x) ? x : e;
 }
 
+// q_exp for x <= 0 or NaN (x - max in a softmax, the max taken over x's own
+// set): there the upper clamp and the +inf case never apply, so the same
+// bits with three instructions fewer.
+__device__ __forceinline__ float q_exp_nonpos(float x) {
+    const float xc = fmaxf(x, Q_EXP_LO);  // NaN -> EXP_LO, as in q_exp
+    float e = q_exp_in_range(xc);
+    e = x < Q_EXP_LO ? 0.0f : e;
+    return isnan(x) ? x : e;
+}
+
 // The same function with the specials returned early, for the exact decode
 // attention (attention.cu), which batch-1 decode runs: each of its blocks
 // runs its code once with a cold instruction cache, where a loop around one
@@ -144,5 +154,38 @@ __device__ __forceinline__ void norm_rope_head(const float x[PER], const float w
         float n = w[e] * (x[e] * inv);
         float other = __shfl_xor_sync(0xffffffffu, n, 16);
         y[e] = low ? n * c[e] - other * s[e] : n * c[e] + other * s[e];
+    }
+}
+
+// norm_rope_head for two heads a warp, the same bits: lanes 16h..16h+15
+// take head h, and lane p of them the elements that lanes p (xl) and p + 16
+// (xh) hold in norm_rope_head. There every lane ends head_combine with the
+// same total (each pairing adds two values that are equal across the pair,
+// and a + b == b + a), and lane p's is ((ss_p + ss_p+16) + ...) with the
+// later pairings inside its 16 lanes: here the first pairing is the lane's
+// own sum of its halves, the rest the same shuffles. The rotation's partner
+// value (lane p + 16's for lane p, and back) is then the lane's other half.
+template <int PER>
+__device__ __forceinline__ void norm_rope_pair(const float (&xl)[PER], const float (&xh)[PER],
+                                               const float (&wl)[PER], const float (&wh)[PER],
+                                               const float (&c)[PER], const float (&s)[PER], float eps,
+                                               float (&yl)[PER], float (&yh)[PER]) {
+    float sl = 0.0f, sh = 0.0f;
+#pragma unroll
+    for (int e = 0; e < PER; e++) sl = sl + xl[e] * xl[e];
+#pragma unroll
+    for (int e = 0; e < PER; e++) sh = sh + xh[e] * xh[e];
+    float ss = sl + sh;
+    ss = ss + __shfl_xor_sync(0xffffffffu, ss, 8);
+    ss = ss + __shfl_xor_sync(0xffffffffu, ss, 4);
+    ss = ss + __shfl_xor_sync(0xffffffffu, ss, 2);
+    ss = ss + __shfl_xor_sync(0xffffffffu, ss, 1);
+    float inv = 1.0f / sqrtf(ss / (float)(PER * 32) + eps);
+#pragma unroll
+    for (int e = 0; e < PER; e++) {
+        float nl = wl[e] * (xl[e] * inv);
+        float nh = wh[e] * (xh[e] * inv);
+        yl[e] = nl * c[e] - nh * s[e];
+        yh[e] = nh * c[e] + nl * s[e];
     }
 }
