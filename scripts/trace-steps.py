@@ -6,8 +6,8 @@ QWEN_CUDA_TRACE=FILE (crates/kernels-cuda/src/trace.rs), then
 `scripts/trace-steps.py FILE`. Each record is the time a kernel got past its
 wait for the kernel before (when that one completed), so the gap to the next
 record is a kernel's share of the run's critical path. Steps are cut at the
-vocabulary projection (the kernel with a grid of 1,000 or more column
-blocks); a decode step of the tensor-core layer is, after the vocabulary
+vocabulary projection (the kernel with a grid of 500 or more column
+blocks: 151,936 columns in tiles of at most 256); a decode step of the tensor-core layer is, after the vocabulary
 projection, three sampling kernels, the next step's first kernels (the fed
 ids in overlapped steps, the embedding, the first input norm), then 8
 kernels a layer (qkv, RoPE, attention, o_proj, add + norm, gate/up + SiLU,
@@ -35,7 +35,7 @@ a = ap.parse_args()
 
 recs = trace_records.read(a.file)
 gap = [(recs[i + 1][0] - recs[i][0]) / 1e3 for i in range(len(recs) - 1)] + [0.0]
-lm = [i for i, r in enumerate(recs) if r[2] >= 1000]
+lm = [i for i, r in enumerate(recs) if r[2] >= 500]
 layer = ["qkv", "rope", "attention", "o_proj", "add+norm", "gate_up+silu", "down", "add+norm"]
 # A decode step whose attention kernel makes q and the new rows itself
 # (attn_tc_rope: small tensor-core decode grids) has no RoPE kernel.

@@ -16,9 +16,9 @@
 // ahead; wgmma reads them straight from shared memory (no ldmatrix), one
 // m64n64k16 per 64 columns and 16 k (the SiLU tiles: one m64n128k16 or
 // m64n256k16 for all their columns). Two variants store something else
-// than the f32 product, with the same bits as the ops they replace: the
-// gate/up projection followed by the SiLU gate (gemm_wg_silu), and the
-// logits' two GEMMs of a hi/lo split input (gemm_wg_hilo).
+// than the f32 product: the gate/up projection followed by the SiLU gate
+// (gemm_wg_silu, the same bits as the two ops), and the logits' GEMM of a
+// hi/lo split input (gemm_wg_hilo, see WG_HILO).
 
 #define WG_K 64
 #define WG_STAGES 4
@@ -124,8 +124,13 @@ __device__ __forceinline__ void wg_fence_accs(float (&acc)[N][32]) {
 // thread: the accumulator layout repeats every 8 columns.
 #define WG_SILU 1
 // x is the hi half and x_lo the lo half of a split f32 input (the logits'
-// tensor-core rows): out = (x . w) + (x_lo . w), the two products the
-// plain kernel would store and then add, with w read once.
+// tensor-core rows): out = x . w + x_lo . w in one accumulator, each 16 k
+// of the hi half then the same 16 k of the lo half: the bits of this
+// kernel's plain GEMM of the halves interleaved 16 k at a time against w's
+// rows repeated likewise (K' = 2K; tests/twin.rs). One accumulator instead
+// of a sum of two leaves the registers for tiles twice as wide, which read
+// the halves from L2 half as often (they were most of the projection's
+// L2-to-SM traffic: 1.8 GB a step at 256 rows of the 0.6B vocabulary).
 #define WG_HILO 2
 // The QKV projection (w the fused [(Hq + 2·Hkv)·D, K] rows) followed by
 // rope.cu's qk_norm_rope_store: instead of the f32 row pieces, the block
@@ -398,10 +403,10 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
             if (HILO) xlo_src[i] += WG_AHEAD * WG_K;
         }
     }
-    // acc[NB + j]: x_lo's products (HILO).
-    float acc[NA * NB][32];
+    // HILO: the lo half's products go into the same accumulators.
+    float acc[NB][32];
 #pragma unroll
-    for (int j = 0; j < NA * NB; j++)
+    for (int j = 0; j < NB; j++)
 #pragma unroll
         for (int e = 0; e < 32; e++) acc[j][e] = 0.0f;
     // ISPLIT: the shares before the current one, added in order.
@@ -455,13 +460,13 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
                 const unsigned long long da = wg_desc_at(d_st, wg * 64 * 128 + a * BM * 128 + ks * 32);
                 const unsigned long long db = wg_desc_at(d_st, A_BYTES + ks * 32);
                 if constexpr (SILU && NB == 4) {
-                    wgmma_64x256(acc[a * NB], acc[a * NB + 1], acc[a * NB + 2], acc[a * NB + 3], da, db);
+                    wgmma_64x256(acc[0], acc[1], acc[2], acc[3], da, db);
                 } else if constexpr (SILU && NB == 2) {
-                    wgmma_64x128(acc[a * NB], acc[a * NB + 1], da, db);
+                    wgmma_64x128(acc[0], acc[1], da, db);
                 } else {
 #pragma unroll
                     for (int j = 0; j < NB; j++)
-                        wgmma_64x64(acc[a * NB + j], da, wg_desc_at(d_st, A_BYTES + j * 64 * 128 + ks * 32));
+                        wgmma_64x64(acc[j], da, wg_desc_at(d_st, A_BYTES + j * 64 * 128 + ks * 32));
                 }
             }
         }
@@ -518,11 +523,7 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
                 const int r = wg_acc_row(m0, wg, warp, lane, h);
                 const int col = wg_acc_col(n0 + j * 64, q, lane);
                 if (r >= T) continue;
-                float v0 = acc[j][4 * q + 2 * h], v1 = acc[j][4 * q + 2 * h + 1];
-                if (HILO) {
-                    v0 = v0 + acc[NB + j][4 * q + 2 * h];
-                    v1 = v1 + acc[NB + j][4 * q + 2 * h + 1];
-                }
+                const float v0 = acc[j][4 * q + 2 * h], v1 = acc[j][4 * q + 2 * h + 1];
                 float* d = dst_base + (size_t)r * N + col;
                 if (pairs && col + 1 < N) {
                     float2 v = make_float2(v0, v1);
@@ -599,15 +600,22 @@ GEMM_WG_SILU_KERNEL(gemm_wg_silu_m128, 4, WG_STAGES, 2)
 GEMM_WG_SILU_KERNEL(gemm_wg_silu_m128_n64, 2, 6, 2)
 
 // out = x_hi . w + x_lo . w (see WG_HILO), f32 [T, N]; no split K.
-// Grid (T / 64, N / (64·NB)).
-#define GEMM_WG_HILO_KERNEL(NAME, NB, MW)                                                                      \
+// Grid (T / (64·MW), N / (64·NB)).
+#define GEMM_WG_HILO_KERNEL(NAME, NB, MW, STAGES)                                                              \
     extern "C" __global__ void __launch_bounds__(WG_THREADS * MW)                                               \
         NAME(const __nv_bfloat16* x_hi, const __nv_bfloat16* x_lo, const __nv_bfloat16* w, float* out, int T,   \
              int K, int N) {                                                                                    \
-        gemm_wg_body<NB, WG_HILO, WG_STAGES, MW>(x_hi, x_lo, w, out, T, K, N, 0, nullptr, nullptr);            \
+        gemm_wg_body<NB, WG_HILO, STAGES, MW>(x_hi, x_lo, w, out, T, K, N, 0, nullptr, nullptr);               \
     }
-GEMM_WG_HILO_KERNEL(gemm_wg_hilo, 1, 1)
+GEMM_WG_HILO_KERNEL(gemm_wg_hilo, 1, 1, WG_STAGES)
 // 128 rows (two warpgroups) by 128 columns: a stage of w serves twice the
 // rows, so more than 64 rows move half the vocabulary's weight tiles from
 // L2 to the SMs (the projection's 311 MB at 0.6B, read once per row tile).
-GEMM_WG_HILO_KERNEL(gemm_wg_hilo_m128, 2, 2)
+GEMM_WG_HILO_KERNEL(gemm_wg_hilo_m128, 2, 2, WG_STAGES)
+// The wide tiles: 64 rows by 192 or 256 columns, and 128 by 192 (four
+// stages of both halves' 128 rows and 192 of w fill the shared memory) or
+// by 256 with three.
+GEMM_WG_HILO_KERNEL(gemm_wg_hilo_n192, 3, 1, WG_STAGES)
+GEMM_WG_HILO_KERNEL(gemm_wg_hilo_n256, 4, 1, WG_STAGES)
+GEMM_WG_HILO_KERNEL(gemm_wg_hilo_m128_n192, 3, 2, WG_STAGES)
+GEMM_WG_HILO_KERNEL(gemm_wg_hilo_m128_n256, 4, 2, 3)

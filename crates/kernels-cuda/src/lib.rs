@@ -138,6 +138,27 @@ impl CudaBackend {
         self.exact = exact;
     }
 
+    /// Which column widths the logits' hi/lo GEMM tiles take: 0 64 or 128,
+    /// 1 (the default) 256 or 192, 2 192 or 256 (at most 64 rows, more);
+    /// also `QWEN_CUDA_HILO_WIDTHS` at start. The same bits with any, to
+    /// measure and test them.
+    pub fn set_hilo_widths(&mut self, widths: u8) -> Result<()> {
+        if widths > 2 {
+            return Err(Error::Shape {
+                op: "set_hilo_widths",
+                msg: format!("{widths} (0, 1 or 2)"),
+            });
+        }
+        self.dev.hilo_widths = widths;
+        Ok(())
+    }
+
+    /// Whether the tensor-core GEMMs run on Hopper's warpgroup MMA
+    /// (gemm_wgmma.cu) rather than gemm.cu's mma.sync.
+    pub fn has_wgmma(&self) -> bool {
+        self.dev.wgmma
+    }
+
     /// `true`: a batch-1 decode layer of a suitable shape (Qwen3-0.6B's)
     /// runs as one kernel (layer.cu, compiled on first use), with the same
     /// bits as the ops one by one. Off by default: it measures slower so

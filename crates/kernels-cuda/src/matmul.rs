@@ -196,8 +196,10 @@ impl CudaBackend {
 
     /// The logits op with prompt rows on the tensor cores: the f32
     /// normalised input of those rows is split as hi + lo in bf16 and
-    /// projected twice, accumulating in f32, which keeps the input's
-    /// precision to about 2⁻¹⁷; the other rows take the exact kernel.
+    /// projected accumulating in f32 (one kernel and one accumulator, hi's
+    /// and lo's 16 k in turn, where gemm_wg_hilo applies; else two GEMMs,
+    /// the second adding to the first), which keeps the input's precision
+    /// to about 2⁻¹⁷; the other rows take the exact kernel.
     pub(crate) fn logits_tensor_cores(
         &self,
         x: &T,

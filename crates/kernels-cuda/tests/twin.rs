@@ -292,8 +292,8 @@ fn tensor_core_matmul_is_batch_invariant() {
     g.set_tensor_core_rows(0);
 }
 
-/// The logits op's prompt rows run on the tensor cores as two bf16 GEMMs
-/// of the f32 input split as hi + lo: the same bound as a GEMM,
+/// The logits op's prompt rows run on the tensor cores as a bf16 GEMM of
+/// the f32 input split as hi + lo: the same bound as a GEMM,
 /// 1e-5·Σ|y·w|; the other rows are exact.
 #[test]
 fn tensor_core_logits_within_bound() {
@@ -341,22 +341,30 @@ fn tensor_core_logits_within_bound() {
     println!("tensor-core logits: worst |gpu - cpu| / sum|y w| = {worst:.3e} (bound 1e-5)");
 }
 
-/// The logits op's tensor-core rows are two bf16 GEMMs of the normalised
-/// f32 row split as hi + lo, the second adding to the first; the CUDA op
-/// may run both in one kernel (gemm_wgmma.cu on Hopper) but must give the
-/// bits of `matmul(hi)` then `matmul_add(lo)`.
+/// The logits op's tensor-core rows are the normalised f32 row split as
+/// hi and lo in bf16 and projected in one f32 accumulator: on Hopper
+/// (gemm_wgmma.cu) each 16 k of hi then the same 16 k of lo, which must
+/// give the bits of a plain tensor-core GEMM of the halves interleaved 16 k
+/// at a time against w's rows repeated likewise (K' = 2K, K padded to 16
+/// with zeros), with every choice of tile widths, at row counts that
+/// take 64- and 128-row tiles and end mid-tile, a vocabulary that ends
+/// mid-tile and K not a multiple of 64. (Vocabularies of at most 2,048
+/// columns split K and take the two GEMMs of the other GPUs.)
 #[test]
-fn tensor_core_logits_equal_their_two_gemms() {
+fn tensor_core_logits_equal_one_gemm_of_interleaved_halves() {
     let Some(mut g) = gpu() else { return };
+    if !g.has_wgmma() {
+        println!("skipped: the interleaved hi/lo kernel needs Hopper's wgmma");
+        return;
+    }
     g.set_exact(false);
     let mut r = Rng::new("tensor-core logits hi lo");
-    // The 0.6B shape at a decode batch, partial row tiles (of 128 rows and
-    // of 64) and a vocabulary that ends mid-tile, K not a multiple of 64.
     for (t, h, n) in [
         (256, 1024, 8192),
-        (200, 1024, 1000),
-        (70, 1024, 1000),
-        (5, 200, 515),
+        (200, 1024, 2115),
+        (70, 1024, 2115),
+        (64, 1024, 2115),
+        (5, 200, 2115),
     ] {
         g.set_tensor_core_rows(t);
         let x = r.f32s(t * h, 3.0);
@@ -365,36 +373,54 @@ fn tensor_core_logits_equal_their_two_gemms() {
         let xt = g.upload(HostSlice::F32(&x), &[t, h]).unwrap();
         let nwt = g.upload(HostSlice::F32(&nw), &[h]).unwrap();
         let wt = g.upload(HostSlice::BF16(&w), &[n, h]).unwrap();
-        let mut logits = poisoned(&g, &[t, n], DType::F32);
-        g.logits(&xt, &nwt, 1e-6, &wt, &mut logits).unwrap();
         // The spec's f32 row y = w_k · (x_k · inv) and the op's split of
         // it, on the host: hi = bf16(y), lo = bf16(y - hi).
-        let y: Vec<f32> = x
-            .chunks(h)
-            .flat_map(|row| {
-                let inv = qwen_kernels_cpu::inv_rms(row, 1e-6);
-                row.iter()
-                    .zip(&nw)
-                    .map(move |(&xk, &wk)| wk * (xk * inv))
-                    .collect::<Vec<f32>>()
-            })
-            .collect();
-        let hi: Vec<bf16> = y.iter().map(|&v| bf16::from_f32(v)).collect();
-        let lo: Vec<bf16> = y
-            .iter()
-            .zip(&hi)
-            .map(|(&v, h)| bf16::from_f32(v - h.to_f32()))
-            .collect();
-        let hit = g.upload(HostSlice::BF16(&hi), &[t, h]).unwrap();
-        let lot = g.upload(HostSlice::BF16(&lo), &[t, h]).unwrap();
-        let mut two = poisoned(&g, &[t, n], DType::F32);
-        g.matmul(&hit, &wt, &mut two).unwrap();
-        g.matmul_add(&lot, &wt, &mut two).unwrap();
-        same_bits(
-            &format!("tensor-core logits {t}x{h}x{n}"),
-            &g.download(&two).unwrap(),
-            &g.download(&logits).unwrap(),
-        );
+        let k16 = h.div_ceil(16) * 16;
+        let zero = bf16::from_f32(0.0);
+        let mut xcat = Vec::with_capacity(t * 2 * k16);
+        for row in x.chunks(h) {
+            let inv = qwen_kernels_cpu::inv_rms(row, 1e-6);
+            let y: Vec<f32> = row
+                .iter()
+                .zip(&nw)
+                .map(|(&xk, &wk)| wk * (xk * inv))
+                .collect();
+            let hi: Vec<bf16> = y.iter().map(|&v| bf16::from_f32(v)).collect();
+            let lo: Vec<bf16> = y
+                .iter()
+                .zip(&hi)
+                .map(|(&v, hb)| bf16::from_f32(v - hb.to_f32()))
+                .collect();
+            for c in (0..k16).step_by(16) {
+                for half in [&hi, &lo] {
+                    xcat.extend((c..c + 16).map(|k| half.get(k).copied().unwrap_or(zero)));
+                }
+            }
+        }
+        let mut wcat = Vec::with_capacity(n * 2 * k16);
+        for col in w.chunks(h) {
+            for c in (0..k16).step_by(16) {
+                for _ in 0..2 {
+                    wcat.extend((c..c + 16).map(|k| col.get(k).copied().unwrap_or(zero)));
+                }
+            }
+        }
+        let xct = g.upload(HostSlice::BF16(&xcat), &[t, 2 * k16]).unwrap();
+        let wct = g.upload(HostSlice::BF16(&wcat), &[n, 2 * k16]).unwrap();
+        let mut plain = poisoned(&g, &[t, n], DType::F32);
+        g.matmul(&xct, &wct, &mut plain).unwrap();
+        let plain = g.download(&plain).unwrap();
+        for widths in [0, 1, 2] {
+            g.set_hilo_widths(widths).unwrap();
+            let mut logits = poisoned(&g, &[t, n], DType::F32);
+            g.logits(&xt, &nwt, 1e-6, &wt, &mut logits).unwrap();
+            same_bits(
+                &format!("tensor-core logits {t}x{h}x{n}, tile widths {widths}"),
+                &plain,
+                &g.download(&logits).unwrap(),
+            );
+        }
+        g.set_hilo_widths(1).unwrap();
     }
     g.set_tensor_core_rows(0);
 }
