@@ -149,10 +149,8 @@ const WGMMA_KERNELS: &[&str] = &[
     "gemm_wg_silu_m128_n64",
     "gemm_wg_hilo",
     "gemm_wg_hilo_m128",
-    "gemm_wg_hilo_n192",
     "gemm_wg_hilo_n256",
     "gemm_wg_hilo_m128_n192",
-    "gemm_wg_hilo_m128_n256",
 ];
 
 /// Kernels whose dynamic shared memory grows with the shape (a norm row in
@@ -221,10 +219,9 @@ pub(crate) struct Device {
     /// cache store in its epilogue (gemm_wg_m128_n256_rope_d128): on unless
     /// `QWEN_CUDA_QKV_ROPE=0`, to measure what it gains.
     pub qkv_rope: bool,
-    /// Which widths the logits' hi/lo GEMM tiles take (gemm.rs's
-    /// choose_hilo_tile): `QWEN_CUDA_HILO_WIDTHS` (0, 1 or 2; default 1),
-    /// to measure them (the same bits).
-    pub hilo_widths: u8,
+    /// Whether the logits' hi/lo GEMM takes its wide tiles (gemm.rs): on
+    /// unless `QWEN_CUDA_HILO_WIDE=0`, to measure them (the same bits).
+    pub hilo_wide: bool,
     /// The kernel trace (`QWEN_CUDA_TRACE`), written out on drop.
     trace: Option<Trace>,
 }
@@ -332,11 +329,7 @@ pub(crate) fn open(ordinal: usize) -> Result<Device> {
         wgmma,
         tc_rope: std::env::var("QWEN_CUDA_TC_ROPE").map_or(true, |v| v != "0"),
         qkv_rope: std::env::var("QWEN_CUDA_QKV_ROPE").map_or(true, |v| v != "0"),
-        hilo_widths: std::env::var("QWEN_CUDA_HILO_WIDTHS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|w| *w <= 2)
-            .unwrap_or(1),
+        hilo_wide: std::env::var("QWEN_CUDA_HILO_WIDE").map_or(true, |v| v != "0"),
         trace,
     };
     if std::env::var("QWEN_CUDA_LAYER_KERNEL").is_ok_and(|v| v == "1") {

@@ -99,12 +99,10 @@ const SILU_M128_N64: Tile = Tile::wg("gemm_wg_silu_m128_n64", 128, 128, 6);
 const HILO: Tile = Tile::wg("gemm_wg_hilo", 64, 64, WG_STAGES);
 /// 128 rows (two warpgroups) of each half by 128 columns.
 const HILO_M128: Tile = Tile::wg("gemm_wg_hilo_m128", 128, 128, WG_STAGES);
-/// The wide tiles (the halves read from L2 by as many fewer blocks): 64
-/// rows by 192 or 256 columns, 128 by 192 or 256 (three stages).
-const HILO_N192: Tile = Tile::wg("gemm_wg_hilo_n192", 64, 192, WG_STAGES);
+/// The wide tiles (the halves read from L2 by a quarter or two thirds as
+/// many blocks): 64 rows by 256 columns, 128 by 192.
 const HILO_N256: Tile = Tile::wg("gemm_wg_hilo_n256", 64, 256, WG_STAGES);
 const HILO_M128_N192: Tile = Tile::wg("gemm_wg_hilo_m128_n192", 128, 192, WG_STAGES);
-const HILO_M128_N256: Tile = Tile::wg("gemm_wg_hilo_m128_n256", 128, 256, 3);
 
 /// What the tile choice needs of the device: SMs and shared memory an SM.
 #[derive(Clone, Copy)]
@@ -207,17 +205,14 @@ fn choose_silu_tile(t: u32, i: u32, gpu: Gpu) -> &'static Tile {
 /// The hi/lo logits tile for `t` rows: 128 rows once there are several
 /// 64-row tiles, else 64 (every block reads its rows of x_hi and x_lo whole
 /// and its columns of w whole, so bigger blocks read both fewer times), by
-/// a width `widths` picks: 0 the narrow tiles (128 or 64 columns), 1 (the
-/// default) 192 or 256, 2 256 or 192. Every tile sums each output in the
-/// same order.
-fn choose_hilo_tile(t: u32, widths: u8) -> &'static Tile {
-    match (t > 64, widths) {
-        (true, 0) => &HILO_M128,
-        (true, 2) => &HILO_M128_N256,
-        (true, _) => &HILO_M128_N192,
-        (false, 0) => &HILO,
-        (false, 2) => &HILO_N192,
-        (false, _) => &HILO_N256,
+/// 192 or 256 columns where `wide`, else 128 or 64. Every tile sums each
+/// output in the same order.
+fn choose_hilo_tile(t: u32, wide: bool) -> &'static Tile {
+    match (t > 64, wide) {
+        (true, true) => &HILO_M128_N192,
+        (true, false) => &HILO_M128,
+        (false, true) => &HILO_N256,
+        (false, false) => &HILO,
     }
 }
 
@@ -594,7 +589,7 @@ impl CudaBackend {
         }
         let (ti, ki, ni) = (int(op, t)?, int(op, k)?, int(op, n)?);
         // bm rows of hi, bm of lo and bn of w a stage.
-        let tile = choose_hilo_tile(t as u32, self.dev.hilo_widths);
+        let tile = choose_hilo_tile(t as u32, self.dev.hilo_wide);
         let cfg = wg_fused_grid(op, t, (n, tile.bn), tile, 2 * tile.bm)?;
         let mut b = self.launch(self.kernel(tile.name));
         b.arg(hi).arg(lo).arg(w).arg(out).arg(&ti).arg(&ki).arg(&ni);

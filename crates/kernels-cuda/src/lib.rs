@@ -138,19 +138,12 @@ impl CudaBackend {
         self.exact = exact;
     }
 
-    /// Which column widths the logits' hi/lo GEMM tiles take: 0 64 or 128,
-    /// 1 (the default) 256 or 192, 2 192 or 256 (at most 64 rows, more);
-    /// also `QWEN_CUDA_HILO_WIDTHS` at start. The same bits with any, to
-    /// measure and test them.
-    pub fn set_hilo_widths(&mut self, widths: u8) -> Result<()> {
-        if widths > 2 {
-            return Err(Error::Shape {
-                op: "set_hilo_widths",
-                msg: format!("{widths} (0, 1 or 2)"),
-            });
-        }
-        self.dev.hilo_widths = widths;
-        Ok(())
+    /// Whether the logits' hi/lo GEMM takes its wide tiles (256 columns at
+    /// most 64 rows, else 192; on by default, `QWEN_CUDA_HILO_WIDE=0` at
+    /// start turns them off) or 64 and 128: the same bits either way, to
+    /// measure and test both.
+    pub fn set_hilo_wide(&mut self, on: bool) {
+        self.dev.hilo_wide = on;
     }
 
     /// Whether the tensor-core GEMMs run on Hopper's warpgroup MMA

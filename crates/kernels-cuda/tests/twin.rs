@@ -346,7 +346,7 @@ fn tensor_core_logits_within_bound() {
 /// (gemm_wgmma.cu) each 16 k of hi then the same 16 k of lo, which must
 /// give the bits of a plain tensor-core GEMM of the halves interleaved 16 k
 /// at a time against w's rows repeated likewise (K' = 2K, K padded to 16
-/// with zeros), with every choice of tile widths, at row counts that
+/// with zeros), with the wide tiles and the narrow ones, at row counts that
 /// take 64- and 128-row tiles and end mid-tile, a vocabulary that ends
 /// mid-tile and K not a multiple of 64. (Vocabularies of at most 2,048
 /// columns split K and take the two GEMMs of the other GPUs.)
@@ -410,17 +410,17 @@ fn tensor_core_logits_equal_one_gemm_of_interleaved_halves() {
         let mut plain = poisoned(&g, &[t, n], DType::F32);
         g.matmul(&xct, &wct, &mut plain).unwrap();
         let plain = g.download(&plain).unwrap();
-        for widths in [0, 1, 2] {
-            g.set_hilo_widths(widths).unwrap();
+        for wide in [true, false] {
+            g.set_hilo_wide(wide);
             let mut logits = poisoned(&g, &[t, n], DType::F32);
             g.logits(&xt, &nwt, 1e-6, &wt, &mut logits).unwrap();
             same_bits(
-                &format!("tensor-core logits {t}x{h}x{n}, tile widths {widths}"),
+                &format!("tensor-core logits {t}x{h}x{n}, wide tiles {wide}"),
                 &plain,
                 &g.download(&logits).unwrap(),
             );
         }
-        g.set_hilo_widths(1).unwrap();
+        g.set_hilo_wide(true);
     }
     g.set_tensor_core_rows(0);
 }
