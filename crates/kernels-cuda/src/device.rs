@@ -149,7 +149,6 @@ const WGMMA_KERNELS: &[&str] = &[
     "gemm_wg_silu_m128_n64",
     "gemm_wg_hilo",
     "gemm_wg_hilo_m128",
-    "gemm_wg_hilo_n256",
     "gemm_wg_hilo_m128_n192",
 ];
 

@@ -99,9 +99,8 @@ const SILU_M128_N64: Tile = Tile::wg("gemm_wg_silu_m128_n64", 128, 128, 6);
 const HILO: Tile = Tile::wg("gemm_wg_hilo", 64, 64, WG_STAGES);
 /// 128 rows (two warpgroups) of each half by 128 columns.
 const HILO_M128: Tile = Tile::wg("gemm_wg_hilo_m128", 128, 128, WG_STAGES);
-/// The wide tiles (the halves read from L2 by a quarter or two thirds as
-/// many blocks): 64 rows by 256 columns, 128 by 192.
-const HILO_N256: Tile = Tile::wg("gemm_wg_hilo_n256", 64, 256, WG_STAGES);
+/// The wide tile (the halves read from L2 by two thirds as many blocks):
+/// 128 rows by 192 columns.
 const HILO_M128_N192: Tile = Tile::wg("gemm_wg_hilo_m128_n192", 128, 192, WG_STAGES);
 
 /// What the tile choice needs of the device: SMs and shared memory an SM.
@@ -202,17 +201,18 @@ fn choose_silu_tile(t: u32, i: u32, gpu: Gpu) -> &'static Tile {
         .unwrap_or(&SILU64)
 }
 
-/// The hi/lo logits tile for `t` rows: 128 rows once there are several
-/// 64-row tiles, else 64 (every block reads its rows of x_hi and x_lo whole
-/// and its columns of w whole, so bigger blocks read both fewer times), by
-/// 192 or 256 columns where `wide`, else 128 or 64. Every tile sums each
-/// output in the same order.
+/// The hi/lo logits tile for `t` rows: 128 rows by 192 columns (128 where
+/// not `wide`) once there are several 64-row tiles (every block reads its
+/// rows of x_hi and x_lo whole and its columns of w whole, so bigger
+/// blocks read both fewer times), else 64 x 64 (one row tile: the weight's
+/// read from memory sets the pace, and 2,374 blocks spread it more evenly
+/// over the SMs than 594 of 64 x 256). Every tile sums each output in the
+/// same order.
 fn choose_hilo_tile(t: u32, wide: bool) -> &'static Tile {
     match (t > 64, wide) {
         (true, true) => &HILO_M128_N192,
         (true, false) => &HILO_M128,
-        (false, true) => &HILO_N256,
-        (false, false) => &HILO,
+        (false, _) => &HILO,
     }
 }
 

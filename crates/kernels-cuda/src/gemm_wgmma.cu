@@ -612,8 +612,8 @@ GEMM_WG_HILO_KERNEL(gemm_wg_hilo, 1, 1, WG_STAGES)
 // rows, so more than 64 rows move half the vocabulary's weight tiles from
 // L2 to the SMs (the projection's 311 MB at 0.6B, read once per row tile).
 GEMM_WG_HILO_KERNEL(gemm_wg_hilo_m128, 2, 2, WG_STAGES)
-// The wide tiles: 64 rows by 256 columns, and 128 by 192 (four stages of
-// both halves' 128 rows and 192 of w fill the shared memory; 128 x 256
-// with three stages, and 64 x 192, measured no faster: BENCHMARKS.md).
-GEMM_WG_HILO_KERNEL(gemm_wg_hilo_n256, 4, 1, WG_STAGES)
+// The wide tile: 128 rows by 192 columns (four stages of both halves' 128
+// rows and 192 of w fill the shared memory; 128 x 256 with three stages
+// measured no faster, and 64-row tiles 192 or 256 wide no faster than 64:
+// BENCHMARKS.md).
 GEMM_WG_HILO_KERNEL(gemm_wg_hilo_m128_n192, 3, 2, WG_STAGES)

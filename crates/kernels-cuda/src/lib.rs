@@ -138,9 +138,9 @@ impl CudaBackend {
         self.exact = exact;
     }
 
-    /// Whether the logits' hi/lo GEMM takes its wide tiles (256 columns at
-    /// most 64 rows, else 192; on by default, `QWEN_CUDA_HILO_WIDE=0` at
-    /// start turns them off) or 64 and 128: the same bits either way, to
+    /// Whether the logits' hi/lo GEMM takes its wide tile (128 rows by 192
+    /// columns, past 64 rows; on by default, `QWEN_CUDA_HILO_WIDE=0` at
+    /// start turns it off) or 128 x 128: the same bits either way, to
     /// measure and test both.
     pub fn set_hilo_wide(&mut self, on: bool) {
         self.dev.hilo_wide = on;

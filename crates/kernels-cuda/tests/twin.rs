@@ -346,7 +346,7 @@ fn tensor_core_logits_within_bound() {
 /// (gemm_wgmma.cu) each 16 k of hi then the same 16 k of lo, which must
 /// give the bits of a plain tensor-core GEMM of the halves interleaved 16 k
 /// at a time against w's rows repeated likewise (K' = 2K, K padded to 16
-/// with zeros), with the wide tiles and the narrow ones, at row counts that
+/// with zeros), with the wide tile and the narrow one, at row counts that
 /// take 64- and 128-row tiles and end mid-tile, a vocabulary that ends
 /// mid-tile and K not a multiple of 64. (Vocabularies of at most 2,048
 /// columns split K and take the two GEMMs of the other GPUs.)
