@@ -303,6 +303,10 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
                                              float* part, __nv_bfloat16* silu_out, int splits = 1,
                                              WgRope rp = WgRope{}) {
     constexpr bool SILU = MODE == WG_SILU, HILO = MODE == WG_HILO, ROPE = MODE == WG_ROPE;
+    // One wgmma for all of a warpgroup's columns a 16 k step (the SiLU
+    // tiles, and the two-warpgroup tiles of prompt-sized row counts), else
+    // one per 64 columns.
+    constexpr bool WIDE = SILU || MW == 2;
     // MW warpgroups a block, each 64 rows of x against the same BN columns
     // of w (one stage of w serves them all).
     static_assert(MW == 1 || (MW == 2 && (4 * NB) % MW == 0), "one or two warpgroups");
@@ -467,12 +471,12 @@ __device__ __forceinline__ void gemm_wg_body(const __nv_bfloat16* x, const __nv_
             for (int a = 0; a < NA; a++) {
                 const unsigned long long da = wg_desc_at(d_st, wg * 64 * 128 + a * BM * 128 + ks * 32);
                 const unsigned long long db = wg_desc_at(d_st, A_BYTES + ks * 32);
-                if constexpr (SILU && NB == 4) {
+                if constexpr (WIDE && NB == 4) {
                     wgmma_64x256(acc[0], acc[1], acc[2], acc[3], da, db);
-                } else if constexpr (SILU && NB == 2) {
-                    wgmma_64x128(acc[0], acc[1], da, db);
-                } else if constexpr (HILO && NB == 3) {
+                } else if constexpr (WIDE && NB == 3) {
                     wgmma_64x192(acc[0], acc[1], acc[2], da, db);
+                } else if constexpr (WIDE && NB == 2) {
+                    wgmma_64x128(acc[0], acc[1], da, db);
                 } else {
 #pragma unroll
                     for (int j = 0; j < NB; j++)
