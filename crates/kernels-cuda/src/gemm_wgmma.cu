@@ -14,8 +14,9 @@
 // k each (one 128-byte row of bf16 per matrix row, in the 128-byte swizzle
 // wgmma reads without bank conflicts), copied with cp.async WG_AHEAD tiles
 // ahead; wgmma reads them straight from shared memory (no ldmatrix), one
-// m64n64k16 per 64 columns and 16 k (the SiLU tiles: one m64n128k16 or
-// m64n256k16 for all their columns). Two variants store something else
+// m64n64k16 per 64 columns and 16 k (the SiLU tiles and every
+// two-warpgroup tile: one m64n128k16, m64n192k16 or m64n256k16 for all
+// their columns). Two variants store something else
 // than the f32 product: the gate/up projection followed by the SiLU gate
 // (gemm_wg_silu, the same bits as the two ops), and the logits' GEMM of a
 // hi/lo split input (gemm_wg_hilo, see WG_HILO).
@@ -79,11 +80,13 @@ __device__ __forceinline__ void wgmma_64x64(float* d, unsigned long long da, uns
 // accumulators of each 64 columns in d0, d1, ... (the m64n64 layout): the
 // gate/up + SiLU tiles take them (a 64 x 128 tile reads its 64 rows of x
 // from shared memory once per 16 k instead of twice: 16.7 -> 14.8 us at 256
-// rows of the 0.6B shape, BENCHMARKS.md; the plain tiles measured no
-// better or slower with them), and the 192-column hi/lo tile. Each output element is the same k16 step
-// into the same accumulator whatever the instruction's width (tests/twin.rs:
-// the fused gate equal to the plain projection + gate, rows equal across
-// row counts).
+// rows of the 0.6B shape), and so do the two-warpgroup tiles of prompt-
+// sized row counts (a prompt step 33.73 -> 33.04 ms; the one-warpgroup
+// plain tiles of decode sizes measured no better or slower with them:
+// BENCHMARKS.md). Each output element is the same k16 step into the same
+// accumulator whatever the instruction's width (tests/twin.rs: the fused
+// gate equal to the plain projection + gate, rows equal across row counts,
+// the logits equal to the plain GEMM of their interleaved halves).
 __device__ __forceinline__ void wgmma_64x128(float* d0, float* d1, unsigned long long da, unsigned long long db) {
     asm volatile(
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
