@@ -139,9 +139,10 @@ __device__ __forceinline__ void wg_fence_accs(float (&acc)[N][32]) {
 // of the hi half then the same 16 k of the lo half: the bits of this
 // kernel's plain GEMM of the halves interleaved 16 k at a time against w's
 // rows repeated likewise (K' = 2K; tests/twin.rs). One accumulator instead
-// of a sum of two leaves the registers for tiles twice as wide, which read
-// the halves from L2 half as often (they were most of the projection's
-// L2-to-SM traffic: 1.8 GB a step at 256 rows of the 0.6B vocabulary).
+// of a sum of two leaves the registers for wider tiles (128 x 192), which
+// read the halves from L2 two thirds as often (they were most of the
+// projection's L2-to-SM traffic: 1.8 GB a step at 256 rows of the 0.6B
+// vocabulary with 128 x 128).
 #define WG_HILO 2
 // The QKV projection (w the fused [(Hq + 2·Hkv)·D, K] rows) followed by
 // rope.cu's qk_norm_rope_store: instead of the f32 row pieces, the block

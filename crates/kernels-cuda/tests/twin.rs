@@ -341,6 +341,16 @@ fn tensor_core_logits_within_bound() {
     println!("tensor-core logits: worst |gpu - cpu| / sum|y w| = {worst:.3e} (bound 1e-5)");
 }
 
+/// Appends `a` and `b` interleaved 16 at a time (16 of a, then the same 16
+/// of b), both padded with zeros to `k16`.
+fn interleave16(a: &[bf16], b: &[bf16], k16: usize, out: &mut Vec<bf16>) {
+    let at = |v: &[bf16], k: usize| v.get(k).copied().unwrap_or(bf16::from_f32(0.0));
+    for c in (0..k16).step_by(16) {
+        out.extend((c..c + 16).map(|k| at(a, k)));
+        out.extend((c..c + 16).map(|k| at(b, k)));
+    }
+}
+
 /// The logits op's tensor-core rows are the normalised f32 row split as
 /// hi and lo in bf16 and projected in one f32 accumulator: on Hopper
 /// (gemm_wgmma.cu) each 16 k of hi then the same 16 k of lo, which must
@@ -376,7 +386,6 @@ fn tensor_core_logits_equal_one_gemm_of_interleaved_halves() {
         // The spec's f32 row y = w_k · (x_k · inv) and the op's split of
         // it, on the host: hi = bf16(y), lo = bf16(y - hi).
         let k16 = h.div_ceil(16) * 16;
-        let zero = bf16::from_f32(0.0);
         let mut xcat = Vec::with_capacity(t * 2 * k16);
         for row in x.chunks(h) {
             let inv = qwen_kernels_cpu::inv_rms(row, 1e-6);
@@ -391,19 +400,11 @@ fn tensor_core_logits_equal_one_gemm_of_interleaved_halves() {
                 .zip(&hi)
                 .map(|(&v, hb)| bf16::from_f32(v - hb.to_f32()))
                 .collect();
-            for c in (0..k16).step_by(16) {
-                for half in [&hi, &lo] {
-                    xcat.extend((c..c + 16).map(|k| half.get(k).copied().unwrap_or(zero)));
-                }
-            }
+            interleave16(&hi, &lo, k16, &mut xcat);
         }
         let mut wcat = Vec::with_capacity(n * 2 * k16);
         for col in w.chunks(h) {
-            for c in (0..k16).step_by(16) {
-                for _ in 0..2 {
-                    wcat.extend((c..c + 16).map(|k| col.get(k).copied().unwrap_or(zero)));
-                }
-            }
+            interleave16(col, col, k16, &mut wcat);
         }
         let xct = g.upload(HostSlice::BF16(&xcat), &[t, 2 * k16]).unwrap();
         let wct = g.upload(HostSlice::BF16(&wcat), &[n, 2 * k16]).unwrap();
