@@ -8,7 +8,8 @@
 // (attention.cu). Kernels call `start_dependents()` right after their wait:
 // letting the next one launch earlier than that measured slower (a big
 // projection then streams its weights beside the kernel before it;
-// BENCHMARKS.md).
+// BENCHMARKS.md). The batch-1 RMSNorm calls it later, once its row's sum
+// is made, for the same reason (norm.cu).
 // `griddepcontrol.wait` returns once every earlier grid has completed and
 // its writes are visible, and is a no-op for a kernel launched normally.
 

@@ -229,79 +229,133 @@ __device__ __forceinline__ void project_tiled(const X* x, const __nv_bfloat16* w
 MATMUL_TILED(matmul_bf16_tiled, __nv_bfloat16)
 MATMUL_TILED(matmul_f32x_tiled, float)
 
-// The single-token bf16 projection streams each warp's weight row through a
-// ring of RING_STAGES batches in shared memory (async_copy.cuh): a batch of
-// a row in flight while the one before is summed, at no register cost.
-// Same sums, same order as dot_rows. Rows whose length is not a multiple
-// of 8 take dot_rows. (Two stages, 16 KB a block, measured faster than
-// three and four: 8B 167.2 -> 169.8 tok/s; the freed shared memory lets
-// the next kernel's blocks start beside these.)
-#define RING_STAGES 2
+// The single-token bf16 projections stream each warp's weight rows through
+// a ring of RING_STAGES batches of UNROLL chunks in shared memory
+// (async_copy.cuh): a batch in flight while the one before is summed, at
+// no register cost, and the ring runs on from one of the warp's rows into
+// the next, so a warp with rows · batches < RING_STAGES has every weight
+// in flight before its wait. emit(j, sum) on every lane; each sum is
+// dot_rows' (lane l, element e of every 256-wide chunk, chunks in order,
+// the tail, then row_combine). K a multiple of 8.
 #define RING_WARPS 4
-extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)
-    matmul_bf16_t1(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int row0, int T, int K, int N,
-                   int add) {
+template <int RING_STAGES, typename RowPtr, typename Emit>
+__device__ __forceinline__ void t1_rows_ring(const __nv_bfloat16* xr, int K, int rows, RowPtr row_ptr, Emit emit) {
     __shared__ __align__(16) uint4 ring[RING_WARPS][RING_STAGES][UNROLL][32];
+    int lane = threadIdx.x;
+    uint4(*mine)[UNROLL][32] = ring[threadIdx.y];
+    int chunks = K / 256, batches = (chunks + UNROLL - 1) / UNROLL, total = rows * batches;
+    unsigned long long once = l2_evict_first();
+    // Every batch commits a group, empty past the last one, so that "all
+    // but the newest RING_STAGES - 1 groups" is always batch v.
+    auto issue = [&](int v) {
+        if (v < total) {
+            const __nv_bfloat16* wr = row_ptr(v / batches);
+            int b = v % batches;
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                int c = b * UNROLL + u;
+                if (c < chunks) copy16_async_once(&mine[v % RING_STAGES][u][lane], wr + (size_t)c * 256 + 8 * lane, once);
+            }
+        }
+        copies_commit();
+    };
+#pragma unroll
+    for (int v = 0; v < RING_STAGES - 1; v++) issue(v);
+    wait_for_producers();
+    start_dependents();
+    for (int j = 0; j < rows; j++) {
+        float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        for (int b = 0; b < batches; b++) {
+            int v = j * batches + b;
+            issue(v + RING_STAGES - 1);
+            // The batch's activations are loaded while its weights arrive.
+            uint4 xv[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                int c = b * UNROLL + u;
+                if (c < chunks) xv[u] = *reinterpret_cast<const uint4*>(xr + (size_t)c * 256 + 8 * lane);
+            }
+            copies_wait_groups<RING_STAGES - 1>();
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++) {
+                if (b * UNROLL + u < chunks) {
+                    float wf[8], xf[8];
+                    widen8(mine[v % RING_STAGES][u][lane], wf);
+                    widen8(xv[u], xf);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[e] = acc[e] + wf[e] * xf[e];
+                }
+            }
+        }
+        const __nv_bfloat16* wr = row_ptr(j);
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            int k = chunks * 256 + 8 * lane + e;
+            if (k < K) acc[e] = acc[e] + bf(wr[k]) * bf(xr[k]);
+        }
+        emit(j, row_combine(acc));
+    }
+}
+
+// One weight row a warp. Rows whose length is not a multiple of 8 take
+// dot_rows.
+template <int RING_STAGES>
+__device__ __forceinline__ void matmul_t1(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int row0, int T,
+                                          int K, int N, int add) {
     int n = blockIdx.x * blockDim.y + threadIdx.y;
     if (n >= N) return;
     if ((K & 7) != 0) {
         project<1>(x, w, out, row0, T, K, N, add);
         return;
     }
-    int lane = threadIdx.x;
     const __nv_bfloat16* wr = w + (size_t)n * K;
-    const __nv_bfloat16* xr = x + (size_t)row0 * K;
-    uint4(*mine)[UNROLL][32] = ring[threadIdx.y];
-    int chunks = K / 256, batches = (chunks + UNROLL - 1) / UNROLL;
-    unsigned long long once = l2_evict_first();
-    // Every batch commits a group, empty past the row's end, so that
-    // "all but the newest RING_STAGES - 1 groups" is always batch b.
-    auto issue = [&](int b) {
-        if (b < batches) {
-#pragma unroll
-            for (int u = 0; u < UNROLL; u++) {
-                int c = b * UNROLL + u;
-                if (c < chunks) copy16_async_once(&mine[b % RING_STAGES][u][lane], wr + (size_t)c * 256 + 8 * lane, once);
-            }
-        }
-        copies_commit();
-    };
-#pragma unroll
-    for (int b = 0; b < RING_STAGES - 1; b++) issue(b);
-    wait_for_producers();
-    start_dependents();
-    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    for (int b = 0; b < batches; b++) {
-        issue(b + RING_STAGES - 1);
-        // The batch's activations are loaded while its weights arrive.
-        uint4 xv[UNROLL];
-#pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            int c = b * UNROLL + u;
-            if (c < chunks) xv[u] = *reinterpret_cast<const uint4*>(xr + (size_t)c * 256 + 8 * lane);
-        }
-        copies_wait_groups<RING_STAGES - 1>();
-#pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
-            if (b * UNROLL + u < chunks) {
-                float wf[8], xf[8];
-                widen8(mine[b % RING_STAGES][u][lane], wf);
-                widen8(xv[u], xf);
-#pragma unroll
-                for (int e = 0; e < 8; e++) acc[e] = acc[e] + wf[e] * xf[e];
-            }
-        }
-    }
-#pragma unroll
-    for (int e = 0; e < 8; e++) {
-        int k = chunks * 256 + 8 * lane + e;
-        if (k < K) acc[e] = acc[e] + bf(wr[k]) * bf(xr[k]);
-    }
-    float r = row_combine(acc);
-    if (lane == 0) {
-        size_t o = (size_t)row0 * N + n;
-        out[o] = add ? out[o] + r : r;
-    }
+    t1_rows_ring<RING_STAGES>(x + (size_t)row0 * K, K, 1, [&](int) { return wr; },
+                              [&](int, float r) {
+                                  if (threadIdx.x == 0) {
+                                      size_t o = (size_t)row0 * N + n;
+                                      out[o] = add ? out[o] + r : r;
+                                  }
+                              });
+}
+
+// Two stages (16 KB a block) for large weights: measured faster than three
+// and four on 8B (167.2 -> 169.8 tok/s; three: -1.6% again at `989c0fb`),
+// and the freed shared memory lets the next kernel's blocks start beside
+// these. Three (`_deep`) where the step is a chain of short kernels (0.6B:
+// a 2,048- or 3,072-long row has two batches in flight before the wait, and
+// the kernel before has the time to let them land; +2%): matmul.rs picks.
+extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)
+    matmul_bf16_t1(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int row0, int T, int K, int N,
+                   int add) {
+    matmul_t1<2>(x, w, out, row0, T, K, N, add);
+}
+extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)
+    matmul_bf16_t1_deep(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int row0, int T, int K, int N,
+                        int add) {
+    matmul_t1<3>(x, w, out, row0, T, K, N, add);
+}
+
+// Gate/up projection and SiLU gate for one token where the weights are
+// small (`w` holds the I gate rows, then the I up rows): a warp takes unit
+// i, its gate row i then its up row I + i through one ring of three
+// stages (so a 1,024-long pair is wholly in flight before the wait), and
+// writes bf16(silu(g)·u) as silu_mul in activation.cu rounds it. Against
+// the projection then silu_mul: one kernel and its hand-over fewer, and
+// the f32 pair never leaves the warp (0.6B batch 1 +1.2-1.9%; 8B, whose
+// 201 MB of gate/up take matmul_silu_t1 below, measured -0.6% with it).
+// K a multiple of 8.
+extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)
+    matmul_silu_ring_t1(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* out, int K, int I) {
+    int i = blockIdx.x * blockDim.y + threadIdx.y;
+    if (i >= I) return;
+    float g = 0.0f;
+    t1_rows_ring<3>(x, K, 2, [&](int j) { return w + ((size_t)j * I + i) * K; },
+                    [&](int j, float r) {
+                        if (j == 0)
+                            g = r;
+                        else if (threadIdx.x == 0)
+                            out[i] = __float2bfloat16_rn(q_silu(g) * r);
+                    });
 }
 
 // Gate/up projection and SiLU gate for one token (`w` holds the I gate

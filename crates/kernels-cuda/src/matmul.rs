@@ -14,18 +14,25 @@ const TOKEN_TILE: u32 = 4;
 const TILED_ROWS: u32 = 8;
 const TILED_TOKENS: u32 = 8;
 const TILED_SLAB: usize = 1024;
-/// Gate/up weights from which one token takes matmul_silu_t1 rather than
-/// the projection then silu_mul. Measured on the H100 (BENCHMARKS.md): the
-/// one kernel gains 1.6% on 8B (201 MB of gate/up) and loses 2.3% on 0.6B
-/// (12.6 MB), whose step is a chain of short kernels.
+/// Gate/up weights from which one token takes matmul_silu_t1 (register
+/// loads, a gate and an up warp a unit) rather than matmul_silu_ring_t1
+/// (a warp a unit, both rows through the ring). Measured on the H100
+/// (BENCHMARKS.md): matmul_silu_t1 gains 1.6% on 8B (201 MB of gate/up)
+/// over the projection then silu_mul, and the ring kernel loses 0.6% there;
+/// on 0.6B (12.6 MB, a step that is a chain of short kernels)
+/// matmul_silu_t1 loses 2.3% and the ring kernel gains 1.2-1.9%.
 const SILU_KERNEL_MIN_BYTES: usize = 64 << 20;
+/// Weights below which one token takes the three-stage ring
+/// (matmul_bf16_t1_deep): 0.6B's (4-13 MB) +2% on the H100, 8B's (34 MB
+/// and up) -1.6%.
+const DEEP_RING_MAX_BYTES: usize = 32 << 20;
 
 /// The exact projection kernel for x of f32 or bf16, one row or several,
 /// and row length `k`, with the weight rows (warps) and tokens a block
 /// takes. One row (batch-1 decode) takes the kernel with a single token's
 /// accumulators: the same sums, fewer registers. Several rows take the
 /// tiled kernel where K is whole slabs: x staged once a block.
-fn exact_kernel(f32_x: bool, single: bool, k: usize) -> (&'static str, u32, u32) {
+fn exact_kernel(f32_x: bool, single: bool, k: usize, n: usize) -> (&'static str, u32, u32) {
     match (f32_x, single) {
         (true, false) if k.is_multiple_of(TILED_SLAB) => {
             ("matmul_f32x_tiled", TILED_ROWS, TILED_TOKENS)
@@ -36,6 +43,9 @@ fn exact_kernel(f32_x: bool, single: bool, k: usize) -> (&'static str, u32, u32)
         (true, false) => ("matmul_f32x", ROWS, TOKEN_TILE),
         (true, true) => ("matmul_f32x_t1", ROWS, TOKEN_TILE),
         (false, false) => ("matmul_bf16", ROWS, TOKEN_TILE),
+        (false, true) if k * n * 2 < DEEP_RING_MAX_BYTES => {
+            ("matmul_bf16_t1_deep", ROWS, TOKEN_TILE)
+        }
         (false, true) => ("matmul_bf16_t1", ROWS, TOKEN_TILE),
     }
 }
@@ -86,7 +96,7 @@ impl CudaBackend {
             int(op, n)?,
             add as i32,
         );
-        let (name, rows, tokens) = exact_kernel(x.dtype() == DType::F32, t - row0 == 1, k);
+        let (name, rows, tokens) = exact_kernel(x.dtype() == DType::F32, t - row0 == 1, k, n);
         let cfg = grid(
             (
                 (n as u32).div_ceil(rows),
@@ -142,9 +152,10 @@ impl CudaBackend {
         })
     }
 
-    /// RMSNorm, gate/up projection and SiLU gate. One exact token with large
-    /// gate/up weights takes matmul_silu_t1, which never writes the f32 pair;
-    /// otherwise the projection goes through `gate_up` and the silu_mul kernel.
+    /// RMSNorm, gate/up projection and SiLU gate. One exact token takes
+    /// matmul_silu_t1 (large gate/up weights) or matmul_silu_ring_t1, which
+    /// never write the f32 pair; otherwise the projection goes through
+    /// `gate_up` and the silu_mul kernel.
     pub(crate) fn norm_project_silu(
         &self,
         x: &T,
@@ -173,23 +184,32 @@ impl CudaBackend {
                 return Ok(());
             }
         }
-        if t != 1 || n * h * 2 < SILU_KERNEL_MIN_BYTES || self.tensor_core_rows(t) != 0 {
+        let large = n * h * 2 >= SILU_KERNEL_MIN_BYTES;
+        if t != 1 || self.tensor_core_rows(t) != 0 || !(large || h.is_multiple_of(8)) {
             self.norm_project(x, norm_w, eps, w, gate_up, DType::BF16)?;
             return self.silu_mul_impl(gate_up, out);
         }
         let i = n / 2;
         let (ki, ii) = (int(OP, h)?, int(OP, i)?);
+        // A block: two units (matmul_silu_t1) or four (the ring's warps).
+        let (name, units) = if large {
+            ("matmul_silu_t1", 2)
+        } else {
+            ("matmul_silu_ring_t1", 4)
+        };
         self.with_scratch(Scratch::NormBf16, &[t, h], DType::BF16, |normed| {
             self.rms_norm_impl(x, norm_w, eps, normed)?;
-            let mut b = self.launch(self.kernel("matmul_silu_t1"));
+            let mut b = self.launch(self.kernel(name));
             b.arg(bf16s(OP, "normed", normed)?)
                 .arg(bf16s(OP, "w", w)?)
                 .arg(bf16s_mut(OP, "out", out)?)
                 .arg(&ki)
                 .arg(&ii);
-            let cfg = grid(((i as u32).div_ceil(2), 1, 1), (32, 4, 1));
-            // SAFETY: argument order and types match matmul_silu_t1 in matmul.cu;
-            // normed is [1, h], w [2i, h], out [1, i]; a block covers units 2b, 2b + 1.
+            let cfg = grid(((i as u32).div_ceil(units), 1, 1), (32, 4, 1));
+            // SAFETY: argument order and types match matmul_silu_t1 and
+            // matmul_silu_ring_t1 in matmul.cu; normed is [1, h], w [2i, h],
+            // out [1, i]; a block covers `units` units; the ring kernel gets
+            // h a multiple of 8.
             unsafe { b.launch(cfg) }.map_err(dev)
         })
     }
@@ -246,15 +266,28 @@ mod tests {
     use super::exact_kernel;
 
     #[test]
-    fn several_rows_of_whole_slabs_take_the_tiled_kernel() {
+    fn each_shape_takes_its_exact_kernel() {
         assert_eq!(
-            exact_kernel(false, false, 3072),
+            exact_kernel(false, false, 3072, 1024),
             ("matmul_bf16_tiled", 8, 8)
         );
-        assert_eq!(exact_kernel(true, false, 1024), ("matmul_f32x_tiled", 8, 8));
-        assert_eq!(exact_kernel(false, false, 1000), ("matmul_bf16", 4, 4));
-        assert_eq!(exact_kernel(true, false, 37), ("matmul_f32x", 4, 4));
-        assert_eq!(exact_kernel(false, true, 1024), ("matmul_bf16_t1", 4, 4));
-        assert_eq!(exact_kernel(true, true, 4096), ("matmul_f32x_t1", 4, 4));
+        assert_eq!(
+            exact_kernel(true, false, 1024, 4096),
+            ("matmul_f32x_tiled", 8, 8)
+        );
+        assert_eq!(exact_kernel(false, false, 1000, 9), ("matmul_bf16", 4, 4));
+        assert_eq!(exact_kernel(true, false, 37, 9), ("matmul_f32x", 4, 4));
+        assert_eq!(
+            exact_kernel(false, true, 1024, 4096),
+            ("matmul_bf16_t1_deep", 4, 4)
+        );
+        assert_eq!(
+            exact_kernel(false, true, 4096, 4096),
+            ("matmul_bf16_t1", 4, 4)
+        );
+        assert_eq!(
+            exact_kernel(true, true, 4096, 151_936),
+            ("matmul_f32x_t1", 4, 4)
+        );
     }
 }

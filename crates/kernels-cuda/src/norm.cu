@@ -146,7 +146,12 @@ struct NoPre {
     __device__ __forceinline__ void operator()(int, int, float (&)[WARP_ROW_CHUNKS][8]) const {}
 };
 
-template <typename Out, typename Store8, typename Pre = NoPre>
+// LAUNCH_LATE: the next kernel may launch only once this one has its
+// row's sum, not right after the wait. At batch 1 the next kernel is a
+// projection that issues megabytes of weight copies as it starts, and the
+// norm's own loads of x would queue behind them (H100, 0.6B batch 1: +3.4%
+// decode; BENCHMARKS.md).
+template <bool LAUNCH_LATE, typename Out, typename Store8, typename Pre = NoPre>
 __device__ __forceinline__ void rms_norm_warp_rows(const float* x, const float* w, float eps, Out* out, int T, int H,
                                                    Store8 store8, Pre pre = Pre()) {
     int lane = threadIdx.x, row = blockIdx.x * blockDim.y + threadIdx.y;
@@ -156,7 +161,7 @@ __device__ __forceinline__ void rms_norm_warp_rows(const float* x, const float* 
     for (int c = 0; c < WARP_ROW_CHUNKS; c++)
         if (c < chunks) load8_f32(w + c * 256 + 8 * lane, wv[c]);
     wait_for_producers();
-    start_dependents();
+    if (!LAUNCH_LATE) start_dependents();
     if (row >= T) return;
     const float* xr = x + (size_t)row * H;
 #pragma unroll
@@ -170,6 +175,7 @@ __device__ __forceinline__ void rms_norm_warp_rows(const float* x, const float* 
 #pragma unroll
             for (int e = 0; e < 8; e++) acc[e] = acc[e] + xv[c][e] * xv[c][e];
     float inv = 1.0f / sqrtf(row_combine(acc) / (float)H + eps);
+    if (LAUNCH_LATE) start_dependents();
 #pragma unroll
     for (int c = 0; c < WARP_ROW_CHUNKS; c++) {
         if (c < chunks) {
@@ -194,7 +200,7 @@ __device__ __forceinline__ void store8_bf16(__nv_bfloat16* o, const float* y) {
 
 extern "C" __global__ void __launch_bounds__(128) rms_norm_warp_bf16(const float* x, const float* w, float eps,
                                                                     __nv_bfloat16* out, int T, int H) {
-    rms_norm_warp_rows(x, w, eps, out, T, H, store8_bf16);
+    rms_norm_warp_rows<true>(x, w, eps, out, T, H, store8_bf16);
 }
 
 #define SPLITS_MAX 4
@@ -206,39 +212,39 @@ extern "C" __global__ void __launch_bounds__(128)
     splits_add_rms_norm_warp_bf16(const float* part, int splits, float* x, const float* w, float eps,
                                   __nv_bfloat16* out, int T, int H) {
     const size_t len = (size_t)T * H;
-    rms_norm_warp_rows(x, w, eps, out, T, H, store8_bf16,
-                       [&](int row, int chunks, float (&xv)[WARP_ROW_CHUNKS][8]) {
-                           // Every share's loads issued before any is added
-                           // (at most SPLITS_MAX shares: gemm.rs's k_splits).
-                           const int lane = threadIdx.x;
-                           float sh[WARP_ROW_CHUNKS][SPLITS_MAX][8];
+    auto add_shares = [&](int row, int chunks, float (&xv)[WARP_ROW_CHUNKS][8]) {
+        // Every share's loads issued before any is added
+        // (at most SPLITS_MAX shares: gemm.rs's k_splits).
+        const int lane = threadIdx.x;
+        float sh[WARP_ROW_CHUNKS][SPLITS_MAX][8];
 #pragma unroll
-                           for (int c = 0; c < WARP_ROW_CHUNKS; c++)
+        for (int c = 0; c < WARP_ROW_CHUNKS; c++)
 #pragma unroll
-                               for (int z = 0; z < SPLITS_MAX; z++)
-                                   if (c < chunks && z < splits)
-                                       load8_f32(part + z * len + (size_t)row * H + c * 256 + 8 * lane, sh[c][z]);
+            for (int z = 0; z < SPLITS_MAX; z++)
+                if (c < chunks && z < splits)
+                    load8_f32(part + z * len + (size_t)row * H + c * 256 + 8 * lane, sh[c][z]);
 #pragma unroll
-                           for (int c = 0; c < WARP_ROW_CHUNKS; c++) {
-                               if (c >= chunks) continue;
+        for (int c = 0; c < WARP_ROW_CHUNKS; c++) {
+            if (c >= chunks) continue;
 #pragma unroll
-                               for (int e = 0; e < 8; e++) {
-                                   float total = sh[c][0][e];
+            for (int e = 0; e < 8; e++) {
+                float total = sh[c][0][e];
 #pragma unroll
-                                   for (int z = 1; z < SPLITS_MAX; z++)
-                                       if (z < splits) total = total + sh[c][z][e];
-                                   xv[c][e] = xv[c][e] + total;
-                               }
-                               float* xr = x + (size_t)row * H + c * 256 + 8 * lane;
-                               *reinterpret_cast<float4*>(xr) = make_float4(xv[c][0], xv[c][1], xv[c][2], xv[c][3]);
-                               *reinterpret_cast<float4*>(xr + 4) = make_float4(xv[c][4], xv[c][5], xv[c][6], xv[c][7]);
-                           }
-                       });
+                for (int z = 1; z < SPLITS_MAX; z++)
+                    if (z < splits) total = total + sh[c][z][e];
+                xv[c][e] = xv[c][e] + total;
+            }
+            float* xr = x + (size_t)row * H + c * 256 + 8 * lane;
+            *reinterpret_cast<float4*>(xr) = make_float4(xv[c][0], xv[c][1], xv[c][2], xv[c][3]);
+            *reinterpret_cast<float4*>(xr + 4) = make_float4(xv[c][4], xv[c][5], xv[c][6], xv[c][7]);
+        }
+    };
+    rms_norm_warp_rows<false>(x, w, eps, out, T, H, store8_bf16, add_shares);
 }
 
 extern "C" __global__ void __launch_bounds__(128) rms_norm_warp_f32(const float* x, const float* w, float eps,
                                                                    float* out, int T, int H) {
-    rms_norm_warp_rows(x, w, eps, out, T, H, [](float* o, const float* y) {
+    rms_norm_warp_rows<true>(x, w, eps, out, T, H, [](float* o, const float* y) {
         *reinterpret_cast<float4*>(o) = make_float4(y[0], y[1], y[2], y[3]);
         *reinterpret_cast<float4*>(o + 4) = make_float4(y[4], y[5], y[6], y[7]);
     });

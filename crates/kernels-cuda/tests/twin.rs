@@ -128,7 +128,8 @@ fn matmul_and_matmul_add() {
     // tiled kernel: K whole slabs of 1,024), odd sizes. At one token: 8B's
     // down projection (more weight batches than the ring has stages), rows
     // with a tail past the last full chunk, a row shorter than one chunk,
-    // and rows not a multiple of 8 long; 0.6B's o_proj and down.
+    // and rows not a multiple of 8 long; 0.6B's o_proj and down (the
+    // three-stage ring, weights under 32 MB) and 8B's qkv (two stages).
     for (t, k, n) in [
         (1, 1024, 4096),
         (1, 12_288, 300),
@@ -517,12 +518,16 @@ fn rms_norm_gate_up_silu() {
     let Some(g) = gpu() else { return };
     let cpu = CpuBackend::new();
     let mut r = Rng::new("rms_norm_matmul_silu");
-    // (tokens, hidden, intermediate): 0.6B (projection, then silu_mul) and
-    // 8B (the single-token kernel) at batch 1; over the kernel's 64 MB, an
-    // odd intermediate (a block with one unit) and rows with a tail; a batch
+    // (tokens, hidden, intermediate): 0.6B (the ring kernel) and 8B
+    // (matmul_silu_t1) at batch 1; over that kernel's 64 MB, an odd
+    // intermediate (a block with one unit) and rows with a tail; the ring
+    // kernel with a partial block, rows of several batches, a tail, and
+    // rows not a multiple of 8 long (projection, then silu_mul); a batch
     // with a partial token tile; odd sizes.
     for (t, h, i) in [
         (1, 1024, 3072),
+        (1, 2048, 1001),
+        (1, 1000, 77),
         (1, 4096, 12_288),
         (1, 4104, 4097),
         (1, 100, 33),
