@@ -341,7 +341,7 @@ extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)
 // stages (so a 1,024-long pair is wholly in flight before the wait), and
 // writes bf16(silu(g)·u) as silu_mul in activation.cu rounds it. Against
 // the projection then silu_mul: one kernel and its hand-over fewer, and
-// the f32 pair never leaves the warp (0.6B batch 1 +1.2-1.9%; 8B, whose
+// the f32 pair never leaves the warp (0.6B batch 1 +1.2-2.2%; 8B, whose
 // 201 MB of gate/up take matmul_silu_t1 below, measured -0.6% with it).
 // K a multiple of 8.
 extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)

@@ -20,7 +20,7 @@ const TILED_SLAB: usize = 1024;
 /// (BENCHMARKS.md): matmul_silu_t1 gains 1.6% on 8B (201 MB of gate/up)
 /// over the projection then silu_mul, and the ring kernel loses 0.6% there;
 /// on 0.6B (12.6 MB, a step that is a chain of short kernels)
-/// matmul_silu_t1 loses 2.3% and the ring kernel gains 1.2-1.9%.
+/// matmul_silu_t1 loses 2.3% and the ring kernel gains 1.2-2.2%.
 const SILU_KERNEL_MIN_BYTES: usize = 64 << 20;
 /// Weights below which one token takes the three-stage ring
 /// (matmul_bf16_t1_deep): 0.6B's (4-13 MB) +2% on the H100, 8B's (34 MB
