@@ -319,9 +319,9 @@ __device__ __forceinline__ void matmul_t1(const __nv_bfloat16* x, const __nv_bfl
 }
 
 // Two stages (16 KB a block) for large weights: measured faster than three
-// and four on 8B (167.2 -> 169.8 tok/s; three: -1.6% again at `989c0fb`),
-// and the freed shared memory lets the next kernel's blocks start beside
-// these. Three (`_deep`) where the step is a chain of short kernels (0.6B:
+// and four on 8B (167.2 -> 169.8 tok/s; three again -1.6% in the
+// 2026-11-27 10:16 session), and the freed shared memory lets the next
+// kernel's blocks start beside these. Three (`_deep`) where the step is a chain of short kernels (0.6B:
 // a 2,048- or 3,072-long row has two batches in flight before the wait, and
 // the kernel before has the time to let them land; +2%): matmul.rs picks.
 extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)

@@ -184,19 +184,19 @@ impl CudaBackend {
                 return Ok(());
             }
         }
-        let large = n * h * 2 >= SILU_KERNEL_MIN_BYTES;
-        if t != 1 || self.tensor_core_rows(t) != 0 || !(large || h.is_multiple_of(8)) {
+        // The one-token kernel and the units a block covers: two
+        // (matmul_silu_t1) or four (the ring's warps; rows a multiple of 8).
+        let fused = match (n * h * 2 >= SILU_KERNEL_MIN_BYTES, h.is_multiple_of(8)) {
+            (true, _) => Some(("matmul_silu_t1", 2)),
+            (false, true) => Some(("matmul_silu_ring_t1", 4)),
+            (false, false) => None,
+        };
+        let Some((name, units)) = fused.filter(|_| t == 1 && self.tensor_core_rows(t) == 0) else {
             self.norm_project(x, norm_w, eps, w, gate_up, DType::BF16)?;
             return self.silu_mul_impl(gate_up, out);
-        }
+        };
         let i = n / 2;
         let (ki, ii) = (int(OP, h)?, int(OP, i)?);
-        // A block: two units (matmul_silu_t1) or four (the ring's warps).
-        let (name, units) = if large {
-            ("matmul_silu_t1", 2)
-        } else {
-            ("matmul_silu_ring_t1", 4)
-        };
         self.with_scratch(Scratch::NormBf16, &[t, h], DType::BF16, |normed| {
             self.rms_norm_impl(x, norm_w, eps, normed)?;
             let mut b = self.launch(self.kernel(name));
