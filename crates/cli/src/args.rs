@@ -65,6 +65,8 @@ usage: qwen-cli bench (--model DIR | --dummy-weights SHAPE) [options]
   --mode latency|throughput  latency (default): batch 1 decode speed; throughput: nano-vllm's
                            offline workload through the continuous-batching scheduler, reporting
                            output and total (prompt + output) tok/s and preemptions
+  --overlap on|off         on (default): each step is queued before the host reads the step
+                           before's tokens (overlapped scheduling); off: every step waits for them
   throughput options:
   --num-seqs N             sequences (default 256)
   --max-len L              prompt and output lengths uniform in [min(100, L), L] (default 1024)
@@ -73,8 +75,6 @@ usage: qwen-cli bench (--model DIR | --dummy-weights SHAPE) [options]
   --max-batched-tokens N   tokens per forward pass (default 8192)
   --max-seqs N             sequences running at once (default 256, at most --max-batched-tokens)
   --temperature F          sampling temperature, 0 greedy (default 0.6, as nano-vllm's bench)
-  --overlap on|off         on (default): each step is queued before the step before it is read
-                           back (overlapped scheduling); off: every step waits for its tokens
 
 usage: qwen-cli verify [--model DIR] --prompt TEXT [--against cpu|FILE] [--backend auto|cpu|cuda]
                        [--steps N] [--dump DIR] [--exact]
@@ -225,6 +225,7 @@ pub fn parse_bench(args: &[String]) -> Result<(crate::bench::BenchArgs, BackendC
         mode: crate::throughput::BenchMode::Latency,
         throughput: Default::default(),
         tensor_core_decode: false,
+        overlap: true,
     };
     let mut backend = BackendChoice::Auto;
     let mut latency_flag = None;
@@ -245,6 +246,13 @@ pub fn parse_bench(args: &[String]) -> Result<(crate::bench::BenchArgs, BackendC
             "--seed" => a.seed = number(flag, &value()?)?,
             "--json" => a.json = true,
             "--tensor-core-decode" => a.tensor_core_decode = true,
+            "--overlap" => {
+                a.overlap = match value()?.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    v => return Err(format!("{flag}: '{v}' is not on or off")),
+                }
+            }
             "--backend" => backend = parse_backend(&value()?)?,
             _ => return Ok(false),
         }

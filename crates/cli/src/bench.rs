@@ -1,13 +1,15 @@
 //! `qwen-cli bench`: decode latency at batch 1 against the memory-bandwidth
 //! floor, on a real checkpoint or random weights of a real shape.
 
+#[cfg(test)]
+use std::path::Path;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use model_qwen3::config::Qwen3Config;
 use model_qwen3::dummy::{dummy_config, random_weights};
-use model_qwen3::{Logits, Qwen3, Sequence};
-use qwen_tensor::Backend;
+use model_qwen3::{Feed, Logits, Qwen3, Sequence};
+use qwen_tensor::{Backend, DType, Download, HostSlice, HostVec};
 
 /// Options of `qwen-cli bench`.
 #[derive(Debug, Clone, PartialEq)]
@@ -23,6 +25,9 @@ pub struct BenchArgs {
     pub throughput: crate::throughput::ThroughputArgs,
     /// `--tensor-core-decode`: generated tokens on the tensor cores too.
     pub tensor_core_decode: bool,
+    /// `--overlap`: each step is queued before the host reads the step
+    /// before's tokens (both modes).
+    pub overlap: bool,
 }
 
 /// Latency results.
@@ -39,6 +44,10 @@ pub struct Latency {
     pub bandwidth_gb_s: f64,
     pub floor_ms: f64,
     pub pct_of_floor: f64,
+    /// Steps overlapped (`--overlap on`).
+    pub overlap: bool,
+    /// The generated ids (the prefill's, then each decode step's).
+    pub tokens: Vec<u32>,
 }
 
 impl Latency {
@@ -123,37 +132,85 @@ pub fn latency<B: Backend>(
             cfg.max_position_embeddings
         ));
     }
+    let overlap = a.overlap;
     let prompt: Vec<u32> = (0..a.prompt_len as u64)
         .map(|i| ((i.wrapping_mul(2_654_435_761) ^ a.seed) % cfg.vocab_size as u64) as u32)
         .collect();
     let be = model.backend();
-    let run = |gen: usize, report: bool| -> Result<(f64, f64), String> {
+    let run = |gen: usize, report: bool| -> Result<(f64, f64, Vec<u32>), String> {
         let mut cache = model.new_cache(prompt.len() + gen).map_err(err)?;
         let mut seq = Sequence::default();
         let t0 = Instant::now();
         let logits = model
             .forward(&mut cache, &mut [(&mut seq, &prompt[..])], Logits::Last)
             .map_err(err)?;
-        let mut tok = be.argmax(&logits).map_err(|e| e.to_string())?[0];
+        let first = be.argmax(&logits).map_err(|e| e.to_string())?[0];
         let ttft = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
-        for step in 1..gen {
-            let logits = model
-                .forward(&mut cache, &mut [(&mut seq, &[tok])], Logits::Last)
-                .map_err(err)?;
-            tok = be.argmax(&logits).map_err(|e| e.to_string())?[0];
-            if report && step % 32 == 0 {
+        let mut tokens = vec![first];
+        let step_done = |step: usize| {
+            if report && step.is_multiple_of(32) {
                 eprint!("\rdecode {step}/{gen}");
+            }
+        };
+        if overlap {
+            // Each step's token stays on the device and feeds the next step,
+            // which is queued before the host reads that token back: the GPU
+            // never waits for the host between steps. Two buffers take turns,
+            // so a step's argmax never lands in the one still being read.
+            let mut bufs = [
+                be.zeros(&[1], DType::U32).map_err(|e| e.to_string())?,
+                be.zeros(&[1], DType::U32).map_err(|e| e.to_string())?,
+            ];
+            be.write(&mut bufs[0], HostSlice::U32(&[first]))
+                .map_err(|e| e.to_string())?;
+            let mut pending: Option<Download> = None;
+            for step in 1..gen {
+                let (fed, out) = match &mut bufs {
+                    [a, b] if step % 2 == 1 => (&*a, b),
+                    [a, b] => (&*b, a),
+                };
+                let feed = Feed {
+                    tokens: fed,
+                    entries: &[(0, 0)],
+                };
+                let logits = model
+                    .forward_fed(
+                        &mut cache,
+                        &mut [(&mut seq, &[0])],
+                        Logits::Last,
+                        Some(feed),
+                    )
+                    .map_err(err)?;
+                be.argmax_to(&logits, out).map_err(|e| e.to_string())?;
+                let next = be.download_start(out).map_err(|e| e.to_string())?;
+                // The host takes the step before's token while this one runs.
+                if let Some(d) = pending.replace(next) {
+                    tokens.push(one_token(d)?);
+                }
+                step_done(step);
+            }
+            if let Some(d) = pending {
+                tokens.push(one_token(d)?);
+            }
+        } else {
+            for step in 1..gen {
+                let tok = tokens[tokens.len() - 1];
+                let logits = model
+                    .forward(&mut cache, &mut [(&mut seq, &[tok])], Logits::Last)
+                    .map_err(err)?;
+                tokens.push(be.argmax(&logits).map_err(|e| e.to_string())?[0]);
+                step_done(step);
             }
         }
         if report {
             eprintln!("\rdecode {gen}/{gen}");
         }
-        Ok((ttft, t1.elapsed().as_secs_f64()))
+        Ok((ttft, t1.elapsed().as_secs_f64(), tokens))
     };
     eprintln!("warming up");
     run(8.min(a.gen_len), false)?;
-    let (ttft, decode_s) = run(a.gen_len, true)?;
+    let (ttft, decode_s, tokens) = run(a.gen_len, true)?;
     let steps = (a.gen_len - 1).max(1) as f64;
     let ms_per_token = decode_s * 1e3 / steps;
     let avg_ctx = a.prompt_len as f64 + a.gen_len as f64 / 2.0;
@@ -171,7 +228,17 @@ pub fn latency<B: Backend>(
         bandwidth_gb_s: bandwidth / 1e9,
         floor_ms,
         pct_of_floor: 100.0 * floor_ms / ms_per_token,
+        overlap,
+        tokens,
     })
+}
+
+/// The one token of a finished download.
+fn one_token(d: Download) -> Result<u32, String> {
+    match d.wait().map_err(|e| e.to_string())? {
+        HostVec::U32(v) if v.len() == 1 => Ok(v[0]),
+        _ => Err("the sampled token came back in another shape or dtype".into()),
+    }
 }
 
 /// Where a decode step's time goes: `steps` eager decode steps of `seqs`
@@ -264,6 +331,7 @@ impl Latency {
             "ttft_ms": self.ttft_ms, "ms_per_token": self.ms_per_token, "decode_tok_s": self.decode_tok_s,
             "bytes_per_token": self.bytes_per_token, "bandwidth_gb_s": self.bandwidth_gb_s,
             "floor_ms_per_token": self.floor_ms, "pct_of_bandwidth_floor": self.pct_of_floor,
+            "overlap": self.overlap, "tokens": self.tokens,
         })
     }
 
@@ -329,4 +397,35 @@ pub fn host_read_bandwidth() -> f64 {
         best = best.max((n * 8) as f64 / t0.elapsed().as_secs_f64());
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qwen_kernels_cpu::CpuBackend;
+
+    #[test]
+    fn overlapped_steps_generate_the_plain_loops_tokens() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tiny-qwen3");
+        let mut a = BenchArgs {
+            model: Some(dir),
+            dummy: None,
+            prompt_len: 7,
+            gen_len: 9,
+            seed: 3,
+            json: true,
+            mode: crate::throughput::BenchMode::Latency,
+            throughput: Default::default(),
+            tensor_core_decode: false,
+            overlap: true,
+        };
+        let (m, shape) = load(CpuBackend::new(), &a).unwrap();
+        let on = latency(&m, &a, &shape, 1e9).unwrap();
+        a.overlap = false;
+        let off = latency(&m, &a, &shape, 1e9).unwrap();
+        assert_eq!(on.tokens.len(), 9);
+        assert_eq!(on.tokens, off.tokens);
+        assert!(on.overlap && !off.overlap);
+        assert_eq!(on.to_json()["tokens"].as_array().map(|v| v.len()), Some(9));
+    }
 }

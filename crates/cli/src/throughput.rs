@@ -60,8 +60,6 @@ pub struct ThroughputArgs {
     pub max_seqs: Option<usize>,
     /// Sampling temperature; 0 is greedy.
     pub temperature: f32,
-    /// Overlapped scheduling (`Scheduler::step_overlapped`).
-    pub overlap: bool,
     /// The throughput-only flags given, to refuse them in latency mode.
     pub given: Vec<String>,
 }
@@ -75,21 +73,19 @@ impl Default for ThroughputArgs {
             max_batched_tokens: 8192,
             max_seqs: None,
             temperature: 0.6,
-            overlap: true,
             given: Vec::new(),
         }
     }
 }
 
 /// The flags [`ThroughputArgs::set`] takes.
-pub const FLAGS: [&str; 7] = [
+pub const FLAGS: [&str; 6] = [
     "--num-seqs",
     "--max-len",
     "--kv-blocks",
     "--max-batched-tokens",
     "--max-seqs",
     "--temperature",
-    "--overlap",
 ];
 
 impl ThroughputArgs {
@@ -116,13 +112,6 @@ impl ThroughputArgs {
                 self.temperature = match v.parse::<f32>() {
                     Ok(t) if t.is_finite() && t >= 0.0 => t,
                     _ => return Err(format!("{flag}: '{v}' is not a temperature >= 0")),
-                }
-            }
-            "--overlap" => {
-                self.overlap = match v {
-                    "on" => true,
-                    "off" => false,
-                    _ => return Err(format!("{flag}: '{v}' is not on or off")),
                 }
             }
             other => return Err(format!("unknown option '{other}' (see qwen-cli --help)")),
@@ -510,7 +499,7 @@ pub fn run<B: Backend>(
             Ok(picked)
         };
     // The profile times each step's own tokens, so it runs plain steps.
-    let overlap = t.overlap && !profile;
+    let overlap = a.overlap && !profile;
     let mut pick_on_device =
         |logits: &mut Tensor<B>, rows: &[SampleRow<'_>]| -> model_qwen3::Result<Tensor<B>> {
             if t.temperature == 0.0 {

@@ -101,6 +101,7 @@ fn throughput_mistakes_are_one_error_line() {
             vec!["--mode", "throughput", "--overlap", "maybe"],
             "not on or off",
         ),
+        (vec!["--overlap", "maybe"], "not on or off"),
         (
             vec!["--mode", "throughput", "--num-seqs", "0"],
             "--num-seqs",
