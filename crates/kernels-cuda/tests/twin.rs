@@ -471,9 +471,13 @@ fn rms_norm_fused_qkv_and_logits() {
     // (tokens, hidden, N): the QKV of 0.6B (1024 -> 4096) and 8B (4096 ->
     // 6144) at one token and at 64, the vocabulary projection, odd sizes,
     // and rows over 48 KB in f32 (the norm's block opts in to more shared
-    // memory).
+    // memory); one token at rows of one, two and three chunks of 256 (the
+    // warp norm) with a partial block.
     for (t, h, n) in [
         (1, 1024, 4096),
+        (1, 256, 1001),
+        (1, 512, 4096),
+        (1, 768, 77),
         (1, 4096, 6144),
         (1, 100, 9001),
         (2, 13_000, 16),
@@ -523,9 +527,13 @@ fn rms_norm_gate_up_silu() {
     // intermediate (a block with one unit) and rows with a tail; the ring
     // kernel with a partial block, rows of several batches, a tail, and
     // rows not a multiple of 8 long (projection, then silu_mul); a batch
-    // with a partial token tile; odd sizes.
+    // with a partial token tile; odd sizes; the ring kernel after a warp
+    // norm of one, two and three chunks of 256, with partial blocks.
     for (t, h, i) in [
         (1, 1024, 3072),
+        (1, 256, 33),
+        (1, 512, 1001),
+        (1, 768, 3071),
         (1, 2048, 1001),
         (1, 1000, 77),
         (1, 4096, 12_288),
@@ -1765,7 +1773,6 @@ fn layers_on<B: Backend>(
 #[test]
 fn decoder_layer_at_one_token() {
     let Some(mut g) = gpu() else { return };
-    g.set_layer_kernel(true).unwrap();
     let cpu = CpuBackend::new();
     let mut r = Rng::new("decoder_layer");
     let bs = 16;
@@ -1796,8 +1803,10 @@ fn decoder_layer_at_one_token() {
             let names = ["k_cache", "v_cache", "qkv", "q", "attn", "act"];
             let n = layers.len();
             // Twice: the second run reuses the barrier and chunk counters
-            // the first left behind.
-            for run in ["first", "second"] {
+            // the first left behind. Then the default path: the layer kernel
+            // off, the layers as ops, each handing the next its norm.
+            for run in ["first", "second", "ops"] {
+                g.set_layer_kernel(run != "ops").unwrap();
                 let gg = layers_on(&g, &layers, geo, (h, i), &case, &x0);
                 assert_eq!(gg.len(), c.len());
                 for (j, (cv, gv)) in c.iter().zip(&gg).enumerate() {
