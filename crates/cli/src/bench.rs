@@ -1,8 +1,6 @@
 //! `qwen-cli bench`: decode latency at batch 1 against the memory-bandwidth
 //! floor, on a real checkpoint or random weights of a real shape.
 
-#[cfg(test)]
-use std::path::Path;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -156,22 +154,16 @@ pub fn latency<B: Backend>(
         if overlap {
             // Each step's token stays on the device and feeds the next step,
             // which is queued before the host reads that token back: the GPU
-            // never waits for the host between steps. Two buffers take turns,
-            // so a step's argmax never lands in the one still being read.
-            let mut bufs = [
-                be.zeros(&[1], DType::U32).map_err(|e| e.to_string())?,
-                be.zeros(&[1], DType::U32).map_err(|e| e.to_string())?,
-            ];
-            be.write(&mut bufs[0], HostSlice::U32(&[first]))
+            // never waits for the host between steps. One buffer serves
+            // every step: the stream runs a step's feed before its argmax,
+            // and a download before the steps queued after it.
+            let mut buf = be.zeros(&[1], DType::U32).map_err(|e| e.to_string())?;
+            be.write(&mut buf, HostSlice::U32(&[first]))
                 .map_err(|e| e.to_string())?;
             let mut pending: Option<Download> = None;
             for step in 1..gen {
-                let (fed, out) = match &mut bufs {
-                    [a, b] if step % 2 == 1 => (&*a, b),
-                    [a, b] => (&*b, a),
-                };
                 let feed = Feed {
-                    tokens: fed,
+                    tokens: &buf,
                     entries: &[(0, 0)],
                 };
                 let logits = model
@@ -182,8 +174,8 @@ pub fn latency<B: Backend>(
                         Some(feed),
                     )
                     .map_err(err)?;
-                be.argmax_to(&logits, out).map_err(|e| e.to_string())?;
-                let next = be.download_start(out).map_err(|e| e.to_string())?;
+                be.argmax_to(&logits, &mut buf).map_err(|e| e.to_string())?;
+                let next = be.download_start(&buf).map_err(|e| e.to_string())?;
                 // The host takes the step before's token while this one runs.
                 if let Some(d) = pending.replace(next) {
                     tokens.push(one_token(d)?);
@@ -403,6 +395,7 @@ pub fn host_read_bandwidth() -> f64 {
 mod tests {
     use super::*;
     use qwen_kernels_cpu::CpuBackend;
+    use std::path::Path;
 
     #[test]
     fn overlapped_steps_generate_the_plain_loops_tokens() {
