@@ -267,27 +267,22 @@ mod tests {
 
     #[test]
     fn each_shape_takes_its_exact_kernel() {
-        assert_eq!(
-            exact_kernel(false, false, 3072, 1024),
-            ("matmul_bf16_tiled", 8, 8)
-        );
-        assert_eq!(
-            exact_kernel(true, false, 1024, 4096),
-            ("matmul_f32x_tiled", 8, 8)
-        );
-        assert_eq!(exact_kernel(false, false, 1000, 9), ("matmul_bf16", 4, 4));
-        assert_eq!(exact_kernel(true, false, 37, 9), ("matmul_f32x", 4, 4));
-        assert_eq!(
-            exact_kernel(false, true, 1024, 4096),
-            ("matmul_bf16_t1_deep", 4, 4)
-        );
-        assert_eq!(
-            exact_kernel(false, true, 4096, 4096),
-            ("matmul_bf16_t1", 4, 4)
-        );
-        assert_eq!(
-            exact_kernel(true, true, 4096, 151_936),
-            ("matmul_f32x_t1", 4, 4)
-        );
+        // (f32 x, one token, k, n) and the kernel with its rows and tokens a block.
+        let cases = [
+            ((false, false, 3072, 1024), ("matmul_bf16_tiled", 8, 8)),
+            ((true, false, 1024, 4096), ("matmul_f32x_tiled", 8, 8)),
+            ((false, false, 1000, 9), ("matmul_bf16", 4, 4)),
+            ((true, false, 37, 9), ("matmul_f32x", 4, 4)),
+            ((false, true, 1024, 4096), ("matmul_bf16_t1_deep", 4, 4)),
+            ((false, true, 4096, 4096), ("matmul_bf16_t1", 4, 4)),
+            ((true, true, 4096, 151_936), ("matmul_f32x_t1", 4, 4)),
+        ];
+        for ((f32_x, single, k, n), want) in cases {
+            assert_eq!(
+                exact_kernel(f32_x, single, k, n),
+                want,
+                "{f32_x} {single} {k} {n}"
+            );
+        }
     }
 }
