@@ -10,7 +10,8 @@ latency     batch 1, a 128-token prompt, 256 new tokens, greedy: the workload of
             cache; a static cache; a static cache with generate's automatic
             torch.compile (mode reduce-overhead: CUDA graphs). Each reports
             decode tok/s from per-token timestamps (prefill excluded), and a
-            final line names the best.
+            final line names the best. An untimed eager generate runs before
+            them all, so that no figure depends on the variants' order.
 
 throughput  the offline workload of `qwen-cli bench --mode throughput`: 256
             sequences, prompt and output lengths uniform in [100, 1024], random
@@ -240,6 +241,15 @@ def run_latency(model, label, a, torch):
     vocab = model.config.vocab_size
     ids = torch.tensor([latency_prompt(a.prompt_len, vocab, a.seed)], device="cuda")
     mask = torch.ones_like(ids)
+    # One untimed eager generate first, so that no variant's figure depends
+    # on which ran before it: the compiled variant measured 4.52 ms a token
+    # when it ran first in the process and 3.52 after the static one, on the
+    # same H100 (BENCHMARKS.md, 2026-11-27).
+    log("latency: warm-up (static cache, eager, untimed)")
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=mask, generation_config=latency_config("static", a.gen_len))
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     best = None
     for variant in [v.strip() for v in a.latency_variants.split(",") if v.strip()]:
         base = {
