@@ -246,9 +246,12 @@ def run_latency(model, label, a, torch):
     # when it ran first in the process and 3.52 after the static one, on the
     # same H100 (BENCHMARKS.md, 2026-11-27).
     log("latency: warm-up (static cache, eager, untimed)")
-    with torch.inference_mode():
-        model.generate(input_ids=ids, attention_mask=mask, generation_config=latency_config("static", a.gen_len))
-    torch.cuda.synchronize()
+    try:
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, generation_config=latency_config("static", a.gen_len))
+        torch.cuda.synchronize()
+    except Exception as e:  # the variants still run, each reporting its own error
+        log(f"latency: warm-up failed ({type(e).__name__}: {e})")
     torch.cuda.empty_cache()
     best = None
     for variant in [v.strip() for v in a.latency_variants.split(",") if v.strip()]:
