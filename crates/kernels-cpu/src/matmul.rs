@@ -219,6 +219,10 @@ unsafe fn dot_row_t1_avx512(wrow: &[bf16], x: &[f32], k: usize) -> f32 {
         }
         base += ROW_LANES;
     }
+    if full == k {
+        // SAFETY: AVX-512F is enabled for this function.
+        return unsafe { combine_regs_avx512(&acc) };
+    }
     let mut lanes = [0.0f32; ROW_LANES];
     for (i, a) in acc.iter().enumerate() {
         // SAFETY: 16·i + 16 <= 256 lanes.
@@ -229,6 +233,53 @@ unsafe fn dot_row_t1_avx512(wrow: &[bf16], x: &[f32], k: usize) -> f32 {
     }
     // SAFETY: AVX2 is enabled for this function.
     unsafe { combine_lanes_avx2(&mut lanes) }
+}
+
+/// [`combine_lanes`] on the 256 lanes as sixteen 16-wide registers (lane
+/// `16·i + l` in lane `l` of `acc[i]`), without storing them: the same
+/// pairs added in the same order, each step's partner lanes brought in by
+/// a shuffle. Inside each group of 8 lanes offsets 4, 2, 1 (the groups'
+/// useful halves packed two registers into one after the first step);
+/// then the 32 group results, gathered into two registers in group order,
+/// across groups at offsets 16, 8, 4, 2, 1.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn combine_regs_avx512(acc: &[std::arch::x86_64::__m512; ROW_LANES / 16]) -> f32 {
+    use std::arch::x86_64::*;
+    // Offset 4: lanes 0-3 and 8-11 take 4-7 and 12-15 (128-bit blocks
+    // swapped pairwise); the other lanes are left unused.
+    let u: [__m512; 16] = std::array::from_fn(|i| {
+        _mm512_add_ps(
+            acc[i],
+            _mm512_shuffle_f32x4::<0b10_11_00_01>(acc[i], acc[i]),
+        )
+    });
+    // Register p holds, block by block, the useful lanes of groups 4p,
+    // 4p + 2, 4p + 1, 4p + 3 (u[2p]'s blocks 0 and 2, u[2p + 1]'s).
+    let pack = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27);
+    let m: [__m512; 8] = std::array::from_fn(|p| {
+        let v = _mm512_permutex2var_ps(u[2 * p], pack, u[2 * p + 1]);
+        // Offset 2: lanes 0, 1 of each block take lanes 2, 3; offset 1:
+        // lane 0 takes lane 1.
+        let v = _mm512_add_ps(v, _mm512_permute_ps::<0b00_00_11_10>(v));
+        _mm512_add_ps(v, _mm512_permute_ps::<0b00_00_00_01>(v))
+    });
+    // Group results into lanes in group order: m[p] holds groups 4p, 4p+1,
+    // 4p+2, 4p+3 at lanes 0, 8, 4, 12.
+    let eight = _mm512_setr_epi32(0, 8, 4, 12, 16, 24, 20, 28, 0, 0, 0, 0, 0, 0, 0, 0);
+    let halves = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+    let sixteen = |p: usize| {
+        let lo = _mm512_permutex2var_ps(m[p], eight, m[p + 1]);
+        let hi = _mm512_permutex2var_ps(m[p + 2], eight, m[p + 3]);
+        _mm512_permutex2var_ps(lo, halves, hi)
+    };
+    // Across groups: 16 (groups 16-31 onto 0-15), 8, 4, 2, 1.
+    let r = _mm512_add_ps(sixteen(0), sixteen(4));
+    let r = _mm512_add_ps(r, _mm512_shuffle_f32x4::<0b00_00_11_10>(r, r));
+    let r = _mm512_add_ps(r, _mm512_shuffle_f32x4::<0b00_00_00_01>(r, r));
+    let r = _mm512_add_ps(r, _mm512_permute_ps::<0b00_00_11_10>(r));
+    let r = _mm512_add_ps(r, _mm512_permute_ps::<0b00_00_00_01>(r));
+    _mm512_cvtss_f32(r)
 }
 
 /// [`combine_lanes`] with AVX2: each block of 8 groups is transposed so the
@@ -401,6 +452,50 @@ mod tests {
                 } else {
                     assert_eq!(v.to_bits(), want.to_bits(), "round {round}");
                 }
+            }
+        }
+    }
+
+    /// The register combine of the AVX-512 path adds the same pairs as the
+    /// spec, bit for bit, on the values of `avx2_combine_is_the_spec`.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_register_combine_is_the_spec() {
+        use std::arch::x86_64::*;
+        if !std::is_x86_feature_detected!("avx512f") {
+            return;
+        }
+        let mut rng = Lcg(54321);
+        for round in 0..300 {
+            let mut a = [0.0f32; ROW_LANES];
+            for (j, v) in a.iter_mut().enumerate() {
+                let z = rng.bits();
+                let u = (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                *v = u * 10f32.powi(((z >> 20) % 16) as i32 - 8);
+                if round % 10 == 1 && j % 37 == 3 {
+                    *v = f32::from_bits(0x7fc0_0000 | (j as u32));
+                }
+                if round % 10 == 2 && j % 51 == 7 {
+                    *v = if j % 2 == 0 { f32::INFINITY } else { -0.0 };
+                }
+                // One lane at a time far larger than the rest: the result
+                // then shows which lanes were added to it, and in which order.
+                if round % 10 == 3 && j == round % ROW_LANES {
+                    *v = 1e30;
+                }
+            }
+            let want = crate::numerics::row_lanes_combine(&mut a.clone());
+            // SAFETY: AVX-512F is available (checked above); each load reads
+            // 16 of the array's 256 floats.
+            let got = unsafe {
+                let regs: [__m512; ROW_LANES / 16] =
+                    std::array::from_fn(|i| _mm512_loadu_ps(a.as_ptr().add(16 * i)));
+                combine_regs_avx512(&regs)
+            };
+            if want.is_nan() {
+                assert!(got.is_nan(), "round {round}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "round {round}");
             }
         }
     }
