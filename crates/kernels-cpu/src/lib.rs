@@ -64,53 +64,11 @@ type T = Tensor<CpuBackend>;
 
 fn host_to_storage(data: HostSlice<'_>) -> CpuStorage {
     match data {
-        HostSlice::BF16(s) => CpuStorage::BF16(huge_page_copy(s)),
+        HostSlice::BF16(s) => CpuStorage::BF16(storage::huge_page_copy(s)),
         HostSlice::F16(s) => CpuStorage::F16(s.to_vec()),
         HostSlice::F32(s) => CpuStorage::F32(s.to_vec()),
         HostSlice::U32(s) => CpuStorage::U32(s.to_vec()),
     }
-}
-
-/// An empty vector with room for `n` values, whose memory the kernel is
-/// asked to back with 2 MB pages before anything touches it (Linux,
-/// buffers of 4 MB or more: weights and the KV cache). A decode step
-/// streams every weight once; with 4 KB pages every other 2 KB weight row
-/// starts a new page and takes a TLB miss (0.6B CPU decode +7.6% with
-/// them; BENCHMARKS.md).
-fn huge_page_alloc<V>(n: usize) -> Vec<V> {
-    let mut v: Vec<V> = Vec::with_capacity(n);
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let bytes = n * std::mem::size_of::<V>();
-        if bytes >= 2 * HUGE {
-            let base = v.as_mut_ptr() as usize;
-            let (start, end) = (base.next_multiple_of(HUGE), (base + bytes) / HUGE * HUGE);
-            if end > start {
-                // SAFETY: [start, end) lies inside v's allocation; the advice
-                // only changes how the kernel backs those pages, not their
-                // contents (untouched so far). Failure leaves 4 KB pages.
-                unsafe {
-                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE)
-                };
-            }
-        }
-    }
-    v
-}
-
-/// `s` copied into [`huge_page_alloc`]'s memory.
-fn huge_page_copy<V: Copy>(s: &[V]) -> Vec<V> {
-    let mut v = huge_page_alloc(s.len());
-    v.extend_from_slice(s);
-    v
-}
-
-/// `n` copies of `fill` in [`huge_page_alloc`]'s memory.
-fn huge_page_fill<V: Copy>(n: usize, fill: V) -> Vec<V> {
-    let mut v = huge_page_alloc(n);
-    v.resize(n, fill);
-    v
 }
 
 impl Backend for CpuBackend {
@@ -134,9 +92,9 @@ impl Backend for CpuBackend {
     fn zeros(&self, shape: &[usize], dtype: DType) -> Result<T> {
         let n: usize = shape.iter().product();
         let s = match dtype {
-            DType::BF16 => CpuStorage::BF16(huge_page_fill(n, qwen_tensor::bf16::ZERO)),
+            DType::BF16 => CpuStorage::BF16(storage::huge_page_fill(n, qwen_tensor::bf16::ZERO)),
             DType::F16 => CpuStorage::F16(vec![qwen_tensor::f16::ZERO; n]),
-            DType::F32 => CpuStorage::F32(huge_page_fill(n, 0.0)),
+            DType::F32 => CpuStorage::F32(storage::huge_page_fill(n, 0.0)),
             DType::U32 => CpuStorage::U32(vec![0; n]),
         };
         Ok(Tensor::from_parts(s, shape.to_vec(), dtype))
