@@ -418,6 +418,29 @@ mod tests {
     use crate::numerics::row_reduce;
     use crate::test_rng::Lcg;
 
+    /// 256 lanes whose combined sum depends on the order of the adds: mixed
+    /// magnitudes; in some rounds NaNs, infinities and signed zeros, or one
+    /// lane far larger than the rest (the result then shows which lanes
+    /// were added to it, and in which order).
+    fn order_sensitive_lanes(rng: &mut Lcg, round: usize) -> [f32; ROW_LANES] {
+        let mut a = [0.0f32; ROW_LANES];
+        for (j, v) in a.iter_mut().enumerate() {
+            let z = rng.bits();
+            let u = (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            *v = u * 10f32.powi(((z >> 20) % 16) as i32 - 8);
+            if round % 10 == 1 && j % 37 == 3 {
+                *v = f32::from_bits(0x7fc0_0000 | (j as u32));
+            }
+            if round % 10 == 2 && j % 51 == 7 {
+                *v = if j % 2 == 0 { f32::INFINITY } else { -0.0 };
+            }
+            if round % 10 == 3 && j == round % ROW_LANES {
+                *v = 1e30;
+            }
+        }
+        a
+    }
+
     /// The AVX2 lane combine adds the same pairs as the spec, bit for bit,
     /// on values whose sums depend on the order (mixed magnitudes, signed
     /// zeros, infinities); NaN stays NaN (which payload survives is not
@@ -430,18 +453,7 @@ mod tests {
         }
         let mut rng = Lcg(12345);
         for round in 0..200 {
-            let mut a = [0.0f32; ROW_LANES];
-            for (j, v) in a.iter_mut().enumerate() {
-                let z = rng.bits();
-                let u = (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                *v = u * 10f32.powi(((z >> 20) % 16) as i32 - 8);
-                if round % 10 == 1 && j % 37 == 3 {
-                    *v = f32::from_bits(0x7fc0_0000 | (j as u32));
-                }
-                if round % 10 == 2 && j % 51 == 7 {
-                    *v = if j % 2 == 0 { f32::INFINITY } else { -0.0 };
-                }
-            }
+            let a = order_sensitive_lanes(&mut rng, round);
             let want = crate::numerics::row_lanes_combine(&mut a.clone());
             // SAFETY: AVX2 is available (checked above).
             let got = unsafe { combine_lanes_avx2(&mut a.clone()) };
@@ -457,7 +469,7 @@ mod tests {
     }
 
     /// The register combine of the AVX-512 path adds the same pairs as the
-    /// spec, bit for bit, on the values of `avx2_combine_is_the_spec`.
+    /// spec, bit for bit.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn avx512_register_combine_is_the_spec() {
@@ -467,23 +479,7 @@ mod tests {
         }
         let mut rng = Lcg(54321);
         for round in 0..300 {
-            let mut a = [0.0f32; ROW_LANES];
-            for (j, v) in a.iter_mut().enumerate() {
-                let z = rng.bits();
-                let u = (z >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-                *v = u * 10f32.powi(((z >> 20) % 16) as i32 - 8);
-                if round % 10 == 1 && j % 37 == 3 {
-                    *v = f32::from_bits(0x7fc0_0000 | (j as u32));
-                }
-                if round % 10 == 2 && j % 51 == 7 {
-                    *v = if j % 2 == 0 { f32::INFINITY } else { -0.0 };
-                }
-                // One lane at a time far larger than the rest: the result
-                // then shows which lanes were added to it, and in which order.
-                if round % 10 == 3 && j == round % ROW_LANES {
-                    *v = 1e30;
-                }
-            }
+            let a = order_sensitive_lanes(&mut rng, round);
             let want = crate::numerics::row_lanes_combine(&mut a.clone());
             // SAFETY: AVX-512F is available (checked above); each load reads
             // 16 of the array's 256 floats.
