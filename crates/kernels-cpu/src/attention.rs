@@ -294,6 +294,7 @@ fn merge_chunks(m: &[f32], l: &[f32], o: &[f32], out: &mut [bf16]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_bits::assert_same_bits;
     use crate::test_rng::Lcg;
 
     /// The AVX-512 score is `head_reduce`'s, bit for bit, on products whose
@@ -333,11 +334,7 @@ mod tests {
             let want = head_reduce(128, |i| widen(q[i]) * widen(k[i]));
             // SAFETY: AVX-512F is available (checked above).
             let got = unsafe { head_dot_d128(&widen_d128(&q), &k) };
-            if want.is_nan() {
-                assert!(got.is_nan(), "round {round}");
-            } else {
-                assert_eq!(got.to_bits(), want.to_bits(), "round {round}");
-            }
+            assert_same_bits(got, want, format!("round {round}"));
         }
     }
 
@@ -385,12 +382,9 @@ mod tests {
             let mut got = vec![bf16::ZERO; D];
             // SAFETY: AVX-512F is available (checked above); every row holds 128.
             unsafe { attend_one_d128_avx512(&q, ctx, scale, key, value, &mut got) };
-            for i in 0..D {
-                if want[i].is_nan() {
-                    assert!(got[i].is_nan(), "ctx {ctx} element {i}");
-                } else {
-                    assert_eq!(got[i].to_bits(), want[i].to_bits(), "ctx {ctx} element {i}");
-                }
+            for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                // Widening is exact and one-to-one: the same bits as bf16.
+                assert_same_bits(widen(g), widen(w), format!("ctx {ctx} element {i}"));
             }
         }
     }

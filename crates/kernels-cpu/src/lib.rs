@@ -31,6 +31,8 @@ mod rope;
 mod sampling;
 mod storage;
 #[cfg(test)]
+mod test_bits;
+#[cfg(test)]
 mod test_rng;
 
 pub use activation::silu_mul;

@@ -416,6 +416,7 @@ fn combine_lanes(a: &mut [f32; ROW_LANES]) -> f32 {
 mod tests {
     use super::*;
     use crate::numerics::row_reduce;
+    use crate::test_bits::assert_same_bits;
     use crate::test_rng::Lcg;
 
     /// 256 lanes whose combined sum depends on the order of the adds: mixed
@@ -459,11 +460,7 @@ mod tests {
             let got = unsafe { combine_lanes_avx2(&mut a.clone()) };
             let scalar = combine_lanes(&mut a.clone());
             for v in [got, scalar] {
-                if want.is_nan() {
-                    assert!(v.is_nan(), "round {round}");
-                } else {
-                    assert_eq!(v.to_bits(), want.to_bits(), "round {round}");
-                }
+                assert_same_bits(v, want, format!("round {round}"));
             }
         }
     }
@@ -488,11 +485,7 @@ mod tests {
                     std::array::from_fn(|i| _mm512_loadu_ps(a.as_ptr().add(16 * i)));
                 combine_regs_avx512(&regs)
             };
-            if want.is_nan() {
-                assert!(got.is_nan(), "round {round}");
-            } else {
-                assert_eq!(got.to_bits(), want.to_bits(), "round {round}");
-            }
+            assert_same_bits(got, want, format!("round {round}"));
         }
     }
 
@@ -586,11 +579,7 @@ mod tests {
             let mut one = [0.0f32; 1];
             dot_row(&w, &x, k, &mut one, &mut [[0.0; ROW_LANES]; TOKEN_TILE]);
             let want = row_reduce(k, |j| widen(w[j]) * x[j]);
-            if want.is_nan() {
-                assert!(one[0].is_nan(), "round {round}");
-            } else {
-                assert_eq!(one[0].to_bits(), want.to_bits(), "round {round} k={k}");
-            }
+            assert_same_bits(one[0], want, format!("round {round} k={k}"));
         }
     }
 }
