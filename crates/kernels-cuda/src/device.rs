@@ -28,7 +28,7 @@ const MODULES: &[(&str, &[&str], &[&str])] = &[
     (
         "embedding",
         &[include_str!("embedding.cu")],
-        &["embedding", "gather_rows", "feed_ids"],
+        &["embedding", "gather_rows", "feed_ids", "feed_ids_few"],
     ),
     (
         "norm",
@@ -69,6 +69,11 @@ const MODULES: &[(&str, &[&str], &[&str])] = &[
         ],
     ),
     ("rope", &[include_str!("rope.cu")], &["qk_norm_rope_store"]),
+    (
+        "transfer",
+        &[include_str!("transfer.cu")],
+        &["set_words", "download_u32"],
+    ),
     (
         "attention",
         &[include_str!("attention.cu")],

@@ -6,6 +6,9 @@ use crate::device::{bf16s, dev, f32s, f32s_mut, u32s, u32s_mut, T};
 use crate::launch::{grid, int};
 use crate::CudaBackend;
 
+/// Pairs `feed_ids_few` takes by value (its eight parameters).
+const FEED_FEW: usize = 8;
+
 impl CudaBackend {
     pub(crate) fn embedding_impl(&self, table: &T, ids: &T, out: &mut T) -> Result<()> {
         const OP: &str = "embedding";
@@ -25,7 +28,9 @@ impl CudaBackend {
     }
 
     /// Twin of `qwen_kernels_cpu::feed_ids`: the pairs are checked here as
-    /// the CPU checks them, then copied up and applied a thread each.
+    /// the CPU checks them, then applied a thread each: up to FEED_FEW of
+    /// them passed as kernel parameters (a decode step's few sequences),
+    /// more copied up first.
     pub(crate) fn feed_ids_impl(
         &self,
         tokens: &T,
@@ -39,6 +44,23 @@ impl CudaBackend {
             return Ok(());
         }
         let n = int(OP, feed.len())?;
+        if feed.len() <= FEED_FEW {
+            // (row, k) packed as row | k << 32, both below 2^32 (tensor sizes).
+            let mut packed = [0u64; FEED_FEW];
+            for (p, &(row, k)) in packed.iter_mut().zip(feed) {
+                *p = row as u64 | (k as u64) << 32;
+            }
+            let mut b = self.launch(self.kernel("feed_ids_few"));
+            b.arg(src).arg(u32s_mut(OP, "ids", ids)?).arg(&n);
+            for p in &packed {
+                b.arg(p);
+            }
+            // SAFETY: argument order and types match `feed_ids_few` in
+            // embedding.cu (tokens, ids, n, then eight packed pairs, of which
+            // the first n are used); every pair was checked above (row <
+            // ids.numel(), k < tokens.numel(), no row twice).
+            return unsafe { b.launch(grid((1, 1, 1), (32, 1, 1))) }.map_err(dev);
+        }
         let pairs: Vec<u32> = feed
             .iter()
             .flat_map(|&(row, k)| [row as u32, k as u32])

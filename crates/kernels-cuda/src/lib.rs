@@ -344,6 +344,10 @@ impl Backend for CudaBackend {
         .map_err(dev)
     }
 
+    fn write_many(&self, writes: &mut [(&mut T, HostSlice<'_>)]) -> Result<()> {
+        self.write_many_impl(writes)
+    }
+
     fn download(&self, t: &T) -> Result<HostVec> {
         let s = &self.dev.stream;
         let n = t.numel();

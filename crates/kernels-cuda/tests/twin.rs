@@ -767,6 +767,86 @@ fn fed_ids_and_later_downloads() {
         .to_f32()
         .iter()
         .all(|x| x.is_finite()));
+
+    // A download larger than one pass of the copying grid, and downloads
+    // whose tensors are overwritten right after (by a copy, by a launch):
+    // each reads what the tensor held when it was started.
+    let huge: Vec<u32> = (0..100_003).map(|_| r.next() as u32).collect();
+    let mut ht = g.upload(HostSlice::U32(&huge), &[huge.len()]).unwrap();
+    let dh = g.download_start(&ht).unwrap();
+    g.write(&mut ht, HostSlice::U32(&vec![7; huge.len()]))
+        .unwrap();
+    assert_eq!(dh.wait().unwrap(), HostVec::U32(huge));
+    let two = [r.next() as u32, r.next() as u32];
+    let mut tt = g.upload(HostSlice::U32(&two), &[2]).unwrap();
+    let dt = g.download_start(&tt).unwrap();
+    g.write_many(&mut [(&mut tt, HostSlice::U32(&[1, 2]))])
+        .unwrap();
+    let dt2 = g.download_start(&tt).unwrap();
+    assert_eq!(dt2.wait().unwrap(), HostVec::U32(vec![1, 2]));
+    assert_eq!(dt.wait().unwrap(), HostVec::U32(two.to_vec()));
+}
+
+/// Several small writes at once (`write_many`: merged into one launch up to
+/// four tensors and 16 words, else written one by one): every tensor holds
+/// what it was given, as on the CPU, and a length that does not match is an
+/// error on both.
+#[test]
+fn small_writes_merged() {
+    let Some(g) = gpu() else { return };
+    let cpu = CpuBackend::new();
+    let mut r = Rng::new("write_many");
+    for lens in [
+        vec![1, 1],
+        vec![1],
+        vec![4, 4, 4, 4],
+        vec![3, 0, 7, 6],
+        vec![16],
+        vec![17],
+        vec![1, 1, 1, 1, 1],
+        vec![300, 2],
+    ] {
+        let data: Vec<Vec<u32>> = lens
+            .iter()
+            .map(|&n| (0..n).map(|_| r.next() as u32).collect())
+            .collect();
+        let c = writes_on(&cpu, &data);
+        let gg = writes_on(&g, &data);
+        assert_eq!(c, gg, "write_many {lens:?}");
+        assert_eq!(
+            c,
+            data.iter()
+                .map(|d| HostVec::U32(d.clone()))
+                .collect::<Vec<_>>()
+        );
+    }
+    assert!(bad_write_fails(&cpu) && bad_write_fails(&g));
+}
+
+/// Tensors of `data`'s lengths, first filled with 7s, then given `data` by
+/// one `write_many`; what they hold afterwards.
+fn writes_on<B: Backend>(b: &B, data: &[Vec<u32>]) -> Vec<HostVec> {
+    let mut ts: Vec<_> = data
+        .iter()
+        .map(|d| {
+            b.upload(HostSlice::U32(&vec![7; d.len()]), &[d.len()])
+                .unwrap()
+        })
+        .collect();
+    let mut writes: Vec<_> = ts
+        .iter_mut()
+        .zip(data)
+        .map(|(t, d)| (t, HostSlice::U32(d)))
+        .collect();
+    b.write_many(&mut writes).unwrap();
+    ts.iter().map(|t| b.download(t).unwrap()).collect()
+}
+
+/// Whether `write_many` refuses two words for a one-word tensor.
+fn bad_write_fails<B: Backend>(b: &B) -> bool {
+    let mut t = b.upload(HostSlice::U32(&[5]), &[1]).unwrap();
+    b.write_many(&mut [(&mut t, HostSlice::U32(&[1, 2]))])
+        .is_err()
 }
 
 fn feed_on<B: Backend>(b: &B, ids: &[u32], tokens: &[u32], feed: &[(usize, usize)]) -> HostVec {

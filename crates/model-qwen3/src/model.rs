@@ -91,6 +91,19 @@ impl<B: Backend> Clone for Feed<'_, B> {
 }
 impl<B: Backend> Copy for Feed<'_, B> {}
 
+/// Whether `feed` gives every one of a decode batch's `entries` entries
+/// (one token each) its token.
+fn feeds_every_entry<B: Backend>(feed: Option<Feed<'_, B>>, entries: usize) -> bool {
+    let Some(f) = feed else { return false };
+    let mut fed = vec![false; entries];
+    for &(e, _) in f.entries {
+        if let Some(x) = fed.get_mut(e) {
+            *x = true;
+        }
+    }
+    fed.iter().all(|&x| x)
+}
+
 /// A listener handed every named activation of a forward pass.
 type Tap<'a, B> = dyn FnMut(&str, &mut Tensor<B>) -> Result<()> + 'a;
 
@@ -360,7 +373,11 @@ impl<B: Backend> Qwen3<B> {
                 let g = e.into_mut();
                 be.update_batch(&mut g.ws.meta, &layout)?;
                 g.ws.meta.set_context_capacity(capacity);
-                be.write(&mut g.ws.ids, HostSlice::U32(&ids))?;
+                // Ids the feed overwrites all need no copy of their own
+                // (one stream operation fewer between two steps).
+                if !feeds_every_entry(feed, batch.len()) {
+                    be.write(&mut g.ws.ids, HostSlice::U32(&ids))?;
+                }
                 self.apply_feed(feed, batch, &row_of, &mut g.ws.ids)?;
                 be.replay(&g.graph)?;
                 g.logits.clone()
@@ -698,5 +715,29 @@ impl<B: Backend> Qwen3<B> {
             prompt_rows,
             row_of,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qwen_kernels_cpu::CpuBackend;
+
+    #[test]
+    fn a_feed_covers_a_batch_only_with_every_entry() {
+        let be = CpuBackend::new();
+        let tokens = be.upload(HostSlice::U32(&[4, 5]), &[2]).unwrap();
+        let feed = |entries| {
+            Some(Feed {
+                tokens: &tokens,
+                entries,
+            })
+        };
+        assert!(feeds_every_entry(feed(&[(0, 0), (1, 1)]), 2));
+        assert!(feeds_every_entry(feed(&[(1, 0), (0, 0)]), 2));
+        assert!(!feeds_every_entry(feed(&[(0, 0)]), 2));
+        assert!(!feeds_every_entry(feed(&[(0, 0), (0, 1)]), 2));
+        assert!(!feeds_every_entry(feed(&[(5, 0)]), 1));
+        assert!(!feeds_every_entry::<CpuBackend>(None, 1));
     }
 }

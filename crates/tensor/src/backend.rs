@@ -61,6 +61,15 @@ pub trait Backend: Sized + Send + Sync {
     fn upload(&self, data: HostSlice<'_>, shape: &[usize]) -> Result<Tensor<Self>>;
     /// Overwrites a tensor's contents; dtype and length must match.
     fn write(&self, dst: &mut Tensor<Self>, data: HostSlice<'_>) -> Result<()>;
+    /// Several [`write`](Self::write)s, in order, with the same checks. A
+    /// backend may merge small ones into one transfer (a decode step's
+    /// positions and slots); the default writes each in turn.
+    fn write_many(&self, writes: &mut [(&mut Tensor<Self>, HostSlice<'_>)]) -> Result<()> {
+        for (dst, data) in writes.iter_mut() {
+            self.write(dst, *data)?;
+        }
+        Ok(())
+    }
     /// Copies a tensor to the host.
     fn download(&self, t: &Tensor<Self>) -> Result<HostVec>;
     /// Starts copying a tensor to the host and returns without waiting for
@@ -112,9 +121,13 @@ pub trait Backend: Sized + Send + Sync {
             *meta = upload_batch_tiles(self, layout, tiles)?;
             return Ok(());
         }
-        self.write(&mut meta.positions, HostSlice::U32(&layout.positions))?;
-        self.write(&mut meta.slots, HostSlice::U32(&layout.slots()))?;
-        // Each write is a host-to-device copy on the step's critical path.
+        // Each write is a host-to-device copy on the step's critical path
+        // (these two may be merged into one).
+        let slots = layout.slots();
+        self.write_many(&mut [
+            (&mut meta.positions, HostSlice::U32(&layout.positions)),
+            (&mut meta.slots, HostSlice::U32(&slots)),
+        ])?;
         if meta.host_seq_of_token != layout.seq_of_token {
             self.write(&mut meta.seq_of_token, HostSlice::U32(&layout.seq_of_token))?;
             meta.host_seq_of_token.clone_from(&layout.seq_of_token);
