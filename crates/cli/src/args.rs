@@ -28,6 +28,8 @@ pub struct GenerateArgs {
     pub seed: Option<u64>,
     pub backend: BackendChoice,
     pub json: bool,
+    /// Queue each decode step before reading the step before's token.
+    pub overlap: bool,
 }
 
 pub const USAGE: &str = "\
@@ -50,6 +52,9 @@ options:
   --seed N                 makes sampling reproducible (default: from the clock)
   --backend auto|cpu|cuda  where to run (default auto: CUDA when a GPU is present)
   --json                   print one JSON object instead of streaming text
+  --overlap on|off         on (default): each decode step is queued before the host reads the
+                           token before it (the same tokens; a stop token costs one step more);
+                           off, or with a repetition penalty: every step waits for its token
 
 usage: qwen-cli bench (--model DIR | --dummy-weights SHAPE) [options]
 
@@ -147,6 +152,7 @@ pub fn parse_generate(args: &[String]) -> Result<GenerateArgs, String> {
             "--repetition-penalty" => a.repetition_penalty = Some(number(flag, &value()?)?),
             "--seed" => a.seed = Some(number(flag, &value()?)?),
             "--backend" => a.backend = parse_backend(&value()?)?,
+            "--overlap" => a.overlap = on_off(flag, &value()?)?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -159,6 +165,15 @@ pub fn parse_generate(args: &[String]) -> Result<GenerateArgs, String> {
         return Err("--max-tokens must be at least 1".into());
     }
     Ok(a)
+}
+
+/// The value of an `on|off` flag.
+fn on_off(flag: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        v => Err(format!("{flag}: '{v}' is not on or off")),
+    }
 }
 
 fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
@@ -187,8 +202,12 @@ mod tests {
             "cpu",
             "--seed",
             "7",
+            "--overlap",
+            "off",
         ])
         .unwrap();
+        assert!(!a.overlap);
+        assert!(parse(&["--prompt", "hi"]).unwrap().overlap);
         assert_eq!(a.prompt, "hi");
         assert!(a.chat && a.no_think);
         assert_eq!(a.top_k, Some(5));
@@ -205,6 +224,7 @@ mod tests {
             vec!["--prompt", "x", "--top-k", "-3"],
             vec!["--prompt", "x", "--max-tokens", "0"],
             vec!["--prompt", "x", "--frobnicate"],
+            vec!["--prompt", "x", "--overlap", "maybe"],
             vec!["--chat"],
         ] {
             let e = parse(&bad).unwrap_err();
@@ -246,13 +266,7 @@ pub fn parse_bench(args: &[String]) -> Result<(crate::bench::BenchArgs, BackendC
             "--seed" => a.seed = number(flag, &value()?)?,
             "--json" => a.json = true,
             "--tensor-core-decode" => a.tensor_core_decode = true,
-            "--overlap" => {
-                a.overlap = match value()?.as_str() {
-                    "on" => true,
-                    "off" => false,
-                    v => return Err(format!("{flag}: '{v}' is not on or off")),
-                }
-            }
+            "--overlap" => a.overlap = on_off(flag, &value()?)?,
             "--backend" => backend = parse_backend(&value()?)?,
             _ => return Ok(false),
         }
@@ -304,6 +318,7 @@ impl GenerateArgs {
             seed: None,
             backend: BackendChoice::Auto,
             json: false,
+            overlap: true,
         }
     }
 }

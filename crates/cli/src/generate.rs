@@ -13,6 +13,7 @@ use qwen_sampler::{FinishReason, Sampler, SamplingConfig, StopCriteria};
 use qwen_tensor::Backend;
 
 use crate::args::GenerateArgs;
+use crate::decode::{decode, DecodeIn, Decoded};
 
 /// What one generation produced.
 pub struct Outcome {
@@ -142,29 +143,29 @@ pub fn run<B: Backend>(backend: B, args: &GenerateArgs, dir: &Path) -> Result<Ou
         .map_err(|e| e.to_string())?;
     let prefill_s = t0.elapsed().as_secs_f64();
 
-    let mut tokens = vec![first];
     let t1 = Instant::now();
-    let mut steps = 0usize;
-    let finish = loop {
-        let tok = *tokens.last().expect("at least one token");
-        history.push(tok);
-        let reason = stop.check(tok, tokens.len());
-        if reason != Some(FinishReason::Stop) {
-            emit(decoder.push(&tokenizer, tok).map_err(err)?, &mut out);
-        }
-        if let Some(r) = reason {
-            break r;
-        }
-        logits = model
-            .forward(&mut cache, &mut [(&mut seq, &[tok])], Logits::Last)
-            .map_err(err)?;
-        tokens.push(
-            sampler
-                .sample(be, &mut logits, &history)
-                .map_err(|e| e.to_string())?,
-        );
-        steps += 1;
-    };
+    let Decoded {
+        tokens,
+        finish,
+        steps,
+    } = decode(
+        DecodeIn {
+            model: &model,
+            cache: &mut cache,
+            seq: &mut seq,
+            sampler: &mut sampler,
+            history: &mut history,
+            stop: &stop,
+        },
+        first,
+        args.overlap,
+        &mut |tok, reason| {
+            if reason != Some(FinishReason::Stop) {
+                emit(decoder.push(&tokenizer, tok).map_err(err)?, &mut out);
+            }
+            Ok(())
+        },
+    )?;
     let decode_s = t1.elapsed().as_secs_f64();
     emit(decoder.finish(), &mut out);
     if !args.json {

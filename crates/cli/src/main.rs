@@ -6,6 +6,7 @@ mod args;
 mod bench;
 mod common;
 mod compare;
+mod decode;
 mod dumpfile;
 mod fault;
 mod generate;

@@ -84,6 +84,13 @@ fn seeded_sampling_is_reproducible_and_streams() {
     assert!(ok, "{err}");
     let (b, _, _) = cli(&args);
     assert_eq!(a, b, "same seed, same text");
+    // Decode steps queued ahead of their tokens (the default) or each one
+    // waited for: the same text.
+    let mut plain = args.to_vec();
+    plain.extend(["--overlap", "off"]);
+    let (p, err_p, ok_p) = cli(&plain);
+    assert!(ok_p, "{err_p}");
+    assert_eq!(a, p, "--overlap off gives the same text");
     assert!(err.contains("decode"), "rates on stderr: {err}");
     let mut other = args.to_vec();
     other[8] = "43";
