@@ -503,7 +503,7 @@ pub fn run<B: Backend>(
     let mut pick_on_device =
         |logits: &mut Tensor<B>, rows: &[SampleRow<'_>]| -> model_qwen3::Result<Tensor<B>> {
             if t.temperature == 0.0 {
-                let mut out = be.zeros(&[rows.len()], DType::U32)?;
+                let mut out = be.empty(&[rows.len()], DType::U32)?;
                 be.argmax_to(logits, &mut out)?;
                 Ok(out)
             } else {

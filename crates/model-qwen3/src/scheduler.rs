@@ -130,7 +130,7 @@ pub fn greedy_on_device<B: Backend>(
     backend: &B,
 ) -> impl FnMut(&mut Tensor<B>, &[SampleRow<'_>]) -> Result<Tensor<B>> + '_ {
     move |logits, rows| {
-        let mut out = backend.zeros(&[rows.len()], DType::U32)?;
+        let mut out = backend.empty(&[rows.len()], DType::U32)?;
         backend.argmax_to(logits, &mut out)?;
         Ok(out)
     }
@@ -684,7 +684,7 @@ impl<'m, B: Backend> Scheduler<'m, B> {
         let be = model.backend();
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
         let idx = be.upload(HostSlice::U32(&idx), &[idx.len()])?;
-        let mut picked = be.zeros(&[rows.len(), model.config().vocab_size], DType::F32)?;
+        let mut picked = be.empty(&[rows.len(), model.config().vocab_size], DType::F32)?;
         be.gather_rows(&logits, &idx, &mut picked)?;
         Ok((picked, sampled))
     }

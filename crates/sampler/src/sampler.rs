@@ -199,7 +199,7 @@ pub fn sample_batch_on_device<B: Backend>(
                 .into(),
         ));
     }
-    let mut out = backend.zeros(&[rows], DType::U32)?;
+    let mut out = backend.empty(&[rows], DType::U32)?;
     if rows > 0 {
         if samplers.iter().all(|s| s.config.is_greedy()) {
             backend.argmax_to(logits, &mut out)?;
