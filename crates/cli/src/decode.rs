@@ -33,8 +33,9 @@ pub struct DecodeIn<'a, B: Backend> {
 
 /// Decodes from `first` (the token the prompt's logits gave) until `stop`
 /// says so, handing each token and whether it ends the generation to
-/// `on_token` in order; an error from it ends the loop. Overlapped when `overlap` is set and the sampler
-/// has no repetition penalty (which needs the whole history on the host).
+/// `on_token` in order; an error from it ends the loop. Overlapped when
+/// `overlap` is set and the sampler has no repetition penalty (which needs
+/// the whole history on the host).
 pub fn decode<B: Backend>(
     d: DecodeIn<'_, B>,
     first: u32,
