@@ -127,14 +127,24 @@ impl CudaBackend {
     /// the driver allows it.
     fn mapped_host_buffer(&self, len: usize) -> Result<HostBuffer> {
         use cudarc::driver::sys;
-        // SAFETY: the memory is uninitialised; only a download writes it
-        // and only the words it wrote are read, after its event.
-        let mut buf = unsafe {
-            self.dev
-                .ctx
-                .alloc_pinned_with_flags::<u32>(len, sys::CU_MEMHOSTALLOC_DEVICEMAP)
-        }
-        .map_err(dev)?;
+        let ctx = &self.dev.ctx;
+        // SAFETY: the memory is uninitialised; only a download writes it and
+        // only the words it wrote are read, after its event.
+        let mapped =
+            unsafe { ctx.alloc_pinned_with_flags::<u32>(len, sys::CU_MEMHOSTALLOC_DEVICEMAP) };
+        let mut buf = match mapped {
+            Ok(b) => b,
+            // Not mappable here: a plain page-locked buffer, which the copy
+            // engine fills.
+            Err(_) => {
+                // SAFETY: as for the mapped buffer above.
+                let buf = unsafe { ctx.alloc_pinned_with_flags::<u32>(len, 0) }.map_err(dev)?;
+                return Ok(HostBuffer {
+                    buf,
+                    device_ptr: None,
+                });
+            }
+        };
         let host_ptr = buf.as_mut_ptr().map_err(dev)?;
         let mut device_ptr: sys::CUdeviceptr = 0;
         // SAFETY: host_ptr is the start of a live allocation made with
