@@ -6,8 +6,11 @@ use std::time::Instant;
 
 use model_qwen3::config::Qwen3Config;
 use model_qwen3::dummy::{dummy_config, random_weights};
-use model_qwen3::{Feed, Logits, Qwen3, Sequence};
-use qwen_tensor::{Backend, DType, Download, HostSlice, HostVec};
+use model_qwen3::{Logits, Qwen3, Sequence};
+use qwen_sampler::{Sampler, SamplingConfig, StopCriteria};
+
+use crate::decode::{decode, DecodeIn};
+use qwen_tensor::Backend;
 
 /// Options of `qwen-cli bench`.
 #[derive(Debug, Clone, PartialEq)]
@@ -144,57 +147,35 @@ pub fn latency<B: Backend>(
             .map_err(err)?;
         let first = be.argmax(&logits).map_err(|e| e.to_string())?[0];
         let ttft = t0.elapsed().as_secs_f64();
-        let t1 = Instant::now();
-        let mut tokens = vec![first];
-        let step_done = |step: usize| {
-            if report && step.is_multiple_of(32) {
-                eprint!("\rdecode {step}/{gen}");
-            }
+        // The loop `generate` runs, greedy, to exactly `gen` tokens.
+        let mut sampler = Sampler::new(SamplingConfig::default(), 0).map_err(|e| e.to_string())?;
+        let mut history = prompt.clone();
+        let stop = StopCriteria {
+            eos_token_ids: Vec::new(),
+            max_new_tokens: gen,
         };
-        if overlap {
-            // Each step's token stays on the device and feeds the next step,
-            // which is queued before the host reads that token back: the GPU
-            // never waits for the host between steps. One buffer serves
-            // every step: the stream runs a step's feed before its argmax,
-            // and a download before the steps queued after it.
-            let mut buf = be.zeros(&[1], DType::U32).map_err(|e| e.to_string())?;
-            be.write(&mut buf, HostSlice::U32(&[first]))
-                .map_err(|e| e.to_string())?;
-            let mut pending: Option<Download> = None;
-            for step in 1..gen {
-                let feed = Feed {
-                    tokens: &buf,
-                    entries: &[(0, 0)],
-                };
-                let logits = model
-                    .forward_fed(
-                        &mut cache,
-                        &mut [(&mut seq, &[0])],
-                        Logits::Last,
-                        Some(feed),
-                    )
-                    .map_err(err)?;
-                be.argmax_to(&logits, &mut buf).map_err(|e| e.to_string())?;
-                let next = be.download_start(&buf).map_err(|e| e.to_string())?;
-                // The host takes the step before's token while this one runs.
-                if let Some(d) = pending.replace(next) {
-                    tokens.push(one_token(d)?);
+        let t1 = Instant::now();
+        let mut taken = 0usize;
+        let tokens = decode(
+            DecodeIn {
+                model,
+                cache: &mut cache,
+                seq: &mut seq,
+                sampler: &mut sampler,
+                history: &mut history,
+                stop: &stop,
+            },
+            first,
+            overlap,
+            &mut |_, _| {
+                taken += 1;
+                if report && taken.is_multiple_of(32) {
+                    eprint!("\rdecode {taken}/{gen}");
                 }
-                step_done(step);
-            }
-            if let Some(d) = pending {
-                tokens.push(one_token(d)?);
-            }
-        } else {
-            for step in 1..gen {
-                let tok = tokens[tokens.len() - 1];
-                let logits = model
-                    .forward(&mut cache, &mut [(&mut seq, &[tok])], Logits::Last)
-                    .map_err(err)?;
-                tokens.push(be.argmax(&logits).map_err(|e| e.to_string())?[0]);
-                step_done(step);
-            }
-        }
+                Ok(())
+            },
+        )?
+        .tokens;
         if report {
             eprintln!("\rdecode {gen}/{gen}");
         }
@@ -223,14 +204,6 @@ pub fn latency<B: Backend>(
         overlap,
         tokens,
     })
-}
-
-/// The one token of a finished download.
-fn one_token(d: Download) -> Result<u32, String> {
-    match d.wait().map_err(|e| e.to_string())? {
-        HostVec::U32(v) if v.len() == 1 => Ok(v[0]),
-        _ => Err("the sampled token came back in another shape or dtype".into()),
-    }
 }
 
 /// Where a decode step's time goes: `steps` eager decode steps of `seqs`

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 
 use model_qwen3::{Feed, KvCache, Logits, Qwen3, Sequence};
-use qwen_sampler::{sample_batch_on_device, FinishReason, Sampler, StopCriteria};
+use qwen_sampler::{sample_batch_on_device_into, FinishReason, Sampler, StopCriteria};
 use qwen_tensor::{Backend, Download, HostSlice, HostVec};
 
 /// What a decode loop produced after the prompt.
@@ -108,7 +108,9 @@ fn decode_overlapped<B: Backend>(
             steps: 0,
         });
     }
-    // The newest token on the device, which the next step is fed from.
+    // The newest token on the device: each step is fed from it, then
+    // samples over it, and its download reads it; the stream runs these in
+    // the order they are queued, so one buffer serves every step.
     let mut newest = be
         .upload(HostSlice::U32(&[first]), &[1])
         .map_err(|e| e.to_string())?;
@@ -131,7 +133,7 @@ fn decode_overlapped<B: Backend>(
                     Some(feed),
                 )
                 .map_err(err)?;
-            newest = sample_batch_on_device(be, &mut logits, &mut [&mut *d.sampler])
+            sample_batch_on_device_into(be, &mut logits, &mut [&mut *d.sampler], &mut newest)
                 .map_err(|e| e.to_string())?;
             in_flight.push_back(be.download_start(&newest).map_err(|e| e.to_string())?);
         }

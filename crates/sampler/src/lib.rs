@@ -52,5 +52,5 @@ mod stop;
 pub use config::SamplingConfig;
 pub use error::SamplerError;
 pub use rng::{hash, uniform};
-pub use sampler::{sample_batch, sample_batch_on_device, Sampler};
+pub use sampler::{sample_batch, sample_batch_on_device, sample_batch_on_device_into, Sampler};
 pub use stop::{FinishReason, StopCriteria};

@@ -187,6 +187,22 @@ pub fn sample_batch_on_device<B: Backend>(
     samplers: &mut [&mut Sampler],
 ) -> Result<Tensor<B>, SamplerError> {
     let rows = rows_of(logits)?;
+    // Every element is written below.
+    let mut out = backend.empty(&[rows], DType::U32)?;
+    sample_batch_on_device_into(backend, logits, samplers, &mut out)?;
+    Ok(out)
+}
+
+/// [`sample_batch_on_device`] into `out` (u32 `[B]`), which a loop of
+/// single-sequence steps can reuse: the stream runs each step's reads of
+/// the token before this write.
+pub fn sample_batch_on_device_into<B: Backend>(
+    backend: &B,
+    logits: &mut Tensor<B>,
+    samplers: &mut [&mut Sampler],
+    out: &mut Tensor<B>,
+) -> Result<(), SamplerError> {
+    let rows = rows_of(logits)?;
     if samplers.len() != rows {
         return Err(SamplerError::Batch(format!(
             "{rows} logit rows but {} samplers",
@@ -199,25 +215,26 @@ pub fn sample_batch_on_device<B: Backend>(
                 .into(),
         ));
     }
-    let mut out = backend.empty(&[rows], DType::U32)?;
+    qwen_tensor::expect_dtype("sampler", "out", out, DType::U32)?;
+    qwen_tensor::expect_shape("sampler", "out", out, &[rows])?;
     if rows > 0 {
         if samplers.iter().all(|s| s.config.is_greedy()) {
-            backend.argmax_to(logits, &mut out)?;
+            backend.argmax_to(logits, out)?;
         } else if samplers.iter().all(|s| !s.config.is_greedy()) {
             let (params, us): (Vec<SampleParams>, Vec<f32>) = samplers
                 .iter()
                 .map(|s| (s.config.sample_params(), s.next_uniform()))
                 .unzip();
-            backend.sample_to(logits, &params, &us, &mut out)?;
+            backend.sample_to(logits, &params, &us, out)?;
         } else {
             let none: Vec<&[u32]> = vec![&[]; rows];
             let picked = sample_batch(backend, logits, samplers, &none)?;
-            backend.write(&mut out, HostSlice::U32(&picked))?;
-            return Ok(out);
+            backend.write(out, HostSlice::U32(&picked))?;
+            return Ok(());
         }
     }
     for s in samplers.iter_mut() {
         s.step += 1;
     }
-    Ok(out)
+    Ok(())
 }

@@ -3,9 +3,10 @@
 
 use qwen_kernels_cpu::CpuBackend;
 use qwen_sampler::{
-    sample_batch, sample_batch_on_device, uniform, Sampler, SamplerError, SamplingConfig,
+    sample_batch, sample_batch_on_device, sample_batch_on_device_into, uniform, Sampler,
+    SamplerError, SamplingConfig,
 };
-use qwen_tensor::{Backend, HostSlice, HostVec, Tensor};
+use qwen_tensor::{Backend, DType, HostSlice, HostVec, Tensor};
 
 type T = Tensor<CpuBackend>;
 
@@ -281,7 +282,9 @@ fn on_device_batches_pick_what_host_batches_pick() {
                 .map(|(i, &c)| Sampler::new(c, i as u64).unwrap())
                 .collect()
         };
-        let (mut host, mut device) = (make(), make());
+        let (mut host, mut device, mut into) = (make(), make(), make());
+        // One tensor reused by every step of the `_into` form.
+        let mut out = CpuBackend.zeros(&[4], DType::U32).unwrap();
         for step in 0..20 {
             let mut views: Vec<&mut Sampler> = host.iter_mut().collect();
             let none: [&[u32]; 4] = [&[]; 4];
@@ -290,12 +293,28 @@ fn on_device_batches_pick_what_host_batches_pick() {
             let got = sample_batch_on_device(&CpuBackend, &mut upload(&refs), &mut views).unwrap();
             assert_eq!(
                 CpuBackend.download(&got).unwrap(),
-                HostVec::U32(want),
+                HostVec::U32(want.clone()),
                 "step {step}"
+            );
+            let mut views: Vec<&mut Sampler> = into.iter_mut().collect();
+            sample_batch_on_device_into(&CpuBackend, &mut upload(&refs), &mut views, &mut out)
+                .unwrap();
+            assert_eq!(
+                CpuBackend.download(&out).unwrap(),
+                HostVec::U32(want),
+                "into, step {step}"
             );
         }
         assert!(device.iter().all(|s| s.step() == 20));
+        assert!(into.iter().all(|s| s.step() == 20));
     }
+    // An output of the wrong length is an error, and no sampler moves on.
+    let mut short = CpuBackend.zeros(&[3], DType::U32).unwrap();
+    let mut samplers: Vec<Sampler> = (0..4).map(|i| Sampler::new(greedy, i).unwrap()).collect();
+    let mut views: Vec<&mut Sampler> = samplers.iter_mut().collect();
+    let r = sample_batch_on_device_into(&CpuBackend, &mut upload(&refs), &mut views, &mut short);
+    assert!(r.is_err(), "{r:?}");
+    assert!(samplers.iter().all(|s| s.step() == 0));
     let mut s = Sampler::new(
         SamplingConfig {
             repetition_penalty: 1.2,
