@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 
 use model_qwen3::{Feed, KvCache, Logits, Qwen3, Sequence};
 use qwen_sampler::{sample_batch_on_device_into, FinishReason, Sampler, StopCriteria};
-use qwen_tensor::{Backend, Download, HostSlice, HostVec};
+use qwen_tensor::{Backend, Download, HostSlice, HostVec, Tensor};
 
 /// What a decode loop produced after the prompt.
 #[derive(Debug, Clone, PartialEq)]
@@ -98,7 +98,6 @@ fn decode_overlapped<B: Backend>(
     first: u32,
     on_token: &mut dyn FnMut(u32, Option<FinishReason>) -> Result<(), String>,
 ) -> Result<Decoded, String> {
-    let err = |e: model_qwen3::ModelError| e.to_string();
     let be = d.model.backend();
     let mut tokens = Vec::new();
     if let Some(finish) = take(&mut d, &mut tokens, first, on_token)? {
@@ -114,28 +113,15 @@ fn decode_overlapped<B: Backend>(
     let mut newest = be
         .upload(HostSlice::U32(&[first]), &[1])
         .map_err(|e| e.to_string())?;
-    let mut in_flight: VecDeque<Download> = VecDeque::new();
+    // Each step is queued before the token of the step before it is read,
+    // so the GPU has the next step while the host takes a token.
+    let mut in_flight = VecDeque::from([queue_step(&mut d, &mut newest)?]);
     let mut steps = 0;
     loop {
-        // Queue the next step before reading the oldest token in flight,
-        // unless the tokens taken and in flight already reach the limit.
+        // The next step, unless the tokens taken and in flight already
+        // reach the limit.
         if tokens.len() + in_flight.len() < d.stop.max_new_tokens {
-            let feed = Feed {
-                tokens: &newest,
-                entries: &[(0, 0)],
-            };
-            let mut logits = d
-                .model
-                .forward_fed(
-                    d.cache,
-                    &mut [(&mut *d.seq, &[0])],
-                    Logits::Last,
-                    Some(feed),
-                )
-                .map_err(err)?;
-            sample_batch_on_device_into(be, &mut logits, &mut [&mut *d.sampler], &mut newest)
-                .map_err(|e| e.to_string())?;
-            in_flight.push_back(be.download_start(&newest).map_err(|e| e.to_string())?);
+            in_flight.push_back(queue_step(&mut d, &mut newest)?);
         }
         let next = in_flight
             .pop_front()
@@ -156,6 +142,31 @@ fn decode_overlapped<B: Backend>(
     }
 }
 
+/// Queues one step fed from `newest`, samples its token into `newest` and
+/// starts that token's download.
+fn queue_step<B: Backend>(
+    d: &mut DecodeIn<'_, B>,
+    newest: &mut Tensor<B>,
+) -> Result<Download, String> {
+    let be = d.model.backend();
+    let feed = Feed {
+        tokens: newest,
+        entries: &[(0, 0)],
+    };
+    let mut logits = d
+        .model
+        .forward_fed(
+            d.cache,
+            &mut [(&mut *d.seq, &[0])],
+            Logits::Last,
+            Some(feed),
+        )
+        .map_err(|e| e.to_string())?;
+    sample_batch_on_device_into(be, &mut logits, &mut [&mut *d.sampler], newest)
+        .map_err(|e| e.to_string())?;
+    be.download_start(newest).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -170,14 +181,15 @@ mod tests {
 
     /// Runs the loop on `prompt` with `sampling`, stopping on `eos` or
     /// after `max_new` tokens; the tokens `on_token` saw must be the ones
-    /// returned, each with its finish reason.
+    /// returned, each with its finish reason. Also returns how many
+    /// positions the sequence ran through the model.
     fn run(
         model: &Qwen3<CpuBackend>,
         sampling: &SamplingConfig,
         eos: &[u32],
         max_new: usize,
         overlap: bool,
-    ) -> Decoded {
+    ) -> (Decoded, usize) {
         let prompt = [3u32, 141, 59, 26, 53];
         let mut cache = model.new_cache(prompt.len() + max_new).unwrap();
         let mut seq = Sequence::default();
@@ -215,7 +227,7 @@ mod tests {
         assert!(seen[..seen.len() - 1].iter().all(|s| s.1.is_none()));
         assert_eq!(seen.last().unwrap().1, Some(d.finish));
         assert_eq!(history[prompt.len()..], d.tokens[..]);
-        d
+        (d, seq.len())
     }
 
     #[test]
@@ -233,23 +245,25 @@ mod tests {
         };
         for sampling in [&greedy, &sampled] {
             for max_new in [1, 2, 3, 20] {
-                let plain = run(&model, sampling, &[], max_new, false);
+                let (plain, ran) = run(&model, sampling, &[], max_new, false);
                 assert_eq!(plain.tokens.len(), max_new);
                 assert_eq!(plain.finish, FinishReason::Length);
-                assert_eq!(run(&model, sampling, &[], max_new, true), plain);
+                assert_eq!(run(&model, sampling, &[], max_new, true), (plain, ran));
             }
-            // A stop token the plain loop meets mid-way (its fifth new
-            // token's first appearance) ends both loops there.
-            let free = run(&model, sampling, &[], 20, false);
-            let stop_at = free
-                .tokens
-                .iter()
-                .position(|&t| t == free.tokens[4])
-                .unwrap();
-            let plain = run(&model, sampling, &[free.tokens[4]], 20, false);
+            // A stop token the plain loop meets mid-way (the first token
+            // whose first appearance is past the second) ends both loops
+            // there.
+            let (free, _) = run(&model, sampling, &[], 20, false);
+            let stop_at = (2..20)
+                .find(|&i| !free.tokens[..i].contains(&free.tokens[i]))
+                .expect("a token new after the second");
+            let stop = [free.tokens[stop_at]];
+            let (plain, ran) = run(&model, sampling, &stop, 20, false);
             assert_eq!(plain.tokens, free.tokens[..=stop_at]);
             assert_eq!(plain.finish, FinishReason::Stop);
-            assert_eq!(run(&model, sampling, &[free.tokens[4]], 20, true), plain);
+            // The overlapped loop had queued the step after the stop token
+            // before it read it: it runs one step ahead of its tokens.
+            assert_eq!(run(&model, sampling, &stop, 20, true), (plain, ran + 1));
         }
         // A repetition penalty takes the plain loop whatever `overlap` says.
         let penalised = SamplingConfig {
