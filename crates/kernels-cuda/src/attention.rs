@@ -2,7 +2,8 @@
 //! last block of each (token or query tile, kv head) to finish. Small
 //! decode batches take attn_chunk (with one token per sequence, q/k-norm
 //! and RoPE in the same kernel: attn_rope_chunk, or attn_rope_cluster,
-//! whose chunks merge through shared memory), large ones attn_span,
+//! whose chunks merge through shared memory; each with a `_g2` form for
+//! groups of up to two q heads a kv head), large ones attn_span,
 //! and batches with prompt tokens attn_tile. Rows announced for the tensor
 //! cores go to attention_tc.rs first.
 
@@ -19,7 +20,8 @@ const OP: &str = "attention";
 /// Positions per split; must equal qwen_kernels_cpu::ATTN_CHUNK and CHUNK in attention.cu.
 pub(crate) const CHUNK: usize = 64;
 /// Query heads a pass of attn_chunk / attn_rope_chunk (HPASS in
-/// attention.cu): attn_rope_chunk makes them in shared memory after the scores.
+/// attention.cu): attn_rope_chunk makes them in shared memory after the
+/// scores. The `_g2` kernels take 2, in the room sized for 4.
 const HPASS: usize = 4;
 
 /// Dynamic shared memory of attn_chunk_body (attention.cu): a chunk's keys
@@ -61,6 +63,22 @@ pub(crate) fn seqs(meta: &BatchMeta<CudaBackend>) -> usize {
 /// Chunks of the batch's longest context.
 pub(crate) fn max_chunks(meta: &BatchMeta<CudaBackend>) -> usize {
     meta.max_context().div_ceil(CHUNK).max(1)
+}
+
+/// The small-decode-batch kernel: attn_chunk (q given), or with RoPE
+/// attn_rope_cluster / attn_rope_chunk, whose `_g2` forms take two q heads
+/// a pass over the keys instead of four where a kv head has at most two
+/// (Qwen3-0.6B and 1.7B): half the score products, all of the four-head
+/// form's beyond the group being zero padding, and less code to fetch on
+/// a cold instruction cache (the same sums).
+fn chunk_kernel(rope: bool, cluster: bool, group: usize) -> &'static str {
+    match (rope, cluster, group <= 2) {
+        (false, _, _) => "attn_chunk",
+        (true, true, true) => "attn_rope_cluster_g2",
+        (true, true, false) => "attn_rope_cluster",
+        (true, false, true) => "attn_rope_chunk_g2",
+        (true, false, false) => "attn_rope_chunk",
+    }
 }
 
 /// Whether a batch is a small decode batch: one token per sequence and a
@@ -215,11 +233,7 @@ impl CudaBackend {
         } else {
             chunk_smem(d, group)
         } as u32;
-        let name = match (&rope, cluster) {
-            (Some(_), true) => "attn_rope_cluster",
-            (Some(_), false) => "attn_rope_chunk",
-            (None, _) => "attn_chunk",
-        };
+        let name = chunk_kernel(rope.is_some(), cluster, group);
         let extra = |b: &mut Launch<'_>| -> Result<()> {
             if cluster {
                 b.cluster((1, chunks as u32, 1));
@@ -247,7 +261,8 @@ impl CudaBackend {
             Ok(())
         };
         let q_in = if rope.is_some() { None } else { Some(q) };
-        // SAFETY: attn_chunk, attn_rope_chunk and attn_rope_cluster take
+        // SAFETY: attn_chunk, attn_rope_chunk and attn_rope_cluster (and
+        // their `_g2` forms, the same parameters) take
         // `decode` and the seven RopeIn parameters after `out`, as pushed by
         // `extra` (null for attn_chunk, which does not read them); the grid
         // is one block per (token, kv head, chunk), as clusters of a (token,
@@ -444,5 +459,22 @@ impl CudaBackend {
                 unsafe { b.launch(cfg) }.map_err(dev)
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_kernel;
+
+    #[test]
+    fn two_head_groups_take_the_two_head_kernels() {
+        // Qwen3-0.6B / 1.7B (16 q heads on 8 kv heads), 4B / 8B (32 on 8),
+        // 14B (40 on 8): only groups of up to two take the `_g2` forms.
+        assert_eq!(chunk_kernel(true, true, 2), "attn_rope_cluster_g2");
+        assert_eq!(chunk_kernel(true, false, 2), "attn_rope_chunk_g2");
+        assert_eq!(chunk_kernel(true, true, 1), "attn_rope_cluster_g2");
+        assert_eq!(chunk_kernel(true, true, 4), "attn_rope_cluster");
+        assert_eq!(chunk_kernel(true, false, 5), "attn_rope_chunk");
+        assert_eq!(chunk_kernel(false, true, 2), "attn_chunk");
     }
 }

@@ -80,7 +80,9 @@ const MODULES: &[(&str, &[&str], &[&str])] = &[
         &[
             "attn_chunk",
             "attn_rope_chunk",
+            "attn_rope_chunk_g2",
             "attn_rope_cluster",
+            "attn_rope_cluster_g2",
             "attn_tile",
             "attn_span",
         ],
@@ -167,7 +169,9 @@ const LARGE_DYNAMIC_SMEM: &[&str] = &[
     "rms_norm_f32",
     "attn_chunk",
     "attn_rope_chunk",
+    "attn_rope_chunk_g2",
     "attn_rope_cluster",
+    "attn_rope_cluster_g2",
     "attn_tile",
     "attn_span",
     "gemm_tc",
@@ -408,7 +412,7 @@ fn arch_major(arch: &str) -> i32 {
 }
 
 /// Kernels launched as thread block clusters of up to NON_PORTABLE_CLUSTER blocks.
-const CLUSTER_KERNELS: &[&str] = &["attn_rope_cluster"];
+const CLUSTER_KERNELS: &[&str] = &["attn_rope_cluster", "attn_rope_cluster_g2"];
 const NON_PORTABLE_CLUSTER: usize = 16;
 
 /// Thread block clusters need compute capability 9.0 (Hopper);
