@@ -231,8 +231,11 @@ __device__ __forceinline__ float lanes_reduce_scatter(float (&v)[NV], int& idx) 
 // `len` keys and values in shared memory: m_c, l_c and o_c of head hh go to
 // dst[hh·stride ..]. `qv` holds the first pass's q (HPASS heads);
 // `next_q(h0, qv)` fetches the pass from head h0 on. `sc` holds G·CHUNK
-// scores. Callers sync before reusing ks, vs or sc.
-template <int PER, int THREADS, int HPASS, typename NextQ>
+// scores. Callers sync before reusing ks, vs or sc. With ONE_PASS the
+// caller has no more than HPASS heads (G <= HPASS), and the code of later
+// passes is left out: it sat in the middle of the path a block runs once
+// on a cold instruction cache.
+template <int PER, int THREADS, int HPASS, bool ONE_PASS, typename NextQ>
 __device__ __forceinline__ void chunk_partials(const __nv_bfloat16* ks, const __nv_bfloat16* vs, float* sc, int len,
                                                int G, float scale, float (&qv)[HPASS][PER], NextQ next_q, float* dst,
                                                size_t stride) {
@@ -243,8 +246,8 @@ __device__ __forceinline__ void chunk_partials(const __nv_bfloat16* ks, const __
     // butterfly. Each key serves HPASS heads per pass.
     const int RPW = CHUNK / WARPS, NV = RPW * HPASS;
     static_assert(NV <= 32 && (NV & (NV - 1)) == 0, "a power of two of sums, at most one a lane");
-    for (int h0 = 0; h0 < G; h0 += HPASS) {
-        if (h0 > 0) next_q(h0, qv);
+    for (int h0 = 0; h0 < (ONE_PASS ? 1 : G); h0 += HPASS) {
+        if (!ONE_PASS && h0 > 0) next_q(h0, qv);
         // Every (position, head) of the warp's share at once, then one
         // reduce-scatter (lanes_reduce_scatter: the butterfly's sums) instead
         // of a butterfly per score one after another.
@@ -315,7 +318,8 @@ __device__ __forceinline__ void chunk_partials(const __nv_bfloat16* ks, const __
 // from its peers' shared memory after a cluster barrier: the same sums in
 // the same order, without the fence, the counter and the partials' round
 // trip through L2 (`part` and `done` are not used).
-template <int PER, int THREADS, int HPASS, bool ROPE, bool CLUSTER = false>
+// ONE_PASS: the group has at most HPASS q heads (chunk_partials).
+template <int PER, int THREADS, int HPASS, bool ROPE, bool CLUSTER = false, bool ONE_PASS = false>
 __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfloat16* kc, __nv_bfloat16* vc,
                                                 const u32* pos, const u32* seq,
                                                 const u32* tables, int max_blocks, int bs, int Hq, int Hkv,
@@ -432,7 +436,7 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
         else
             load_q<PER, HPASS>(qg, h0, G, qn);
     };
-    chunk_partials<PER, THREADS, HPASS>(ks, vs, sc, len, G, scale, qv, next_q, dst,
+    chunk_partials<PER, THREADS, HPASS, ONE_PASS>(ks, vs, sc, len, G, scale, qv, next_q, dst,
                                         CLUSTER ? (size_t)(D + 2) : (size_t)max_chunks * (D + 2));
     if (CLUSTER) {
         // Every chunk's partials are in its block's shared memory; chunk
@@ -475,13 +479,13 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
 // latencies. q as given (attn_chunk), or made here from the QKV output
 // (attn_rope_chunk, whose q is null, as attn_chunk's RopeIn pointers are).
 // Larger decode batches take attn_span, prompts attn_tile (below).
-#define ATTN_CASE(DD, THREADS, HPASS, ROPE, CL)                                                                     \
+#define ATTN_CASE(DD, THREADS, HPASS, ROPE, CL, ONE)                                                                \
     case DD:                                                                                                        \
-        attn_chunk_body<DD, THREADS, HPASS, ROPE, CL>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,  \
+        attn_chunk_body<DD, THREADS, HPASS, ROPE, CL, ONE>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,  \
                                                   max_chunks, part, blockIdx.x / Hkv, blockIdx.x % Hkv,             \
                                                   done + blockIdx.x, out, decode, ri, blockIdx.y);                  \
         break;
-#define ATTN_KERNEL(NAME, THREADS, HPASS, ROPE, CL)                                                                 \
+#define ATTN_KERNEL(NAME, THREADS, HPASS, ROPE, CL, ONE)                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                           \
         NAME(const __nv_bfloat16* q, __nv_bfloat16* kc, __nv_bfloat16* vc, const u32* pos,                          \
              const u32* seq, const u32* tables, int max_blocks, int bs, int Hq, int Hkv, int D, float scale,        \
@@ -490,25 +494,25 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
              __nv_bfloat16* q_out) {                                                                                \
         RopeIn ri = {qkv, qn, kn, eps, rope, slots, q_out};                                                         \
         switch (D / 32) {                                                                                           \
-            ATTN_CASE(1, THREADS, HPASS, ROPE, CL)                                                                  \
-            ATTN_CASE(2, THREADS, HPASS, ROPE, CL)                                                                  \
-            ATTN_CASE(4, THREADS, HPASS, ROPE, CL)                                                                  \
-            ATTN_CASE(8, THREADS, HPASS, ROPE, CL)                                                                  \
+            ATTN_CASE(1, THREADS, HPASS, ROPE, CL, ONE)                                                                  \
+            ATTN_CASE(2, THREADS, HPASS, ROPE, CL, ONE)                                                                  \
+            ATTN_CASE(4, THREADS, HPASS, ROPE, CL, ONE)                                                                  \
+            ATTN_CASE(8, THREADS, HPASS, ROPE, CL, ONE)                                                                  \
         }                                                                                                           \
     }
-ATTN_KERNEL(attn_chunk, 256, 4, false, false)
-ATTN_KERNEL(attn_rope_chunk, 256, 4, true, false)
+ATTN_KERNEL(attn_chunk, 256, 4, false, false, false)
+ATTN_KERNEL(attn_rope_chunk, 256, 4, true, false, false)
 // attn_rope_chunk launched as clusters of a (token, kv head)'s chunks: the
 // merge reads the partials from the blocks' shared memory, with no fence,
 // counter or round trip through L2.
-ATTN_KERNEL(attn_rope_cluster, 256, 4, true, true)
+ATTN_KERNEL(attn_rope_cluster, 256, 4, true, true, false)
 // The RoPE kernels for groups of at most two q heads a kv head (Qwen3-0.6B
 // and 1.7B): two heads a pass over the keys instead of four, of which two
 // would be padding, so half the score products and less code to fetch
 // (0.6B batch 1: attention 7.58 -> 7.04 us a layer, +1.6%). The same sums:
 // a score's butterfly does not depend on how many it serves at once.
-ATTN_KERNEL(attn_rope_cluster_g2, 256, 2, true, true)
-ATTN_KERNEL(attn_rope_chunk_g2, 256, 2, true, false)
+ATTN_KERNEL(attn_rope_cluster_g2, 256, 2, true, true, true)
+ATTN_KERNEL(attn_rope_chunk_g2, 256, 2, true, false, true)
 
 // ---- large decode batches ---------------------------------------------------
 // One token per sequence and many blocks: a block per (token, kv head) and
@@ -591,7 +595,7 @@ __device__ __forceinline__ void attn_span_body(const __nv_bfloat16* q, const __n
         float qv[1][PER];
         next_q(0, qv);
         float* dst = part + (((size_t)t * Hq + g * G) * max_chunks + c) * (D + 2);
-        chunk_partials<PER, SPAN_THREADS, 1>(keys(c), vst, sc, chunk_len(c), G, scale, qv, next_q, dst,
+        chunk_partials<PER, SPAN_THREADS, 1, false>(keys(c), vst, sc, chunk_len(c), G, scale, qv, next_q, dst,
                                              (size_t)max_chunks * (D + 2));
         // Every thread is done with these keys and values before they are
         // overwritten.
