@@ -481,9 +481,10 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
 // Larger decode batches take attn_span, prompts attn_tile (below).
 #define ATTN_CASE(DD, THREADS, HPASS, ROPE, CL, ONE)                                                                \
     case DD:                                                                                                        \
-        attn_chunk_body<DD, THREADS, HPASS, ROPE, CL, ONE>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv, scale,  \
-                                                  max_chunks, part, blockIdx.x / Hkv, blockIdx.x % Hkv,             \
-                                                  done + blockIdx.x, out, decode, ri, blockIdx.y);                  \
+        attn_chunk_body<DD, THREADS, HPASS, ROPE, CL, ONE>(q, kc, vc, pos, seq, tables, max_blocks, bs, Hq, Hkv,    \
+                                                           scale, max_chunks, part, blockIdx.x / Hkv,               \
+                                                           blockIdx.x % Hkv, done + blockIdx.x, out, decode, ri,    \
+                                                           blockIdx.y);                                             \
         break;
 #define ATTN_KERNEL(NAME, THREADS, HPASS, ROPE, CL, ONE)                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                           \
@@ -494,10 +495,10 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
              __nv_bfloat16* q_out) {                                                                                \
         RopeIn ri = {qkv, qn, kn, eps, rope, slots, q_out};                                                         \
         switch (D / 32) {                                                                                           \
-            ATTN_CASE(1, THREADS, HPASS, ROPE, CL, ONE)                                                                  \
-            ATTN_CASE(2, THREADS, HPASS, ROPE, CL, ONE)                                                                  \
-            ATTN_CASE(4, THREADS, HPASS, ROPE, CL, ONE)                                                                  \
-            ATTN_CASE(8, THREADS, HPASS, ROPE, CL, ONE)                                                                  \
+            ATTN_CASE(1, THREADS, HPASS, ROPE, CL, ONE)                                                             \
+            ATTN_CASE(2, THREADS, HPASS, ROPE, CL, ONE)                                                             \
+            ATTN_CASE(4, THREADS, HPASS, ROPE, CL, ONE)                                                             \
+            ATTN_CASE(8, THREADS, HPASS, ROPE, CL, ONE)                                                             \
         }                                                                                                           \
     }
 ATTN_KERNEL(attn_chunk, 256, 4, false, false, false)
