@@ -437,7 +437,7 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
             load_q<PER, HPASS>(qg, h0, G, qn);
     };
     chunk_partials<PER, THREADS, HPASS, ONE_PASS>(ks, vs, sc, len, G, scale, qv, next_q, dst,
-                                        CLUSTER ? (size_t)(D + 2) : (size_t)max_chunks * (D + 2));
+                                                  CLUSTER ? (size_t)(D + 2) : (size_t)max_chunks * (D + 2));
     if (CLUSTER) {
         // Every chunk's partials are in its block's shared memory; chunk
         // 0's block merges them from there, and the others stay until it
@@ -510,8 +510,10 @@ ATTN_KERNEL(attn_rope_cluster, 256, 4, true, true, false)
 // The RoPE kernels for groups of at most two q heads a kv head (Qwen3-0.6B
 // and 1.7B): two heads a pass over the keys instead of four, of which two
 // would be padding, so half the score products and less code to fetch
-// (0.6B batch 1: attention 7.58 -> 7.04 us a layer, +1.6%). The same sums:
-// a score's butterfly does not depend on how many it serves at once.
+// (0.6B batch 1: attention 7.58 -> 7.04 us a layer, +1.6%); and, as their
+// groups never take a second pass (attention.rs picks them for at most two
+// heads), none of its code (ONE_PASS: +1.2% more). The same sums: a
+// score's butterfly does not depend on how many it serves at once.
 ATTN_KERNEL(attn_rope_cluster_g2, 256, 2, true, true, true)
 ATTN_KERNEL(attn_rope_chunk_g2, 256, 2, true, false, true)
 
@@ -597,7 +599,7 @@ __device__ __forceinline__ void attn_span_body(const __nv_bfloat16* q, const __n
         next_q(0, qv);
         float* dst = part + (((size_t)t * Hq + g * G) * max_chunks + c) * (D + 2);
         chunk_partials<PER, SPAN_THREADS, 1, false>(keys(c), vst, sc, chunk_len(c), G, scale, qv, next_q, dst,
-                                             (size_t)max_chunks * (D + 2));
+                                                    (size_t)max_chunks * (D + 2));
         // Every thread is done with these keys and values before they are
         // overwritten.
         __syncthreads();
