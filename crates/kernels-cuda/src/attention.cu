@@ -192,6 +192,27 @@ __device__ __forceinline__ void copy_kv_rows(__nv_bfloat16* ks, __nv_bfloat16* v
     }
 }
 
+// copy_kv_rows for rows of one chunk (r1 <= CHUNK) of head width D, rows
+// D apart, written out as a fixed number of predicated rounds instead of
+// the compiler's unrolled loop and its remainder: a fraction of the code,
+// for kernels that run once a layer on a cold instruction cache.
+template <int THREADS, int D>
+__device__ __forceinline__ void copy_chunk_rows(__nv_bfloat16* ks, __nv_bfloat16* vs, const u32* slot_of, int r0,
+                                                int r1, const __nv_bfloat16* kc, const __nv_bfloat16* vc, int Hkv,
+                                                int g) {
+    const int pieces = D / 8, ROUNDS = (CHUNK * pieces + THREADS - 1) / THREADS;
+#pragma unroll
+    for (int k = 0; k < ROUNDS; k++) {
+        int i = r0 * pieces + threadIdx.x + k * THREADS;
+        if (i < r1 * pieces) {
+            int r = i / pieces, o = (i % pieces) * 8;
+            size_t src = ((size_t)slot_of[r] * Hkv + g) * D + o;
+            copy16_async(ks + r * D + o, kc + src);
+            copy16_async(vs + r * D + o, vc + src);
+        }
+    }
+}
+
 // NV sums (a power of two up to 32), each over the warp's lanes, as the
 // head butterfly (head_combine) forms them: at each of its steps (lanes
 // 16, 8, 4, 2, 1 apart) lane l adds its partner's value to its own, but of
@@ -275,7 +296,12 @@ __device__ __forceinline__ void chunk_partials(const __nv_bfloat16* ks, const __
     __syncthreads();
     // Per head: the max (exact in any order), e_p = exp(s_p - m), and l = sum
     // of e_p in increasing p.
-    for (int hh = warp; hh < G; hh += WARPS) softmax_row(sc + hh * CHUNK, len, dst + hh * stride);
+    // With ONE_PASS (G <= HPASS <= WARPS) each loop below takes one round
+    // where it can, which leaves the compiler no loop to unroll into code.
+    for (int hh = warp; hh < G; hh += WARPS) {
+        softmax_row(sc + hh * CHUNK, len, dst + hh * stride);
+        if (ONE_PASS) break;
+    }
     __syncthreads();
     // o[i] = sum of e_p * v_p[i] in increasing p: each thread two adjacent
     // dimensions of one head at a time.
@@ -292,6 +318,7 @@ __device__ __forceinline__ void chunk_partials(const __nv_bfloat16* ks, const __
         }
         dst[hh * stride + 2 + i] = a0;
         dst[hh * stride + 3 + i] = a1;
+        if (ONE_PASS && HPASS * D / 2 <= THREADS) break;
     }
 }
 
@@ -348,16 +375,19 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
     }
     int len = min(CHUNK, ctx - start);
     const u32* table = tables + (size_t)st * max_blocks;
-    for (int j = tid; j < len; j += THREADS) {
-        int p = start + j;
-        slot_of[j] = table[p / bs] * (u32)bs + (u32)(p % bs);
+    // A thread a row (len <= CHUNK <= THREADS): no loop for the compiler
+    // to unroll into code this block would fetch.
+    static_assert(THREADS >= CHUNK, "a thread for each row of a chunk");
+    if (tid < len) {
+        int p = start + tid;
+        slot_of[tid] = table[p / bs] * (u32)bs + (u32)(p % bs);
     }
     __syncthreads();
     // Rows of D bf16 in 16-byte pieces (D is a multiple of 32), copied
     // straight to shared memory: every copy is in flight before any is
     // waited for. Rows from `old` on may be this step's.
     int old = decode ? min(len, (int)pt - start) : 0;
-    auto copy_rows = [&](int r0, int r1) { copy_kv_rows<THREADS>(ks, vs, D, slot_of, r0, r1, kc, vc, Hkv, g, D); };
+    auto copy_rows = [&](int r0, int r1) { copy_chunk_rows<THREADS, D>(ks, vs, slot_of, r0, r1, kc, vc, Hkv, g); };
     copy_rows(0, old);
     // This lane's norm weights and rotation pairs' cosines and sines.
     float wq[PER], wk[PER], cv[PER], sv[PER];
@@ -386,33 +416,31 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
     // is what it waits on most; BENCHMARKS.md.)
     float* qs = sc + G * CHUNK;
     if (ROPE) {
-        if (warp < HPASS && warp < G) {
-            const float* x = xg + (size_t)(g * G + warp) * D;
-            float xv[PER], y[PER];
-#pragma unroll
-            for (int e = 0; e < PER; e++) xv[e] = x[e];
-            norm_rope_head<PER>(xv, wq, cv, sv, ri.eps, y);
-#pragma unroll
-            for (int e = 0; e < PER; e++) {
-                __nv_bfloat16 b = __float2bfloat16_rn(y[e]);
-                qs[warp * D + lane * PER + e] = bf(b);
-                if (c == 0) qo[(size_t)warp * D + e] = b;
-            }
-        }
-        // The new row: its key normalised and rotated, its value rounded.
+        // Warp w < HPASS makes q head w; warp HPASS the new key row
+        // (normalised and rotated), warp HPASS + 1 the new value row
+        // (rounded). One inlined norm_rope_head serves q and the key.
         int kv = warp - HPASS;
-        if (old < len && (kv == 0 || kv == 1)) {
-            size_t dst = ((size_t)ri.slots[t] * Hkv + g) * D + lane * PER;
-            const float* x = xg + (size_t)(Hq + (kv == 0 ? 0 : Hkv) + g) * D;
-            float xv[PER], y[PER];
-#pragma unroll
-            for (int e = 0; e < PER; e++) xv[e] = x[e];
-            if (kv == 0) norm_rope_head<PER>(xv, wk, cv, sv, ri.eps, y);
+        bool qw = warp < HPASS && warp < G, neww = old < len && (kv == 0 || kv == 1);
+        if (qw || neww) {
+            const float* x = xg + (size_t)(qw ? g * G + warp : Hq + (kv == 0 ? 0 : Hkv) + g) * D;
+            float xv[PER], y[PER], w[PER];
 #pragma unroll
             for (int e = 0; e < PER; e++) {
-                __nv_bfloat16 b = __float2bfloat16_rn(kv == 0 ? y[e] : xv[e]);
-                (kv == 0 ? kc : vc)[dst + e] = b;
-                (kv == 0 ? ks : vs)[old * D + lane * PER + e] = b;
+                xv[e] = x[e];
+                w[e] = qw ? wq[e] : wk[e];
+            }
+            if (qw || kv == 0) norm_rope_head<PER>(xv, w, cv, sv, ri.eps, y);
+            size_t dst = ((size_t)ri.slots[t] * Hkv + g) * D + lane * PER;
+#pragma unroll
+            for (int e = 0; e < PER; e++) {
+                __nv_bfloat16 b = __float2bfloat16_rn(qw || kv == 0 ? y[e] : xv[e]);
+                if (qw) {
+                    qs[warp * D + lane * PER + e] = bf(b);
+                    if (c == 0) qo[(size_t)warp * D + e] = b;
+                } else {
+                    (kv == 0 ? kc : vc)[dst + e] = b;
+                    (kv == 0 ? ks : vs)[old * D + lane * PER + e] = b;
+                }
             }
         }
     } else {
@@ -450,6 +478,7 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
                 const float* my = mine + hh * (D + 2);
                 combine_head_from<PER>([=](int cc, int i) { return cluster_peer(my, cc)[i]; }, chunks,
                                        fac + hh * chunks, out + ((size_t)t * Hq + g * G + hh) * D);
+                if (ONE_PASS) break;
             }
         }
         cluster_sync_all();

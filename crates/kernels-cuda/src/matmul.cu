@@ -297,17 +297,15 @@ __device__ __forceinline__ void t1_rows_ring(const __nv_bfloat16* xr, int K, int
     }
 }
 
-// One weight row a warp. Rows whose length is not a multiple of 8 take
-// dot_rows.
+// One weight row a warp; K a multiple of 8 (matmul.rs sends other rows
+// to matmul_bf16: the same sums). Without a fallback inside, this kernel
+// is the ring's code alone, which every SM fetches once a layer on a cold
+// instruction cache.
 template <int RING_STAGES>
 __device__ __forceinline__ void matmul_t1(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int row0, int T,
                                           int K, int N, int add) {
     int n = blockIdx.x * blockDim.y + threadIdx.y;
     if (n >= N) return;
-    if ((K & 7) != 0) {
-        project<1>(x, w, out, row0, T, K, N, add);
-        return;
-    }
     const __nv_bfloat16* wr = w + (size_t)n * K;
     t1_rows_ring<RING_STAGES>(x + (size_t)row0 * K, K, 1, [&](int) { return wr; },
                               [&](int, float r) {

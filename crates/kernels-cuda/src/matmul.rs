@@ -42,7 +42,9 @@ fn exact_kernel(f32_x: bool, single: bool, k: usize, n: usize) -> (&'static str,
         }
         (true, false) => ("matmul_f32x", ROWS, TOKEN_TILE),
         (true, true) => ("matmul_f32x_t1", ROWS, TOKEN_TILE),
+        // The single-token ring kernels take whole 16-byte pieces only.
         (false, false) => ("matmul_bf16", ROWS, TOKEN_TILE),
+        (false, true) if !k.is_multiple_of(8) => ("matmul_bf16", ROWS, TOKEN_TILE),
         (false, true) if k * n * 2 < DEEP_RING_MAX_BYTES => {
             ("matmul_bf16_t1_deep", ROWS, TOKEN_TILE)
         }
@@ -275,6 +277,8 @@ mod tests {
             ((true, false, 37, 9), ("matmul_f32x", 4, 4)),
             ((false, true, 1024, 4096), ("matmul_bf16_t1_deep", 4, 4)),
             ((false, true, 4096, 4096), ("matmul_bf16_t1", 4, 4)),
+            ((false, true, 37, 9), ("matmul_bf16", 4, 4)),
+            ((false, true, 4100, 4096), ("matmul_bf16", 4, 4)),
             ((true, true, 4096, 151_936), ("matmul_f32x_t1", 4, 4)),
         ];
         for ((f32_x, single, k, n), want) in cases {
