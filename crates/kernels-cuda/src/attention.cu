@@ -545,6 +545,10 @@ ATTN_KERNEL(attn_rope_cluster, 256, 4, true, true, false)
 // score's butterfly does not depend on how many it serves at once.
 ATTN_KERNEL(attn_rope_cluster_g2, 256, 2, true, true, true)
 ATTN_KERNEL(attn_rope_chunk_g2, 256, 2, true, false, true)
+// WIP (not measured on a GPU yet): groups of three or four (Qwen3-4B, 8B)
+// also take one pass of four heads; these leave the later passes' code out.
+ATTN_KERNEL(attn_rope_cluster_g4, 256, 4, true, true, true)
+ATTN_KERNEL(attn_rope_chunk_g4, 256, 4, true, false, true)
 
 // ---- large decode batches ---------------------------------------------------
 // One token per sequence and many blocks: a block per (token, kv head) and

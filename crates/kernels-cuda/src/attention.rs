@@ -72,12 +72,14 @@ pub(crate) fn max_chunks(meta: &BatchMeta<CudaBackend>) -> usize {
 /// form's beyond the group being zero padding, and less code to fetch on
 /// a cold instruction cache (the same sums).
 fn chunk_kernel(rope: bool, cluster: bool, group: usize) -> &'static str {
-    match (rope, cluster, group <= 2) {
+    match (rope, cluster, group) {
         (false, _, _) => "attn_chunk",
-        (true, true, true) => "attn_rope_cluster_g2",
-        (true, true, false) => "attn_rope_cluster",
-        (true, false, true) => "attn_rope_chunk_g2",
-        (true, false, false) => "attn_rope_chunk",
+        (true, true, 0..=2) => "attn_rope_cluster_g2",
+        (true, true, 3..=4) => "attn_rope_cluster_g4",
+        (true, true, _) => "attn_rope_cluster",
+        (true, false, 0..=2) => "attn_rope_chunk_g2",
+        (true, false, 3..=4) => "attn_rope_chunk_g4",
+        (true, false, _) => "attn_rope_chunk",
     }
 }
 
@@ -473,7 +475,9 @@ mod tests {
         assert_eq!(chunk_kernel(true, true, 2), "attn_rope_cluster_g2");
         assert_eq!(chunk_kernel(true, false, 2), "attn_rope_chunk_g2");
         assert_eq!(chunk_kernel(true, true, 1), "attn_rope_cluster_g2");
-        assert_eq!(chunk_kernel(true, true, 4), "attn_rope_cluster");
+        assert_eq!(chunk_kernel(true, true, 4), "attn_rope_cluster_g4");
+        assert_eq!(chunk_kernel(true, false, 3), "attn_rope_chunk_g4");
+        assert_eq!(chunk_kernel(true, true, 8), "attn_rope_cluster");
         assert_eq!(chunk_kernel(true, false, 5), "attn_rope_chunk");
         assert_eq!(chunk_kernel(false, true, 2), "attn_chunk");
     }

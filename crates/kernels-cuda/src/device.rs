@@ -83,6 +83,8 @@ const MODULES: &[(&str, &[&str], &[&str])] = &[
             "attn_rope_chunk_g2",
             "attn_rope_cluster",
             "attn_rope_cluster_g2",
+            "attn_rope_cluster_g4",
+            "attn_rope_chunk_g4",
             "attn_tile",
             "attn_span",
         ],
@@ -172,6 +174,8 @@ const LARGE_DYNAMIC_SMEM: &[&str] = &[
     "attn_rope_chunk_g2",
     "attn_rope_cluster",
     "attn_rope_cluster_g2",
+    "attn_rope_cluster_g4",
+    "attn_rope_chunk_g4",
     "attn_tile",
     "attn_span",
     "gemm_tc",
@@ -412,7 +416,11 @@ fn arch_major(arch: &str) -> i32 {
 }
 
 /// Kernels launched as thread block clusters of up to NON_PORTABLE_CLUSTER blocks.
-const CLUSTER_KERNELS: &[&str] = &["attn_rope_cluster", "attn_rope_cluster_g2"];
+const CLUSTER_KERNELS: &[&str] = &[
+    "attn_rope_cluster",
+    "attn_rope_cluster_g2",
+    "attn_rope_cluster_g4",
+];
 const NON_PORTABLE_CLUSTER: usize = 16;
 
 /// Thread block clusters need compute capability 9.0 (Hopper);
