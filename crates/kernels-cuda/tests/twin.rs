@@ -1052,6 +1052,16 @@ fn qk_norm_rope_and_attention() {
         (4, 2, 32, vec![(5, 1), (77, 1)]),
         (12, 4, 64, vec![(129, 1)]),
         (64, 8, 128, vec![(1000, 1)]),
+        // Groups of 1, 3 and 4 in one pass (the _g2 and _g4 kernels),
+        // clustered and not, 4 at head_dim 256 (PV in two rounds).
+        (8, 8, 64, vec![(90, 1)]),
+        (24, 8, 128, vec![(100, 1), (700, 1)]),
+        (24, 8, 128, vec![(2000, 1)]),
+        (32, 8, 128, vec![(300, 1)]),
+        (32, 8, 128, vec![(1000, 1)]),
+        (32, 8, 128, vec![(1500, 1)]),
+        (8, 2, 256, vec![(200, 1)]),
+        (8, 2, 256, vec![(1100, 1)]),
     ];
     for (hq, hkv, d, ctxs) in cases {
         let case = attn_case(&mut r, geometry(hq, hkv, d, bs), &ctxs);
