@@ -9,21 +9,34 @@
 
 // Thread block clusters (sm_90): every thread of every block of the
 // cluster arrives, then waits for the rest (its shared-memory writes are
-// visible to the others after it); and the address of the same shared
-// variable in the cluster's block `rank`.
+// visible to the others after it).
 __device__ __forceinline__ void cluster_sync_all() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 #endif
 }
-__device__ __forceinline__ const float* cluster_peer(const float* p, int rank) {
+// Float i of the shared array at `p` in the cluster's block `rank`, through
+// a 32-bit shared::cluster address: the address of a rank is made once and
+// its floats are immediate offsets, where a generic pointer costs 64-bit
+// arithmetic for every load (the merge reads 32 of them at once). Volatile,
+// so that it stays after the cluster barrier that made the data visible.
+__device__ __forceinline__ unsigned cluster_peer_addr(const float* p, int rank) {
 #if __CUDA_ARCH__ >= 900
-    unsigned long long r;
-    asm("mapa.u64 %0, %1, %2;" : "=l"(r) : "l"(p), "r"(rank));
-    return reinterpret_cast<const float*>(r);
+    unsigned r;
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"((unsigned)__cvta_generic_to_shared(p)), "r"(rank));
+    return r;
 #else
-    return p;
+    return (unsigned)__cvta_generic_to_shared(p);
 #endif
+}
+__device__ __forceinline__ float cluster_load(unsigned addr, int i) {
+    float v;
+#if __CUDA_ARCH__ >= 900
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(addr + 4 * i) : "memory");
+#else
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr + 4 * i) : "memory");
+#endif
+    return v;
 }
 
 // One (token, q head)'s output from its `chunks` partials at `p`, merged
@@ -213,6 +226,31 @@ __device__ __forceinline__ void copy_chunk_rows(__nv_bfloat16* ks, __nv_bfloat16
     }
 }
 
+__device__ __forceinline__ void widen_pair(u32 w, float* f) {
+    f[0] = __uint_as_float(w << 16);
+    f[1] = __uint_as_float(w & 0xffff0000u);
+}
+
+// PER consecutive bf16 from shared memory, aligned to their size, widened.
+template <int PER>
+__device__ __forceinline__ void widen_bf16s(const __nv_bfloat16* p, float* f) {
+    if (PER == 8) {
+        uint4 v = *reinterpret_cast<const uint4*>(p);
+        widen_pair(v.x, f);
+        widen_pair(v.y, f + 2);
+        widen_pair(v.z, f + 4);
+        widen_pair(v.w, f + 6);
+    } else if (PER == 4) {
+        uint2 v = *reinterpret_cast<const uint2*>(p);
+        widen_pair(v.x, f);
+        widen_pair(v.y, f + 2);
+    } else if (PER == 2) {
+        widen_pair(*reinterpret_cast<const u32*>(p), f);
+    } else {
+        f[0] = bf(p[0]);
+    }
+}
+
 // NV sums (a power of two up to 32), each over the warp's lanes, as the
 // head butterfly (head_combine) forms them: at each of its steps (lanes
 // 16, 8, 4, 2, 1 apart) lane l adds its partner's value to its own, but of
@@ -278,8 +316,7 @@ __device__ __forceinline__ void chunk_partials(const __nv_bfloat16* ks, const __
             int j = warp + r * WARPS;
             const __nv_bfloat16* k = ks + (j < len ? j : 0) * D + lane * PER;
             float kf[PER];
-#pragma unroll
-            for (int e = 0; e < PER; e++) kf[e] = bf(k[e]);
+            widen_bf16s<PER>(k, kf);
 #pragma unroll
             for (int hh = 0; hh < HPASS; hh++) {
                 float a = 0.0f;
@@ -476,7 +513,7 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
             float* fac = reinterpret_cast<float*>(smem_raw);
             for (int hh = warp; hh < G; hh += WARPS) {
                 const float* my = mine + hh * (D + 2);
-                combine_head_from<PER>([=](int cc, int i) { return cluster_peer(my, cc)[i]; }, chunks,
+                combine_head_from<PER>([=](int cc, int i) { return cluster_load(cluster_peer_addr(my, cc), i); }, chunks,
                                        fac + hh * chunks, out + ((size_t)t * Hq + g * G + hh) * D);
                 if (ONE_PASS) break;
             }
@@ -692,31 +729,6 @@ extern "C" __global__ void __launch_bounds__(SPAN_THREADS, 4)
 // then 8, 4, 2, 1): i with its five bits reversed (0, 16, 8, 24, 4, ...).
 __device__ __forceinline__ constexpr int leaf_lane(int i) {
     return ((i & 1) << 4) | ((i & 2) << 2) | (i & 4) | ((i & 8) >> 2) | ((i & 16) >> 4);
-}
-
-__device__ __forceinline__ void widen_pair(u32 w, float* f) {
-    f[0] = __uint_as_float(w << 16);
-    f[1] = __uint_as_float(w & 0xffff0000u);
-}
-
-// PER consecutive bf16 from shared memory, aligned to their size, widened.
-template <int PER>
-__device__ __forceinline__ void widen_bf16s(const __nv_bfloat16* p, float* f) {
-    if (PER == 8) {
-        uint4 v = *reinterpret_cast<const uint4*>(p);
-        widen_pair(v.x, f);
-        widen_pair(v.y, f + 2);
-        widen_pair(v.z, f + 4);
-        widen_pair(v.w, f + 6);
-    } else if (PER == 4) {
-        uint2 v = *reinterpret_cast<const uint2*>(p);
-        widen_pair(v.x, f);
-        widen_pair(v.y, f + 2);
-    } else if (PER == 2) {
-        widen_pair(*reinterpret_cast<const u32*>(p), f);
-    } else {
-        f[0] = bf(p[0]);
-    }
 }
 
 // PER consecutive f32 from shared memory, aligned to their size.

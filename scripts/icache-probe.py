@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""How long a kernel waits on fetching its own machine code, and whether
+that code is still cached when the same kernel runs again after others.
+
+A batch-1 decode step runs each of a layer's kernels once a layer, and the
+traces (BENCHMARKS.md) showed attention's post-wait work taking far longer
+on a cold instruction cache than on a warm one. This probe measures the
+cache itself with straight-line kernels (one warp per SM, N bytes of
+independent FADDs, no memory traffic): cycles of a kernel run cold (after
+a large kernel of other code), run again right after itself, and run
+again after other kernels holding M bytes of code in all.
+
+Runs on the GPU machine (CuPy, NVRTC). Usage:
+  python3 scripts/icache-probe.py [--json FILE]
+"""
+import argparse
+import json
+
+import cupy as cp
+import numpy as np
+
+SMS = cp.cuda.runtime.getDeviceProperties(0)["multiProcessorCount"]
+
+
+def kernel_source(name, kb):
+    """A kernel of about `kb` KB of SASS: 16-byte FADDs over 8 independent
+    chains, so the warp could issue one a cycle if its code were there."""
+    n = kb * 1024 // 16
+    body = "\n".join(
+        f'    asm volatile("add.f32 %0, %0, %1;" : "+f"(a{i % 8}) : "f"(b));' for i in range(n)
+    )
+    acc = " + ".join(f"a{i}" for i in range(8))
+    return f"""
+extern "C" __global__ void {name}(float* out, long long* cycles, float b) {{
+    float a0 = threadIdx.x, a1 = a0 + 1, a2 = a0 + 2, a3 = a0 + 3, a4 = a0 + 4, a5 = a0 + 5, a6 = a0 + 6,
+          a7 = a0 + 7;
+    long long t0 = clock64();
+{body}
+    long long t1 = clock64();
+    out[blockIdx.x * blockDim.x + threadIdx.x] = {acc};
+    if (threadIdx.x == 0) cycles[blockIdx.x] = t1 - t0;
+}}
+"""
+
+
+class Probe:
+    def __init__(self, sizes):
+        self.names = {kb: f"k{kb}" for kb in sizes}
+        src = "".join(kernel_source(n, kb) for kb, n in self.names.items())
+        mod = cp.RawModule(code=src, options=("--fmad=false",))
+        self.k = {kb: mod.get_function(n) for kb, n in self.names.items()}
+        self.out = cp.zeros(SMS * 32, dtype=cp.float32)
+        self.cyc = {kb: cp.zeros(SMS, dtype=cp.int64) for kb in sizes}
+
+    def launch(self, kb):
+        self.k[kb]((SMS,), (32,), (self.out, self.cyc[kb], np.float32(1.0)))
+
+    def median(self, kb):
+        cp.cuda.Device().synchronize()
+        return float(np.median(cp.asnumpy(self.cyc[kb])))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    targets = [4, 8, 16, 32]
+    fillers = [8, 16, 32, 48, 64, 96, 128, 192, 256]
+    flush = 1024
+    sizes = sorted(set(targets + fillers + [flush]))
+    p = Probe(sizes)
+    for kb in sizes:  # load every kernel once
+        p.launch(kb)
+    cp.cuda.Device().synchronize()
+    rows = []
+    for kb in targets:
+        for rep in range(3):
+            p.launch(flush)
+            p.launch(kb)
+            cold = p.median(kb)
+            p.launch(kb)
+            warm = p.median(kb)
+            row = {"kernel_kb": kb, "rep": rep, "cold": cold, "again": warm}
+            for m in fillers:
+                p.launch(kb)
+                p.launch(m)
+                p.launch(kb)
+                row[f"after_{m}kb"] = p.median(kb)
+            rows.append(row)
+    keys = ["kernel_kb", "rep", "cold", "again"] + [f"after_{m}kb" for m in fillers]
+    print(" | ".join(keys))
+    for r in rows:
+        print(" | ".join(str(int(r[k])) for k in keys))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
