@@ -66,7 +66,7 @@ def main():
     args = ap.parse_args()
     targets = [4, 8, 16, 32]
     fillers = [8, 16, 32, 48, 64, 96, 128, 192, 256]
-    flush = 1024
+    flush = 512
     sizes = sorted(set(targets + fillers + [flush]))
     p = Probe(sizes)
     for kb in sizes:  # load every kernel once
