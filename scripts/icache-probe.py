@@ -12,6 +12,8 @@ again after other kernels holding M bytes of code in all.
 
 Runs on the GPU machine (CuPy, NVRTC). Usage:
   python3 scripts/icache-probe.py [--json FILE]
+  python3 scripts/icache-probe.py --cycle 3,8,34,8,3,10,8 [--cycle ...]
+      (a layer's kernels in turn: cycles of each against it warm)
 """
 import argparse
 import json
@@ -60,10 +62,46 @@ class Probe:
         return float(np.median(cp.asnumpy(self.cyc[kb])))
 
 
+def cycle(sizes, rounds=20):
+    """Kernels of `sizes` KB run in turn, as a decode layer's kernels do
+    (a size repeated is the same kernel again), `rounds` times; the median
+    cycles of each position over the later rounds, against the same kernel
+    run twice in a row."""
+    kinds = sorted(set(sizes))
+    p = Probe(kinds)
+    warm = {}
+    for kb in kinds:
+        p.launch(kb)
+        p.launch(kb)
+        warm[kb] = p.median(kb)
+    seen = [[] for _ in sizes]
+    for r in range(rounds):
+        for i, kb in enumerate(sizes):
+            p.launch(kb)
+            if r >= 2:
+                seen[i].append(p.median(kb))
+    return [(kb, warm[kb], float(np.median(s))) for kb, s in zip(sizes, seen)]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--cycle", action="append", default=[],
+                    help="comma-separated kernel sizes in KB run in turn (repeatable)")
     args = ap.parse_args()
+    if args.cycle:
+        out = {}
+        for c in args.cycle:
+            sizes = [int(v) for v in c.split(",")]
+            rows = cycle(sizes)
+            out[c] = rows
+            print(f"cycle {c} (KB: total distinct {sum(set(sizes))}): "
+                  + "  ".join(f"{kb}KB {int(got)}/{int(w)}" for kb, w, got in rows)
+                  + f"  extra cycles {int(sum(got - w for _, w, got in rows))}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=1)
+        return
     targets = [4, 8, 16, 32]
     fillers = [8, 16, 32, 48, 64, 96, 128, 192, 256]
     flush = 512
