@@ -47,10 +47,11 @@ const MODULES: &[(&str, &[&str], &[&str])] = &[
         &[
             "matmul_bf16",
             "matmul_bf16_t1",
-            "matmul_ring_t1",
+            "matmul_bf16_t1_deep",
             "matmul_f32x",
             "matmul_f32x_t1",
             "matmul_silu_t1",
+            "matmul_silu_ring_t1",
             "matmul_bf16_tiled",
             "matmul_f32x_tiled",
             "split_hi_lo",

@@ -301,34 +301,17 @@ __device__ __forceinline__ void t1_rows_ring(const __nv_bfloat16* xr, int K, int
 // to matmul_bf16: the same sums). Without a fallback inside, this kernel
 // is the ring's code alone, which every SM fetches once a layer on a cold
 // instruction cache.
-//
-// SILU (matmul_ring_t1's mode 2): gate/up projection and SiLU gate for
-// one token, `w` holding the N gate rows, then the N up rows, `out` bf16:
-// a warp takes unit n, its gate row n then its up row N + n through the
-// ring (three stages: a 1,024-long pair is wholly in flight before the
-// wait), and writes bf16(silu(g)·u) as silu_mul in activation.cu rounds
-// it. Against the projection then silu_mul: one kernel and its hand-over
-// fewer, and the f32 pair never leaves the warp (0.6B batch 1 +1.2-2.2%;
-// 8B, whose 201 MB of gate/up take matmul_silu_t1 below, measured -0.6%
-// with it).
 template <int RING_STAGES>
-__device__ __forceinline__ void matmul_t1(const __nv_bfloat16* x, const __nv_bfloat16* w, void* out, int row0, int K,
-                                          int N, int add, bool silu) {
+__device__ __forceinline__ void matmul_t1(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int row0, int T,
+                                          int K, int N, int add) {
     int n = blockIdx.x * blockDim.y + threadIdx.y;
     if (n >= N) return;
-    float g = 0.0f;
-    t1_rows_ring<RING_STAGES>(x + (size_t)row0 * K, K, silu ? 2 : 1,
-                              [&](int j) { return w + ((size_t)j * N + n) * K; },
-                              [&](int j, float r) {
-                                  if (silu && j == 0) {
-                                      g = r;
-                                  } else if (threadIdx.x == 0) {
-                                      if (silu) {
-                                          static_cast<__nv_bfloat16*>(out)[n] = __float2bfloat16_rn(q_silu(g) * r);
-                                      } else {
-                                          float* o = static_cast<float*>(out) + (size_t)row0 * N + n;
-                                          *o = add ? *o + r : r;
-                                      }
+    const __nv_bfloat16* wr = w + (size_t)n * K;
+    t1_rows_ring<RING_STAGES>(x + (size_t)row0 * K, K, 1, [&](int) { return wr; },
+                              [&](int, float r) {
+                                  if (threadIdx.x == 0) {
+                                      size_t o = (size_t)row0 * N + n;
+                                      out[o] = add ? out[o] + r : r;
                                   }
                               });
 }
@@ -336,24 +319,41 @@ __device__ __forceinline__ void matmul_t1(const __nv_bfloat16* x, const __nv_bfl
 // Two stages (16 KB a block) for large weights: measured faster than three
 // and four on 8B (167.2 -> 169.8 tok/s; three again -1.6% in the
 // 2026-11-27 10:16 session), and the freed shared memory lets the next
-// kernel's blocks start beside these. Three (matmul_ring_t1) where the
-// step is a chain of short kernels (0.6B: a 2,048- or 3,072-long row has
-// two batches in flight before the wait, and the kernel before has the
-// time to let them land; +2%): matmul.rs picks.
+// kernel's blocks start beside these. Three (`_deep`) where the step is a chain of short kernels (0.6B:
+// a 2,048- or 3,072-long row has two batches in flight before the wait, and
+// the kernel before has the time to let them land; +2%): matmul.rs picks.
 extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)
     matmul_bf16_t1(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int row0, int T, int K, int N,
                    int add) {
-    matmul_t1<2>(x, w, out, row0, K, N, add, false);
+    matmul_t1<2>(x, w, out, row0, T, K, N, add);
 }
-// The three-stage ring for every single-token projection of a step of
-// small weights, plain (mode 0), added to `out` (1) or gate/up + SiLU (2):
-// one kernel's code for all of them, so that only the first of a layer's
-// projections after attention finds it evicted from the instruction cache
-// (scripts/icache-probe.py: about 32 KB of code stays cached; BENCHMARKS.md).
 extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)
-    matmul_ring_t1(const __nv_bfloat16* x, const __nv_bfloat16* w, void* out, int row0, int T, int K, int N,
-                   int mode) {
-    matmul_t1<3>(x, w, out, row0, K, N, mode == 1, mode == 2);
+    matmul_bf16_t1_deep(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int row0, int T, int K, int N,
+                        int add) {
+    matmul_t1<3>(x, w, out, row0, T, K, N, add);
+}
+
+// Gate/up projection and SiLU gate for one token where the weights are
+// small (`w` holds the I gate rows, then the I up rows): a warp takes unit
+// i, its gate row i then its up row I + i through one ring of three
+// stages (so a 1,024-long pair is wholly in flight before the wait), and
+// writes bf16(silu(g)·u) as silu_mul in activation.cu rounds it. Against
+// the projection then silu_mul: one kernel and its hand-over fewer, and
+// the f32 pair never leaves the warp (0.6B batch 1 +1.2-2.2%; 8B, whose
+// 201 MB of gate/up take matmul_silu_t1 below, measured -0.6% with it).
+// K a multiple of 8.
+extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)
+    matmul_silu_ring_t1(const __nv_bfloat16* x, const __nv_bfloat16* w, __nv_bfloat16* out, int K, int I) {
+    int i = blockIdx.x * blockDim.y + threadIdx.y;
+    if (i >= I) return;
+    float g = 0.0f;
+    t1_rows_ring<3>(x, K, 2, [&](int j) { return w + ((size_t)j * I + i) * K; },
+                    [&](int j, float r) {
+                        if (j == 0)
+                            g = r;
+                        else if (threadIdx.x == 0)
+                            out[i] = __float2bfloat16_rn(q_silu(g) * r);
+                    });
 }
 
 // Gate/up projection and SiLU gate for one token (`w` holds the I gate

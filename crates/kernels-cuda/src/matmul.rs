@@ -15,15 +15,15 @@ const TILED_ROWS: u32 = 8;
 const TILED_TOKENS: u32 = 8;
 const TILED_SLAB: usize = 1024;
 /// Gate/up weights from which one token takes matmul_silu_t1 (register
-/// loads, a gate and an up warp a unit) rather than matmul_ring_t1's SiLU
-/// mode (a warp a unit, both rows through the ring). Measured on the H100
+/// loads, a gate and an up warp a unit) rather than matmul_silu_ring_t1
+/// (a warp a unit, both rows through the ring). Measured on the H100
 /// (BENCHMARKS.md): matmul_silu_t1 gains 1.6% on 8B (201 MB of gate/up)
 /// over the projection then silu_mul, and the ring kernel loses 0.6% there;
 /// on 0.6B (12.6 MB, a step that is a chain of short kernels)
 /// matmul_silu_t1 loses 2.3% and the ring kernel gains 1.2-2.2%.
 const SILU_KERNEL_MIN_BYTES: usize = 64 << 20;
 /// Weights below which one token takes the three-stage ring
-/// (matmul_ring_t1): 0.6B's (4-13 MB) +2% on the H100, 8B's (34 MB
+/// (matmul_bf16_t1_deep): 0.6B's (4-13 MB) +2% on the H100, 8B's (34 MB
 /// and up) -1.6%.
 const DEEP_RING_MAX_BYTES: usize = 32 << 20;
 
@@ -45,7 +45,9 @@ fn exact_kernel(f32_x: bool, single: bool, k: usize, n: usize) -> (&'static str,
         // The single-token ring kernels take whole 16-byte pieces only.
         (false, false) => ("matmul_bf16", ROWS, TOKEN_TILE),
         (false, true) if !k.is_multiple_of(8) => ("matmul_bf16", ROWS, TOKEN_TILE),
-        (false, true) if k * n * 2 < DEEP_RING_MAX_BYTES => ("matmul_ring_t1", ROWS, TOKEN_TILE),
+        (false, true) if k * n * 2 < DEEP_RING_MAX_BYTES => {
+            ("matmul_bf16_t1_deep", ROWS, TOKEN_TILE)
+        }
         (false, true) => ("matmul_bf16_t1", ROWS, TOKEN_TILE),
     }
 }
@@ -119,8 +121,7 @@ impl CudaBackend {
             .arg(&ni)
             .arg(&addi);
         // SAFETY: argument order and types match matmul_{bf16,f32x}{,_t1,_tiled}
-        // and matmul_ring_t1 (out as void*, `add` its mode 0 or 1) in
-        // matmul.cu; shapes checked; the tiled kernels only get K in whole
+        // in matmul.cu; shapes checked; the tiled kernels only get K in whole
         // slabs (every load in bounds and 16-byte aligned in the
         // whole-allocation tensors).
         unsafe { b.launch(cfg) }.map_err(dev)?;
@@ -154,8 +155,8 @@ impl CudaBackend {
     }
 
     /// RMSNorm, gate/up projection and SiLU gate. One exact token takes
-    /// matmul_silu_t1 (large gate/up weights) or matmul_ring_t1's SiLU mode,
-    /// which never write the f32 pair; otherwise the projection goes through
+    /// matmul_silu_t1 (large gate/up weights) or matmul_silu_ring_t1, which
+    /// never write the f32 pair; otherwise the projection goes through
     /// `gate_up` and the silu_mul kernel.
     pub(crate) fn norm_project_silu(
         &self,
@@ -189,7 +190,7 @@ impl CudaBackend {
         // (matmul_silu_t1) or four (the ring's warps; rows a multiple of 8).
         let fused = match (n * h * 2 >= SILU_KERNEL_MIN_BYTES, h.is_multiple_of(8)) {
             (true, _) => Some(("matmul_silu_t1", 2)),
-            (false, true) => Some(("matmul_ring_t1", 4)),
+            (false, true) => Some(("matmul_silu_ring_t1", 4)),
             (false, false) => None,
         };
         let Some((name, units)) = fused.filter(|_| t == 1 && self.tensor_core_rows(t) == 0) else {
@@ -203,22 +204,14 @@ impl CudaBackend {
             let mut b = self.launch(self.kernel(name));
             b.arg(bf16s(OP, "normed", normed)?)
                 .arg(bf16s(OP, "w", w)?)
-                .arg(bf16s_mut(OP, "out", out)?);
-            // matmul_ring_t1: row 0 of one, K, N = i, mode 2 (SiLU).
-            let (row0, rows, silu_mode) = (0i32, 1i32, 2i32);
-            if name == "matmul_ring_t1" {
-                b.arg(&row0).arg(&rows);
-            }
-            b.arg(&ki).arg(&ii);
-            if name == "matmul_ring_t1" {
-                b.arg(&silu_mode);
-            }
+                .arg(bf16s_mut(OP, "out", out)?)
+                .arg(&ki)
+                .arg(&ii);
             let cfg = grid(((i as u32).div_ceil(units), 1, 1), (32, 4, 1));
-            // SAFETY: argument order and types match matmul_silu_t1 (x, w,
-            // out, K, I) and matmul_ring_t1 (x, w, out, row0, T, K, N, mode)
-            // in matmul.cu; normed is [1, h], w [2i, h], out [1, i] bf16; a
-            // block covers `units` units; the ring kernel gets h a multiple
-            // of 8.
+            // SAFETY: argument order and types match matmul_silu_t1 and
+            // matmul_silu_ring_t1 in matmul.cu; normed is [1, h], w [2i, h],
+            // out [1, i]; a block covers `units` units; the ring kernel gets
+            // h a multiple of 8.
             unsafe { b.launch(cfg) }.map_err(dev)
         })
     }
@@ -282,7 +275,7 @@ mod tests {
             ((true, false, 1024, 4096), ("matmul_f32x_tiled", 8, 8)),
             ((false, false, 1000, 9), ("matmul_bf16", 4, 4)),
             ((true, false, 37, 9), ("matmul_f32x", 4, 4)),
-            ((false, true, 1024, 4096), ("matmul_ring_t1", 4, 4)),
+            ((false, true, 1024, 4096), ("matmul_bf16_t1_deep", 4, 4)),
             ((false, true, 4096, 4096), ("matmul_bf16_t1", 4, 4)),
             ((false, true, 37, 9), ("matmul_bf16", 4, 4)),
             ((false, true, 4100, 4096), ("matmul_bf16", 4, 4)),
