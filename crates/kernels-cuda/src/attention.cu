@@ -39,12 +39,29 @@ __device__ __forceinline__ float cluster_load(unsigned addr, int i) {
     return v;
 }
 
+// combine_head_from's chunks past the EARLY ones, added to o in chunk
+// order: out of line, so that the code of this path, which only contexts
+// of more than 32 / PER chunks take, is not fetched by the others.
+template <int PER, typename Part>
+__device__ __noinline__ void combine_late(Part part, int chunks, const float* f, float (&o)[PER]) {
+    const int EARLY = 32 / PER;
+    int lane = threadIdx.x % 32;
+#pragma unroll 4
+    for (int c = EARLY; c < chunks; c++) {
+        float fc = f[c];
+#pragma unroll
+        for (int e = 0; e < PER; e++) o[e] = o[e] + part(c, 2 + lane + 32 * e) * fc;
+    }
+}
+
 // One (token, q head)'s output from its `chunks` partials at `p`, merged
 // in chunk order by one warp: M = max of the chunk maxima (exact in any
 // order), f_c = exp(m_c - M), L = sum of l_c·f_c, o[i] = sum of o_c[i]·f_c,
 // then o[i] / L rounded once. `f` holds `chunks` floats of shared memory;
 // `part(c, i)` reads float i of chunk c's partials (m_c, l_c, o_c).
-template <int PER, typename Part>
+// LATE_CALL: chunks past the EARLY ones take combine_late (the cluster
+// kernels, whose short contexts never do).
+template <int PER, bool LATE_CALL = false, typename Part>
 __device__ __forceinline__ void combine_head_from(Part part, int chunks, float* f, __nv_bfloat16* out) {
     const int D = PER * 32;
     int lane = threadIdx.x % 32;
@@ -87,11 +104,15 @@ __device__ __forceinline__ void combine_head_from(Part part, int chunks, float* 
             for (int e = 0; e < PER; e++) o[e] = o[e] + early[c][e] * fc;
         }
     }
+    if (LATE_CALL) {
+        if (chunks > EARLY) combine_late<PER>(part, chunks, f, o);
+    } else {
 #pragma unroll 4
-    for (int c = EARLY; c < chunks; c++) {
-        float fc = f[c];
+        for (int c = EARLY; c < chunks; c++) {
+            float fc = f[c];
 #pragma unroll
-        for (int e = 0; e < PER; e++) o[e] = o[e] + part(c, 2 + lane + 32 * e) * fc;
+            for (int e = 0; e < PER; e++) o[e] = o[e] + part(c, 2 + lane + 32 * e) * fc;
+        }
     }
 #pragma unroll
     for (int e = 0; e < PER; e++) out[lane + 32 * e] = __float2bfloat16_rn(o[e] / l);
@@ -513,8 +534,8 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
             float* fac = reinterpret_cast<float*>(smem_raw);
             for (int hh = warp; hh < G; hh += WARPS) {
                 const float* my = mine + hh * (D + 2);
-                combine_head_from<PER>([=](int cc, int i) { return cluster_load(cluster_peer_addr(my, cc), i); }, chunks,
-                                       fac + hh * chunks, out + ((size_t)t * Hq + g * G + hh) * D);
+                auto peer = [=](int cc, int i) { return cluster_load(cluster_peer_addr(my, cc), i); };
+                combine_head_from<PER, true>(peer, chunks, fac + hh * chunks, out + ((size_t)t * Hq + g * G + hh) * D);
                 if (ONE_PASS) break;
             }
         }

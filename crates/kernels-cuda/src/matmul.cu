@@ -287,11 +287,15 @@ __device__ __forceinline__ void t1_rows_ring(const __nv_bfloat16* xr, int K, int
                 }
             }
         }
-        const __nv_bfloat16* wr = row_ptr(j);
+        // The tail past whole chunks, under a branch the warp takes as one:
+        // rows of whole chunks (every Qwen3 projection) skip its code.
+        if (chunks * 256 < K) {
+            const __nv_bfloat16* wr = row_ptr(j);
 #pragma unroll
-        for (int e = 0; e < 8; e++) {
-            int k = chunks * 256 + 8 * lane + e;
-            if (k < K) acc[e] = acc[e] + bf(wr[k]) * bf(xr[k]);
+            for (int e = 0; e < 8; e++) {
+                int k = chunks * 256 + 8 * lane + e;
+                if (k < K) acc[e] = acc[e] + bf(wr[k]) * bf(xr[k]);
+            }
         }
         emit(j, row_combine(acc));
     }
