@@ -15,6 +15,15 @@ __device__ __forceinline__ void cluster_sync_all() {
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 #endif
 }
+// The same barrier with a relaxed arrival, for a thread with no writes
+// that another block must see after it: the release form is a GPU-scope
+// memory barrier (MEMBAR.ALL.GPU), which waits for this thread's global
+// stores to be acknowledged before it arrives.
+__device__ __forceinline__ void cluster_sync_relaxed() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+#endif
+}
 // Float i of the shared array at `p` in the cluster's block `rank`, through
 // a 32-bit shared::cluster address: the address of a rank is made once and
 // its floats are immediate offsets, where a generic pointer costs 64-bit
@@ -229,20 +238,24 @@ __device__ __forceinline__ void copy_kv_rows(__nv_bfloat16* ks, __nv_bfloat16* v
 // copy_kv_rows for rows of one chunk (r1 <= CHUNK) of head width D, rows
 // D apart, written out as a fixed number of predicated rounds instead of
 // the compiler's unrolled loop and its remainder: a fraction of the code,
-// for kernels that run once a layer on a cold instruction cache.
+// for kernels that run once a layer on a cold instruction cache. The same
+// copies: THREADS is a multiple of the D / 8 pieces of a row, so a thread
+// keeps its piece and steps THREADS / (D / 8) rows a round.
 template <int THREADS, int D>
 __device__ __forceinline__ void copy_chunk_rows(__nv_bfloat16* ks, __nv_bfloat16* vs, const u32* slot_of, int r0,
                                                 int r1, const __nv_bfloat16* kc, const __nv_bfloat16* vc, int Hkv,
                                                 int g) {
-    const int pieces = D / 8, ROUNDS = (CHUNK * pieces + THREADS - 1) / THREADS;
+    const int pieces = D / 8, STEP = THREADS / pieces, ROUNDS = (CHUNK + STEP - 1) / STEP;
+    static_assert(THREADS % pieces == 0, "whole rows a round");
+    int r = r0 + threadIdx.x / pieces, o = (threadIdx.x % pieces) * 8;
+    const __nv_bfloat16* kg = kc + (size_t)g * D + o;
+    const __nv_bfloat16* vg = vc + (size_t)g * D + o;
 #pragma unroll
-    for (int k = 0; k < ROUNDS; k++) {
-        int i = r0 * pieces + threadIdx.x + k * THREADS;
-        if (i < r1 * pieces) {
-            int r = i / pieces, o = (i % pieces) * 8;
-            size_t src = ((size_t)slot_of[r] * Hkv + g) * D + o;
-            copy16_async(ks + r * D + o, kc + src);
-            copy16_async(vs + r * D + o, vc + src);
+    for (int k = 0; k < ROUNDS; k++, r += STEP) {
+        if (r < r1) {
+            size_t src = (size_t)slot_of[r] * Hkv * D;
+            copy16_async(ks + r * D + o, kg + src);
+            copy16_async(vs + r * D + o, vg + src);
         }
     }
 }
@@ -424,10 +437,11 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
     int start = c * CHUNK;
     if (start >= ctx) {
         start_dependents();
-        // A cluster's blocks all pass its two barriers (below).
+        // A cluster's blocks all pass its two barriers (below); this one
+        // has written nothing.
         if (CLUSTER) {
-            cluster_sync_all();
-            cluster_sync_all();
+            cluster_sync_relaxed();
+            cluster_sync_relaxed();
         }
         return;
     }
@@ -539,7 +553,10 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
                 if (ONE_PASS) break;
             }
         }
-        cluster_sync_all();
+        // Only keeps the peers' shared memory until chunk 0 has read it:
+        // its loads are complete once their values are used, and its
+        // output needs no ordering before the kernel's end.
+        cluster_sync_relaxed();
         return;
     }
     // The last of the token's chunks to finish merges them all: its
