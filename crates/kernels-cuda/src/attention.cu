@@ -7,28 +7,8 @@
 
 #define CHUNK 64
 
-// Thread block clusters (sm_90): every thread of every block of the
-// cluster arrives, then waits for the rest (its shared-memory writes are
-// visible to the others after it).
-__device__ __forceinline__ void cluster_sync_all() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-// The same barrier with a relaxed arrival, for a thread with no writes
-// that another block must see after it: the release form is a GPU-scope
-// memory barrier (MEMBAR.ALL.GPU), which waits for this thread's global
-// stores to be acknowledged before it arrives.
-__device__ __forceinline__ void cluster_sync_relaxed() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
-#endif
-}
-// Float i of the shared array at `p` in the cluster's block `rank`, through
-// a 32-bit shared::cluster address: the address of a rank is made once and
-// its floats are immediate offsets, where a generic pointer costs 64-bit
-// arithmetic for every load (the merge reads 32 of them at once). Volatile,
-// so that it stays after the cluster barrier that made the data visible.
+// The shared::cluster address of the shared array at `p` in the cluster's
+// block `rank` (sm_90).
 __device__ __forceinline__ unsigned cluster_peer_addr(const float* p, int rank) {
 #if __CUDA_ARCH__ >= 900
     unsigned r;
@@ -38,14 +18,34 @@ __device__ __forceinline__ unsigned cluster_peer_addr(const float* p, int rank) 
     return (unsigned)__cvta_generic_to_shared(p);
 #endif
 }
-__device__ __forceinline__ float cluster_load(unsigned addr, int i) {
-    float v;
+
+// The hand-over of a cluster's partials to its block 0 without a cluster
+// barrier on the way: block 0 initialises an mbarrier (mbar_init) and every
+// block arrives at a relaxed cluster barrier early (cluster_arrive), whose
+// wait (cluster_wait) comes just before a block first touches another's
+// shared memory. Each other block then stores its partials into block 0's
+// shared memory with st.async (send_async), whose bytes the mbarrier
+// counts; block 0 announces how many to expect (mbar_expect) and waits for
+// them (mbar_wait_cluster), then reads them from its own shared memory.
+// A release-form cluster barrier (the earlier hand-over) costs a GPU-scope
+// memory barrier (MEMBAR.ALL.GPU) in every thread; st.async needs none.
 #if __CUDA_ARCH__ >= 900
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(addr + 4 * i) : "memory");
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
 #else
-    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(addr + 4 * i) : "memory");
+__device__ __forceinline__ void cluster_arrive() {}
+__device__ __forceinline__ void cluster_wait() {}
 #endif
-    return v;
+// Float v to float i of `dst` (a shared array) in the cluster's block 0,
+// counted by its mbarrier `mb` (at the same offset there as here).
+__device__ __forceinline__ void send_async(const float* dst, int i, float v, u64* mb) {
+#if __CUDA_ARCH__ >= 900
+    u32 a = cluster_peer_addr(dst, 0) + 4 * i, b;
+    asm("mapa.shared::cluster.u32 %0, %1, 0;" : "=r"(b) : "r"(smem_u32(mb)));
+    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(a),
+                 "r"(__float_as_uint(v)), "r"(b)
+                 : "memory");
+#endif
 }
 
 // combine_head_from's chunks past the EARLY ones, added to o in chunk
@@ -432,17 +432,22 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
     __shared__ u32 slot_of[CHUNK];
     int G = Hq / Hkv;
     int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    // CLUSTER: block 0's mbarrier, initialised before every block's early
+    // arrival (the hand-over above cluster_arrive).
+    __shared__ __align__(8) u64 mb;
+    if (CLUSTER) {
+        if (c == 0 && tid == 0) {
+            mbar_init(&mb, 1);
+            asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+        }
+        cluster_arrive();
+    }
     u32 pt = pos[t], st = seq[t];
     int ctx = (int)pt + 1;
     int start = c * CHUNK;
     if (start >= ctx) {
         start_dependents();
-        // A cluster's blocks all pass its two barriers (below); this one
-        // has written nothing.
-        if (CLUSTER) {
-            cluster_sync_relaxed();
-            cluster_sync_relaxed();
-        }
+        if (CLUSTER) cluster_wait();
         return;
     }
     int len = min(CHUNK, ctx - start);
@@ -527,9 +532,12 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
 #pragma unroll
             for (int e = 0; e < PER; e++) qv[hh][e] = hh < G ? qs[hh * D + lane * PER + e] : 0.0f;
     }
-    // CLUSTER: the partials stay in this block's shared memory, after q.
+    // CLUSTER: the partials go to this block's shared memory after q
+    // (mine), block 0's to its receiving area after that (recv: chunk cc's
+    // at cc·G·(D + 2)), where the others send theirs.
     float* mine = qs + HPASS * D;
-    float* dst = CLUSTER ? mine : part + (((size_t)t * Hq + g * G) * max_chunks + c) * (D + 2);
+    float* recv = mine + G * (D + 2);
+    float* dst = CLUSTER ? (c == 0 ? recv : mine) : part + (((size_t)t * Hq + g * G) * max_chunks + c) * (D + 2);
     auto next_q = [&](int h0, float (&qn)[HPASS][PER]) {
         if (ROPE)
             rope_q<PER, HPASS>(xg + (size_t)g * G * D, wq, cv, sv, ri.eps, h0, G, qo, c == 0 && warp == 0, qn);
@@ -539,24 +547,28 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
     chunk_partials<PER, THREADS, HPASS, ONE_PASS>(ks, vs, sc, len, G, scale, qv, next_q, dst,
                                                   CLUSTER ? (size_t)(D + 2) : (size_t)max_chunks * (D + 2));
     if (CLUSTER) {
-        // Every chunk's partials are in its block's shared memory; chunk
-        // 0's block merges them from there, and the others stay until it
-        // has read them.
-        cluster_sync_all();
-        if (c == 0) {
-            int chunks = (ctx + CHUNK - 1) / CHUNK;
-            float* fac = reinterpret_cast<float*>(smem_raw);
-            for (int hh = warp; hh < G; hh += WARPS) {
-                const float* my = mine + hh * (D + 2);
-                auto peer = [=](int cc, int i) { return cluster_load(cluster_peer_addr(my, cc), i); };
-                combine_head_from<PER, true>(peer, chunks, fac + hh * chunks, out + ((size_t)t * Hq + g * G + hh) * D);
-                if (ONE_PASS) break;
-            }
+        const int n = G * (D + 2);
+        int chunks = (ctx + CHUNK - 1) / CHUNK;
+        __syncthreads();
+        if (c != 0) {
+            // Block 0's mbarrier is initialised once the early arrivals
+            // are all in.
+            cluster_wait();
+            for (int i = tid; i < n; i += THREADS) send_async(recv, c * n + i, mine[i], &mb);
+            return;
         }
-        // Only keeps the peers' shared memory until chunk 0 has read it:
-        // its loads are complete once their values are used, and its
-        // output needs no ordering before the kernel's end.
-        cluster_sync_relaxed();
+        if (tid == 0) mbar_expect(&mb, (u32)((chunks - 1) * n * 4));
+        cluster_wait();
+        // Chunk 0's block merges every chunk's partials from its own
+        // shared memory, in chunk order as ever.
+        float* fac = reinterpret_cast<float*>(smem_raw);
+        for (int hh = warp; hh < G; hh += WARPS) {
+            mbar_wait_cluster(&mb, 0);
+            const float* my = recv + hh * (D + 2);
+            combine_head_from<PER, true>([=](int cc, int i) { return my[cc * n + i]; }, chunks, fac + hh * chunks,
+                                         out + ((size_t)t * Hq + g * G + hh) * D);
+            if (ONE_PASS) break;
+        }
         return;
     }
     // The last of the token's chunks to finish merges them all: its

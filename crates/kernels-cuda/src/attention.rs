@@ -30,9 +30,10 @@ pub(crate) fn chunk_smem(head_dim: usize, group: usize) -> usize {
     2 * CHUNK * head_dim * 2 + group * CHUNK * 4 + HPASS * head_dim * 4
 }
 /// attn_rope_cluster's: chunk_smem, then the chunk's partials (m, l and D
-/// sums for each of the group's q heads).
-fn cluster_smem(head_dim: usize, group: usize) -> usize {
-    chunk_smem(head_dim, group) + group * (head_dim + 2) * 4
+/// sums for each of the group's q heads), then room for every chunk's
+/// partials, where block 0 of a cluster of `chunks` receives them.
+fn cluster_smem(head_dim: usize, group: usize, chunks: usize) -> usize {
+    chunk_smem(head_dim, group) + (1 + chunks) * group * (head_dim + 2) * 4
 }
 const _: () = assert!(CHUNK == qwen_kernels_cpu::ATTN_CHUNK);
 /// Decode grids of up to this many (token, kv head, chunk) blocks take
@@ -229,9 +230,11 @@ impl CudaBackend {
         );
         // With RoPE, a (token, kv head)'s chunks run as one cluster where
         // the GPU allows one that large, and merge through shared memory.
-        let cluster = rope.is_some() && chunks <= self.dev.max_cluster;
+        let cluster = rope.is_some()
+            && chunks <= self.dev.max_cluster
+            && cluster_smem(d, group, chunks) <= self.dev.smem_optin;
         cfg.shared_mem_bytes = if cluster {
-            cluster_smem(d, group)
+            cluster_smem(d, group, chunks)
         } else {
             chunk_smem(d, group)
         } as u32;
