@@ -71,7 +71,9 @@ pub(crate) fn max_chunks(meta: &BatchMeta<CudaBackend>) -> usize {
 /// a pass over the keys instead of four where a kv head has at most two
 /// (Qwen3-0.6B and 1.7B): half the score products, all of the four-head
 /// form's beyond the group being zero padding, and less code to fetch on
-/// a cold instruction cache (the same sums).
+/// a cold instruction cache (the same sums). Groups of three or four
+/// (Qwen3-4B, 8B) take the `_g4` forms: four heads in one pass, without
+/// the code of later passes.
 fn chunk_kernel(rope: bool, cluster: bool, group: usize) -> &'static str {
     match (rope, cluster, group) {
         (false, _, _) => "attn_chunk",
@@ -267,14 +269,15 @@ impl CudaBackend {
         };
         let q_in = if rope.is_some() { None } else { Some(q) };
         // SAFETY: attn_chunk, attn_rope_chunk and attn_rope_cluster (and
-        // their `_g2` forms, the same parameters) take
+        // their `_g2` and `_g4` forms, the same parameters) take
         // `decode` and the seven RopeIn parameters after `out`, as pushed by
         // `extra` (null for attn_chunk, which does not read them); the grid
         // is one block per (token, kv head, chunk), as clusters of a (token,
         // kv head)'s chunks for attn_rope_cluster (at most max_cluster, which
-        // the kernel opted in to), and the shared memory a chunk's keys,
-        // values, scores, q heads (and partials, in a cluster), or the
-        // merge's factors (checked above).
+        // the kernel opted in to, each within the opt-in shared memory),
+        // and the shared memory a chunk's keys, values, scores, q heads
+        // (and, in a cluster, its partials and room for every chunk's:
+        // cluster_smem), or the merge's factors (checked above).
         unsafe {
             self.launch_attention(
                 name, cfg, q_in, k_cache, v_cache, meta, geo, scale, out, extra,
@@ -472,9 +475,10 @@ mod tests {
     use super::chunk_kernel;
 
     #[test]
-    fn two_head_groups_take_the_two_head_kernels() {
-        // Qwen3-0.6B / 1.7B (16 q heads on 8 kv heads), 4B / 8B (32 on 8),
-        // 14B (40 on 8): only groups of up to two take the `_g2` forms.
+    fn groups_of_up_to_four_take_the_one_pass_kernels() {
+        // Qwen3-0.6B / 1.7B (16 q heads on 8 kv heads) take the `_g2` forms,
+        // 4B / 8B (32 on 8) the `_g4` ones, 14B (40 on 8) and 32B (64 on 8)
+        // the kernels with later passes.
         assert_eq!(chunk_kernel(true, true, 2), "attn_rope_cluster_g2");
         assert_eq!(chunk_kernel(true, false, 2), "attn_rope_chunk_g2");
         assert_eq!(chunk_kernel(true, true, 1), "attn_rope_cluster_g2");
