@@ -48,41 +48,29 @@ __device__ __forceinline__ void send_async(const float* dst, int i, float v, u64
 #endif
 }
 
-// combine_head_from's chunks past the EARLY ones, added to o in chunk
-// order: out of line, so that the code of this path, which only contexts
-// of more than 32 / PER chunks take, is not fetched by the others.
-template <int PER, typename Part>
-__device__ __noinline__ void combine_late(Part part, int chunks, const float* f, float (&o)[PER]) {
-    const int EARLY = 32 / PER;
-    int lane = threadIdx.x % 32;
-#pragma unroll 4
-    for (int c = EARLY; c < chunks; c++) {
-        float fc = f[c];
-#pragma unroll
-        for (int e = 0; e < PER; e++) o[e] = o[e] + part(c, 2 + lane + 32 * e) * fc;
-    }
-}
-
 // One (token, q head)'s output from its `chunks` partials at `p`, merged
 // in chunk order by one warp: M = max of the chunk maxima (exact in any
 // order), f_c = exp(m_c - M), L = sum of l_c·f_c, o[i] = sum of o_c[i]·f_c,
 // then o[i] / L rounded once. `f` holds `chunks` floats of shared memory;
 // `part(c, i)` reads float i of chunk c's partials (m_c, l_c, o_c).
-// LATE_CALL: chunks past the EARLY ones take combine_late (the cluster
-// kernels, whose short contexts never do).
-template <int PER, bool LATE_CALL = false, typename Part>
+// LOCAL: the partials are in this block's shared memory (the cluster
+// kernels), a few cycles away: plain rolled loops, without the early loads
+// that hide L2's latency, and a fraction of their code on the path.
+template <int PER, bool LOCAL = false, typename Part>
 __device__ __forceinline__ void combine_head_from(Part part, int chunks, float* f, __nv_bfloat16* out) {
     const int D = PER * 32;
     int lane = threadIdx.x % 32;
     // The first chunks' values and sums are loaded with the maxima, so
     // that one round of L2 latency serves the usual short context.
-    const int EARLY = 32 / PER;
+    const int EARLY = LOCAL ? 1 : 32 / PER;
     float early[EARLY][PER];
+    if (!LOCAL) {
 #pragma unroll
-    for (int c = 0; c < EARLY; c++)
+        for (int c = 0; c < EARLY; c++)
 #pragma unroll
-        for (int e = 0; e < PER; e++) early[c][e] = c < chunks ? part(c, 2 + lane + 32 * e) : 0.0f;
-    float lc = lane < chunks ? part(lane, 1) : 0.0f;
+            for (int e = 0; e < PER; e++) early[c][e] = c < chunks ? part(c, 2 + lane + 32 * e) : 0.0f;
+    }
+    float lc = !LOCAL && lane < chunks ? part(lane, 1) : 0.0f;
     float m = __int_as_float(0xff800000);
     // Loops over chunks stay rolled: the merge runs once per (token, kv
     // head) on a cold instruction cache, so its code size is its latency.
@@ -99,23 +87,28 @@ __device__ __forceinline__ void combine_head_from(Part part, int chunks, float* 
     float l = 0.0f;
 #pragma unroll 1
     for (int c = 0; c < chunks; c++) {
-        float lv = c < 32 ? __shfl_sync(0xffffffffu, lc, c) : part(c, 1);
+        float lv = !LOCAL && c < 32 ? __shfl_sync(0xffffffffu, lc, c) : part(c, 1);
         l = l + lv * f[c];
     }
     float o[PER];
 #pragma unroll
     for (int e = 0; e < PER; e++) o[e] = 0.0f;
-#pragma unroll
-    for (int c = 0; c < EARLY; c++) {
-        if (c < chunks) {
+    if constexpr (LOCAL) {
+#pragma unroll 1
+        for (int c = 0; c < chunks; c++) {
             float fc = f[c];
 #pragma unroll
-            for (int e = 0; e < PER; e++) o[e] = o[e] + early[c][e] * fc;
+            for (int e = 0; e < PER; e++) o[e] = o[e] + part(c, 2 + lane + 32 * e) * fc;
         }
-    }
-    if (LATE_CALL) {
-        if (chunks > EARLY) combine_late<PER>(part, chunks, f, o);
     } else {
+#pragma unroll
+        for (int c = 0; c < EARLY; c++) {
+            if (c < chunks) {
+                float fc = f[c];
+#pragma unroll
+                for (int e = 0; e < PER; e++) o[e] = o[e] + early[c][e] * fc;
+            }
+        }
 #pragma unroll 4
         for (int c = EARLY; c < chunks; c++) {
             float fc = f[c];
