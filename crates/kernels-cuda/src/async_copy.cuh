@@ -86,27 +86,25 @@ __device__ __forceinline__ void mbar_expect(u64* bar, u32 bytes) {
                  : "memory");
 }
 
+// Waits for the phase of `bar` with this parity to complete. CLUSTER:
+// acquiring at cluster scope, for bytes that other blocks of the cluster
+// stored with st.async.
+template <bool CLUSTER = false>
 __device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
     u32 ok = 0;
     while (!ok) {
-        asm volatile(
-            "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
-            : "=r"(ok)
-            : "r"(smem_u32(bar)), "r"(parity)
-            : "memory");
-    }
-}
-
-// mbar_wait acquiring at cluster scope: for bytes that other blocks of
-// the cluster stored with st.async.
-__device__ __forceinline__ void mbar_wait_cluster(u64* bar, u32 parity) {
-    u32 ok = 0;
-    while (!ok) {
-        asm volatile(
-            "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
-            " selp.u32 %0, 1, 0, p;\n}"
-            : "=r"(ok)
-            : "r"(smem_u32(bar)), "r"(parity)
-            : "memory");
+        if constexpr (CLUSTER)
+            asm volatile(
+                "{\n .reg .pred p;\n mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%1], %2;\n"
+                " selp.u32 %0, 1, 0, p;\n}"
+                : "=r"(ok)
+                : "r"(smem_u32(bar)), "r"(parity)
+                : "memory");
+        else
+            asm volatile(
+                "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+                : "=r"(ok)
+                : "r"(smem_u32(bar)), "r"(parity)
+                : "memory");
     }
 }

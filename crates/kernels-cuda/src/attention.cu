@@ -26,7 +26,7 @@ __device__ __forceinline__ unsigned cluster_peer_addr(const float* p, int rank) 
 // shared memory. Each other block then stores its partials into block 0's
 // shared memory with st.async (send_async), whose bytes the mbarrier
 // counts; block 0 announces how many to expect (mbar_expect) and waits for
-// them (mbar_wait_cluster), then reads them from its own shared memory.
+// them (mbar_wait<true>), then reads them from its own shared memory.
 // A release-form cluster barrier (the earlier hand-over) costs a GPU-scope
 // memory barrier (MEMBAR.ALL.GPU) in every thread; st.async needs none.
 #if __CUDA_ARCH__ >= 900
@@ -560,7 +560,7 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
         // shared memory, in chunk order as ever.
         float* fac = reinterpret_cast<float*>(smem_raw);
         for (int hh = warp; hh < G; hh += WARPS) {
-            mbar_wait_cluster(&mb, 0);
+            mbar_wait<true>(&mb, 0);
             const float* my = recv + hh * (D + 2);
             combine_head_from<PER, true>([=](int cc, int i) { return my[cc * n + i]; }, chunks, fac + hh * chunks,
                                          out + ((size_t)t * Hq + g * G + hh) * D);
