@@ -306,8 +306,8 @@ __device__ __forceinline__ void t1_rows_ring(const __nv_bfloat16* xr, int K, int
 // is the ring's code alone, which every SM fetches once a layer on a cold
 // instruction cache.
 template <int RING_STAGES>
-__device__ __forceinline__ void matmul_t1(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int row0, int T,
-                                          int K, int N, int add) {
+__device__ __forceinline__ void matmul_t1(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int row0, int K,
+                                          int N, int add) {
     int n = blockIdx.x * blockDim.y + threadIdx.y;
     if (n >= N) return;
     const __nv_bfloat16* wr = w + (size_t)n * K;
@@ -329,12 +329,12 @@ __device__ __forceinline__ void matmul_t1(const __nv_bfloat16* x, const __nv_bfl
 extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)
     matmul_bf16_t1(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int row0, int T, int K, int N,
                    int add) {
-    matmul_t1<2>(x, w, out, row0, T, K, N, add);
+    matmul_t1<2>(x, w, out, row0, K, N, add);
 }
 extern "C" __global__ void __launch_bounds__(32 * RING_WARPS, 8)
     matmul_bf16_t1_deep(const __nv_bfloat16* x, const __nv_bfloat16* w, float* out, int row0, int T, int K, int N,
                         int add) {
-    matmul_t1<3>(x, w, out, row0, T, K, N, add);
+    matmul_t1<3>(x, w, out, row0, K, N, add);
 }
 
 // Gate/up projection and SiLU gate for one token where the weights are

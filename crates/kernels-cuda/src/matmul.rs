@@ -42,8 +42,8 @@ fn exact_kernel(f32_x: bool, single: bool, k: usize, n: usize) -> (&'static str,
         }
         (true, false) => ("matmul_f32x", ROWS, TOKEN_TILE),
         (true, true) => ("matmul_f32x_t1", ROWS, TOKEN_TILE),
-        // The single-token ring kernels take whole 16-byte pieces only.
         (false, false) => ("matmul_bf16", ROWS, TOKEN_TILE),
+        // The single-token ring kernels take whole 16-byte pieces only.
         (false, true) if !k.is_multiple_of(8) => ("matmul_bf16", ROWS, TOKEN_TILE),
         (false, true) if k * n * 2 < DEEP_RING_MAX_BYTES => {
             ("matmul_bf16_t1_deep", ROWS, TOKEN_TILE)
