@@ -35,6 +35,14 @@ pub(crate) fn chunk_smem(head_dim: usize, group: usize) -> usize {
 fn cluster_smem(head_dim: usize, group: usize, chunks: usize) -> usize {
     chunk_smem(head_dim, group) + (1 + chunks) * group * (head_dim + 2) * 4
 }
+/// Whether a cluster of `chunks` blocks fits where every GPU of the kind
+/// can place it: two of its blocks to an SM (`smem_optin` bytes a block at
+/// most), so that 16 blocks need 8 SMs of one GPC. Every Qwen3 shape
+/// (head_dim 128, groups up to 8) fits at 16 chunks; wider heads with
+/// large groups take the unclustered kernel.
+fn cluster_fits(head_dim: usize, group: usize, chunks: usize, smem_optin: usize) -> bool {
+    2 * cluster_smem(head_dim, group, chunks) <= smem_optin
+}
 const _: () = assert!(CHUNK == qwen_kernels_cpu::ATTN_CHUNK);
 /// Decode grids of up to this many (token, kv head, chunk) blocks take
 /// attn_chunk (256 threads, built for latency), larger ones attn_span.
@@ -234,7 +242,7 @@ impl CudaBackend {
         // the GPU allows one that large, and merge through shared memory.
         let cluster = rope.is_some()
             && chunks <= self.dev.max_cluster
-            && cluster_smem(d, group, chunks) <= self.dev.smem_optin;
+            && cluster_fits(d, group, chunks, self.dev.smem_optin);
         cfg.shared_mem_bytes = if cluster {
             cluster_smem(d, group, chunks)
         } else {
@@ -472,7 +480,22 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::chunk_kernel;
+    use super::{chunk_kernel, cluster_fits};
+
+    #[test]
+    fn qwen3_clusters_fit_two_blocks_an_sm() {
+        // The H100's opt-in shared memory a block.
+        let optin = 227 * 1024;
+        // Groups of 2 (0.6B), 4 (8B), 5 (14B) and 8 (32B) at head_dim 128
+        // and the largest cluster.
+        for group in [2, 4, 5, 8] {
+            assert!(cluster_fits(128, group, 16, optin), "group {group}");
+        }
+        // Head_dim 256 with a group of 8: a short context clusters, 16
+        // chunks do not.
+        assert!(cluster_fits(256, 8, 4, optin));
+        assert!(!cluster_fits(256, 8, 16, optin));
+    }
 
     #[test]
     fn groups_of_up_to_four_take_the_one_pass_kernels() {
