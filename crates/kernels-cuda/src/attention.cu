@@ -36,15 +36,18 @@ __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.w
 __device__ __forceinline__ void cluster_arrive() {}
 __device__ __forceinline__ void cluster_wait() {}
 #endif
-// Float v to float i of `dst` (a shared array) in the cluster's block 0,
-// counted by its mbarrier `mb` (at the same offset there as here).
-__device__ __forceinline__ void send_async(const float* dst, int i, float v, u64* mb) {
+// Floats src[i] for i = tid, tid + step, ... below n to dst[i] (a shared
+// array) in the cluster's block 0, counted by its mbarrier `mb` (at the
+// same offsets there as here); the two addresses mapped once.
+__device__ __forceinline__ void send_async(const float* dst, const float* src, int tid, int step, int n, u64* mb) {
 #if __CUDA_ARCH__ >= 900
-    u32 a = cluster_peer_addr(dst, 0) + 4 * i, b;
+    u32 a = cluster_peer_addr(dst, 0), b;
     asm("mapa.shared::cluster.u32 %0, %1, 0;" : "=r"(b) : "r"(smem_u32(mb)));
-    asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(a),
-                 "r"(__float_as_uint(v)), "r"(b)
-                 : "memory");
+#pragma unroll 1
+    for (int i = tid; i < n; i += step)
+        asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(a + 4 * i),
+                     "r"(__float_as_uint(src[i])), "r"(b)
+                     : "memory");
 #endif
 }
 
@@ -116,8 +119,19 @@ __device__ __forceinline__ void combine_head_from(Part part, int chunks, float* 
             for (int e = 0; e < PER; e++) o[e] = o[e] + part(c, 2 + lane + 32 * e) * fc;
         }
     }
+    if constexpr (LOCAL) {
+        // One division's code (with its slow path) in a rolled loop, the
+        // outputs passed down the registers.
+#pragma unroll 1
+        for (int e = 0; e < PER; e++) {
+            out[lane + 32 * e] = __float2bfloat16_rn(o[0] / l);
 #pragma unroll
-    for (int e = 0; e < PER; e++) out[lane + 32 * e] = __float2bfloat16_rn(o[e] / l);
+            for (int k = 0; k + 1 < PER; k++) o[k] = o[k + 1];
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < PER; e++) out[lane + 32 * e] = __float2bfloat16_rn(o[e] / l);
+    }
 }
 
 // combine_head_from with the partials at `p` (chunk c at p + c·(D + 2)),
@@ -504,14 +518,19 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
                 w[e] = qw ? wq[e] : wk[e];
             }
             if (qw || kv == 0) norm_rope_head<PER>(xv, w, cv, sv, ri.eps, y);
-            size_t dst = ((size_t)ri.slots[t] * Hkv + g) * D + lane * PER;
+            if (qw) {
 #pragma unroll
-            for (int e = 0; e < PER; e++) {
-                __nv_bfloat16 b = __float2bfloat16_rn(qw || kv == 0 ? y[e] : xv[e]);
-                if (qw) {
+                for (int e = 0; e < PER; e++) {
+                    __nv_bfloat16 b = __float2bfloat16_rn(y[e]);
                     qs[warp * D + lane * PER + e] = bf(b);
                     if (c == 0) qo[(size_t)warp * D + e] = b;
-                } else {
+                }
+            } else {
+                // The cache slot's address only where a row goes there.
+                size_t dst = ((size_t)ri.slots[t] * Hkv + g) * D + lane * PER;
+#pragma unroll
+                for (int e = 0; e < PER; e++) {
+                    __nv_bfloat16 b = __float2bfloat16_rn(kv == 0 ? y[e] : xv[e]);
                     (kv == 0 ? kc : vc)[dst + e] = b;
                     (kv == 0 ? ks : vs)[old * D + lane * PER + e] = b;
                 }
@@ -551,7 +570,7 @@ __device__ __forceinline__ void attn_chunk_body(const __nv_bfloat16* q, __nv_bfl
             // Block 0's mbarrier is initialised once the early arrivals
             // are all in.
             cluster_wait();
-            for (int i = tid; i < n; i += THREADS) send_async(recv, c * n + i, mine[i], &mb);
+            send_async(recv + c * n, mine, tid, THREADS, n, &mb);
             return;
         }
         if (tid == 0) mbar_expect(&mb, (u32)((chunks - 1) * n * 4));
