@@ -7,15 +7,15 @@
 
 #define CHUNK 64
 
-// The shared::cluster address of the shared array at `p` in the cluster's
-// block `rank` (sm_90).
-__device__ __forceinline__ unsigned cluster_peer_addr(const float* p, int rank) {
+// The shared::cluster address of the shared variable at `p` in the
+// cluster's block `rank` (sm_90).
+__device__ __forceinline__ u32 cluster_peer_addr(const void* p, int rank) {
 #if __CUDA_ARCH__ >= 900
-    unsigned r;
-    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"((unsigned)__cvta_generic_to_shared(p)), "r"(rank));
+    u32 r;
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(smem_u32(p)), "r"(rank));
     return r;
 #else
-    return (unsigned)__cvta_generic_to_shared(p);
+    return smem_u32(p);
 #endif
 }
 
@@ -41,8 +41,7 @@ __device__ __forceinline__ void cluster_wait() {}
 // same offsets there as here); the two addresses mapped once.
 __device__ __forceinline__ void send_async(const float* dst, const float* src, int tid, int step, int n, u64* mb) {
 #if __CUDA_ARCH__ >= 900
-    u32 a = cluster_peer_addr(dst, 0), b;
-    asm("mapa.shared::cluster.u32 %0, %1, 0;" : "=r"(b) : "r"(smem_u32(mb)));
+    u32 a = cluster_peer_addr(dst, 0), b = cluster_peer_addr(mb, 0);
 #pragma unroll 1
     for (int i = tid; i < n; i += step)
         asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.b32 [%0], %1, [%2];" ::"r"(a + 4 * i),
@@ -103,6 +102,14 @@ __device__ __forceinline__ void combine_head_from(Part part, int chunks, float* 
 #pragma unroll
             for (int e = 0; e < PER; e++) o[e] = o[e] + part(c, 2 + lane + 32 * e) * fc;
         }
+        // One division's code (with its slow path) in a rolled loop, the
+        // outputs passed down the registers.
+#pragma unroll 1
+        for (int e = 0; e < PER; e++) {
+            out[lane + 32 * e] = __float2bfloat16_rn(o[0] / l);
+#pragma unroll
+            for (int k = 0; k + 1 < PER; k++) o[k] = o[k + 1];
+        }
     } else {
 #pragma unroll
         for (int c = 0; c < EARLY; c++) {
@@ -118,17 +125,6 @@ __device__ __forceinline__ void combine_head_from(Part part, int chunks, float* 
 #pragma unroll
             for (int e = 0; e < PER; e++) o[e] = o[e] + part(c, 2 + lane + 32 * e) * fc;
         }
-    }
-    if constexpr (LOCAL) {
-        // One division's code (with its slow path) in a rolled loop, the
-        // outputs passed down the registers.
-#pragma unroll 1
-        for (int e = 0; e < PER; e++) {
-            out[lane + 32 * e] = __float2bfloat16_rn(o[0] / l);
-#pragma unroll
-            for (int k = 0; k + 1 < PER; k++) o[k] = o[k + 1];
-        }
-    } else {
 #pragma unroll
         for (int e = 0; e < PER; e++) out[lane + 32 * e] = __float2bfloat16_rn(o[e] / l);
     }

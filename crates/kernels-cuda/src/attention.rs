@@ -3,7 +3,8 @@
 //! decode batches take attn_chunk (with one token per sequence, q/k-norm
 //! and RoPE in the same kernel: attn_rope_chunk, or attn_rope_cluster,
 //! whose chunks merge through shared memory; each with a `_g2` form for
-//! groups of up to two q heads a kv head), large ones attn_span,
+//! groups of up to two q heads a kv head and a `_g4` form for three or
+//! four), large ones attn_span,
 //! and batches with prompt tokens attn_tile. Rows announced for the tensor
 //! cores go to attention_tc.rs first.
 
