@@ -22,12 +22,17 @@ __device__ __forceinline__ void start_dependents() {
 // With QWEN_TRACE (trace.rs, `QWEN_CUDA_TRACE`), block (0, 0, 0) of every
 // kernel records the time it got past its wait, its grid and its block's
 // threads: the time the kernel before completed (kernels never wait twice).
+// The record's slot is claimed by an atomic issued just before the wait, so
+// that its round trip (about a microsecond under a step's weight copies)
+// overlaps the wait instead of following it: after the wait the thread only
+// reads the clock and stores, and a trigger right after the wait
+// (start_dependents) is not held back. (Claimed after the wait, the atomic
+// delayed every such trigger; BENCHMARKS.md, 2026-11-27 from 20:50 UTC.)
 #ifdef QWEN_TRACE
 __device__ unsigned long long* qwen_trace;
-__device__ __forceinline__ void trace_wait_passed() {
+__device__ __forceinline__ void trace_record(unsigned long long i) {
     unsigned long long t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    unsigned long long i = atomicAdd(qwen_trace, 1ull);
     if (i < QWEN_TRACE) {
         qwen_trace[1 + 2 * i] = t;
         qwen_trace[2 + 2 * i] = (unsigned long long)gridDim.x | ((unsigned long long)gridDim.y << 24) |
@@ -37,11 +42,15 @@ __device__ __forceinline__ void trace_wait_passed() {
 #endif
 
 __device__ __forceinline__ void wait_for_producers() {
+#ifdef QWEN_TRACE
+    const bool tracer = (threadIdx.x | threadIdx.y | threadIdx.z | blockIdx.x | blockIdx.y | blockIdx.z) == 0 && qwen_trace;
+    unsigned long long slot = 0;
+    if (tracer) slot = atomicAdd(qwen_trace, 1ull);
+#endif
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 #ifdef QWEN_TRACE
-    if ((threadIdx.x | threadIdx.y | threadIdx.z | blockIdx.x | blockIdx.y | blockIdx.z) == 0 && qwen_trace)
-        trace_wait_passed();
+    if (tracer) trace_record(slot);
 #endif
 }
