@@ -8,8 +8,9 @@ wait for the kernel before (when that one completed), so the gap to the next
 record is a kernel's share of the run's critical path. Steps are cut at the
 vocabulary projection (the kernel with a grid of 500 or more column
 blocks: 151,936 columns in tiles of at most 256); a decode step of the tensor-core layer is, after the vocabulary
-projection, three sampling kernels, the next step's first kernels (the fed
-ids in overlapped steps, the embedding, the first input norm), then 8
+projection, three sampling kernels, the next step's first kernels (the
+token's download and the fed ids in overlapped steps, the embedding, the
+first input norm), then 8
 kernels a layer (qkv, RoPE, attention, o_proj, add + norm, gate/up + SiLU,
 down, add + next norm; 7 where attention makes q itself, attn_tc_rope, or
 in prompt steps the QKV projection does, gemm_wg_m128_n256_rope_d128, its
@@ -58,20 +59,22 @@ for a_i, b_i in zip(lm[:-1], lm[1:]):
     # A decode step embeds as many rows as it samples; a prompt step more.
     # The layer's kernel count (8, or 7 where attention or, in prompt steps,
     # the QKV projection makes RoPE) is what puts the step's first kernels
-    # 2 or 3 records after the step before's sampling in decode steps, 1 to
-    # 4 around prompt steps (whose sampling takes 2 to 4 kernels); the two
-    # counts differ by a kernel a layer, so only one fits.
+    # 2 to 4 records after the step before's sampling in decode steps (the
+    # overlapped steps' token download and small writes, the fed ids, the
+    # embedding, the input norm), 1 to 5 around prompt steps (whose sampling
+    # takes 2 to 4 kernels); the two counts differ by a kernel a layer, so
+    # only one fits.
     for kl in (layer, fused):
         first = b_i - (a.layers * len(kl) - 1 + len(tail))
         emb = recs[first - 2]
-        if first - (a_i + 4) in (1, 2, 3, 4):
+        if first - (a_i + 4) in (1, 2, 3, 4, 5):
             break
     else:
         kl = layer
         first = b_i - (a.layers * len(kl) - 1 + len(tail))
         emb = recs[first - 2]
     names = [kl[j % len(kl)] for j in range(a.layers * len(kl) - 1)] + tail
-    if first - (a_i + 4) not in (2, 3) or emb[1] != rows:
+    if first - (a_i + 4) not in (2, 3, 4) or emb[1] != rows:
         prompt_us += (recs[b_i + 4][0] - recs[a_i + 4][0]) / 1e3
         prompt_steps += 1
         # A step that embeds more tokens than it samples (not the run's
