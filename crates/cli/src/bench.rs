@@ -66,6 +66,29 @@ impl Latency {
     }
 }
 
+/// The config a benchmark runs: the checkpoint's config.json or the
+/// shape's. Read before any weights, so that flags it rules out fail fast.
+pub fn config(a: &BenchArgs) -> Result<Qwen3Config, String> {
+    let err = |e: model_qwen3::ModelError| e.to_string();
+    match (&a.model, &a.dummy) {
+        (Some(dir), None) => Qwen3Config::from_file(&dir.join("config.json")).map_err(err),
+        (None, Some(shape)) => dummy_config(shape).map_err(err),
+        _ => Err("bench needs exactly one of --model DIR or --dummy-weights SHAPE".into()),
+    }
+}
+
+/// The latency mode's prompt and generation lengths against the model's
+/// positions.
+pub fn check_lengths(cfg: &Qwen3Config, a: &BenchArgs) -> Result<(), String> {
+    let max = cfg.max_position_embeddings;
+    if a.prompt_len == 0 || a.gen_len == 0 || a.prompt_len.saturating_add(a.gen_len) > max {
+        return Err(format!(
+            "--prompt-len and --gen-len must be positive and together at most {max}"
+        ));
+    }
+    Ok(())
+}
+
 /// Loads the model for a benchmark: a checkpoint or random weights.
 pub fn load<B: Backend>(backend: B, a: &BenchArgs) -> Result<(Qwen3<B>, String), String> {
     let err = |e: model_qwen3::ModelError| e.to_string();
@@ -126,13 +149,7 @@ pub fn latency<B: Backend>(
 ) -> Result<Latency, String> {
     let err = |e: model_qwen3::ModelError| e.to_string();
     let cfg = model.config().clone();
-    if a.prompt_len == 0 || a.gen_len == 0 || a.prompt_len + a.gen_len > cfg.max_position_embeddings
-    {
-        return Err(format!(
-            "--prompt-len and --gen-len must be positive and together at most {}",
-            cfg.max_position_embeddings
-        ));
-    }
+    check_lengths(&cfg, a)?;
     let overlap = a.overlap;
     let prompt: Vec<u32> = (0..a.prompt_len as u64)
         .map(|i| ((i.wrapping_mul(2_654_435_761) ^ a.seed) % cfg.vocab_size as u64) as u32)

@@ -93,6 +93,8 @@ fn bench_cmd(a: &bench::BenchArgs, backend: BackendChoice) -> Result<(), String>
     if a.mode == throughput::BenchMode::Throughput {
         return throughput::run_cmd(a, gpu);
     }
+    // Flags the model rules out fail before the bandwidth and the weights.
+    bench::check_lengths(&bench::config(a)?, a)?;
     let result = match gpu {
         Some(g) => {
             eprintln!(

@@ -299,6 +299,8 @@ impl Throughput {
 /// Runs `bench --mode throughput` on the GPU when `gpu` is given, else on
 /// the CPU, and prints the result.
 pub fn run_cmd(a: &BenchArgs, gpu: Option<CudaBackend>) -> Result<(), String> {
+    // Settings the model rules out fail before the weights are made.
+    check(&a.throughput, &crate::bench::config(a)?)?;
     let result = match gpu {
         Some(g) => {
             eprintln!("backend: cuda ({})", g.device_name());

@@ -28,7 +28,11 @@ pub fn dummy_config(name: &str) -> Result<Qwen3Config> {
         "qwen3-8b" => (4096, 12288, 36, 32, false),
         "qwen3-14b" => (5120, 17408, 40, 40, false),
         "qwen3-32b" => (5120, 25600, 64, 64, false),
-        path if Path::new(path).is_file() => return Qwen3Config::from_file(Path::new(path)),
+        // A name that reads as a path is one, present or not (its error
+        // then names the file rather than the presets).
+        path if Path::new(path).is_file() || path.ends_with(".json") || path.contains('/') => {
+            return Qwen3Config::from_file(Path::new(path))
+        }
         other => {
             return Err(ModelError::Request(format!(
                 "unknown shape '{other}' (expected one of {} or a config.json path)",
@@ -131,6 +135,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("qwen3-0.6b"));
+    }
+
+    #[test]
+    fn a_missing_config_path_is_named_as_a_file() {
+        for path in ["/no/such/dir/config.json", "no-such-config.json"] {
+            let e = dummy_config(path).unwrap_err().to_string();
+            assert!(e.contains("cannot read") && e.contains(path), "{e}");
+        }
     }
 
     #[test]
