@@ -98,20 +98,19 @@ pub fn load<B: Backend>(backend: B, a: &BenchArgs) -> Result<(Qwen3<B>, String),
             eprintln!();
         }
     };
+    let cfg = config(a)?;
     let (m, mut label) = match (&a.model, &a.dummy) {
-        (Some(dir), None) => (
+        (Some(dir), _) => (
             Qwen3::load(backend, dir, progress).map_err(err)?,
             dir.display().to_string(),
         ),
-        (None, Some(shape)) => {
-            let cfg = dummy_config(shape).map_err(err)?;
+        (None, shape) => {
             let w = random_weights(&cfg, a.seed, progress);
             (
                 Qwen3::from_host(backend, cfg, &w).map_err(err)?,
-                format!("{shape} (random weights)"),
+                format!("{} (random weights)", shape.as_deref().unwrap_or_default()),
             )
         }
-        _ => return Err("bench needs exactly one of --model DIR or --dummy-weights SHAPE".into()),
     };
     if a.tensor_core_decode {
         m.set_tensor_core_decode(true);

@@ -30,7 +30,10 @@ pub fn dummy_config(name: &str) -> Result<Qwen3Config> {
         "qwen3-32b" => (5120, 25600, 64, 64, false),
         // A name that reads as a path is one, present or not (its error
         // then names the file rather than the presets).
-        path if Path::new(path).is_file() || path.ends_with(".json") || path.contains('/') => {
+        path if Path::new(path).is_file()
+            || path.ends_with(".json")
+            || path.contains(['/', std::path::MAIN_SEPARATOR]) =>
+        {
             return Qwen3Config::from_file(Path::new(path))
         }
         other => {
